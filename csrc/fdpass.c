@@ -1,0 +1,122 @@
+/* fdpass.c: see fdpass.h. */
+#include "fdpass.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* Room for one descriptor; a union keeps the buffer aligned for cmsghdr. */
+union fd_control {
+    struct cmsghdr align;
+    char buf[CMSG_SPACE(sizeof(int))];
+};
+
+/* Room to see (and then close) a sender that packed several descriptors. */
+union many_control {
+    struct cmsghdr align;
+    char buf[CMSG_SPACE(sizeof(int) * 16)];
+};
+
+ssize_t fdpass_send(int sock, int fd, const void *buf, size_t len)
+{
+    struct iovec iov;
+    struct msghdr msg;
+    union fd_control control;
+    ssize_t n;
+
+    memset(&msg, 0, sizeof(msg));
+    iov.iov_base = (void *)buf;
+    iov.iov_len = len;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+
+    if (fd >= 0) {
+        struct cmsghdr *cmsg;
+        memset(&control, 0, sizeof(control));
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof(control.buf);
+        cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+    }
+
+    do {
+        n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n;
+}
+
+/* Close every descriptor carried by the control messages of `msg`. */
+static void close_received(struct msghdr *msg)
+{
+    struct cmsghdr *cmsg;
+    for (cmsg = CMSG_FIRSTHDR(msg); cmsg != NULL; cmsg = CMSG_NXTHDR(msg, cmsg)) {
+        if (cmsg->cmsg_level == SOL_SOCKET && cmsg->cmsg_type == SCM_RIGHTS) {
+            size_t n = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            size_t i;
+            for (i = 0; i < n; i++) {
+                int fd;
+                memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
+                close(fd);
+            }
+        }
+    }
+}
+
+ssize_t fdpass_recv(int sock, int *fd_out, void *buf, size_t len)
+{
+    struct iovec iov;
+    struct msghdr msg;
+    union many_control control;
+    struct cmsghdr *cmsg;
+    ssize_t n;
+    int fd = -1;
+    int count = 0;
+
+    *fd_out = -1;
+    memset(&msg, 0, sizeof(msg));
+    iov.iov_base = buf;
+    iov.iov_len = len;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof(control.buf);
+
+    do {
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -1;
+
+    if (msg.msg_flags & MSG_CTRUNC) {
+        close_received(&msg);
+        errno = ENOBUFS;
+        return -1;
+    }
+    for (cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS ||
+            cmsg->cmsg_len != CMSG_LEN(sizeof(int))) {
+            close_received(&msg);
+            errno = EBADMSG;
+            return -1;
+        }
+        memcpy(&fd, CMSG_DATA(cmsg), sizeof(int));
+        count++;
+    }
+    if (count > 1) {
+        close_received(&msg);
+        errno = EBADMSG;
+        return -1;
+    }
+    if (msg.msg_flags & MSG_TRUNC) {
+        close_received(&msg);
+        errno = EMSGSIZE;
+        return -1;
+    }
+    *fd_out = fd;
+    return n;
+}

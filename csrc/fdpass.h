@@ -1,0 +1,40 @@
+/*
+ * fdpass: send and receive one file descriptor together with a payload in
+ * a single message over a Unix-domain socket (SCM_RIGHTS).
+ *
+ * APUE's send_fd/recv_fd, grown up: the payload travels in the same
+ * sendmsg as the descriptor (so metadata and descriptor can never be
+ * separated), the control buffer is sized with CMSG_SPACE, there is no
+ * static state, and every failure is reported through errno.
+ *
+ * Meant for SOCK_SEQPACKET sockets (one call = one message), but works on
+ * any AF_UNIX socket.
+ */
+#ifndef HANDOFF_FDPASS_H
+#define HANDOFF_FDPASS_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+/*
+ * Send `len` bytes from `buf` and, when `fd >= 0`, the descriptor `fd`,
+ * as one message. Never raises SIGPIPE (MSG_NOSIGNAL); honours the
+ * socket's O_NONBLOCK (EAGAIN). Returns the number of bytes sent, or -1
+ * with errno set. The caller still owns `fd` and closes it when it wants.
+ */
+ssize_t fdpass_send(int sock, int fd, const void *buf, size_t len);
+
+/*
+ * Receive one message into `buf` (at most `len` bytes). On return
+ * `*fd_out` holds a received descriptor (close-on-exec set) or -1.
+ * Returns the payload length, 0 at end of stream, or -1 with errno:
+ *   EMSGSIZE  the payload did not fit in `buf` (MSG_TRUNC)
+ *   ENOBUFS   a descriptor was dropped by the kernel (MSG_CTRUNC, e.g.
+ *             EMFILE in the receiver); any descriptor that did arrive is
+ *             closed first
+ *   EBADMSG   the message carried more than one descriptor, or an
+ *             unexpected control message (all received descriptors closed)
+ */
+ssize_t fdpass_recv(int sock, int *fd_out, void *buf, size_t len);
+
+#endif

@@ -1,0 +1,107 @@
+//! The handoff channel's message header (all integers little-endian):
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic     "HOFF"
+//!      4    2 version   1
+//!      6    2 kind      1 = CONN (carries a descriptor), 2 = ACK, >= 16 mode-defined
+//!      8    4 flags     CONN: bit 0 = the client already sent EOF
+//!     12    4 body_len  bytes after the header (<= MAX_BODY)
+//!     16    8 id        CONN: sender's sequence number; ACK: highest CONN id taken
+//!     24    - body      CONN: bytes already read from the connection (read-ahead)
+//! ```
+//! One header + body + at most one descriptor = one SOCK_SEQPACKET message.
+use std::io;
+
+pub const MAGIC: [u8; 4] = *b"HOFF";
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 24;
+/// Largest body; a SEQPACKET message must fit the socket's send buffer.
+pub const MAX_BODY: usize = 128 * 1024;
+
+pub const KIND_CONN: u16 = 1;
+pub const KIND_ACK: u16 = 2;
+/// First kind number left to the modes.
+pub const KIND_USER: u16 = 16;
+
+pub const FLAG_EOF: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub version: u16,
+    pub kind: u16,
+    pub flags: u32,
+    pub body_len: u32,
+    pub id: u64,
+}
+
+impl Header {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&self.kind.to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&self.body_len.to_le_bytes());
+        out.extend_from_slice(&self.id.to_le_bytes());
+    }
+
+    /// Parses and validates a whole message (header + body).
+    pub fn decode(msg: &[u8]) -> io::Result<Header> {
+        let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        if msg.len() < HEADER_LEN {
+            return Err(bad(format!("short message: {} bytes", msg.len())));
+        }
+        if msg[0..4] != MAGIC {
+            return Err(bad("bad magic".into()));
+        }
+        let u16_at = |i: usize| u16::from_le_bytes([msg[i], msg[i + 1]]);
+        let u32_at = |i: usize| u32::from_le_bytes(msg[i..i + 4].try_into().expect("4 bytes"));
+        let h = Header {
+            version: u16_at(4),
+            kind: u16_at(6),
+            flags: u32_at(8),
+            body_len: u32_at(12),
+            id: u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes")),
+        };
+        if h.version != VERSION {
+            return Err(bad(format!("peer speaks handoff channel v{}, this side v{VERSION}", h.version)));
+        }
+        if h.body_len as usize != msg.len() - HEADER_LEN || h.body_len as usize > MAX_BODY {
+            return Err(bad(format!("body length {} does not match message ({} bytes)", h.body_len, msg.len())));
+        }
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(h: Header, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        h.encode(&mut v);
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn round_trip() {
+        let h = Header { version: VERSION, kind: KIND_CONN, flags: FLAG_EOF, body_len: 3, id: 42 };
+        let m = msg(h, b"abc");
+        assert_eq!(m.len(), HEADER_LEN + 3);
+        assert_eq!(Header::decode(&m).unwrap(), h);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let h = Header { version: VERSION, kind: KIND_ACK, flags: 0, body_len: 0, id: 1 };
+        let good = msg(h, b"");
+        assert!(Header::decode(&good[..10]).is_err());
+        let mut m = good.clone();
+        m[0] = b'X';
+        assert!(Header::decode(&m).is_err());
+        let e = Header::decode(&msg(Header { version: 2, ..h }, b"")).unwrap_err();
+        assert!(e.to_string().contains("v2"), "{e}");
+        assert!(Header::decode(&msg(Header { body_len: 5, ..h }, b"ab")).is_err());
+    }
+}

@@ -1,0 +1,79 @@
+//! `Base`: the process's one `event_base`.
+use std::io;
+use std::ptr::NonNull;
+use std::rc::Rc;
+use std::time::Duration;
+
+use libevent_sys as ev;
+
+struct Inner(NonNull<ev::event_base>);
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // SAFETY: every Event/Conn/Listener holds a Base clone, so when the
+        // last clone goes nothing is registered on the base any more.
+        unsafe { ev::event_base_free(self.0.as_ptr()) };
+    }
+}
+
+/// The event loop. Cheap to clone (reference counted); the underlying
+/// `event_base` is freed with the last clone.
+#[derive(Clone)]
+pub struct Base(Rc<Inner>);
+
+impl Base {
+    /// A new base on the best backend (epoll on Linux), with epoll's
+    /// changelist off: a deleted event must leave the kernel's interest
+    /// list at once, before its descriptor is passed away and closed.
+    pub fn new() -> io::Result<Base> {
+        // SAFETY: plain constructor; NULL means failure and is checked.
+        let cfg = unsafe { ev::event_config_new() };
+        if cfg.is_null() {
+            return Err(io::Error::other("event_config_new failed"));
+        }
+        // SAFETY: cfg is a live config, freed right after use.
+        let raw = unsafe {
+            let b = ev::event_base_new_with_config(cfg);
+            ev::event_config_free(cfg);
+            b
+        };
+        NonNull::new(raw)
+            .map(|p| Base(Rc::new(Inner(p))))
+            .ok_or_else(|| io::Error::other("event_base_new_with_config failed"))
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut ev::event_base {
+        self.0 .0.as_ptr()
+    }
+
+    /// Runs the loop until no events remain or [`Base::exit`] is called.
+    /// A panic raised inside a callback is resumed here.
+    pub fn dispatch(&self) -> io::Result<()> {
+        let prev = super::RUNNING.with(|b| b.replace(self.as_ptr()));
+        // SAFETY: the base is live for as long as self.
+        let rc = unsafe { ev::event_base_dispatch(self.as_ptr()) };
+        super::RUNNING.with(|b| b.set(prev));
+        super::resume_panic();
+        super::check(rc, "event_base_dispatch")
+    }
+
+    /// Makes `dispatch` return after the current round of callbacks
+    /// (or after `after`, if given).
+    pub fn exit(&self, after: Option<Duration>) {
+        let tv = after.map(super::timeval);
+        let p = tv.as_ref().map_or(std::ptr::null(), |t| t as *const _);
+        // SAFETY: the base is live; `p` is null or points to a live timeval.
+        unsafe { ev::event_base_loopexit(self.as_ptr(), p) };
+    }
+
+    /// The name of the backend in use ("epoll").
+    pub fn method(&self) -> String {
+        // SAFETY: returns a static C string owned by libevent.
+        let p = unsafe { ev::event_base_get_method(self.as_ptr()) };
+        if p.is_null() {
+            return String::new();
+        }
+        // SAFETY: non-null, NUL-terminated, static.
+        unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}

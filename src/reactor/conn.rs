@@ -1,0 +1,229 @@
+//! `Conn`: a byte stream (TCP or Unix) on a bufferevent.
+//!
+//! The descriptor is owned by the `Conn` (an `OwnedFd`), never by the
+//! bufferevent (`BEV_OPT_CLOSE_ON_FREE` is not used), so it can be taken
+//! back with [`Conn::detach`] and passed to another process. Detaching
+//! disables the bufferevent (which removes its events from epoll at once),
+//! drains the input buffer into the returned leftover, and frees it.
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::raw::{c_short, c_void};
+use std::ptr::NonNull;
+use std::rc::Rc;
+use std::time::Duration;
+
+use libevent_sys as ev;
+
+use super::Base;
+
+/// What happened on a [`Conn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnEvent {
+    /// New bytes are in the input buffer.
+    Read,
+    /// The output buffer was written out completely.
+    Drained,
+    /// The peer closed its write side (no more input will come).
+    Eof,
+    /// A socket error (errno inside), e.g. a reset.
+    Error(i32),
+    /// The read or write timeout expired.
+    Timeout,
+}
+
+type Handler = Rc<dyn Fn(ConnEvent)>;
+
+pub struct Conn {
+    bev: Option<NonNull<ev::bufferevent>>,
+    fd: Option<OwnedFd>,
+    _handler: Box<Handler>,
+    _base: Base,
+}
+
+unsafe extern "C" fn read_cb(_bev: *mut ev::bufferevent, arg: *mut c_void) {
+    // SAFETY: arg is the Conn's Box<Handler>, alive while callbacks are set;
+    // the clone keeps the closure alive if the handler drops the Conn.
+    let h: Handler = unsafe { (*(arg as *const Handler)).clone() };
+    super::guard(|| h(ConnEvent::Read));
+}
+
+unsafe extern "C" fn write_cb(_bev: *mut ev::bufferevent, arg: *mut c_void) {
+    // SAFETY: as in read_cb.
+    let h: Handler = unsafe { (*(arg as *const Handler)).clone() };
+    super::guard(|| h(ConnEvent::Drained));
+}
+
+unsafe extern "C" fn event_cb(_bev: *mut ev::bufferevent, what: c_short, arg: *mut c_void) {
+    let what = what as u32;
+    let e = if what & ev::BEV_EVENT_TIMEOUT != 0 {
+        ConnEvent::Timeout
+    } else if what & ev::BEV_EVENT_ERROR != 0 {
+        ConnEvent::Error(io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else if what & ev::BEV_EVENT_EOF != 0 {
+        ConnEvent::Eof
+    } else {
+        return;
+    };
+    // SAFETY: as in read_cb.
+    let h: Handler = unsafe { (*(arg as *const Handler)).clone() };
+    super::guard(|| h(e));
+}
+
+impl Conn {
+    /// Wraps a connected, non-blocking socket. `leftover` (bytes already
+    /// read from it by a previous owner) is put in the input buffer first;
+    /// the caller processes it (no `Read` event is raised for it). Reading
+    /// starts at once, up to `read_limit` buffered bytes.
+    pub fn adopt(base: &Base, fd: OwnedFd, leftover: &[u8], read_limit: usize, handler: Rc<dyn Fn(ConnEvent)>) -> io::Result<Conn> {
+        // SAFETY: base is live; fd is a valid socket that we keep owning
+        // (no BEV_OPT_CLOSE_ON_FREE).
+        let raw = unsafe { ev::bufferevent_socket_new(base.as_ptr(), fd.as_raw_fd(), 0) };
+        let bev = NonNull::new(raw).ok_or_else(|| io::Error::other("bufferevent_socket_new failed"))?;
+        let handler: Box<Handler> = Box::new(handler);
+        let conn = Conn { bev: Some(bev), fd: Some(fd), _handler: handler, _base: base.clone() };
+        let arg = &*conn._handler as *const Handler as *mut c_void;
+        // SAFETY: bev is live; arg outlives the callbacks (cleared in Drop/detach
+        // by bufferevent_free before the Box is dropped).
+        unsafe {
+            if !leftover.is_empty() {
+                ev::evbuffer_add(ev::bufferevent_get_input(raw), leftover.as_ptr() as *const c_void, leftover.len());
+            }
+            ev::bufferevent_setcb(raw, Some(read_cb), Some(write_cb), Some(event_cb), arg);
+            ev::bufferevent_setwatermark(raw, ev::EV_READ as c_short, 0, read_limit);
+            ev::bufferevent_enable(raw, (ev::EV_READ | ev::EV_WRITE) as c_short);
+        }
+        Ok(conn)
+    }
+
+    fn bev(&self) -> *mut ev::bufferevent {
+        self.bev.expect("a Conn keeps its bufferevent until detached").as_ptr()
+    }
+
+    fn input(&self) -> *mut ev::evbuffer {
+        // SAFETY: bev is live.
+        unsafe { ev::bufferevent_get_input(self.bev()) }
+    }
+
+    fn output(&self) -> *mut ev::evbuffer {
+        // SAFETY: bev is live.
+        unsafe { ev::bufferevent_get_output(self.bev()) }
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+
+    /// Bytes waiting in the input buffer.
+    pub fn input_len(&self) -> usize {
+        // SAFETY: the input evbuffer belongs to a live bev.
+        unsafe { ev::evbuffer_get_length(self.input()) }
+    }
+
+    /// Bytes not yet written to the kernel.
+    pub fn output_len(&self) -> usize {
+        // SAFETY: the output evbuffer belongs to a live bev.
+        unsafe { ev::evbuffer_get_length(self.output()) }
+    }
+
+    /// The first `n` input bytes, made contiguous (`n` <= `input_len`).
+    pub fn peek(&self, n: usize) -> &[u8] {
+        let n = n.min(self.input_len());
+        if n == 0 {
+            return &[];
+        }
+        // SAFETY: pullup makes n bytes contiguous and returns a pointer into
+        // the buffer, valid until the buffer is next modified; the borrow of
+        // self prevents that while the slice lives.
+        unsafe {
+            let p = ev::evbuffer_pullup(self.input(), n as isize);
+            std::slice::from_raw_parts(p, n)
+        }
+    }
+
+    /// Copies up to `buf.len()` input bytes without removing them.
+    pub fn copy_out(&self, buf: &mut [u8]) -> usize {
+        // SAFETY: buf is a live, writable slice of the given length.
+        let n = unsafe { ev::evbuffer_copyout(self.input(), buf.as_mut_ptr() as *mut c_void, buf.len()) };
+        n.max(0) as usize
+    }
+
+    /// Removes `n` bytes from the front of the input.
+    pub fn consume(&self, n: usize) {
+        // SAFETY: the input evbuffer belongs to a live bev.
+        unsafe { ev::evbuffer_drain(self.input(), n) };
+    }
+
+    /// Queues bytes for writing.
+    pub fn write(&self, data: &[u8]) {
+        // SAFETY: data is a live slice; the bev copies it.
+        unsafe { ev::bufferevent_write(self.bev(), data.as_ptr() as *const c_void, data.len()) };
+    }
+
+    /// Writes the output buffer to the kernel now, as far as it goes.
+    /// Returns true when nothing is left (then no `Drained` is needed).
+    pub fn flush_now(&self) -> io::Result<bool> {
+        while self.output_len() > 0 {
+            // SAFETY: output evbuffer and fd are live.
+            let n = unsafe { ev::evbuffer_write(self.output(), self.raw_fd()) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(false),
+                    _ => Err(e),
+                };
+            }
+            if n == 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    pub fn pause_reading(&self) {
+        // SAFETY: bev is live.
+        unsafe { ev::bufferevent_disable(self.bev(), ev::EV_READ as c_short) };
+    }
+
+    pub fn resume_reading(&self) {
+        // SAFETY: bev is live.
+        unsafe { ev::bufferevent_enable(self.bev(), ev::EV_READ as c_short) };
+    }
+
+    /// Read timeout: a `Timeout` event when no byte arrives for `d`.
+    pub fn set_read_timeout(&self, d: Option<Duration>) {
+        let tv = d.map(super::timeval);
+        let p = tv.as_ref().map_or(std::ptr::null(), |t| t as *const _);
+        // SAFETY: bev is live; p is null or a live timeval (copied by libevent).
+        unsafe { ev::bufferevent_set_timeouts(self.bev(), p, std::ptr::null()) };
+    }
+
+    /// Takes the descriptor and the unread input back, freeing the
+    /// bufferevent first (its events leave epoll before the fd can move).
+    /// Output not yet flushed is lost: call when `output_len() == 0`.
+    pub fn detach(mut self) -> (OwnedFd, Vec<u8>) {
+        let mut leftover = vec![0u8; self.input_len()];
+        let n = self.copy_out(&mut leftover);
+        leftover.truncate(n);
+        self.free_bev();
+        (self.fd.take().expect("fd present until detach"), leftover)
+    }
+
+    fn free_bev(&mut self) {
+        if let Some(bev) = self.bev.take() {
+            // SAFETY: bev is live; disabling deletes its events from the
+            // backend now (changelist off); free clears the callbacks, so the
+            // handler Box may be dropped afterwards.
+            unsafe {
+                ev::bufferevent_disable(bev.as_ptr(), (ev::EV_READ | ev::EV_WRITE) as c_short);
+                ev::bufferevent_free(bev.as_ptr());
+            }
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.free_bev();
+        // self.fd closes after the bufferevent is gone.
+    }
+}

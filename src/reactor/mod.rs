@@ -1,0 +1,74 @@
+//! A small safe layer over libevent: one [`Base`] per process, [`Event`]s
+//! for descriptors, timers and signals, [`Listener`]s for TCP and Unix
+//! endpoints, and [`Conn`], one bufferevent-backed byte stream type for
+//! TCP and Unix sockets alike.
+//!
+//! Ownership rules, shared by every type here:
+//! - each wrapper owns exactly one C object and frees it in `Drop`;
+//! - each wrapper holds a clone of [`Base`], so the `event_base` is freed
+//!   only after everything registered on it;
+//! - callbacks are `Rc<dyn Fn>`; the trampoline clones the `Rc` before the
+//!   call, so a callback may drop the very object that invoked it;
+//! - a panic in a callback never unwinds into C: it is caught, the loop is
+//!   broken, and the panic resumes when [`Base::dispatch`] returns.
+
+mod base;
+mod conn;
+mod event;
+mod listener;
+
+pub use base::Base;
+pub use conn::{Conn, ConnEvent};
+pub use event::{Event, Interest};
+pub use listener::{Listener, Endpoint};
+
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use libevent_sys as ev;
+
+thread_local! {
+    static PANIC: RefCell<Option<Box<dyn Any + Send>>> = const { RefCell::new(None) };
+    /// The base being dispatched on this thread (one per process here).
+    static RUNNING: Cell<*mut ev::event_base> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Runs `f` from a C callback: a panic is stored and the running loop
+/// broken instead of unwinding through libevent.
+fn guard(f: impl FnOnce()) {
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(f)) {
+        PANIC.with(|p| {
+            p.borrow_mut().get_or_insert(payload);
+        });
+        let base = RUNNING.with(|b| b.get());
+        if !base.is_null() {
+            // SAFETY: RUNNING is set only while Base::dispatch runs this base.
+            unsafe { ev::event_base_loopbreak(base) };
+        }
+    }
+}
+
+/// Re-raises a panic caught by [`guard`], if any.
+fn resume_panic() {
+    if let Some(payload) = PANIC.with(|p| p.borrow_mut().take()) {
+        std::panic::resume_unwind(payload);
+    }
+}
+
+/// Turns a libevent `-1` into the current `errno` as an `io::Error`.
+fn check(rc: i32, what: &str) -> std::io::Result<()> {
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        Err(std::io::Error::new(e.kind(), format!("{what}: {e}")))
+    } else {
+        Ok(())
+    }
+}
+
+fn timeval(d: std::time::Duration) -> ev::timeval {
+    ev::timeval {
+        tv_sec: d.as_secs() as _,
+        tv_usec: d.subsec_micros() as _,
+    }
+}

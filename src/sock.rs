@@ -1,0 +1,247 @@
+//! Every raw socket syscall the project makes, each checked by [`cvt`].
+//! Descriptors come back as `OwnedFd` at once, so every failure path
+//! closes them.
+use std::ffi::CString;
+use std::io;
+use std::mem;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// -1 becomes `errno` with the syscall's name in front.
+fn cvt(rc: libc::c_int, what: &str) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        Err(io::Error::new(e.kind(), format!("{what}: {e}")))
+    } else {
+        Ok(rc)
+    }
+}
+
+fn socket(domain: libc::c_int, ty: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; a non-negative result is a fresh descriptor we own.
+    let fd = cvt(unsafe { libc::socket(domain, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) }, "socket")?;
+    // SAFETY: fd was just returned by socket() and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn setsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, val: libc::c_int, what: &str) -> io::Result<()> {
+    // SAFETY: val lives across the call; the length matches its type.
+    cvt(
+        unsafe { libc::setsockopt(fd, level, opt, &val as *const _ as *const libc::c_void, mem::size_of::<libc::c_int>() as _) },
+        what,
+    )
+    .map(drop)
+}
+
+fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
+    let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
+    sa.sin_family = libc::AF_INET as _;
+    sa.sin_port = addr.port().to_be();
+    sa.sin_addr.s_addr = u32::from(*addr.ip()).to_be();
+    sa
+}
+
+fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+    let mut sa: libc::sockaddr_un = unsafe { mem::zeroed() };
+    sa.sun_family = libc::AF_UNIX as _;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= sa.sun_path.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("socket path too long: {}", path.display())));
+    }
+    for (d, s) in sa.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Ok((sa, len as libc::socklen_t))
+}
+
+/// Resolves `host:port` to an IPv4 address (the servers bind IPv4).
+pub fn resolve_v4(host: &str, port: u16) -> io::Result<SocketAddrV4> {
+    if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        return Ok(SocketAddrV4::new(ip, port));
+    }
+    (host, port)
+        .to_socket_addrs()?
+        .find_map(|a| match a {
+            SocketAddr::V4(v4) => Some(v4),
+            _ => None,
+        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no IPv4 address for {host}")))
+}
+
+/// A non-blocking TCP listener on `addr` (SO_REUSEADDR, backlog 4096).
+pub fn tcp_listen(addr: SocketAddrV4) -> io::Result<OwnedFd> {
+    let fd = socket(libc::AF_INET, libc::SOCK_STREAM)?;
+    setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "setsockopt SO_REUSEADDR")?;
+    let sa = sockaddr_in(addr);
+    // SAFETY: sa is a valid sockaddr_in of the given length.
+    cvt(
+        unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, mem::size_of_val(&sa) as _) },
+        &format!("bind {addr}"),
+    )?;
+    // SAFETY: plain syscall on a descriptor we own.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), 4096) }, "listen")?;
+    Ok(fd)
+}
+
+/// A non-blocking TCP connect to `addr`; usually returns before the
+/// handshake ends (EINPROGRESS is not an error).
+pub fn tcp_connect(addr: SocketAddrV4) -> io::Result<OwnedFd> {
+    let fd = socket(libc::AF_INET, libc::SOCK_STREAM)?;
+    let sa = sockaddr_in(addr);
+    // SAFETY: sa is a valid sockaddr_in of the given length.
+    let rc = unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, mem::size_of_val(&sa) as _) };
+    if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
+        cvt(rc, &format!("connect {addr}"))?;
+    }
+    set_nodelay(fd.as_raw_fd())?;
+    Ok(fd)
+}
+
+pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1, "setsockopt TCP_NODELAY")
+}
+
+/// The local address a socket is bound to (for `--port 0`).
+pub fn local_addr(fd: RawFd) -> io::Result<SocketAddrV4> {
+    // SAFETY: zeroed sockaddr_in is valid; len matches it.
+    let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
+    let mut len = mem::size_of_val(&sa) as libc::socklen_t;
+    // SAFETY: sa/len are live out-parameters of the right size.
+    cvt(unsafe { libc::getsockname(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) }, "getsockname")?;
+    Ok(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port)))
+}
+
+/// The remote address of a TCP socket, if it has one.
+pub fn peer_addr(fd: RawFd) -> Option<SocketAddrV4> {
+    // SAFETY: zeroed sockaddr_in is valid; len matches it.
+    let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
+    let mut len = mem::size_of_val(&sa) as libc::socklen_t;
+    // SAFETY: sa/len are live out-parameters of the right size.
+    let rc = unsafe { libc::getpeername(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) };
+    (rc == 0 && sa.sin_family == libc::AF_INET as libc::sa_family_t)
+        .then(|| SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port)))
+}
+
+/// A non-blocking SOCK_SEQPACKET listener bound to `path`.
+pub fn unix_listen(path: &Path) -> io::Result<OwnedFd> {
+    let fd = socket(libc::AF_UNIX, libc::SOCK_SEQPACKET)?;
+    let (sa, len) = sockaddr_un(path)?;
+    // SAFETY: sa is a valid sockaddr_un of length len.
+    cvt(
+        unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) },
+        &format!("bind {}", path.display()),
+    )?;
+    // SAFETY: plain syscall on a descriptor we own.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), 128) }, "listen")?;
+    Ok(fd)
+}
+
+/// A non-blocking SOCK_SEQPACKET connection to the listener at `path`.
+pub fn unix_connect(path: &Path) -> io::Result<OwnedFd> {
+    let fd = socket(libc::AF_UNIX, libc::SOCK_SEQPACKET)?;
+    let (sa, len) = sockaddr_un(path)?;
+    // SAFETY: sa is a valid sockaddr_un of length len.
+    cvt(
+        unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) },
+        &format!("connect {}", path.display()),
+    )?;
+    Ok(fd)
+}
+
+/// A connected pair of SOCK_SEQPACKET sockets (master <-> worker).
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: fds is a live array of two ints.
+    cvt(
+        unsafe {
+            libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
+        },
+        "socketpair",
+    )?;
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Accepts one connection (non-blocking, close-on-exec). `Ok(None)` when
+/// none is waiting.
+pub fn accept(fd: RawFd) -> io::Result<Option<OwnedFd>> {
+    // SAFETY: null address pointers are allowed by accept4.
+    let rc = unsafe { libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) | Some(libc::ECONNABORTED) => Ok(None),
+            _ => Err(io::Error::new(e.kind(), format!("accept4: {e}"))),
+        };
+    }
+    // SAFETY: rc is a fresh descriptor from accept4.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(rc) }))
+}
+
+/// The (pid, uid) of the process at the other end of a Unix socket.
+pub fn peer_cred(fd: RawFd) -> io::Result<(i32, u32)> {
+    // SAFETY: ucred is plain old data; len matches it.
+    let mut cred: libc::ucred = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred/len are live out-parameters of the right size.
+    cvt(
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, &mut cred as *mut _ as *mut libc::c_void, &mut len) },
+        "getsockopt SO_PEERCRED",
+    )?;
+    Ok((cred.pid, cred.uid))
+}
+
+/// Our effective uid.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Shuts down the write half (sends FIN) of a socket.
+pub fn shutdown_write(fd: RawFd) {
+    // SAFETY: plain syscall; failure (already closed peer) is harmless here.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
+
+/// Sets SO_SNDBUF (best effort; the kernel caps it).
+pub fn set_sndbuf(fd: RawFd, bytes: i32) {
+    let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes, "setsockopt SO_SNDBUF");
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new limit.
+pub fn raise_nofile() -> io::Result<u64> {
+    // SAFETY: rlimit is plain old data, filled by getrlimit.
+    let mut lim: libc::rlimit = unsafe { mem::zeroed() };
+    // SAFETY: lim is a live out-parameter.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, "getrlimit")?;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: lim is a valid rlimit.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, "setrlimit")?;
+    }
+    Ok(lim.rlim_cur as u64)
+}
+
+/// `mkdir -m 0700` unless it exists; refuses a directory others can enter.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir) {
+        Ok(()) => {}
+        Err(e) => return Err(io::Error::new(e.kind(), format!("mkdir {}: {e}", dir.display()))),
+    }
+    let md = std::fs::metadata(dir)?;
+    if md.uid() != euid() {
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{} is not owned by us", dir.display())));
+    }
+    if md.mode() & 0o077 != 0 {
+        let c = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: c is a valid NUL-terminated path.
+        cvt(unsafe { libc::chmod(c.as_ptr(), 0o700) }, "chmod")?;
+    }
+    Ok(())
+}
