@@ -302,8 +302,8 @@ static void chan_flush_queue(void)
             free(c);
         } else if (chan_dead_errno(e)) {
             logmsg("sendmsg: %s", strerror(e));
-            conn_drive(c);
             chan_down();
+            conn_drive(c);
             return;
         } else {
             logmsg("sendmsg: %s", strerror(e));
@@ -315,6 +315,8 @@ static void chan_flush_queue(void)
 
 static void chan_out_event(uint32_t events)
 {
+    if (S.chan_state == CHAN_DOWN)   /* closed earlier in this batch */
+        return;
     if (S.chan_state == CHAN_CONNECTING) {
         int err = 0;
         socklen_t len = sizeof(err);

@@ -6,7 +6,13 @@
 //! (libevent), `channel` (the handoff channel), `proto` (framings), then
 //! one module per mode.
 pub mod channel;
+pub mod client;
 pub mod fdpass;
+pub mod logging;
+pub mod pair;
+pub mod proto;
 pub mod reactor;
+pub mod reqlog;
+pub mod signals;
 pub mod sock;
 pub mod sys;

@@ -82,12 +82,16 @@ impl Conn {
         let handler: Box<Handler> = Box::new(handler);
         let conn = Conn { bev: Some(bev), fd: Some(fd), _handler: handler, _base: base.clone() };
         let arg = &*conn._handler as *const Handler as *mut c_void;
+        if !leftover.is_empty() {
+            // The input buffer's end is frozen (only libevent's reads append),
+            // its start is not: prepend into the still empty buffer.
+            // SAFETY: bev is live; leftover is a live slice, copied by libevent.
+            let rc = unsafe { ev::evbuffer_prepend(ev::bufferevent_get_input(raw), leftover.as_ptr() as *const c_void, leftover.len()) };
+            super::check(rc, "evbuffer_prepend")?;
+        }
         // SAFETY: bev is live; arg outlives the callbacks (cleared in Drop/detach
         // by bufferevent_free before the Box is dropped).
         unsafe {
-            if !leftover.is_empty() {
-                ev::evbuffer_add(ev::bufferevent_get_input(raw), leftover.as_ptr() as *const c_void, leftover.len());
-            }
             ev::bufferevent_setcb(raw, Some(read_cb), Some(write_cb), Some(event_cb), arg);
             ev::bufferevent_setwatermark(raw, ev::EV_READ as c_short, 0, read_limit);
             ev::bufferevent_enable(raw, (ev::EV_READ | ev::EV_WRITE) as c_short);

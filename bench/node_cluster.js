@@ -1,0 +1,126 @@
+'use strict';
+// Node.js cluster peer for the handoff RPC benchmark.
+//
+//   node bench/node_cluster.js PORT WORKERS
+//
+// The primary forks WORKERS workers (round-robin scheduling: the primary
+// accepts and hands connections to workers); each worker serves the RPC
+// protocol on 127.0.0.1:PORT:
+//   frame   = u32 little-endian length + JSON body
+//   ping    {"in":"ping","params":X} -> {"out":"pong","result":X}
+//   whoami  {"in":"whoami"}          -> {"out":"whoami","result":{"worker":I,"pid":N}}
+//   other   -> {"out":"error","result":"<reason>"} (connection stays open)
+//   a frame longer than 1 MiB destroys the connection.
+// The primary prints "ready" once every worker listens, and on SIGTERM/SIGINT
+// kills the workers and exits.
+
+const cluster = require('node:cluster');
+const net = require('node:net');
+
+const MAX_FRAME = 1024 * 1024;
+
+const port = Number(process.argv[2]);
+const workers = Number(process.argv[3] || 1);
+if (!Number.isInteger(port) || port < 1 || port > 65535 ||
+    !Number.isInteger(workers) || workers < 1) {
+  console.error('usage: node node_cluster.js PORT WORKERS');
+  process.exit(2);
+}
+
+cluster.schedulingPolicy = cluster.SCHED_RR; // must be set before fork()
+
+if (cluster.isPrimary) {
+  let listening = 0;
+  let stopping = false;
+
+  for (let i = 0; i < workers; i++) {
+    cluster.fork({ HANDOFF_WORKER_INDEX: String(i) });
+  }
+
+  cluster.on('listening', () => {
+    listening += 1;
+    if (listening === workers) console.log('ready');
+  });
+
+  cluster.on('exit', (worker, code, signal) => {
+    if (!stopping) {
+      console.error(`worker pid ${worker.process.pid} died (${signal || code})`);
+    }
+    if (Object.keys(cluster.workers).length === 0 && stopping) process.exit(0);
+  });
+
+  const stop = () => {
+    if (stopping) return;
+    stopping = true;
+    const alive = Object.values(cluster.workers);
+    if (alive.length === 0) process.exit(0);
+    for (const w of alive) w.process.kill('SIGTERM');
+    // Do not hang around if a worker ignores SIGTERM.
+    setTimeout(() => {
+      for (const w of Object.values(cluster.workers)) w.process.kill('SIGKILL');
+      process.exit(0);
+    }, 2000).unref();
+  };
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+} else {
+  const index = Number(process.env.HANDOFF_WORKER_INDEX);
+
+  function handle(body) {
+    let msg;
+    try {
+      msg = JSON.parse(body.toString('utf8'));
+    } catch (e) {
+      return { out: 'error', result: `bad json: ${e.message}` };
+    }
+    if (msg === null || typeof msg !== 'object' || Array.isArray(msg)) {
+      return { out: 'error', result: 'request must be a JSON object' };
+    }
+    switch (msg.in) {
+      case 'ping':
+        if (!Object.prototype.hasOwnProperty.call(msg, 'params')) {
+          return { out: 'error', result: 'missing params' };
+        }
+        return { out: 'pong', result: msg.params };
+      case 'whoami':
+        return { out: 'whoami', result: { worker: index, pid: process.pid } };
+      default:
+        return { out: 'error', result: `unknown method: ${JSON.stringify(msg.in)}` };
+    }
+  }
+
+  function frame(obj) {
+    const body = Buffer.from(JSON.stringify(obj), 'utf8');
+    const out = Buffer.allocUnsafe(4 + body.length);
+    out.writeUInt32LE(body.length, 0);
+    body.copy(out, 4);
+    return out;
+  }
+
+  const server = net.createServer({ noDelay: true }, (socket) => {
+    let buf = Buffer.alloc(0);
+    socket.on('data', (chunk) => {
+      buf = buf.length === 0 ? chunk : Buffer.concat([buf, chunk]);
+      // Answer every complete frame, in order; keep the partial tail.
+      while (buf.length >= 4) {
+        const len = buf.readUInt32LE(0);
+        if (len > MAX_FRAME) {
+          socket.destroy();
+          return;
+        }
+        if (buf.length < 4 + len) break;
+        const body = buf.subarray(4, 4 + len);
+        buf = buf.subarray(4 + len);
+        socket.write(frame(handle(body)));
+      }
+    });
+    socket.on('error', () => {}); // ECONNRESET etc.: just drop the connection
+  });
+  server.on('error', (e) => {
+    console.error(`worker ${index}: ${e.message}`);
+    process.exit(1);
+  });
+  server.listen(port, '127.0.0.1');
+  process.on('SIGTERM', () => process.exit(0));
+  process.on('SIGINT', () => {}); // the primary decides when we stop
+}

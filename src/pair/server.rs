@@ -1,0 +1,396 @@
+//! One pair-mode server: answers one request on a connection, then hands
+//! the connection (descriptor + read-ahead) to its peer over the handoff
+//! channel; serves alone while the peer is away.
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddrV4;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use crate::channel::{wire, Channel, ChannelEvent, Msg};
+use crate::proto::pingpong;
+use crate::reactor::{Base, Conn, ConnEvent, Endpoint, Event, Interest, Listener};
+use crate::reqlog::RequestLog;
+use crate::sock;
+
+/// Most bytes read ahead on one connection; they travel with it.
+const READ_LIMIT: usize = 64 * 1024;
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+const LOG_FLUSH: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub peer_port: u16,
+    pub dir: PathBuf,
+}
+
+struct Slot {
+    conn: Conn,
+    /// The client sent EOF: serve what is buffered, then close.
+    eof: bool,
+    /// A response is still flushing; hand off when drained.
+    handing_off: bool,
+    /// Close when the output is drained.
+    closing: bool,
+    client: Option<SocketAddrV4>,
+}
+
+struct Server {
+    base: Base,
+    me: Weak<RefCell<Server>>,
+    response: Vec<u8>,
+    peer_path: PathBuf,
+    conns: HashMap<u64, Slot>,
+    next_id: u64,
+    peer: Option<Channel>,
+    peer_warned: bool,
+    backoff: Duration,
+    retry: Option<Event>,
+    inbound: HashMap<u64, Channel>,
+    listeners: Vec<Listener>,
+    log: RequestLog,
+    log_timer: Option<Event>,
+    signals: Vec<Event>,
+    served: u64,
+    handed: u64,
+}
+
+/// Runs a server until SIGTERM/SIGINT.
+pub fn run(cfg: &Config) -> io::Result<()> {
+    let nofile = sock::raise_nofile()?;
+    log::debug!("RLIMIT_NOFILE {nofile}");
+    crate::signals::ignore_sigpipe();
+    sock::private_dir(&cfg.dir)?;
+    let base = Base::new()?;
+
+    let addr = sock::resolve_v4(&cfg.host, cfg.port)?;
+    let tcp_fd = sock::tcp_listen(addr)?;
+    let port = sock::local_addr(tcp_fd.as_raw_fd())?.port();
+    let sock_path = cfg.dir.join(format!("{port}.sock"));
+    claim_socket_path(&sock_path)?;
+    let log = RequestLog::open(&cfg.dir.join(format!("{port}.log")))?;
+
+    let server = Rc::new_cyclic(|me| {
+        RefCell::new(Server {
+            base: base.clone(),
+            me: me.clone(),
+            response: pingpong::response(port),
+            peer_path: cfg.dir.join(format!("{}.sock", cfg.peer_port)),
+            conns: HashMap::new(),
+            next_id: 1,
+            peer: None,
+            peer_warned: false,
+            backoff: RETRY_MIN,
+            retry: None,
+            inbound: HashMap::new(),
+            listeners: Vec::new(),
+            log,
+            log_timer: None,
+            signals: Vec::new(),
+            served: 0,
+            handed: 0,
+        })
+    });
+    let w = Rc::downgrade(&server);
+    let tcp = Listener::adopt(&base, tcp_fd, move |fd| with(&w, |s| s.accept_client(fd)))?;
+    let w = Rc::downgrade(&server);
+    let unix = Listener::bind(&base, &Endpoint::Unix(sock_path.clone()), move |fd| with(&w, |s| s.accept_channel(fd)))?;
+    {
+        let mut s = server.borrow_mut();
+        s.listeners = vec![tcp, unix];
+        let w = Rc::downgrade(&server);
+        s.retry = Some(Event::new(&base, -1, Interest::Timer, move || with(&w, |s| s.connect_peer()))?);
+        let w = Rc::downgrade(&server);
+        let t = Event::new(&base, -1, Interest::Timer, move || with(&w, |s| s.flush_log()))?;
+        t.add(Some(LOG_FLUSH))?;
+        s.log_timer = Some(t);
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            let w = Rc::downgrade(&server);
+            let e = Event::new(&base, sig, Interest::Signal, move || with(&w, |s| s.shutdown(sig)))?;
+            e.add(None)?;
+            s.signals.push(e);
+        }
+        s.connect_peer();
+    }
+    log::info!("serving on {}:{port}, handoff socket {}", addr.ip(), sock_path.display());
+    crate::signals::ready(&format!("ready port={port} sock={}", sock_path.display()));
+    base.dispatch()?;
+    let s = server.borrow();
+    log::info!("stopped: served {} requests, handed {} connections", s.served, s.handed);
+    Ok(())
+}
+
+/// Removes a stale socket file left by a dead server; refuses a live one.
+pub fn claim_socket_path(path: &Path) -> io::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    match sock::unix_connect(path) {
+        Ok(_) => Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is owned by a live server", path.display()))),
+        Err(_) => {
+            log::info!("removing stale {}", path.display());
+            std::fs::remove_file(path).map_err(|e| io::Error::new(e.kind(), format!("remove {}: {e}", path.display())))
+        }
+    }
+}
+
+/// Runs `f` on the server if it still exists.
+fn with(w: &Weak<RefCell<Server>>, f: impl FnOnce(&mut Server)) {
+    if let Some(s) = w.upgrade() {
+        f(&mut s.borrow_mut());
+    }
+}
+
+impl Server {
+    fn accept_client(&mut self, fd: OwnedFd) {
+        let _ = sock::set_nodelay(fd.as_raw_fd());
+        self.adopt(fd, Vec::new(), false);
+    }
+
+    fn accept_channel(&mut self, fd: OwnedFd) {
+        match sock::peer_cred(fd.as_raw_fd()) {
+            Ok((_, uid)) if uid == sock::euid() => {}
+            Ok((pid, uid)) => {
+                log::warn!("refused handoff channel from pid {pid} uid {uid}: not our uid");
+                return;
+            }
+            Err(e) => {
+                log::warn!("refused handoff channel: {e}");
+                return;
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let w = self.me.clone();
+        match Channel::new(&self.base, fd, move |ev| with(&w, |s| s.on_inbound(id, ev))) {
+            Ok(ch) => {
+                log::debug!("handoff channel {id} accepted");
+                self.inbound.insert(id, ch);
+            }
+            Err(e) => log::warn!("handoff channel: {e}"),
+        }
+    }
+
+    fn on_inbound(&mut self, id: u64, ev: ChannelEvent) {
+        match ev {
+            ChannelEvent::Msg(m) if m.kind == wire::KIND_CONN => {
+                let fd = m.fd.expect("channel checks CONN carries a descriptor");
+                self.adopt(fd, m.body, m.flags & wire::FLAG_EOF != 0);
+            }
+            ChannelEvent::Msg(m) => log::warn!("handoff channel {id}: unexpected message kind {}", m.kind),
+            ChannelEvent::Closed { reason, returned } => {
+                match reason {
+                    Some(e) => log::warn!("handoff channel {id} closed: {e}"),
+                    None => log::debug!("handoff channel {id} closed by peer"),
+                }
+                self.inbound.remove(&id);
+                self.take_back(returned);
+            }
+        }
+    }
+
+    /// Starts serving a connection, first from `leftover`.
+    fn adopt(&mut self, fd: OwnedFd, leftover: Vec<u8>, eof: bool) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let w = self.me.clone();
+        let handler = Rc::new(move |ev| with(&w, |s| s.on_conn(id, ev)));
+        match Conn::adopt(&self.base, fd, &leftover, READ_LIMIT, handler) {
+            Ok(conn) => {
+                log::trace!("connection {id} adopted with {} byte(s) read ahead (input {})", leftover.len(), conn.input_len());
+                if eof {
+                    conn.pause_reading();
+                }
+                self.conns.insert(id, Slot { conn, eof, handing_off: false, closing: false, client: None });
+                self.serve(id);
+            }
+            Err(e) => log::error!("cannot adopt connection: {e}"),
+        }
+    }
+
+    fn on_conn(&mut self, id: u64, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Read => self.serve(id),
+            ConnEvent::Drained => {
+                let Some(slot) = self.conns.get(&id) else { return };
+                if slot.handing_off {
+                    self.hand_off(id);
+                } else if slot.closing {
+                    self.conns.remove(&id);
+                }
+            }
+            ConnEvent::Eof => {
+                if let Some(slot) = self.conns.get_mut(&id) {
+                    slot.eof = true;
+                    self.serve(id);
+                }
+            }
+            ConnEvent::Error(errno) => {
+                log::debug!("connection {id}: {}", io::Error::from_raw_os_error(errno));
+                self.conns.remove(&id);
+            }
+            ConnEvent::Timeout => {}
+        }
+    }
+
+    /// Answers buffered requests: one, then hand off; all of them while
+    /// the peer is away. On EOF, closes after the last complete request.
+    fn serve(&mut self, id: u64) {
+        loop {
+            let peer_up = self.peer.as_ref().is_some_and(Channel::is_open);
+            let Some(slot) = self.conns.get_mut(&id) else { return };
+            if slot.handing_off || slot.closing {
+                return;
+            }
+            let avail = slot.conn.input_len();
+            let head = slot.conn.peek(avail.min(1)).first().copied();
+            let need = head.map(|n| n as usize + 1);
+            match need {
+                Some(n) if n <= avail => {
+                    slot.conn.consume(n);
+                    slot.conn.write(&self.response);
+                    let client = *slot.client.get_or_insert_with(|| sock::peer_addr(slot.conn.raw_fd()).unwrap_or(SocketAddrV4::new(0.into(), 0)));
+                    self.log.record(Some(client), n - 1);
+                    self.served += 1;
+                    if !peer_up {
+                        continue;
+                    }
+                    match slot.conn.flush_now() {
+                        Ok(true) => self.hand_off(id),
+                        Ok(false) => {
+                            slot.handing_off = true;
+                            slot.conn.pause_reading();
+                        }
+                        Err(e) => {
+                            log::debug!("connection {id}: write: {e}");
+                            self.conns.remove(&id);
+                        }
+                    }
+                    return;
+                }
+                _ => {
+                    if slot.eof {
+                        if avail > 0 {
+                            log::info!("connection {id}: truncated request ({avail} bytes) before EOF; closing");
+                        }
+                        self.close_when_flushed(id);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn close_when_flushed(&mut self, id: u64) {
+        let Some(slot) = self.conns.get_mut(&id) else { return };
+        if slot.conn.output_len() == 0 {
+            self.conns.remove(&id);
+        } else {
+            slot.closing = true;
+        }
+    }
+
+    /// Moves the connection to the peer; on failure keeps serving it.
+    fn hand_off(&mut self, id: u64) {
+        let Some(slot) = self.conns.remove(&id) else { return };
+        let flags = if slot.eof { wire::FLAG_EOF } else { 0 };
+        let (fd, leftover) = slot.conn.detach();
+        let msg = Msg::conn(fd, leftover, flags);
+        let Some(peer) = self.peer.as_ref() else {
+            self.take_back(vec![msg]);
+            return;
+        };
+        match peer.send(msg) {
+            Ok(()) => self.handed += 1,
+            // The channel broke under us: its Closed event follows; serve here.
+            Err(msg) => self.take_back(vec![msg]),
+        }
+    }
+
+    /// Serves again connections the peer never took.
+    fn take_back(&mut self, msgs: Vec<Msg>) {
+        for m in msgs {
+            if let Some(fd) = m.fd {
+                self.adopt(fd, m.body, m.flags & wire::FLAG_EOF != 0);
+            }
+        }
+    }
+
+    fn connect_peer(&mut self) {
+        if self.peer.as_ref().is_some_and(Channel::is_open) {
+            return;
+        }
+        let r = sock::unix_connect(&self.peer_path).and_then(|fd| {
+            let w = self.me.clone();
+            Channel::new(&self.base, fd, move |ev| with(&w, |s| s.on_peer(ev)))
+        });
+        match r {
+            Ok(ch) => {
+                if self.peer_warned {
+                    log::warn!("peer {} is back; handing off again", self.peer_path.display());
+                } else {
+                    log::info!("connected to peer {}", self.peer_path.display());
+                }
+                self.peer = Some(ch);
+                self.peer_warned = false;
+                self.backoff = RETRY_MIN;
+            }
+            Err(e) => {
+                if !self.peer_warned {
+                    log::warn!("peer unreachable ({e}); serving connections here, retrying");
+                    self.peer_warned = true;
+                }
+                if let Some(t) = &self.retry {
+                    let _ = t.add(Some(self.backoff));
+                }
+                self.backoff = (self.backoff * 2).min(RETRY_MAX);
+            }
+        }
+    }
+
+    fn on_peer(&mut self, ev: ChannelEvent) {
+        match ev {
+            ChannelEvent::Msg(m) => log::warn!("peer channel: unexpected message kind {}", m.kind),
+            ChannelEvent::Closed { reason, returned } => {
+                let why = reason.map_or_else(|| "closed".to_string(), |e| e.to_string());
+                log::warn!("lost peer {} ({why}); {} connection(s) come back; serving here, retrying", self.peer_path.display(), returned.len());
+                self.peer = None;
+                self.peer_warned = true;
+                self.take_back(returned);
+                if let Some(t) = &self.retry {
+                    let _ = t.add(Some(RETRY_MIN));
+                }
+            }
+        }
+    }
+
+    fn flush_log(&mut self) {
+        self.log.flush();
+        if let Some(t) = &self.log_timer {
+            let _ = t.add(Some(LOG_FLUSH));
+        }
+    }
+
+    fn shutdown(&mut self, sig: i32) {
+        log::info!("signal {sig}: stopping (open connections: {})", self.conns.len());
+        self.listeners.clear();
+        self.conns.clear();
+        if let Some(p) = self.peer.take() {
+            p.shutdown();
+        }
+        for (_, ch) in self.inbound.drain() {
+            ch.shutdown();
+        }
+        self.retry = None;
+        self.log_timer = None;
+        self.signals.clear();
+        self.log.flush();
+        self.base.exit(None);
+    }
+}

@@ -1,0 +1,2 @@
+//! Framings spoken on client connections.
+pub mod pingpong;

@@ -1,0 +1,45 @@
+//! The per-server request log `D/P.log`: one line per served request,
+//! `<unix time with microseconds> <client address> <request length>`.
+//! Buffered; flushed by a timer and at shutdown.
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::net::SocketAddrV4;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub struct RequestLog {
+    out: BufWriter<File>,
+    dirty: bool,
+}
+
+impl RequestLog {
+    pub fn open(path: &Path) -> io::Result<RequestLog> {
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", path.display())))?;
+        Ok(RequestLog { out: BufWriter::with_capacity(64 * 1024, f), dirty: false })
+    }
+
+    pub fn record(&mut self, client: Option<SocketAddrV4>, len: usize) {
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let r = match client {
+            Some(a) => writeln!(self.out, "{}.{:06} {a} {len}", t.as_secs(), t.subsec_micros()),
+            None => writeln!(self.out, "{}.{:06} - {len}", t.as_secs(), t.subsec_micros()),
+        };
+        if let Err(e) = r {
+            log::warn!("request log: {e}");
+        }
+        self.dirty = true;
+    }
+
+    pub fn flush(&mut self) {
+        if self.dirty {
+            if let Err(e) = self.out.flush() {
+                log::warn!("request log: {e}");
+            }
+            self.dirty = false;
+        }
+    }
+}
