@@ -7,6 +7,7 @@
 //! one module per mode.
 pub mod channel;
 pub mod client;
+pub mod cluster;
 pub mod fdpass;
 pub mod logging;
 pub mod pair;

@@ -6,10 +6,14 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use log::LevelFilter;
 
-use handoff::{client, pair};
+use handoff::{client, cluster, pair};
 
 #[derive(Parser)]
-#[command(name = "handoff", version, about = "Move live TCP connections between processes (SCM_RIGHTS)")]
+#[command(
+    name = "handoff",
+    version,
+    about = "Move live TCP connections between processes (SCM_RIGHTS)"
+)]
 struct Cli {
     /// More log output (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -27,6 +31,13 @@ enum Cmd {
     Server(ServerArgs),
     /// Runs both servers of a pair (two processes) until SIGINT/SIGTERM.
     Pair(PairArgs),
+    /// Cluster master: accepts and hands each connection to a prefork worker.
+    Cluster(ClusterArgs),
+    /// Prints a running master's per-worker table.
+    Status(StatusArgs),
+    /// A cluster worker (started by the master, not by hand).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
     /// Load clients that check every response.
     #[command(subcommand)]
     Client(ClientCmd),
@@ -100,6 +111,49 @@ struct PairArgs {
     host: String,
 }
 
+#[derive(Args)]
+struct ClusterArgs {
+    /// TCP port to listen on (0 picks a free one; see the ready line).
+    #[arg(long)]
+    port: u16,
+    /// Number of workers (default: number of CPUs).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Directory for the control socket (made 0700).
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, value_enum, default_value = "round-robin")]
+    policy: cluster::Policy,
+    /// Largest request frame; a larger one closes that connection.
+    #[arg(long, default_value_t = handoff::proto::rpc::DEFAULT_MAX_FRAME)]
+    max_frame: usize,
+    /// Seconds workers get to finish open requests on SIGTERM.
+    #[arg(long, default_value_t = 5.0)]
+    grace: f64,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    #[arg(long)]
+    index: usize,
+    #[arg(long)]
+    max_frame: usize,
+    /// The inherited descriptor of the master channel.
+    #[arg(long)]
+    channel_fd: i32,
+}
+
 fn parse_ports(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once(',').ok_or("expected two ports: P,Q")?;
     let p = |x: &str| x.trim().parse::<u16>().map_err(|e| format!("{x}: {e}"));
@@ -114,9 +168,46 @@ fn main() -> ExitCode {
         None => (0..cli.verbose).map(|_| "-v".to_string()).collect(),
     };
     let result = match cli.cmd {
-        Cmd::Server(a) => pair::server::run(&pair::server::Config { host: a.host, port: a.port, peer_port: a.peer_port, dir: a.dir }),
-        Cmd::Pair(a) => std::env::current_exe().and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args)),
+        Cmd::Server(a) => pair::server::run(&pair::server::Config {
+            host: a.host,
+            port: a.port,
+            peer_port: a.peer_port,
+            dir: a.dir,
+        }),
+        Cmd::Pair(a) => std::env::current_exe()
+            .and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args)),
         Cmd::Client(c) => return run_client(c),
+        Cmd::Cluster(a) => std::env::current_exe().and_then(|exe| {
+            cluster::master::run(cluster::master::Config {
+                host: a.host,
+                port: a.port,
+                workers: a
+                    .workers
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                dir: a.dir,
+                policy: a.policy,
+                max_frame: a.max_frame,
+                grace: std::time::Duration::from_secs_f64(a.grace.max(0.0)),
+                exe,
+                log_args,
+            })
+        }),
+        Cmd::Status(a) => {
+            cluster::status::fetch(&a.dir, std::time::Duration::from_secs(3)).map(|v| {
+                if a.json {
+                    println!("{v}");
+                } else {
+                    print!("{}", cluster::status::render(&v));
+                }
+            })
+        }
+        Cmd::Worker(a) => inherited_fd(a.channel_fd).and_then(|channel| {
+            cluster::worker::run(cluster::worker::Config {
+                index: a.index,
+                max_frame: a.max_frame,
+                channel,
+            })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -129,11 +220,23 @@ fn main() -> ExitCode {
 
 /// Runs a load client, prints its summary line; exit 1 on any error.
 fn run_client(cmd: ClientCmd) -> ExitCode {
-    let ping = |a: PingArgs| client::PingPongOpts { host: a.host, port: a.port, conns: a.conns, requests: a.requests, size: a.size.into() };
+    let ping = |a: PingArgs| client::PingPongOpts {
+        host: a.host,
+        port: a.port,
+        conns: a.conns,
+        requests: a.requests,
+        size: a.size.into(),
+    };
     let summary = match cmd {
         ClientCmd::Unary(a) => client::unary(&ping(a)),
         ClientCmd::Stream(a) => client::stream(&ping(a)),
-        ClientCmd::Rpc(a) => client::rpc(&client::RpcOpts { host: a.host, port: a.port, conns: a.conns, requests: a.requests, short: a.short }),
+        ClientCmd::Rpc(a) => client::rpc(&client::RpcOpts {
+            host: a.host,
+            port: a.port,
+            conns: a.conns,
+            requests: a.requests,
+            short: a.short,
+        }),
     };
     println!("{summary}");
     if summary.passed() {
@@ -141,4 +244,18 @@ fn run_client(cmd: ClientCmd) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Takes ownership of a descriptor inherited across exec.
+fn inherited_fd(fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fcntl(F_GETFD) only checks that the descriptor is open.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(std::io::Error::other(format!(
+            "--channel-fd {fd} is not an inherited descriptor"
+        )));
+    }
+    // SAFETY: the master set this descriptor up for us alone; nothing else
+    // in this process refers to it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }

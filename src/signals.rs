@@ -14,3 +14,23 @@ pub fn ready(line: &str) {
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
+
+/// Asks the kernel to SIGKILL this process when its parent dies, so no
+/// worker outlives its master. (A master that died before this call is
+/// noticed through the EOF on the worker's channel.)
+pub fn die_with_parent() -> std::io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's settings.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -21,15 +21,32 @@ fn cvt(rc: libc::c_int, what: &str) -> io::Result<libc::c_int> {
 
 fn socket(domain: libc::c_int, ty: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; a non-negative result is a fresh descriptor we own.
-    let fd = cvt(unsafe { libc::socket(domain, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) }, "socket")?;
+    let fd = cvt(
+        unsafe { libc::socket(domain, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) },
+        "socket",
+    )?;
     // SAFETY: fd was just returned by socket() and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, val: libc::c_int, what: &str) -> io::Result<()> {
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    val: libc::c_int,
+    what: &str,
+) -> io::Result<()> {
     // SAFETY: val lives across the call; the length matches its type.
     cvt(
-        unsafe { libc::setsockopt(fd, level, opt, &val as *const _ as *const libc::c_void, mem::size_of::<libc::c_int>() as _) },
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                &val as *const _ as *const libc::c_void,
+                mem::size_of::<libc::c_int>() as _,
+            )
+        },
         what,
     )
     .map(drop)
@@ -50,7 +67,10 @@ fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> 
     sa.sun_family = libc::AF_UNIX as _;
     let bytes = path.as_os_str().as_bytes();
     if bytes.len() >= sa.sun_path.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("socket path too long: {}", path.display())));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("socket path too long: {}", path.display()),
+        ));
     }
     for (d, s) in sa.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
@@ -70,17 +90,34 @@ pub fn resolve_v4(host: &str, port: u16) -> io::Result<SocketAddrV4> {
             SocketAddr::V4(v4) => Some(v4),
             _ => None,
         })
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no IPv4 address for {host}")))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no IPv4 address for {host}"),
+            )
+        })
 }
 
 /// A non-blocking TCP listener on `addr` (SO_REUSEADDR, backlog 4096).
 pub fn tcp_listen(addr: SocketAddrV4) -> io::Result<OwnedFd> {
     let fd = socket(libc::AF_INET, libc::SOCK_STREAM)?;
-    setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "setsockopt SO_REUSEADDR")?;
+    setsockopt_int(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_REUSEADDR,
+        1,
+        "setsockopt SO_REUSEADDR",
+    )?;
     let sa = sockaddr_in(addr);
     // SAFETY: sa is a valid sockaddr_in of the given length.
     cvt(
-        unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, mem::size_of_val(&sa) as _) },
+        unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sa as *const _ as *const libc::sockaddr,
+                mem::size_of_val(&sa) as _,
+            )
+        },
         &format!("bind {addr}"),
     )?;
     // SAFETY: plain syscall on a descriptor we own.
@@ -94,7 +131,13 @@ pub fn tcp_connect(addr: SocketAddrV4) -> io::Result<OwnedFd> {
     let fd = socket(libc::AF_INET, libc::SOCK_STREAM)?;
     let sa = sockaddr_in(addr);
     // SAFETY: sa is a valid sockaddr_in of the given length.
-    let rc = unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, mem::size_of_val(&sa) as _) };
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            &sa as *const _ as *const libc::sockaddr,
+            mem::size_of_val(&sa) as _,
+        )
+    };
     if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
         cvt(rc, &format!("connect {addr}"))?;
     }
@@ -103,7 +146,13 @@ pub fn tcp_connect(addr: SocketAddrV4) -> io::Result<OwnedFd> {
 }
 
 pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1, "setsockopt TCP_NODELAY")
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_NODELAY,
+        1,
+        "setsockopt TCP_NODELAY",
+    )
 }
 
 /// The local address a socket is bound to (for `--port 0`).
@@ -112,8 +161,14 @@ pub fn local_addr(fd: RawFd) -> io::Result<SocketAddrV4> {
     let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
     let mut len = mem::size_of_val(&sa) as libc::socklen_t;
     // SAFETY: sa/len are live out-parameters of the right size.
-    cvt(unsafe { libc::getsockname(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) }, "getsockname")?;
-    Ok(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port)))
+    cvt(
+        unsafe { libc::getsockname(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) },
+        "getsockname",
+    )?;
+    Ok(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+        u16::from_be(sa.sin_port),
+    ))
 }
 
 /// The remote address of a TCP socket, if it has one.
@@ -123,8 +178,12 @@ pub fn peer_addr(fd: RawFd) -> Option<SocketAddrV4> {
     let mut len = mem::size_of_val(&sa) as libc::socklen_t;
     // SAFETY: sa/len are live out-parameters of the right size.
     let rc = unsafe { libc::getpeername(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) };
-    (rc == 0 && sa.sin_family == libc::AF_INET as libc::sa_family_t)
-        .then(|| SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port)))
+    (rc == 0 && sa.sin_family == libc::AF_INET as libc::sa_family_t).then(|| {
+        SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+            u16::from_be(sa.sin_port),
+        )
+    })
 }
 
 /// A non-blocking SOCK_SEQPACKET listener bound to `path`.
@@ -133,7 +192,13 @@ pub fn unix_listen(path: &Path) -> io::Result<OwnedFd> {
     let (sa, len) = sockaddr_un(path)?;
     // SAFETY: sa is a valid sockaddr_un of length len.
     cvt(
-        unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) },
+        unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sa as *const _ as *const libc::sockaddr,
+                len,
+            )
+        },
         &format!("bind {}", path.display()),
     )?;
     // SAFETY: plain syscall on a descriptor we own.
@@ -147,7 +212,13 @@ pub fn unix_connect(path: &Path) -> io::Result<OwnedFd> {
     let (sa, len) = sockaddr_un(path)?;
     // SAFETY: sa is a valid sockaddr_un of length len.
     cvt(
-        unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) },
+        unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                &sa as *const _ as *const libc::sockaddr,
+                len,
+            )
+        },
         &format!("connect {}", path.display()),
     )?;
     Ok(fd)
@@ -159,7 +230,12 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: fds is a live array of two ints.
     cvt(
         unsafe {
-            libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
         },
         "socketpair",
     )?;
@@ -171,7 +247,14 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 /// none is waiting.
 pub fn accept(fd: RawFd) -> io::Result<Option<OwnedFd>> {
     // SAFETY: null address pointers are allowed by accept4.
-    let rc = unsafe { libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) };
+    let rc = unsafe {
+        libc::accept4(
+            fd,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
     if rc < 0 {
         let e = io::Error::last_os_error();
         return match e.raw_os_error() {
@@ -190,7 +273,15 @@ pub fn peer_cred(fd: RawFd) -> io::Result<(i32, u32)> {
     let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: cred/len are live out-parameters of the right size.
     cvt(
-        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, &mut cred as *mut _ as *mut libc::c_void, &mut len) },
+        unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                &mut cred as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        },
         "getsockopt SO_PEERCRED",
     )?;
     Ok((cred.pid, cred.uid))
@@ -210,7 +301,13 @@ pub fn shutdown_write(fd: RawFd) {
 
 /// Sets SO_SNDBUF (best effort; the kernel caps it).
 pub fn set_sndbuf(fd: RawFd, bytes: i32) {
-    let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes, "setsockopt SO_SNDBUF");
+    let _ = setsockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUF,
+        bytes,
+        "setsockopt SO_SNDBUF",
+    );
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new limit.
@@ -218,11 +315,17 @@ pub fn raise_nofile() -> io::Result<u64> {
     // SAFETY: rlimit is plain old data, filled by getrlimit.
     let mut lim: libc::rlimit = unsafe { mem::zeroed() };
     // SAFETY: lim is a live out-parameter.
-    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, "getrlimit")?;
+    cvt(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) },
+        "getrlimit",
+    )?;
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: lim is a valid rlimit.
-        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, "setrlimit")?;
+        cvt(
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) },
+            "setrlimit",
+        )?;
     }
     Ok(lim.rlim_cur as u64)
 }
@@ -230,18 +333,66 @@ pub fn raise_nofile() -> io::Result<u64> {
 /// `mkdir -m 0700` unless it exists; refuses a directory others can enter.
 pub fn private_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    match std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir) {
+    match std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dir)
+    {
         Ok(()) => {}
-        Err(e) => return Err(io::Error::new(e.kind(), format!("mkdir {}: {e}", dir.display()))),
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("mkdir {}: {e}", dir.display()),
+            ))
+        }
     }
     let md = std::fs::metadata(dir)?;
     if md.uid() != euid() {
-        return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{} is not owned by us", dir.display())));
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} is not owned by us", dir.display()),
+        ));
     }
     if md.mode() & 0o077 != 0 {
         let c = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
         // SAFETY: c is a valid NUL-terminated path.
         cvt(unsafe { libc::chmod(c.as_ptr(), 0o700) }, "chmod")?;
+    }
+    Ok(())
+}
+
+/// Makes `path` free for a Unix listener: removes a stale socket file left
+/// by a dead process; refuses one a live process still listens on.
+pub fn claim_unix_path(path: &Path) -> io::Result<()> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    match unix_connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is owned by a live process", path.display()),
+        )),
+        Err(_) => {
+            log::info!("removing stale {}", path.display());
+            std::fs::remove_file(path)
+                .map_err(|e| io::Error::new(e.kind(), format!("remove {}: {e}", path.display())))
+        }
+    }
+}
+
+/// Waits until `fd` is readable or `timeout` passes (for blocking-style
+/// tools such as `handoff status`).
+pub fn wait_readable(fd: &impl AsRawFd, timeout: std::time::Duration) -> io::Result<()> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: p is one live pollfd.
+    let n = cvt(unsafe { libc::poll(&mut p, 1, ms) }, "poll")?;
+    if n == 0 {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
     }
     Ok(())
 }

@@ -39,12 +39,24 @@ pub struct Msg {
 impl Msg {
     /// A connection handoff: its descriptor plus the bytes already read.
     pub fn conn(fd: OwnedFd, leftover: Vec<u8>, flags: u32) -> Msg {
-        Msg { kind: KIND_CONN, flags, id: 0, body: leftover, fd: Some(fd) }
+        Msg {
+            kind: KIND_CONN,
+            flags,
+            id: 0,
+            body: leftover,
+            fd: Some(fd),
+        }
     }
 
     /// A mode-defined control message (kind >= `wire::KIND_USER`).
     pub fn control(kind: u16, body: Vec<u8>) -> Msg {
-        Msg { kind, flags: 0, id: 0, body, fd: None }
+        Msg {
+            kind,
+            flags: 0,
+            id: 0,
+            body,
+            fd: None,
+        }
     }
 }
 
@@ -56,7 +68,10 @@ pub enum ChannelEvent {
     /// The channel is gone (`reason` is `None` on a clean EOF). `returned`
     /// holds every connection sent on it that the peer never took: the
     /// owner serves them again.
-    Closed { reason: Option<io::Error>, returned: Vec<Msg> },
+    Closed {
+        reason: Option<io::Error>,
+        returned: Vec<Msg>,
+    },
 }
 
 /// Counters for status reports.
@@ -95,7 +110,11 @@ const READ_BATCH: usize = 64;
 
 impl Channel {
     /// Drives `sock` (a connected, non-blocking SOCK_SEQPACKET socket).
-    pub fn new(base: &Base, sock: OwnedFd, handler: impl Fn(ChannelEvent) + 'static) -> io::Result<Channel> {
+    pub fn new(
+        base: &Base,
+        sock: OwnedFd,
+        handler: impl Fn(ChannelEvent) + 'static,
+    ) -> io::Result<Channel> {
         crate::sock::set_sndbuf(sock.as_raw_fd(), 1 << 20);
         let raw = sock.as_raw_fd();
         let inner = Rc::new(RefCell::new(Inner {
@@ -186,7 +205,14 @@ impl Inner {
     fn try_send(&self, msg: &Msg) -> io::Result<()> {
         let sock = self.sock.as_ref().expect("open channel has a socket");
         let mut out = Vec::with_capacity(HEADER_LEN + msg.body.len());
-        Header { version: VERSION, kind: msg.kind, flags: msg.flags, body_len: msg.body.len() as u32, id: msg.id }.encode(&mut out);
+        Header {
+            version: VERSION,
+            kind: msg.kind,
+            flags: msg.flags,
+            body_len: msg.body.len() as u32,
+            id: msg.id,
+        }
+        .encode(&mut out);
         out.extend_from_slice(&msg.body);
         fdpass::send(sock.as_fd(), msg.fd.as_ref().map(|f| f.as_fd()), &out).map(drop)
     }
@@ -288,8 +314,12 @@ fn on_readable(w: &Weak<RefCell<Inner>>) {
                     break;
                 }
             };
-            if (h.kind == KIND_CONN) != r.fd.is_some() {
-                let why = if r.fd.is_some() { "unexpected descriptor" } else { "CONN without a descriptor" };
+            if wire::carries_fd(h.kind) != r.fd.is_some() {
+                let why = if r.fd.is_some() {
+                    "unexpected descriptor"
+                } else {
+                    "descriptor missing"
+                };
                 i.fail(Some(io::Error::new(io::ErrorKind::InvalidData, why)));
                 break;
             }
@@ -302,14 +332,26 @@ fn on_readable(w: &Weak<RefCell<Inner>>) {
                         last_conn = h.id;
                     }
                     let body = i.buf[HEADER_LEN..r.len].to_vec();
-                    batch.push(Msg { kind, flags: h.flags, id: h.id, body, fd: r.fd });
+                    batch.push(Msg {
+                        kind,
+                        flags: h.flags,
+                        id: h.id,
+                        body,
+                        fd: r.fd,
+                    });
                 }
             }
         }
         if last_conn != 0 {
             // Acknowledge before anything is served: from here on the
             // connections are ours.
-            let ack = Msg { kind: KIND_ACK, flags: 0, id: last_conn, body: Vec::new(), fd: None };
+            let ack = Msg {
+                kind: KIND_ACK,
+                flags: 0,
+                id: last_conn,
+                body: Vec::new(),
+                fd: None,
+            };
             drop(i);
             let _ = Channel(inner.clone()).send(ack);
             i = inner.borrow_mut();

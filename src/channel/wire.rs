@@ -4,7 +4,8 @@
 //! offset size field
 //!      0    4 magic     "HOFF"
 //!      4    2 version   1
-//!      6    2 kind      1 = CONN (carries a descriptor), 2 = ACK, >= 16 mode-defined
+//!      6    2 kind      1 = CONN (carries a descriptor), 2 = ACK,
+//!                       3 = LISTENER (carries a descriptor), >= 16 mode-defined
 //!      8    4 flags     CONN: bit 0 = the client already sent EOF
 //!     12    4 body_len  bytes after the header (<= MAX_BODY)
 //!     16    8 id        CONN: sender's sequence number; ACK: highest CONN id taken
@@ -21,10 +22,17 @@ pub const MAX_BODY: usize = 128 * 1024;
 
 pub const KIND_CONN: u16 = 1;
 pub const KIND_ACK: u16 = 2;
+/// A listening socket (descriptor attached); no acknowledgement.
+pub const KIND_LISTENER: u16 = 3;
 /// First kind number left to the modes.
 pub const KIND_USER: u16 = 16;
 
 pub const FLAG_EOF: u32 = 1;
+
+/// Whether messages of `kind` must carry a descriptor (others must not).
+pub fn carries_fd(kind: u16) -> bool {
+    kind == KIND_CONN || kind == KIND_LISTENER
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -64,10 +72,17 @@ impl Header {
             id: u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes")),
         };
         if h.version != VERSION {
-            return Err(bad(format!("peer speaks handoff channel v{}, this side v{VERSION}", h.version)));
+            return Err(bad(format!(
+                "peer speaks handoff channel v{}, this side v{VERSION}",
+                h.version
+            )));
         }
         if h.body_len as usize != msg.len() - HEADER_LEN || h.body_len as usize > MAX_BODY {
-            return Err(bad(format!("body length {} does not match message ({} bytes)", h.body_len, msg.len())));
+            return Err(bad(format!(
+                "body length {} does not match message ({} bytes)",
+                h.body_len,
+                msg.len()
+            )));
         }
         Ok(h)
     }
@@ -86,7 +101,13 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let h = Header { version: VERSION, kind: KIND_CONN, flags: FLAG_EOF, body_len: 3, id: 42 };
+        let h = Header {
+            version: VERSION,
+            kind: KIND_CONN,
+            flags: FLAG_EOF,
+            body_len: 3,
+            id: 42,
+        };
         let m = msg(h, b"abc");
         assert_eq!(m.len(), HEADER_LEN + 3);
         assert_eq!(Header::decode(&m).unwrap(), h);
@@ -94,7 +115,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        let h = Header { version: VERSION, kind: KIND_ACK, flags: 0, body_len: 0, id: 1 };
+        let h = Header {
+            version: VERSION,
+            kind: KIND_ACK,
+            flags: 0,
+            body_len: 0,
+            id: 1,
+        };
         let good = msg(h, b"");
         assert!(Header::decode(&good[..10]).is_err());
         let mut m = good.clone();

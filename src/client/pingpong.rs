@@ -154,12 +154,20 @@ impl PortTrack {
         ranked.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
         let (a, b) = match ranked.as_slice() {
             [] => {
-                return Verdict { check: "none".into(), breaks: 0, total };
+                return Verdict {
+                    check: "none".into(),
+                    breaks: 0,
+                    total,
+                };
             }
             [(a, _)] => {
                 // A single port: only "same port twice in a row" can be judged.
                 let breaks = self.trans.get(&(*a, *a)).copied().unwrap_or(0);
-                return Verdict { check: format!("alternate({a},-)"), breaks, total };
+                return Verdict {
+                    check: format!("alternate({a},-)"),
+                    breaks,
+                    total,
+                };
             }
             [(x, _), (y, _), ..] => (*x.min(y), *x.max(y)),
         };
@@ -182,7 +190,11 @@ impl PortTrack {
         } else {
             format!("alternate({a},{b})")
         };
-        Verdict { check, breaks, total }
+        Verdict {
+            check,
+            breaks,
+            total,
+        }
     }
 }
 
@@ -216,7 +228,10 @@ fn read_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), String> {
             "response line too long: {:?}",
             String::from_utf8_lossy(buf)
         )),
-        Ok(_) => Err(format!("short read: EOF after {:?}", String::from_utf8_lossy(buf))),
+        Ok(_) => Err(format!(
+            "short read: EOF after {:?}",
+            String::from_utf8_lossy(buf)
+        )),
     }
 }
 
@@ -237,7 +252,12 @@ fn run(o: &PingPongOpts, mode: Mode) -> Summary {
     let mut secs = 0.0;
     match resolve(&o.host, o.port) {
         Err(e) => {
-            errlog.report(format_args!("{}: resolve {}:{}: {e}", mode.name(), o.host, o.port));
+            errlog.report(format_args!(
+                "{}: resolve {}:{}: {e}",
+                mode.name(),
+                o.host,
+                o.port
+            ));
             total.errors = o.conns as u64 * o.requests as u64;
         }
         Ok(addr) => {
@@ -277,7 +297,12 @@ fn run(o: &PingPongOpts, mode: Mode) -> Summary {
     let v = total.ports.verdict();
     debug_assert_eq!(v.total, total.good);
     if v.breaks > 0 {
-        log::warn!("{}: {} responses broke the {} check", mode.name(), v.breaks, v.check);
+        log::warn!(
+            "{}: {} responses broke the {} check",
+            mode.name(),
+            v.breaks,
+            v.check
+        );
     }
     Summary::new(
         mode.name(),
@@ -442,7 +467,11 @@ mod tests {
             b"\n",
             b"",
         ] {
-            assert!(parse_response(l).is_err(), "{:?}", String::from_utf8_lossy(l));
+            assert!(
+                parse_response(l).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(l)
+            );
         }
     }
 
@@ -471,13 +500,27 @@ mod tests {
     #[test]
     fn verdict_xor() {
         let v = track(&[&[7000, 7001, 7000, 7001], &[7001, 7000]]).verdict();
-        assert_eq!(v, Verdict { check: "xor(7000,7001)".into(), breaks: 0, total: 6 });
+        assert_eq!(
+            v,
+            Verdict {
+                check: "xor(7000,7001)".into(),
+                breaks: 0,
+                total: 6
+            }
+        );
     }
 
     #[test]
     fn verdict_alternate() {
         let v = track(&[&[7002, 7000, 7002], &[7000, 7002, 7000]]).verdict();
-        assert_eq!(v, Verdict { check: "alternate(7000,7002)".into(), breaks: 0, total: 6 });
+        assert_eq!(
+            v,
+            Verdict {
+                check: "alternate(7000,7002)".into(),
+                breaks: 0,
+                total: 6
+            }
+        );
         // 7001 ^ 7002 = 3 -> alternate
         let v = track(&[&[7001, 7002, 7001]]).verdict();
         assert_eq!(v.check, "alternate(7001,7002)");
@@ -510,11 +553,25 @@ mod tests {
     #[test]
     fn verdict_single_and_empty() {
         let v = track(&[&[7000], &[7000]]).verdict();
-        assert_eq!(v, Verdict { check: "alternate(7000,-)".into(), breaks: 0, total: 2 });
+        assert_eq!(
+            v,
+            Verdict {
+                check: "alternate(7000,-)".into(),
+                breaks: 0,
+                total: 2
+            }
+        );
         let v = track(&[&[7000, 7000, 7000]]).verdict();
         assert_eq!(v.breaks, 2);
         let v = track(&[]).verdict();
-        assert_eq!(v, Verdict { check: "none".into(), breaks: 0, total: 0 });
+        assert_eq!(
+            v,
+            Verdict {
+                check: "none".into(),
+                breaks: 0,
+                total: 0
+            }
+        );
     }
 
     #[test]
@@ -525,7 +582,9 @@ mod tests {
         assert_eq!(parse_response(&b), Ok(1));
         assert!(read_line(&mut r, &mut b).is_ok());
         assert_eq!(parse_response(&b), Ok(2));
-        assert!(read_line(&mut r, &mut b).unwrap_err().contains("short read"));
+        assert!(read_line(&mut r, &mut b)
+            .unwrap_err()
+            .contains("short read"));
         assert!(read_line(&mut r, &mut b).unwrap_err().contains("EOF"));
         let long = [b'x'; 100];
         let mut r = &long[..];

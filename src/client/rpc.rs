@@ -85,7 +85,8 @@ pub fn ping_frame(params: &Value) -> Vec<u8> {
 /// Read one frame body into `buf` (limit `MAX_REPLY`).
 pub fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), RpcError> {
     let mut hdr = [0u8; 4];
-    r.read_exact(&mut hdr).map_err(|e| io_err("read header", &e))?;
+    r.read_exact(&mut hdr)
+        .map_err(|e| io_err("read header", &e))?;
     let len = u32::from_le_bytes(hdr) as usize;
     if len > MAX_REPLY {
         return Err(RpcError::Fatal(format!(
@@ -101,12 +102,16 @@ pub fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), RpcError>
 pub fn check_reply(body: &[u8], expected: &Value) -> Result<(), RpcError> {
     let shown = || {
         let s = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-        if body.len() > 200 { s + "..." } else { s }
+        if body.len() > 200 {
+            s + "..."
+        } else {
+            s
+        }
     };
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| RpcError::Reply(format!("reply is not JSON ({e}): {}", shown())))?;
-    let ok = v.get("out").and_then(Value::as_str) == Some("pong")
-        && v.get("result") == Some(expected);
+    let ok =
+        v.get("out").and_then(Value::as_str) == Some("pong") && v.get("result") == Some(expected);
     if ok {
         Ok(())
     } else {
@@ -124,7 +129,8 @@ fn round_trip<R: Read, W: Write>(
     buf: &mut Vec<u8>,
     p: &Value,
 ) -> Result<(), RpcError> {
-    w.write_all(&ping_frame(p)).map_err(|e| io_err("write", &e))?;
+    w.write_all(&ping_frame(p))
+        .map_err(|e| io_err("write", &e))?;
     read_frame(r, buf)?;
     check_reply(buf, p)
 }
@@ -298,7 +304,10 @@ mod tests {
     fn frame_errors() {
         let mut buf = Vec::new();
         let mut r = &[1u8, 0][..];
-        assert!(matches!(read_frame(&mut r, &mut buf), Err(RpcError::Fatal(_))));
+        assert!(matches!(
+            read_frame(&mut r, &mut buf),
+            Err(RpcError::Fatal(_))
+        ));
         let mut r = &[5u8, 0, 0, 0, b'{'][..];
         let e = read_frame(&mut r, &mut buf).unwrap_err();
         assert!(e.to_string().contains("EOF"), "{e}");

@@ -55,11 +55,19 @@ impl Latency {
     }
 
     pub fn max_us(&self) -> u64 {
-        if self.h.is_empty() { 0 } else { self.h.max() }
+        if self.h.is_empty() {
+            0
+        } else {
+            self.h.max()
+        }
     }
 
     pub fn mean_us(&self) -> f64 {
-        if self.h.is_empty() { 0.0 } else { self.h.mean() }
+        if self.h.is_empty() {
+            0.0
+        } else {
+            self.h.mean()
+        }
     }
 }
 
@@ -71,7 +79,10 @@ pub struct ErrLog {
 
 impl ErrLog {
     pub const fn new(limit: u64) -> Self {
-        ErrLog { seen: AtomicU64::new(0), limit }
+        ErrLog {
+            seen: AtomicU64::new(0),
+            limit,
+        }
     }
 
     /// Log one error detail (only the first `limit` are printed).
@@ -161,7 +172,11 @@ impl Summary {
 
     /// Successful responses per second of wall time.
     pub fn rps(&self) -> f64 {
-        if self.secs > 0.0 { self.ok as f64 / self.secs } else { 0.0 }
+        if self.secs > 0.0 {
+            self.ok as f64 / self.secs
+        } else {
+            0.0
+        }
     }
 }
 
@@ -216,7 +231,15 @@ mod tests {
     #[test]
     fn unary_line_format() {
         let s = Summary::new(
-            "unary", 100, 1000, None, 100_000, 0, 0, "xor(7000,7001)".into(), 1.234,
+            "unary",
+            100,
+            1000,
+            None,
+            100_000,
+            0,
+            0,
+            "xor(7000,7001)".into(),
+            1.234,
             &lat(&[100, 101, 532]),
         );
         let line = s.to_string();
@@ -228,7 +251,18 @@ mod tests {
 
     #[test]
     fn rpc_line_format() {
-        let s = Summary::new("rpc", 100, 1000, Some(false), 100_000, 0, 0, String::new(), 1.234, &lat(&[101]));
+        let s = Summary::new(
+            "rpc",
+            100,
+            1000,
+            Some(false),
+            100_000,
+            0,
+            0,
+            String::new(),
+            1.234,
+            &lat(&[101]),
+        );
         assert_eq!(
             s.to_string(),
             "rpc conns=100 requests=1000 short=false ok=100000 errors=0 secs=1.234 rps=81037 p50_us=101 p99_us=101"

@@ -1,4 +1,4 @@
 //! Pair mode (seed 000): two servers hand every connection to each other
 //! after each request.
-pub mod server;
 pub mod launcher;
+pub mod server;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
@@ -73,7 +73,7 @@ pub fn run(cfg: &Config) -> io::Result<()> {
     let tcp_fd = sock::tcp_listen(addr)?;
     let port = sock::local_addr(tcp_fd.as_raw_fd())?.port();
     let sock_path = cfg.dir.join(format!("{port}.sock"));
-    claim_socket_path(&sock_path)?;
+    sock::claim_unix_path(&sock_path)?;
     let log = RequestLog::open(&cfg.dir.join(format!("{port}.log")))?;
 
     let server = Rc::new_cyclic(|me| {
@@ -100,44 +100,46 @@ pub fn run(cfg: &Config) -> io::Result<()> {
     let w = Rc::downgrade(&server);
     let tcp = Listener::adopt(&base, tcp_fd, move |fd| with(&w, |s| s.accept_client(fd)))?;
     let w = Rc::downgrade(&server);
-    let unix = Listener::bind(&base, &Endpoint::Unix(sock_path.clone()), move |fd| with(&w, |s| s.accept_channel(fd)))?;
+    let unix = Listener::bind(&base, &Endpoint::Unix(sock_path.clone()), move |fd| {
+        with(&w, |s| s.accept_channel(fd))
+    })?;
     {
         let mut s = server.borrow_mut();
         s.listeners = vec![tcp, unix];
         let w = Rc::downgrade(&server);
-        s.retry = Some(Event::new(&base, -1, Interest::Timer, move || with(&w, |s| s.connect_peer()))?);
+        s.retry = Some(Event::new(&base, -1, Interest::Timer, move || {
+            with(&w, |s| s.connect_peer())
+        })?);
         let w = Rc::downgrade(&server);
-        let t = Event::new(&base, -1, Interest::Timer, move || with(&w, |s| s.flush_log()))?;
+        let t = Event::new(&base, -1, Interest::Timer, move || {
+            with(&w, |s| s.flush_log())
+        })?;
         t.add(Some(LOG_FLUSH))?;
         s.log_timer = Some(t);
         for sig in [libc::SIGTERM, libc::SIGINT] {
             let w = Rc::downgrade(&server);
-            let e = Event::new(&base, sig, Interest::Signal, move || with(&w, |s| s.shutdown(sig)))?;
+            let e = Event::new(&base, sig, Interest::Signal, move || {
+                with(&w, |s| s.shutdown(sig))
+            })?;
             e.add(None)?;
             s.signals.push(e);
         }
         s.connect_peer();
     }
-    log::info!("serving on {}:{port}, handoff socket {}", addr.ip(), sock_path.display());
+    log::info!(
+        "serving on {}:{port}, handoff socket {}",
+        addr.ip(),
+        sock_path.display()
+    );
     crate::signals::ready(&format!("ready port={port} sock={}", sock_path.display()));
     base.dispatch()?;
     let s = server.borrow();
-    log::info!("stopped: served {} requests, handed {} connections", s.served, s.handed);
+    log::info!(
+        "stopped: served {} requests, handed {} connections",
+        s.served,
+        s.handed
+    );
     Ok(())
-}
-
-/// Removes a stale socket file left by a dead server; refuses a live one.
-pub fn claim_socket_path(path: &Path) -> io::Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    match sock::unix_connect(path) {
-        Ok(_) => Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is owned by a live server", path.display()))),
-        Err(_) => {
-            log::info!("removing stale {}", path.display());
-            std::fs::remove_file(path).map_err(|e| io::Error::new(e.kind(), format!("remove {}: {e}", path.display())))
-        }
-    }
 }
 
 /// Runs `f` on the server if it still exists.
@@ -183,7 +185,9 @@ impl Server {
                 let fd = m.fd.expect("channel checks CONN carries a descriptor");
                 self.adopt(fd, m.body, m.flags & wire::FLAG_EOF != 0);
             }
-            ChannelEvent::Msg(m) => log::warn!("handoff channel {id}: unexpected message kind {}", m.kind),
+            ChannelEvent::Msg(m) => {
+                log::warn!("handoff channel {id}: unexpected message kind {}", m.kind)
+            }
             ChannelEvent::Closed { reason, returned } => {
                 match reason {
                     Some(e) => log::warn!("handoff channel {id} closed: {e}"),
@@ -203,11 +207,24 @@ impl Server {
         let handler = Rc::new(move |ev| with(&w, |s| s.on_conn(id, ev)));
         match Conn::adopt(&self.base, fd, &leftover, READ_LIMIT, handler) {
             Ok(conn) => {
-                log::trace!("connection {id} adopted with {} byte(s) read ahead (input {})", leftover.len(), conn.input_len());
+                log::trace!(
+                    "connection {id} adopted with {} byte(s) read ahead (input {})",
+                    leftover.len(),
+                    conn.input_len()
+                );
                 if eof {
                     conn.pause_reading();
                 }
-                self.conns.insert(id, Slot { conn, eof, handing_off: false, closing: false, client: None });
+                self.conns.insert(
+                    id,
+                    Slot {
+                        conn,
+                        eof,
+                        handing_off: false,
+                        closing: false,
+                        client: None,
+                    },
+                );
                 self.serve(id);
             }
             Err(e) => log::error!("cannot adopt connection: {e}"),
@@ -218,7 +235,9 @@ impl Server {
         match ev {
             ConnEvent::Read => self.serve(id),
             ConnEvent::Drained => {
-                let Some(slot) = self.conns.get(&id) else { return };
+                let Some(slot) = self.conns.get(&id) else {
+                    return;
+                };
                 if slot.handing_off {
                     self.hand_off(id);
                 } else if slot.closing {
@@ -244,7 +263,9 @@ impl Server {
     fn serve(&mut self, id: u64) {
         loop {
             let peer_up = self.peer.as_ref().is_some_and(Channel::is_open);
-            let Some(slot) = self.conns.get_mut(&id) else { return };
+            let Some(slot) = self.conns.get_mut(&id) else {
+                return;
+            };
             if slot.handing_off || slot.closing {
                 return;
             }
@@ -255,7 +276,10 @@ impl Server {
                 Some(n) if n <= avail => {
                     slot.conn.consume(n);
                     slot.conn.write(&self.response);
-                    let client = *slot.client.get_or_insert_with(|| sock::peer_addr(slot.conn.raw_fd()).unwrap_or(SocketAddrV4::new(0.into(), 0)));
+                    let client = *slot.client.get_or_insert_with(|| {
+                        sock::peer_addr(slot.conn.raw_fd())
+                            .unwrap_or(SocketAddrV4::new(0.into(), 0))
+                    });
                     self.log.record(Some(client), n - 1);
                     self.served += 1;
                     if !peer_up {
@@ -288,7 +312,9 @@ impl Server {
     }
 
     fn close_when_flushed(&mut self, id: u64) {
-        let Some(slot) = self.conns.get_mut(&id) else { return };
+        let Some(slot) = self.conns.get_mut(&id) else {
+            return;
+        };
         if slot.conn.output_len() == 0 {
             self.conns.remove(&id);
         } else {
@@ -298,7 +324,9 @@ impl Server {
 
     /// Moves the connection to the peer; on failure keeps serving it.
     fn hand_off(&mut self, id: u64) {
-        let Some(slot) = self.conns.remove(&id) else { return };
+        let Some(slot) = self.conns.remove(&id) else {
+            return;
+        };
         let flags = if slot.eof { wire::FLAG_EOF } else { 0 };
         let (fd, leftover) = slot.conn.detach();
         let msg = Msg::conn(fd, leftover, flags);
@@ -333,7 +361,10 @@ impl Server {
         match r {
             Ok(ch) => {
                 if self.peer_warned {
-                    log::warn!("peer {} is back; handing off again", self.peer_path.display());
+                    log::warn!(
+                        "peer {} is back; handing off again",
+                        self.peer_path.display()
+                    );
                 } else {
                     log::info!("connected to peer {}", self.peer_path.display());
                 }
@@ -359,7 +390,11 @@ impl Server {
             ChannelEvent::Msg(m) => log::warn!("peer channel: unexpected message kind {}", m.kind),
             ChannelEvent::Closed { reason, returned } => {
                 let why = reason.map_or_else(|| "closed".to_string(), |e| e.to_string());
-                log::warn!("lost peer {} ({why}); {} connection(s) come back; serving here, retrying", self.peer_path.display(), returned.len());
+                log::warn!(
+                    "lost peer {} ({why}); {} connection(s) come back; serving here, retrying",
+                    self.peer_path.display(),
+                    returned.len()
+                );
                 self.peer = None;
                 self.peer_warned = true;
                 self.take_back(returned);
@@ -378,7 +413,10 @@ impl Server {
     }
 
     fn shutdown(&mut self, sig: i32) {
-        log::info!("signal {sig}: stopping (open connections: {})", self.conns.len());
+        log::info!(
+            "signal {sig}: stopping (open connections: {})",
+            self.conns.len()
+        );
         self.listeners.clear();
         self.conns.clear();
         if let Some(p) = self.peer.take() {

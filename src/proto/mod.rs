@@ -1,2 +1,3 @@
 //! Framings spoken on client connections.
 pub mod pingpong;
+pub mod rpc;

@@ -74,6 +74,8 @@ impl Base {
             return String::new();
         }
         // SAFETY: non-null, NUL-terminated, static.
-        unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned()
     }
 }

@@ -74,19 +74,37 @@ impl Conn {
     /// read from it by a previous owner) is put in the input buffer first;
     /// the caller processes it (no `Read` event is raised for it). Reading
     /// starts at once, up to `read_limit` buffered bytes.
-    pub fn adopt(base: &Base, fd: OwnedFd, leftover: &[u8], read_limit: usize, handler: Rc<dyn Fn(ConnEvent)>) -> io::Result<Conn> {
+    pub fn adopt(
+        base: &Base,
+        fd: OwnedFd,
+        leftover: &[u8],
+        read_limit: usize,
+        handler: Rc<dyn Fn(ConnEvent)>,
+    ) -> io::Result<Conn> {
         // SAFETY: base is live; fd is a valid socket that we keep owning
         // (no BEV_OPT_CLOSE_ON_FREE).
         let raw = unsafe { ev::bufferevent_socket_new(base.as_ptr(), fd.as_raw_fd(), 0) };
-        let bev = NonNull::new(raw).ok_or_else(|| io::Error::other("bufferevent_socket_new failed"))?;
+        let bev =
+            NonNull::new(raw).ok_or_else(|| io::Error::other("bufferevent_socket_new failed"))?;
         let handler: Box<Handler> = Box::new(handler);
-        let conn = Conn { bev: Some(bev), fd: Some(fd), _handler: handler, _base: base.clone() };
+        let conn = Conn {
+            bev: Some(bev),
+            fd: Some(fd),
+            _handler: handler,
+            _base: base.clone(),
+        };
         let arg = &*conn._handler as *const Handler as *mut c_void;
         if !leftover.is_empty() {
             // The input buffer's end is frozen (only libevent's reads append),
             // its start is not: prepend into the still empty buffer.
             // SAFETY: bev is live; leftover is a live slice, copied by libevent.
-            let rc = unsafe { ev::evbuffer_prepend(ev::bufferevent_get_input(raw), leftover.as_ptr() as *const c_void, leftover.len()) };
+            let rc = unsafe {
+                ev::evbuffer_prepend(
+                    ev::bufferevent_get_input(raw),
+                    leftover.as_ptr() as *const c_void,
+                    leftover.len(),
+                )
+            };
             super::check(rc, "evbuffer_prepend")?;
         }
         // SAFETY: bev is live; arg outlives the callbacks (cleared in Drop/detach
@@ -100,7 +118,9 @@ impl Conn {
     }
 
     fn bev(&self) -> *mut ev::bufferevent {
-        self.bev.expect("a Conn keeps its bufferevent until detached").as_ptr()
+        self.bev
+            .expect("a Conn keeps its bufferevent until detached")
+            .as_ptr()
     }
 
     fn input(&self) -> *mut ev::evbuffer {
@@ -147,7 +167,9 @@ impl Conn {
     /// Copies up to `buf.len()` input bytes without removing them.
     pub fn copy_out(&self, buf: &mut [u8]) -> usize {
         // SAFETY: buf is a live, writable slice of the given length.
-        let n = unsafe { ev::evbuffer_copyout(self.input(), buf.as_mut_ptr() as *mut c_void, buf.len()) };
+        let n = unsafe {
+            ev::evbuffer_copyout(self.input(), buf.as_mut_ptr() as *mut c_void, buf.len())
+        };
         n.max(0) as usize
     }
 

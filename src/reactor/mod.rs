@@ -20,7 +20,7 @@ mod listener;
 pub use base::Base;
 pub use conn::{Conn, ConnEvent};
 pub use event::{Event, Interest};
-pub use listener::{Listener, Endpoint};
+pub use listener::{Endpoint, Listener};
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};

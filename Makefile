@@ -1,0 +1,63 @@
+# handoff — build, run, test, bench.
+#   make          release binary + C client (installs system packages first)
+#   make run      pair demo: two servers, unary + stream clients, stop
+#   make test     cargo test (unit + integration) incl. the C client check
+#   make bench    every benchmark (bench-pair, bench-cluster)
+CARGO   ?= cargo
+CC      ?= cc
+CFLAGS  ?= -O2 -Wall -Wextra -std=c11 -D_GNU_SOURCE
+BIN     := target/release/handoff
+# Debian packages the build needs: libevent (linked via pkg-config), libclang
+# (bindgen), a C compiler.
+DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make
+
+.PHONY: all deps build run demo test bench bench-pair bench-cluster clean
+
+all: deps build
+
+# Installs missing Debian packages when root; otherwise prints the command.
+deps:
+	@missing=""; \
+	for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "make deps: installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	  else \
+	    echo "make deps: missing packages:$$missing" >&2; \
+	    echo "run: sudo apt-get install -y$$missing" >&2; exit 1; \
+	  fi; \
+	fi
+
+build: deps $(BIN) build/cclient
+
+$(BIN): FORCE
+	$(CARGO) build --release
+
+build/cclient: csrc/cclient.c
+	@mkdir -p build
+	$(CC) $(CFLAGS) -pthread -o $@ $<
+
+build/pair_epoll: bench/pair_epoll.c
+	@mkdir -p build
+	$(CC) $(CFLAGS) -o $@ $<
+
+run demo: build
+	scripts/demo-pair.sh
+
+test: deps build/cclient
+	$(CARGO) test --release
+
+bench: bench-pair bench-cluster
+
+bench-pair: build build/pair_epoll
+	scripts/bench-pair.sh
+
+bench-cluster: build
+	scripts/bench-cluster.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf build run
+
+FORCE:

@@ -1,0 +1,526 @@
+//! The cluster master: accepts, picks a worker, hands the connection over
+//! the worker's channel; respawns workers; answers `handoff status`.
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::rc::{Rc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use super::{control_path, Policy, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY, KIND_STATUS_REQ};
+use crate::channel::{wire, Channel, ChannelEvent, Msg};
+use crate::reactor::{Base, Endpoint, Event, Interest, Listener};
+use crate::sock;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub workers: usize,
+    pub dir: PathBuf,
+    pub policy: Policy,
+    pub max_frame: usize,
+    pub grace: Duration,
+    /// The binary the workers run (`handoff worker ...`).
+    pub exe: PathBuf,
+    /// `-v`/`--log-level` passed on to workers.
+    pub log_args: Vec<String>,
+}
+
+/// One worker slot: its index is stable, its process is replaced.
+struct Slot {
+    index: usize,
+    child: Option<Child>,
+    channel: Option<Channel>,
+    /// Bumped at each spawn; events of an older channel are ignored.
+    incarnation: u64,
+    /// Connections handed to this slot, all incarnations.
+    handed: u64,
+    /// This incarnation: sent, and closed/served as the worker reports.
+    sent: u64,
+    closed: u64,
+    served: u64,
+    /// Served by earlier incarnations.
+    served_before: u64,
+    respawns: u64,
+    started: Instant,
+}
+
+impl Slot {
+    /// Open connections, counting those still in flight to the worker.
+    fn open(&self) -> u64 {
+        self.sent.saturating_sub(self.closed)
+    }
+
+    fn live(&self) -> bool {
+        self.channel.as_ref().is_some_and(Channel::is_open)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+}
+
+struct Master {
+    base: Base,
+    me: Weak<RefCell<Master>>,
+    cfg: Config,
+    port: u16,
+    listener: Option<Listener>,
+    /// The listening socket itself, for the shared policy's workers.
+    shared_fd: Option<OwnedFd>,
+    slots: Vec<Slot>,
+    next: usize,
+    /// Connections waiting for a live worker.
+    pending: VecDeque<Msg>,
+    control: Option<Listener>,
+    clients: HashMap<u64, Channel>,
+    next_client: u64,
+    signals: Vec<Event>,
+    grace_timer: Option<Event>,
+    stopping: bool,
+    started: SystemTime,
+}
+
+fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
+    if let Some(s) = w.upgrade() {
+        f(&mut s.borrow_mut());
+    }
+}
+
+pub fn run(cfg: Config) -> io::Result<()> {
+    if cfg.workers == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "--workers must be at least 1",
+        ));
+    }
+    crate::signals::ignore_sigpipe();
+    sock::raise_nofile()?;
+    sock::private_dir(&cfg.dir)?;
+    let ctl = control_path(&cfg.dir);
+    sock::claim_unix_path(&ctl)?;
+    let base = Base::new()?;
+    let addr = sock::resolve_v4(&cfg.host, cfg.port)?;
+    let listen_fd = sock::tcp_listen(addr)?;
+    let port = sock::local_addr(listen_fd.as_raw_fd())?.port();
+
+    let master = Rc::new_cyclic(|me| {
+        RefCell::new(Master {
+            base: base.clone(),
+            me: me.clone(),
+            cfg: cfg.clone(),
+            port,
+            listener: None,
+            shared_fd: None,
+            slots: Vec::new(),
+            next: 0,
+            pending: VecDeque::new(),
+            control: None,
+            clients: HashMap::new(),
+            next_client: 1,
+            signals: Vec::new(),
+            grace_timer: None,
+            stopping: false,
+            started: SystemTime::now(),
+        })
+    });
+    {
+        let mut m = master.borrow_mut();
+        if cfg.policy == Policy::Shared {
+            m.shared_fd = Some(listen_fd);
+        } else {
+            let w = Rc::downgrade(&master);
+            m.listener = Some(Listener::adopt(&base, listen_fd, move |fd| {
+                with(&w, |m| m.accept(fd))
+            })?);
+        }
+        let w = Rc::downgrade(&master);
+        m.control = Some(Listener::bind(
+            &base,
+            &Endpoint::Unix(ctl.clone()),
+            move |fd| with(&w, |m| m.accept_control(fd)),
+        )?);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGCHLD] {
+            let w = Rc::downgrade(&master);
+            let e = Event::new(&base, sig, Interest::Signal, move || {
+                with(&w, |m| m.on_signal(sig))
+            })?;
+            e.add(None)?;
+            m.signals.push(e);
+        }
+        for index in 0..cfg.workers {
+            m.slots.push(Slot {
+                index,
+                child: None,
+                channel: None,
+                incarnation: 0,
+                handed: 0,
+                sent: 0,
+                closed: 0,
+                served: 0,
+                served_before: 0,
+                respawns: 0,
+                started: Instant::now(),
+            });
+            m.spawn(index)?;
+        }
+    }
+    log::info!(
+        "cluster master pid {} on {}:{port}, {} worker(s), policy {}",
+        std::process::id(),
+        addr.ip(),
+        cfg.workers,
+        cfg.policy.name()
+    );
+    crate::signals::ready(&format!(
+        "ready port={port} workers={} dir={}",
+        cfg.workers,
+        cfg.dir.display()
+    ));
+    base.dispatch()?;
+    log::info!("cluster master stopped");
+    Ok(())
+}
+
+impl Master {
+    fn spawn(&mut self, index: usize) -> io::Result<()> {
+        let (mine, theirs) = sock::seqpacket_pair()?;
+        let mut cmd = Command::new(&self.cfg.exe);
+        cmd.args([
+            "worker",
+            "--index",
+            &index.to_string(),
+            "--max-frame",
+            &self.cfg.max_frame.to_string(),
+            "--channel-fd",
+            "3",
+        ]);
+        cmd.args(&self.cfg.log_args);
+        let raw = theirs.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe calls (dup2, fcntl) on descriptors it owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if raw == 3 {
+                    let flags = libc::fcntl(3, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(raw, 3) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("spawn worker {index}: {e}")))?;
+        drop(theirs);
+        let slot = &mut self.slots[index];
+        slot.incarnation += 1;
+        let inc = slot.incarnation;
+        let w = self.me.clone();
+        let channel = Channel::new(&self.base, mine, move |ev| {
+            with(&w, |m| m.on_worker(index, inc, ev))
+        })?;
+        log::info!("worker {index} started, pid {}", child.id());
+        slot.child = Some(child);
+        slot.channel = Some(channel);
+        slot.sent = 0;
+        slot.closed = 0;
+        slot.served = 0;
+        slot.started = Instant::now();
+        if let Some(fd) = &self.shared_fd {
+            let dup = fd.try_clone()?;
+            let msg = Msg {
+                kind: wire::KIND_LISTENER,
+                flags: 0,
+                id: 0,
+                body: Vec::new(),
+                fd: Some(dup),
+            };
+            let _ = self.slots[index].channel.as_ref().map(|c| c.send(msg));
+        }
+        let pending: Vec<Msg> = self.pending.drain(..).collect();
+        for m in pending {
+            self.dispatch(m);
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, fd: OwnedFd) {
+        let _ = sock::set_nodelay(fd.as_raw_fd());
+        self.dispatch(Msg::conn(fd, Vec::new(), 0));
+    }
+
+    /// Picks a live worker by policy.
+    fn pick(&mut self) -> Option<usize> {
+        let n = self.slots.len();
+        match self.cfg.policy {
+            Policy::LeastConn => self
+                .slots
+                .iter()
+                .filter(|s| s.live())
+                .min_by_key(|s| (s.open(), s.handed))
+                .map(|s| s.index),
+            _ => {
+                for k in 0..n {
+                    let i = (self.next + k) % n;
+                    if self.slots[i].live() {
+                        self.next = (i + 1) % n;
+                        return Some(i);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Hands a connection to a worker; keeps it pending if none is live.
+    fn dispatch(&mut self, mut msg: Msg) {
+        while let Some(i) = self.pick() {
+            let slot = &mut self.slots[i];
+            match slot
+                .channel
+                .as_ref()
+                .expect("live slot has a channel")
+                .send(msg)
+            {
+                Ok(()) => {
+                    slot.sent += 1;
+                    slot.handed += 1;
+                    return;
+                }
+                Err(back) => msg = back,
+            }
+        }
+        if self.stopping {
+            return; // dropping msg closes the connection
+        }
+        log::debug!("no live worker; connection waits");
+        self.pending.push_back(msg);
+    }
+
+    fn on_worker(&mut self, index: usize, inc: u64, ev: ChannelEvent) {
+        if self.slots[index].incarnation != inc {
+            if let ChannelEvent::Closed { returned, .. } = ev {
+                self.requeue(returned);
+            }
+            return;
+        }
+        match ev {
+            ChannelEvent::Msg(m) if m.kind == KIND_STATS => {
+                match serde_json::from_slice::<Value>(&m.body) {
+                    Ok(v) => {
+                        let slot = &mut self.slots[index];
+                        slot.closed = v["closed"].as_u64().unwrap_or(slot.closed);
+                        slot.served = v["served"].as_u64().unwrap_or(slot.served);
+                    }
+                    Err(e) => log::warn!("worker {index}: bad stats: {e}"),
+                }
+            }
+            ChannelEvent::Msg(m) => {
+                log::warn!("worker {index}: unexpected message kind {}", m.kind)
+            }
+            ChannelEvent::Closed { reason, returned } => {
+                let slot = &mut self.slots[index];
+                slot.channel = None;
+                if let Some(e) = reason {
+                    log::warn!(
+                        "worker {index}: channel failed: {e}; killing pid {}",
+                        slot.pid()
+                    );
+                    if let Some(c) = slot.child.as_mut() {
+                        let _ = c.kill();
+                    }
+                }
+                if !returned.is_empty() {
+                    log::warn!(
+                        "worker {index}: {} connection(s) not taken; handing them to others",
+                        returned.len()
+                    );
+                }
+                self.requeue(returned);
+            }
+        }
+    }
+
+    fn requeue(&mut self, msgs: Vec<Msg>) {
+        for mut m in msgs {
+            m.id = 0;
+            self.dispatch(m);
+        }
+    }
+
+    fn on_signal(&mut self, sig: i32) {
+        if sig == libc::SIGCHLD {
+            self.reap();
+        } else {
+            self.shutdown(sig);
+        }
+    }
+
+    fn reap(&mut self) {
+        for index in 0..self.slots.len() {
+            let slot = &mut self.slots[index];
+            let Some(child) = slot.child.as_mut() else {
+                continue;
+            };
+            let Ok(Some(status)) = child.try_wait() else {
+                continue;
+            };
+            let pid = child.id();
+            slot.child = None;
+            slot.served_before += slot.served;
+            slot.served = 0;
+            let returned = slot
+                .channel
+                .take()
+                .map(|c| c.shutdown())
+                .unwrap_or_default();
+            if self.stopping {
+                log::debug!("worker {index} (pid {pid}) exited: {status}");
+                continue;
+            }
+            log::warn!("worker {index} (pid {pid}) exited unexpectedly: {status}; respawning");
+            slot.respawns += 1;
+            self.requeue(returned);
+            if let Err(e) = self.spawn(index) {
+                log::error!("{e}");
+            }
+        }
+        if self.stopping && self.slots.iter().all(|s| s.child.is_none()) {
+            self.grace_timer = None;
+            self.signals.clear();
+            self.control = None;
+            self.clients.clear();
+            self.base.exit(None);
+        }
+    }
+
+    fn shutdown(&mut self, sig: i32) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        log::info!(
+            "signal {sig}: stopping; workers get {:?} to finish",
+            self.cfg.grace
+        );
+        self.listener = None;
+        self.shared_fd = None;
+        self.pending.clear();
+        for slot in &self.slots {
+            if let Some(c) = &slot.channel {
+                let _ = c.send(Msg::control(KIND_SHUTDOWN, Vec::new()));
+            }
+        }
+        let w = self.me.clone();
+        match Event::new(&self.base, -1, Interest::Timer, move || {
+            with(&w, |m| m.kill_stragglers())
+        }) {
+            Ok(t) => {
+                let _ = t.add(Some(self.cfg.grace));
+                self.grace_timer = Some(t);
+            }
+            Err(e) => log::error!("grace timer: {e}"),
+        }
+        self.reap();
+    }
+
+    fn kill_stragglers(&mut self) {
+        for slot in &mut self.slots {
+            if let Some(c) = slot.child.as_mut() {
+                log::warn!(
+                    "worker {} (pid {}) still running after {:?}; killing it",
+                    slot.index,
+                    c.id(),
+                    self.cfg.grace
+                );
+                let _ = c.kill();
+            }
+        }
+    }
+
+    fn accept_control(&mut self, fd: OwnedFd) {
+        match sock::peer_cred(fd.as_raw_fd()) {
+            Ok((_, uid)) if uid == sock::euid() => {}
+            Ok((pid, uid)) => {
+                log::warn!("control socket: refused pid {pid} uid {uid}: not our uid");
+                return;
+            }
+            Err(e) => {
+                log::warn!("control socket: {e}");
+                return;
+            }
+        }
+        let id = self.next_client;
+        self.next_client += 1;
+        let w = self.me.clone();
+        match Channel::new(&self.base, fd, move |ev| with(&w, |m| m.on_control(id, ev))) {
+            Ok(c) => {
+                self.clients.insert(id, c);
+            }
+            Err(e) => log::warn!("control socket: {e}"),
+        }
+    }
+
+    fn on_control(&mut self, id: u64, ev: ChannelEvent) {
+        match ev {
+            ChannelEvent::Msg(m) if m.kind == KIND_STATUS_REQ => {
+                let body = self.status().to_string().into_bytes();
+                if let Some(c) = self.clients.get(&id) {
+                    let _ = c.send(Msg::control(KIND_STATUS_REPLY, body));
+                }
+            }
+            ChannelEvent::Msg(m) => {
+                log::warn!(
+                    "control socket: unexpected message kind {}; closing",
+                    m.kind
+                );
+                self.clients.remove(&id);
+            }
+            ChannelEvent::Closed { .. } => {
+                self.clients.remove(&id);
+            }
+        }
+    }
+
+    fn status(&self) -> Value {
+        let started = self
+            .started
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let workers: Vec<Value> = self
+            .slots
+            .iter()
+            .map(|s| {
+                json!({
+                    "worker": s.index,
+                    "pid": s.pid(),
+                    "handed": s.handed,
+                    "open": s.open(),
+                    "served": s.served_before + s.served,
+                    "respawns": s.respawns,
+                    "up_secs": s.started.elapsed().as_secs(),
+                })
+            })
+            .collect();
+        json!({
+            "mode": "cluster",
+            "pid": std::process::id(),
+            "port": self.port,
+            "policy": self.cfg.policy.name(),
+            "started": started,
+            "pending": self.pending.len(),
+            "workers": workers,
+        })
+    }
+}

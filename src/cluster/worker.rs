@@ -1,0 +1,342 @@
+//! A cluster worker: takes connections from the master's channel (or
+//! accepts on the shared listener) and answers the rpc protocol.
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use super::{KIND_SHUTDOWN, KIND_STATS};
+use crate::channel::{wire, Channel, ChannelEvent, Msg};
+use crate::proto::rpc::{self, Frame};
+use crate::reactor::{Base, Conn, ConnEvent, Event, Interest, Listener};
+use crate::sock;
+
+/// Pause reading a connection while this much output is unsent.
+const OUTPUT_LIMIT: usize = 1 << 20;
+
+#[derive(Debug)]
+pub struct Config {
+    pub index: usize,
+    pub max_frame: usize,
+    /// The worker's end of the master socketpair.
+    pub channel: OwnedFd,
+}
+
+struct Slot {
+    conn: Conn,
+    eof: bool,
+    closing: bool,
+    throttled: bool,
+}
+
+struct Worker {
+    base: Base,
+    me: Weak<RefCell<Worker>>,
+    index: usize,
+    max_frame: usize,
+    identity: Map<String, Value>,
+    master: Channel,
+    conns: HashMap<u64, Slot>,
+    next_id: u64,
+    listener: Option<Listener>,
+    stats_timer: Option<Event>,
+    stopping: bool,
+    served: u64,
+    closed: u64,
+    signals: Vec<Event>,
+}
+
+fn with(w: &Weak<RefCell<Worker>>, f: impl FnOnce(&mut Worker)) {
+    if let Some(s) = w.upgrade() {
+        f(&mut s.borrow_mut());
+    }
+}
+
+pub fn run(cfg: Config) -> io::Result<()> {
+    crate::signals::ignore_sigpipe();
+    crate::signals::die_with_parent()?;
+    sock::raise_nofile()?;
+    let base = Base::new()?;
+    let index = cfg.index;
+    let identity = json!({"worker": index, "pid": std::process::id()})
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let worker = Rc::new_cyclic(|me: &Weak<RefCell<Worker>>| {
+        let w = me.clone();
+        let master = Channel::new(&base, cfg.channel, move |ev| with(&w, |s| s.on_master(ev)))
+            .expect("channel on the master socket");
+        RefCell::new(Worker {
+            base: base.clone(),
+            me: me.clone(),
+            index,
+            max_frame: cfg.max_frame,
+            identity,
+            master,
+            conns: HashMap::new(),
+            next_id: 1,
+            listener: None,
+            stats_timer: None,
+            stopping: false,
+            served: 0,
+            closed: 0,
+            signals: Vec::new(),
+        })
+    });
+    {
+        let mut w = worker.borrow_mut();
+        let wk = Rc::downgrade(&worker);
+        w.stats_timer = Some(Event::new(&base, -1, Interest::Timer, move || {
+            with(&wk, |s| s.send_stats())
+        })?);
+        // SIGTERM from outside acts like the master's SHUTDOWN; SIGINT (a
+        // terminal's ^C reaching the whole group) is left to the master.
+        let wk = Rc::downgrade(&worker);
+        let e = Event::new(&base, libc::SIGTERM, Interest::Signal, move || {
+            with(&wk, |s| s.begin_shutdown())
+        })?;
+        e.add(None)?;
+        w.signals.push(e);
+        let e = Event::new(&base, libc::SIGINT, Interest::Signal, || {})?;
+        e.add(None)?;
+        w.signals.push(e);
+    }
+    log::debug!("worker {index} (pid {}) up", std::process::id());
+    base.dispatch()?;
+    log::debug!("worker {index} exits");
+    Ok(())
+}
+
+impl Worker {
+    fn on_master(&mut self, ev: ChannelEvent) {
+        match ev {
+            ChannelEvent::Msg(m) => match m.kind {
+                wire::KIND_CONN => {
+                    let fd = m.fd.expect("channel checks CONN carries a descriptor");
+                    self.adopt(fd, &m.body);
+                }
+                wire::KIND_LISTENER => {
+                    self.share_listener(m.fd.expect("channel checks LISTENER carries a descriptor"))
+                }
+                KIND_SHUTDOWN => self.begin_shutdown(),
+                k => log::warn!(
+                    "worker {}: unexpected message kind {k} from master",
+                    self.index
+                ),
+            },
+            ChannelEvent::Closed { reason, .. } => {
+                log::info!(
+                    "worker {}: master channel closed ({}); exiting",
+                    self.index,
+                    reason.map_or("EOF".into(), |e| e.to_string())
+                );
+                self.conns.clear();
+                self.quit();
+            }
+        }
+    }
+
+    fn share_listener(&mut self, fd: OwnedFd) {
+        let w = self.me.clone();
+        match Listener::adopt(&self.base, fd, move |c| {
+            with(&w, |s| {
+                let _ = sock::set_nodelay(c.as_raw_fd());
+                s.adopt(c, &[]);
+            })
+        }) {
+            Ok(l) => self.listener = Some(l),
+            Err(e) => log::error!("worker {}: shared listener: {e}", self.index),
+        }
+    }
+
+    fn adopt(&mut self, fd: OwnedFd, leftover: &[u8]) {
+        if self.stopping {
+            // The master stopped sending before SHUTDOWN; nothing should come.
+            log::warn!(
+                "worker {}: connection arrived while stopping; closing it",
+                self.index
+            );
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let w = self.me.clone();
+        let read_limit = self.max_frame + 4 + 64 * 1024;
+        match Conn::adopt(
+            &self.base,
+            fd,
+            leftover,
+            read_limit,
+            Rc::new(move |ev| with(&w, |s| s.on_conn(id, ev))),
+        ) {
+            Ok(conn) => {
+                self.conns.insert(
+                    id,
+                    Slot {
+                        conn,
+                        eof: false,
+                        closing: false,
+                        throttled: false,
+                    },
+                );
+                self.stats_changed();
+                self.serve(id);
+            }
+            Err(e) => log::error!("worker {}: cannot adopt connection: {e}", self.index),
+        }
+    }
+
+    fn on_conn(&mut self, id: u64, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Read => self.serve(id),
+            ConnEvent::Drained => {
+                let Some(slot) = self.conns.get_mut(&id) else {
+                    return;
+                };
+                if slot.closing {
+                    self.close(id);
+                } else if slot.throttled {
+                    slot.throttled = false;
+                    slot.conn.resume_reading();
+                    self.serve(id);
+                }
+            }
+            ConnEvent::Eof => {
+                if let Some(slot) = self.conns.get_mut(&id) {
+                    slot.eof = true;
+                    self.serve(id);
+                }
+            }
+            ConnEvent::Error(errno) => {
+                log::debug!(
+                    "worker {}: connection {id}: {}",
+                    self.index,
+                    io::Error::from_raw_os_error(errno)
+                );
+                self.close(id);
+            }
+            ConnEvent::Timeout => {}
+        }
+    }
+
+    /// Answers every complete request in the input, in order.
+    fn serve(&mut self, id: u64) {
+        let Some(slot) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if slot.closing {
+            return;
+        }
+        loop {
+            let avail = slot.conn.input_len();
+            match rpc::frame(slot.conn.peek(avail.min(4)), avail, self.max_frame) {
+                Frame::Complete { body } => {
+                    let reply = rpc::answer(&slot.conn.peek(4 + body)[4..], &self.identity);
+                    slot.conn.consume(4 + body);
+                    slot.conn.write(&rpc::encode(&reply));
+                    self.served += 1;
+                    if slot.conn.output_len() > OUTPUT_LIMIT {
+                        slot.throttled = true;
+                        slot.conn.pause_reading();
+                        break;
+                    }
+                }
+                Frame::TooLarge { len } => {
+                    log::info!("worker {}: connection {id}: frame of {len} bytes exceeds --max-frame {}; closing", self.index, self.max_frame);
+                    self.close(id);
+                    return;
+                }
+                Frame::Incomplete => {
+                    if slot.eof {
+                        if avail > 0 {
+                            log::info!("worker {}: connection {id}: truncated frame ({avail} bytes) before EOF; closing", self.index);
+                        }
+                        self.close_when_flushed(id);
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+        if self.stopping {
+            self.close_when_flushed(id);
+        }
+        self.stats_changed();
+    }
+
+    fn close_when_flushed(&mut self, id: u64) {
+        let Some(slot) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if slot.conn.output_len() == 0 {
+            self.close(id);
+        } else {
+            slot.closing = true;
+        }
+    }
+
+    fn close(&mut self, id: u64) {
+        if self.conns.remove(&id).is_some() {
+            self.closed += 1;
+            self.stats_changed();
+        }
+        if self.stopping && self.conns.is_empty() {
+            self.quit();
+        }
+    }
+
+    /// Stats go to the master once per loop round at most.
+    fn stats_changed(&mut self) {
+        if let Some(t) = &self.stats_timer {
+            if !t.pending() {
+                let _ = t.add(Some(Duration::ZERO));
+            }
+        }
+    }
+
+    fn send_stats(&mut self) {
+        let body = json!({"open": self.conns.len(), "served": self.served, "closed": self.closed});
+        let _ = self
+            .master
+            .send(Msg::control(KIND_STATS, body.to_string().into_bytes()));
+    }
+
+    /// Stops taking connections, finishes the requests it has (a
+    /// connection with no partial request buffered closes at once), exits
+    /// when it owns none.
+    fn begin_shutdown(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        self.listener = None;
+        log::debug!(
+            "worker {}: shutting down with {} open connection(s)",
+            self.index,
+            self.conns.len()
+        );
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            let idle = self.conns.get(&id).is_some_and(|s| s.conn.input_len() == 0);
+            if idle {
+                self.close_when_flushed(id);
+            }
+        }
+        if self.conns.is_empty() {
+            self.quit();
+        }
+    }
+
+    fn quit(&mut self) {
+        self.send_stats();
+        self.signals.clear();
+        self.stats_timer = None;
+        self.listener = None;
+        // Let the channel flush the last stats, then leave.
+        self.base.exit(Some(Duration::from_millis(10)));
+    }
+}

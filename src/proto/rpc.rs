@@ -1,0 +1,140 @@
+//! Cluster mode's framing (seed 001): u32 little-endian length, then that
+//! many bytes of JSON.
+//!
+//! ```text
+//! {"in":"ping","params":X}  -> {"out":"pong","result":X}
+//! {"in":"whoami"}           -> {"out":"whoami","result":{"worker":I,"pid":N,...}}
+//! anything else             -> {"out":"error","result":"<reason>"}
+//! ```
+use serde_json::{json, Map, Value};
+
+/// Default `--max-frame`.
+pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
+
+/// What is at the front of an input buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// Not enough bytes yet.
+    Incomplete,
+    /// A whole frame: `4 + body` bytes; the body starts at offset 4.
+    Complete { body: usize },
+    /// The announced length exceeds the limit: close the connection.
+    TooLarge { len: usize },
+}
+
+/// Looks at the front of `buf` (at least its first 4 bytes, when present)
+/// knowing `avail` bytes are buffered in all.
+pub fn frame(head: &[u8], avail: usize, max: usize) -> Frame {
+    if head.len() < 4 {
+        return Frame::Incomplete;
+    }
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len > max {
+        Frame::TooLarge { len }
+    } else if avail >= 4 + len {
+        Frame::Complete { body: len }
+    } else {
+        Frame::Incomplete
+    }
+}
+
+/// Encodes a JSON value as one frame.
+pub fn encode(v: &Value) -> Vec<u8> {
+    let body = serde_json::to_vec(v).expect("a Value always serialises");
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Answers one request body. `identity` is the whoami result (an object).
+pub fn answer(body: &[u8], identity: &Map<String, Value>) -> Value {
+    match handle(body, identity) {
+        Ok(v) => v,
+        Err(reason) => json!({"out": "error", "result": reason}),
+    }
+}
+
+fn handle(body: &[u8], identity: &Map<String, Value>) -> Result<Value, String> {
+    let req: Value = serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))?;
+    let obj = req.as_object().ok_or("request is not a JSON object")?;
+    match obj.get("in").ok_or("missing \"in\"")? {
+        Value::String(s) if s == "ping" => {
+            let x = obj.get("params").ok_or("ping: missing \"params\"")?;
+            Ok(json!({"out": "pong", "result": x}))
+        }
+        Value::String(s) if s == "whoami" => Ok(json!({"out": "whoami", "result": identity})),
+        Value::String(s) => Err(format!("unknown \"in\": {s:?}")),
+        _ => Err("\"in\" is not a string".into()),
+    }
+}
+
+/// Parses a request the way [`answer`] does, for the modes that add
+/// their own requests: `(in, object)` or an error reason.
+pub fn parse(body: &[u8]) -> Result<(String, Map<String, Value>), String> {
+    let req: Value = serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))?;
+    let Value::Object(obj) = req else {
+        return Err("request is not a JSON object".into());
+    };
+    match obj.get("in") {
+        Some(Value::String(s)) => Ok((s.clone(), obj)),
+        Some(_) => Err("\"in\" is not a string".into()),
+        None => Err("missing \"in\"".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> Map<String, Value> {
+        json!({"worker": 1, "pid": 42}).as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn frames() {
+        let f = encode(&json!({"a": 1}));
+        assert_eq!(
+            frame(&f, f.len(), 100),
+            Frame::Complete { body: f.len() - 4 }
+        );
+        assert_eq!(frame(&f[..3], 3, 100), Frame::Incomplete);
+        assert_eq!(frame(&f, f.len() - 1, 100), Frame::Incomplete);
+        assert_eq!(frame(&f, f.len(), 4), Frame::TooLarge { len: f.len() - 4 });
+    }
+
+    #[test]
+    fn ping_echoes_any_value_exactly() {
+        for x in [
+            json!(null),
+            json!(0),
+            json!(-1.5),
+            json!("ü"),
+            json!([1, [2, {}]]),
+            json!({"k": {"z": [true]}}),
+        ] {
+            let req = serde_json::to_vec(&json!({"in": "ping", "params": x})).unwrap();
+            assert_eq!(answer(&req, &id()), json!({"out": "pong", "result": x}));
+        }
+    }
+
+    #[test]
+    fn whoami_and_errors() {
+        assert_eq!(
+            answer(br#"{"in":"whoami"}"#, &id()),
+            json!({"out":"whoami","result":{"worker":1,"pid":42}})
+        );
+        for bad in [
+            &b"{"[..],
+            b"[]",
+            br#"{"in":"dance"}"#,
+            br#"{"params":1}"#,
+            br#"{"in":"ping"}"#,
+            br#"{"in":5}"#,
+        ] {
+            let v = answer(bad, &id());
+            assert_eq!(v["out"], "error", "{}", String::from_utf8_lossy(bad));
+            assert!(v["result"].is_string());
+        }
+    }
+}
