@@ -20,9 +20,7 @@ fn main() {
         .allowlist_function("fdpass_.*")
         .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
         .generate()
-        .unwrap_or_else(|e| {
-            panic!("bindgen failed on csrc/fdpass.h ({e}); install libclang-dev (make deps)")
-        })
+        .unwrap_or_else(|e| panic!("bindgen failed on csrc/fdpass.h ({e}); install libclang-dev (make deps)"))
         .write_to_file(out.join("fdpass.rs"))
         .expect("write fdpass bindings");
 }

@@ -12,14 +12,7 @@ pub fn send(sock: BorrowedFd<'_>, fd: Option<BorrowedFd<'_>>, payload: &[u8]) ->
     let raw = fd.map_or(-1, |f| f.as_raw_fd());
     // SAFETY: sock and fd are live descriptors for the duration of the
     // call; payload is a live slice of the given length.
-    let n = unsafe {
-        sys::fdpass_send(
-            sock.as_raw_fd(),
-            raw,
-            payload.as_ptr() as *const _,
-            payload.len(),
-        )
-    };
+    let n = unsafe { sys::fdpass_send(sock.as_raw_fd(), raw, payload.as_ptr() as *const _, payload.len()) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -42,24 +35,14 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     let mut fd: libc::c_int = -1;
     // SAFETY: buf is a live writable slice of the given length; fd is a
     // live out-parameter.
-    let n = unsafe {
-        sys::fdpass_recv(
-            sock.as_raw_fd(),
-            &mut fd,
-            buf.as_mut_ptr() as *mut _,
-            buf.len(),
-        )
-    };
+    let n = unsafe { sys::fdpass_recv(sock.as_raw_fd(), &mut fd, buf.as_mut_ptr() as *mut _, buf.len()) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a non-negative fd was just installed in our table by recvmsg
     // and belongs to nobody else.
     let fd = (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) });
-    Ok(Received {
-        len: n as usize,
-        fd,
-    })
+    Ok(Received { len: n as usize, fd })
 }
 
 #[cfg(test)]

@@ -9,11 +9,7 @@ use log::LevelFilter;
 use handoff::{client, cluster, pair};
 
 #[derive(Parser)]
-#[command(
-    name = "handoff",
-    version,
-    about = "Move live TCP connections between processes (SCM_RIGHTS)"
-)]
+#[command(name = "handoff", version, about = "Move live TCP connections between processes (SCM_RIGHTS)")]
 struct Cli {
     /// More log output (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -168,22 +164,18 @@ fn main() -> ExitCode {
         None => (0..cli.verbose).map(|_| "-v".to_string()).collect(),
     };
     let result = match cli.cmd {
-        Cmd::Server(a) => pair::server::run(&pair::server::Config {
-            host: a.host,
-            port: a.port,
-            peer_port: a.peer_port,
-            dir: a.dir,
-        }),
-        Cmd::Pair(a) => std::env::current_exe()
-            .and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args)),
+        Cmd::Server(a) => {
+            pair::server::run(&pair::server::Config { host: a.host, port: a.port, peer_port: a.peer_port, dir: a.dir })
+        }
+        Cmd::Pair(a) => {
+            std::env::current_exe().and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args))
+        }
         Cmd::Client(c) => return run_client(c),
         Cmd::Cluster(a) => std::env::current_exe().and_then(|exe| {
             cluster::master::run(cluster::master::Config {
                 host: a.host,
                 port: a.port,
-                workers: a
-                    .workers
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                workers: a.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
                 dir: a.dir,
                 policy: a.policy,
                 max_frame: a.max_frame,
@@ -192,21 +184,15 @@ fn main() -> ExitCode {
                 log_args,
             })
         }),
-        Cmd::Status(a) => {
-            cluster::status::fetch(&a.dir, std::time::Duration::from_secs(3)).map(|v| {
-                if a.json {
-                    println!("{v}");
-                } else {
-                    print!("{}", cluster::status::render(&v));
-                }
-            })
-        }
+        Cmd::Status(a) => cluster::status::fetch(&a.dir, std::time::Duration::from_secs(3)).map(|v| {
+            if a.json {
+                println!("{v}");
+            } else {
+                print!("{}", cluster::status::render(&v));
+            }
+        }),
         Cmd::Worker(a) => inherited_fd(a.channel_fd).and_then(|channel| {
-            cluster::worker::run(cluster::worker::Config {
-                index: a.index,
-                max_frame: a.max_frame,
-                channel,
-            })
+            cluster::worker::run(cluster::worker::Config { index: a.index, max_frame: a.max_frame, channel })
         }),
     };
     match result {
@@ -251,9 +237,7 @@ fn inherited_fd(fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     // SAFETY: fcntl(F_GETFD) only checks that the descriptor is open.
     if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(std::io::Error::other(format!(
-            "--channel-fd {fd} is not an inherited descriptor"
-        )));
+        return Err(std::io::Error::other(format!("--channel-fd {fd} is not an inherited descriptor")));
     }
     // SAFETY: the master set this descriptor up for us alone; nothing else
     // in this process refers to it.

@@ -19,23 +19,13 @@ impl RequestLog {
             .append(true)
             .open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", path.display())))?;
-        Ok(RequestLog {
-            out: BufWriter::with_capacity(64 * 1024, f),
-            dirty: false,
-        })
+        Ok(RequestLog { out: BufWriter::with_capacity(64 * 1024, f), dirty: false })
     }
 
     pub fn record(&mut self, client: Option<SocketAddrV4>, len: usize) {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let r = match client {
-            Some(a) => writeln!(
-                self.out,
-                "{}.{:06} {a} {len}",
-                t.as_secs(),
-                t.subsec_micros()
-            ),
+            Some(a) => writeln!(self.out, "{}.{:06} {a} {len}", t.as_secs(), t.subsec_micros()),
             None => writeln!(self.out, "{}.{:06} - {len}", t.as_secs(), t.subsec_micros()),
         };
         if let Err(e) = r {

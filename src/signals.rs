@@ -20,15 +20,7 @@ pub fn ready(line: &str) {
 /// noticed through the EOF on the worker's channel.)
 pub fn die_with_parent() -> std::io::Result<()> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's settings.
-    let rc = unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }

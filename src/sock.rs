@@ -21,21 +21,12 @@ fn cvt(rc: libc::c_int, what: &str) -> io::Result<libc::c_int> {
 
 fn socket(domain: libc::c_int, ty: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; a non-negative result is a fresh descriptor we own.
-    let fd = cvt(
-        unsafe { libc::socket(domain, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) },
-        "socket",
-    )?;
+    let fd = cvt(unsafe { libc::socket(domain, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) }, "socket")?;
     // SAFETY: fd was just returned by socket() and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    opt: libc::c_int,
-    val: libc::c_int,
-    what: &str,
-) -> io::Result<()> {
+fn setsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, val: libc::c_int, what: &str) -> io::Result<()> {
     // SAFETY: val lives across the call; the length matches its type.
     cvt(
         unsafe {
@@ -67,10 +58,7 @@ fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> 
     sa.sun_family = libc::AF_UNIX as _;
     let bytes = path.as_os_str().as_bytes();
     if bytes.len() >= sa.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("socket path too long: {}", path.display()),
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("socket path too long: {}", path.display())));
     }
     for (d, s) in sa.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
@@ -90,34 +78,17 @@ pub fn resolve_v4(host: &str, port: u16) -> io::Result<SocketAddrV4> {
             SocketAddr::V4(v4) => Some(v4),
             _ => None,
         })
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("no IPv4 address for {host}"),
-            )
-        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no IPv4 address for {host}")))
 }
 
 /// A non-blocking TCP listener on `addr` (SO_REUSEADDR, backlog 4096).
 pub fn tcp_listen(addr: SocketAddrV4) -> io::Result<OwnedFd> {
     let fd = socket(libc::AF_INET, libc::SOCK_STREAM)?;
-    setsockopt_int(
-        fd.as_raw_fd(),
-        libc::SOL_SOCKET,
-        libc::SO_REUSEADDR,
-        1,
-        "setsockopt SO_REUSEADDR",
-    )?;
+    setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "setsockopt SO_REUSEADDR")?;
     let sa = sockaddr_in(addr);
     // SAFETY: sa is a valid sockaddr_in of the given length.
     cvt(
-        unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sa as *const _ as *const libc::sockaddr,
-                mem::size_of_val(&sa) as _,
-            )
-        },
+        unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, mem::size_of_val(&sa) as _) },
         &format!("bind {addr}"),
     )?;
     // SAFETY: plain syscall on a descriptor we own.
@@ -131,13 +102,8 @@ pub fn tcp_connect(addr: SocketAddrV4) -> io::Result<OwnedFd> {
     let fd = socket(libc::AF_INET, libc::SOCK_STREAM)?;
     let sa = sockaddr_in(addr);
     // SAFETY: sa is a valid sockaddr_in of the given length.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            &sa as *const _ as *const libc::sockaddr,
-            mem::size_of_val(&sa) as _,
-        )
-    };
+    let rc =
+        unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, mem::size_of_val(&sa) as _) };
     if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
         cvt(rc, &format!("connect {addr}"))?;
     }
@@ -146,13 +112,7 @@ pub fn tcp_connect(addr: SocketAddrV4) -> io::Result<OwnedFd> {
 }
 
 pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
-    setsockopt_int(
-        fd,
-        libc::IPPROTO_TCP,
-        libc::TCP_NODELAY,
-        1,
-        "setsockopt TCP_NODELAY",
-    )
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1, "setsockopt TCP_NODELAY")
 }
 
 /// The local address a socket is bound to (for `--port 0`).
@@ -161,14 +121,8 @@ pub fn local_addr(fd: RawFd) -> io::Result<SocketAddrV4> {
     let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
     let mut len = mem::size_of_val(&sa) as libc::socklen_t;
     // SAFETY: sa/len are live out-parameters of the right size.
-    cvt(
-        unsafe { libc::getsockname(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) },
-        "getsockname",
-    )?;
-    Ok(SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
-        u16::from_be(sa.sin_port),
-    ))
+    cvt(unsafe { libc::getsockname(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) }, "getsockname")?;
+    Ok(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port)))
 }
 
 /// The remote address of a TCP socket, if it has one.
@@ -178,12 +132,8 @@ pub fn peer_addr(fd: RawFd) -> Option<SocketAddrV4> {
     let mut len = mem::size_of_val(&sa) as libc::socklen_t;
     // SAFETY: sa/len are live out-parameters of the right size.
     let rc = unsafe { libc::getpeername(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) };
-    (rc == 0 && sa.sin_family == libc::AF_INET as libc::sa_family_t).then(|| {
-        SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
-            u16::from_be(sa.sin_port),
-        )
-    })
+    (rc == 0 && sa.sin_family == libc::AF_INET as libc::sa_family_t)
+        .then(|| SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port)))
 }
 
 /// A non-blocking SOCK_SEQPACKET listener bound to `path`.
@@ -192,13 +142,7 @@ pub fn unix_listen(path: &Path) -> io::Result<OwnedFd> {
     let (sa, len) = sockaddr_un(path)?;
     // SAFETY: sa is a valid sockaddr_un of length len.
     cvt(
-        unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sa as *const _ as *const libc::sockaddr,
-                len,
-            )
-        },
+        unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) },
         &format!("bind {}", path.display()),
     )?;
     // SAFETY: plain syscall on a descriptor we own.
@@ -212,13 +156,7 @@ pub fn unix_connect(path: &Path) -> io::Result<OwnedFd> {
     let (sa, len) = sockaddr_un(path)?;
     // SAFETY: sa is a valid sockaddr_un of length len.
     cvt(
-        unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                &sa as *const _ as *const libc::sockaddr,
-                len,
-            )
-        },
+        unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) },
         &format!("connect {}", path.display()),
     )?;
     Ok(fd)
@@ -248,12 +186,7 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 pub fn accept(fd: RawFd) -> io::Result<Option<OwnedFd>> {
     // SAFETY: null address pointers are allowed by accept4.
     let rc = unsafe {
-        libc::accept4(
-            fd,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-        )
+        libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
     };
     if rc < 0 {
         let e = io::Error::last_os_error();
@@ -293,21 +226,16 @@ pub fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// Shuts down the write half (sends FIN) of a socket.
-pub fn shutdown_write(fd: RawFd) {
-    // SAFETY: plain syscall; failure (already closed peer) is harmless here.
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+/// Shuts a socket down both ways now: the peer sees the close even while
+/// another process still holds a descriptor to the same socket.
+pub fn shutdown_both(fd: RawFd) {
+    // SAFETY: plain syscall; failure (peer already gone) is harmless here.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }
 
 /// Sets SO_SNDBUF (best effort; the kernel caps it).
 pub fn set_sndbuf(fd: RawFd, bytes: i32) {
-    let _ = setsockopt_int(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_SNDBUF,
-        bytes,
-        "setsockopt SO_SNDBUF",
-    );
+    let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes, "setsockopt SO_SNDBUF");
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new limit.
@@ -315,17 +243,11 @@ pub fn raise_nofile() -> io::Result<u64> {
     // SAFETY: rlimit is plain old data, filled by getrlimit.
     let mut lim: libc::rlimit = unsafe { mem::zeroed() };
     // SAFETY: lim is a live out-parameter.
-    cvt(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) },
-        "getrlimit",
-    )?;
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, "getrlimit")?;
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: lim is a valid rlimit.
-        cvt(
-            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) },
-            "setrlimit",
-        )?;
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, "setrlimit")?;
     }
     Ok(lim.rlim_cur as u64)
 }
@@ -333,25 +255,13 @@ pub fn raise_nofile() -> io::Result<u64> {
 /// `mkdir -m 0700` unless it exists; refuses a directory others can enter.
 pub fn private_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    match std::fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(dir)
-    {
+    match std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir) {
         Ok(()) => {}
-        Err(e) => {
-            return Err(io::Error::new(
-                e.kind(),
-                format!("mkdir {}: {e}", dir.display()),
-            ))
-        }
+        Err(e) => return Err(io::Error::new(e.kind(), format!("mkdir {}: {e}", dir.display()))),
     }
     let md = std::fs::metadata(dir)?;
     if md.uid() != euid() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("{} is not owned by us", dir.display()),
-        ));
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{} is not owned by us", dir.display())));
     }
     if md.mode() & 0o077 != 0 {
         let c = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
@@ -368,14 +278,12 @@ pub fn claim_unix_path(path: &Path) -> io::Result<()> {
         return Ok(());
     }
     match unix_connect(path) {
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!("{} is owned by a live process", path.display()),
-        )),
+        Ok(_) => {
+            Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is owned by a live process", path.display())))
+        }
         Err(_) => {
             log::info!("removing stale {}", path.display());
-            std::fs::remove_file(path)
-                .map_err(|e| io::Error::new(e.kind(), format!("remove {}: {e}", path.display())))
+            std::fs::remove_file(path).map_err(|e| io::Error::new(e.kind(), format!("remove {}: {e}", path.display())))
         }
     }
 }
@@ -383,11 +291,7 @@ pub fn claim_unix_path(path: &Path) -> io::Result<()> {
 /// Waits until `fd` is readable or `timeout` passes (for blocking-style
 /// tools such as `handoff status`).
 pub fn wait_readable(fd: &impl AsRawFd, timeout: std::time::Duration) -> io::Result<()> {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
     // SAFETY: p is one live pollfd.
     let n = cvt(unsafe { libc::poll(&mut p, 1, ms) }, "poll")?;
@@ -395,4 +299,22 @@ pub fn wait_readable(fd: &impl AsRawFd, timeout: std::time::Duration) -> io::Res
         return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
     }
     Ok(())
+}
+
+/// One non-blocking `send` (no SIGPIPE). `Ok(0)` when the socket buffer
+/// is full.
+pub fn send_now(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: data is a live slice of the given length.
+        let n = unsafe { libc::send(fd, data.as_ptr() as *const libc::c_void, data.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return Ok(0),
+            _ => return Err(e),
+        }
+    }
 }

@@ -39,24 +39,12 @@ pub struct Msg {
 impl Msg {
     /// A connection handoff: its descriptor plus the bytes already read.
     pub fn conn(fd: OwnedFd, leftover: Vec<u8>, flags: u32) -> Msg {
-        Msg {
-            kind: KIND_CONN,
-            flags,
-            id: 0,
-            body: leftover,
-            fd: Some(fd),
-        }
+        Msg { kind: KIND_CONN, flags, id: 0, body: leftover, fd: Some(fd) }
     }
 
     /// A mode-defined control message (kind >= `wire::KIND_USER`).
     pub fn control(kind: u16, body: Vec<u8>) -> Msg {
-        Msg {
-            kind,
-            flags: 0,
-            id: 0,
-            body,
-            fd: None,
-        }
+        Msg { kind, flags: 0, id: 0, body, fd: None }
     }
 }
 
@@ -68,10 +56,7 @@ pub enum ChannelEvent {
     /// The channel is gone (`reason` is `None` on a clean EOF). `returned`
     /// holds every connection sent on it that the peer never took: the
     /// owner serves them again.
-    Closed {
-        reason: Option<io::Error>,
-        returned: Vec<Msg>,
-    },
+    Closed { reason: Option<io::Error>, returned: Vec<Msg> },
 }
 
 /// Counters for status reports.
@@ -110,11 +95,7 @@ const READ_BATCH: usize = 64;
 
 impl Channel {
     /// Drives `sock` (a connected, non-blocking SOCK_SEQPACKET socket).
-    pub fn new(
-        base: &Base,
-        sock: OwnedFd,
-        handler: impl Fn(ChannelEvent) + 'static,
-    ) -> io::Result<Channel> {
+    pub fn new(base: &Base, sock: OwnedFd, handler: impl Fn(ChannelEvent) + 'static) -> io::Result<Channel> {
         crate::sock::set_sndbuf(sock.as_raw_fd(), 1 << 20);
         let raw = sock.as_raw_fd();
         let inner = Rc::new(RefCell::new(Inner {
@@ -146,9 +127,10 @@ impl Channel {
         Ok(Channel(inner))
     }
 
-    /// Sends (or queues) a message. `Err(msg)` gives it straight back when
-    /// the channel is already broken; the caller still owns it.
-    pub fn send(&self, mut msg: Msg) -> Result<(), Msg> {
+    /// Sends (or queues) a message. Returns the id given to a CONN (the
+    /// one the receiver sees; 0 for other kinds). `Err(msg)` gives the
+    /// message straight back when the channel is already broken.
+    pub fn send(&self, mut msg: Msg) -> Result<u64, Msg> {
         let mut i = self.0.borrow_mut();
         if i.sock.is_none() || i.failure.is_some() {
             return Err(msg);
@@ -157,19 +139,20 @@ impl Channel {
             msg.id = i.next_id;
             i.next_id += 1;
         }
+        let id = msg.id;
         if !i.queue.is_empty() {
             i.queue.push_back(msg);
-            return Ok(());
+            return Ok(id);
         }
         match i.try_send(&msg) {
             Ok(()) => {
                 i.sent(msg);
-                Ok(())
+                Ok(id)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 i.queue.push_back(msg);
                 i.arm_write();
-                Ok(())
+                Ok(id)
             }
             Err(e) => {
                 i.fail(Some(e));
@@ -205,14 +188,8 @@ impl Inner {
     fn try_send(&self, msg: &Msg) -> io::Result<()> {
         let sock = self.sock.as_ref().expect("open channel has a socket");
         let mut out = Vec::with_capacity(HEADER_LEN + msg.body.len());
-        Header {
-            version: VERSION,
-            kind: msg.kind,
-            flags: msg.flags,
-            body_len: msg.body.len() as u32,
-            id: msg.id,
-        }
-        .encode(&mut out);
+        Header { version: VERSION, kind: msg.kind, flags: msg.flags, body_len: msg.body.len() as u32, id: msg.id }
+            .encode(&mut out);
         out.extend_from_slice(&msg.body);
         fdpass::send(sock.as_fd(), msg.fd.as_ref().map(|f| f.as_fd()), &out).map(drop)
     }
@@ -315,11 +292,7 @@ fn on_readable(w: &Weak<RefCell<Inner>>) {
                 }
             };
             if wire::carries_fd(h.kind) != r.fd.is_some() {
-                let why = if r.fd.is_some() {
-                    "unexpected descriptor"
-                } else {
-                    "descriptor missing"
-                };
+                let why = if r.fd.is_some() { "unexpected descriptor" } else { "descriptor missing" };
                 i.fail(Some(io::Error::new(io::ErrorKind::InvalidData, why)));
                 break;
             }
@@ -332,26 +305,14 @@ fn on_readable(w: &Weak<RefCell<Inner>>) {
                         last_conn = h.id;
                     }
                     let body = i.buf[HEADER_LEN..r.len].to_vec();
-                    batch.push(Msg {
-                        kind,
-                        flags: h.flags,
-                        id: h.id,
-                        body,
-                        fd: r.fd,
-                    });
+                    batch.push(Msg { kind, flags: h.flags, id: h.id, body, fd: r.fd });
                 }
             }
         }
         if last_conn != 0 {
             // Acknowledge before anything is served: from here on the
             // connections are ours.
-            let ack = Msg {
-                kind: KIND_ACK,
-                flags: 0,
-                id: last_conn,
-                body: Vec::new(),
-                fd: None,
-            };
+            let ack = Msg { kind: KIND_ACK, flags: 0, id: last_conn, body: Vec::new(), fd: None };
             drop(i);
             let _ = Channel(inner.clone()).send(ack);
             i = inner.borrow_mut();

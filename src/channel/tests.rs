@@ -7,10 +7,7 @@ use std::os::unix::net::UnixStream;
 /// Runs the loop with a watchdog so a broken test fails instead of hanging.
 fn run(base: &Base) {
     let b = base.clone();
-    let dog = Event::new(base, -1, Interest::Timer, move || {
-        panic!("channel test timed out")
-    })
-    .unwrap();
+    let dog = Event::new(base, -1, Interest::Timer, move || panic!("channel test timed out")).unwrap();
     dog.add(Some(Duration::from_secs(10))).unwrap();
     base.dispatch().unwrap();
     let _ = b;
@@ -32,19 +29,11 @@ fn connection_moves_with_its_leftover_and_is_acknowledged() {
     })
     .unwrap();
     let (mut client, server) = UnixStream::pair().unwrap();
-    tx.send(Msg::conn(
-        OwnedFd::from(server),
-        b"left".to_vec(),
-        wire::FLAG_EOF,
-    ))
-    .unwrap();
+    tx.send(Msg::conn(OwnedFd::from(server), b"left".to_vec(), wire::FLAG_EOF)).unwrap();
     assert_eq!(tx.in_flight(), 1);
     run(&base);
     let m = got.borrow_mut().pop().expect("message delivered");
-    assert_eq!(
-        (m.kind, m.flags, m.body.as_slice()),
-        (KIND_CONN, wire::FLAG_EOF, &b"left"[..])
-    );
+    assert_eq!((m.kind, m.flags, m.body.as_slice()), (KIND_CONN, wire::FLAG_EOF, &b"left"[..]));
     // The sender dropped its copy after the ACK.
     assert_eq!(tx.in_flight(), 0);
     assert_eq!(tx.stats().conns_acked, 1);
@@ -79,10 +68,7 @@ fn full_socket_queues_and_delivers_everything_in_order() {
         body.resize(32 * 1024, 0);
         tx.send(Msg::control(wire::KIND_USER, body)).unwrap();
     }
-    assert!(
-        tx.in_flight() > 0,
-        "32 KiB x 400 must overflow the socket buffer"
-    );
+    assert!(tx.in_flight() > 0, "32 KiB x 400 must overflow the socket buffer");
     run(&base);
     assert_eq!(*seen.borrow(), (0..N).collect::<Vec<_>>());
 }
@@ -102,8 +88,7 @@ fn unacknowledged_connections_come_back_when_the_peer_goes() {
     })
     .unwrap();
     let (_c1, s1) = UnixStream::pair().unwrap();
-    tx.send(Msg::conn(OwnedFd::from(s1), b"x".to_vec(), 0))
-        .unwrap();
+    tx.send(Msg::conn(OwnedFd::from(s1), b"x".to_vec(), 0)).unwrap();
     drop(b); // the peer dies without reading
     run(&base);
     let back = back.borrow_mut().take().expect("Closed delivered");
@@ -148,14 +133,7 @@ fn newer_version_is_refused() {
     })
     .unwrap();
     let mut m = Vec::new();
-    Header {
-        version: VERSION + 1,
-        kind: wire::KIND_USER,
-        flags: 0,
-        body_len: 0,
-        id: 0,
-    }
-    .encode(&mut m);
+    Header { version: VERSION + 1, kind: wire::KIND_USER, flags: 0, body_len: 0, id: 0 }.encode(&mut m);
     fdpass::send(a.as_fd(), None, &m).unwrap();
     run(&base);
     let why = reason.borrow().clone().unwrap();

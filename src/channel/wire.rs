@@ -72,17 +72,10 @@ impl Header {
             id: u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes")),
         };
         if h.version != VERSION {
-            return Err(bad(format!(
-                "peer speaks handoff channel v{}, this side v{VERSION}",
-                h.version
-            )));
+            return Err(bad(format!("peer speaks handoff channel v{}, this side v{VERSION}", h.version)));
         }
         if h.body_len as usize != msg.len() - HEADER_LEN || h.body_len as usize > MAX_BODY {
-            return Err(bad(format!(
-                "body length {} does not match message ({} bytes)",
-                h.body_len,
-                msg.len()
-            )));
+            return Err(bad(format!("body length {} does not match message ({} bytes)", h.body_len, msg.len())));
         }
         Ok(h)
     }
@@ -101,13 +94,7 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let h = Header {
-            version: VERSION,
-            kind: KIND_CONN,
-            flags: FLAG_EOF,
-            body_len: 3,
-            id: 42,
-        };
+        let h = Header { version: VERSION, kind: KIND_CONN, flags: FLAG_EOF, body_len: 3, id: 42 };
         let m = msg(h, b"abc");
         assert_eq!(m.len(), HEADER_LEN + 3);
         assert_eq!(Header::decode(&m).unwrap(), h);
@@ -115,13 +102,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        let h = Header {
-            version: VERSION,
-            kind: KIND_ACK,
-            flags: 0,
-            body_len: 0,
-            id: 1,
-        };
+        let h = Header { version: VERSION, kind: KIND_ACK, flags: 0, body_len: 0, id: 1 };
         let good = msg(h, b"");
         assert!(Header::decode(&good[..10]).is_err());
         let mut m = good.clone();

@@ -27,12 +27,10 @@ const THREAD_STACK: usize = 256 * 1024;
 
 /// Resolve `host:port` once (first address).
 pub(crate) fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {
-    (host, port).to_socket_addrs()?.next().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("no address for {host}:{port}"),
-        )
-    })
+    (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no address for {host}:{port}")))
 }
 
 /// Connect with a timeout and set TCP_NODELAY + read/write timeouts.
@@ -50,10 +48,7 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    std::thread::Builder::new()
-        .name(name)
-        .stack_size(THREAD_STACK)
-        .spawn(f)
+    std::thread::Builder::new().name(name).stack_size(THREAD_STACK).spawn(f)
 }
 
 /// Start gate: every worker arrives (after connecting), the main thread waits

@@ -154,47 +154,26 @@ impl PortTrack {
         ranked.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
         let (a, b) = match ranked.as_slice() {
             [] => {
-                return Verdict {
-                    check: "none".into(),
-                    breaks: 0,
-                    total,
-                };
+                return Verdict { check: "none".into(), breaks: 0, total };
             }
             [(a, _)] => {
                 // A single port: only "same port twice in a row" can be judged.
                 let breaks = self.trans.get(&(*a, *a)).copied().unwrap_or(0);
-                return Verdict {
-                    check: format!("alternate({a},-)"),
-                    breaks,
-                    total,
-                };
+                return Verdict { check: format!("alternate({a},-)"), breaks, total };
             }
             [(x, _), (y, _), ..] => (*x.min(y), *x.max(y)),
         };
         let xor = a ^ b == 1;
         let foreign = |p: u16| p != a && p != b;
-        let mut breaks: u64 = self
-            .first
-            .iter()
-            .filter(|(p, _)| foreign(**p))
-            .map(|(_, n)| *n)
-            .sum();
+        let mut breaks: u64 = self.first.iter().filter(|(p, _)| foreign(**p)).map(|(_, n)| *n).sum();
         for (&(l, p), &n) in &self.trans {
             let bad = foreign(p) || if xor { (p ^ l) != 1 } else { p == l };
             if bad {
                 breaks += n;
             }
         }
-        let check = if xor {
-            format!("xor({a},{b})")
-        } else {
-            format!("alternate({a},{b})")
-        };
-        Verdict {
-            check,
-            breaks,
-            total,
-        }
+        let check = if xor { format!("xor({a},{b})") } else { format!("alternate({a},{b})") };
+        Verdict { check, breaks, total }
     }
 }
 
@@ -224,14 +203,8 @@ fn read_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), String> {
         Err(e) => Err(io_msg("read", &e)),
         Ok(_) if buf.last() == Some(&b'\n') => Ok(()),
         Ok(0) => Err("connection closed by peer (EOF)".into()),
-        Ok(n) if n as u64 >= MAX_LINE => Err(format!(
-            "response line too long: {:?}",
-            String::from_utf8_lossy(buf)
-        )),
-        Ok(_) => Err(format!(
-            "short read: EOF after {:?}",
-            String::from_utf8_lossy(buf)
-        )),
+        Ok(n) if n as u64 >= MAX_LINE => Err(format!("response line too long: {:?}", String::from_utf8_lossy(buf))),
+        Ok(_) => Err(format!("short read: EOF after {:?}", String::from_utf8_lossy(buf))),
     }
 }
 
@@ -252,12 +225,7 @@ fn run(o: &PingPongOpts, mode: Mode) -> Summary {
     let mut secs = 0.0;
     match resolve(&o.host, o.port) {
         Err(e) => {
-            errlog.report(format_args!(
-                "{}: resolve {}:{}: {e}",
-                mode.name(),
-                o.host,
-                o.port
-            ));
+            errlog.report(format_args!("{}: resolve {}:{}: {e}", mode.name(), o.host, o.port));
             total.errors = o.conns as u64 * o.requests as u64;
         }
         Ok(addr) => {
@@ -297,12 +265,7 @@ fn run(o: &PingPongOpts, mode: Mode) -> Summary {
     let v = total.ports.verdict();
     debug_assert_eq!(v.total, total.good);
     if v.breaks > 0 {
-        log::warn!(
-            "{}: {} responses broke the {} check",
-            mode.name(),
-            v.breaks,
-            v.check
-        );
+        log::warn!("{}: {} responses broke the {} check", mode.name(), v.breaks, v.check);
     }
     Summary::new(
         mode.name(),
@@ -351,12 +314,7 @@ fn conn_main(
     r
 }
 
-fn unary_conn(
-    sock: std::net::TcpStream,
-    requests: usize,
-    size: usize,
-    r: &mut ConnResult,
-) -> Result<(), String> {
+fn unary_conn(sock: std::net::TcpStream, requests: usize, size: usize, r: &mut ConnResult) -> Result<(), String> {
     let mut w = &sock;
     let mut rd = BufReader::with_capacity(256, &sock);
     let req = build_request(size, 0);
@@ -383,12 +341,7 @@ fn unary_conn(
     Ok(())
 }
 
-fn stream_conn(
-    sock: std::net::TcpStream,
-    requests: usize,
-    size: usize,
-    r: &mut ConnResult,
-) -> Result<(), String> {
+fn stream_conn(sock: std::net::TcpStream, requests: usize, size: usize, r: &mut ConnResult) -> Result<(), String> {
     let one = build_request(size, 0);
     let mut all = Vec::with_capacity(one.len() * requests);
     for _ in 0..requests {
@@ -398,9 +351,7 @@ fn stream_conn(
     // deadlock against responses filling our receive buffer.
     std::thread::scope(|s| {
         let start = Instant::now();
-        let writer = std::thread::Builder::new()
-            .stack_size(64 * 1024)
-            .spawn_scoped(s, || (&sock).write_all(&all));
+        let writer = std::thread::Builder::new().stack_size(64 * 1024).spawn_scoped(s, || (&sock).write_all(&all));
         let writer = match writer {
             Ok(h) => h,
             Err(e) => {
@@ -467,11 +418,7 @@ mod tests {
             b"\n",
             b"",
         ] {
-            assert!(
-                parse_response(l).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(l)
-            );
+            assert!(parse_response(l).is_err(), "{:?}", String::from_utf8_lossy(l));
         }
     }
 
@@ -500,27 +447,13 @@ mod tests {
     #[test]
     fn verdict_xor() {
         let v = track(&[&[7000, 7001, 7000, 7001], &[7001, 7000]]).verdict();
-        assert_eq!(
-            v,
-            Verdict {
-                check: "xor(7000,7001)".into(),
-                breaks: 0,
-                total: 6
-            }
-        );
+        assert_eq!(v, Verdict { check: "xor(7000,7001)".into(), breaks: 0, total: 6 });
     }
 
     #[test]
     fn verdict_alternate() {
         let v = track(&[&[7002, 7000, 7002], &[7000, 7002, 7000]]).verdict();
-        assert_eq!(
-            v,
-            Verdict {
-                check: "alternate(7000,7002)".into(),
-                breaks: 0,
-                total: 6
-            }
-        );
+        assert_eq!(v, Verdict { check: "alternate(7000,7002)".into(), breaks: 0, total: 6 });
         // 7001 ^ 7002 = 3 -> alternate
         let v = track(&[&[7001, 7002, 7001]]).verdict();
         assert_eq!(v.check, "alternate(7001,7002)");
@@ -553,25 +486,11 @@ mod tests {
     #[test]
     fn verdict_single_and_empty() {
         let v = track(&[&[7000], &[7000]]).verdict();
-        assert_eq!(
-            v,
-            Verdict {
-                check: "alternate(7000,-)".into(),
-                breaks: 0,
-                total: 2
-            }
-        );
+        assert_eq!(v, Verdict { check: "alternate(7000,-)".into(), breaks: 0, total: 2 });
         let v = track(&[&[7000, 7000, 7000]]).verdict();
         assert_eq!(v.breaks, 2);
         let v = track(&[]).verdict();
-        assert_eq!(
-            v,
-            Verdict {
-                check: "none".into(),
-                breaks: 0,
-                total: 0
-            }
-        );
+        assert_eq!(v, Verdict { check: "none".into(), breaks: 0, total: 0 });
     }
 
     #[test]
@@ -582,9 +501,7 @@ mod tests {
         assert_eq!(parse_response(&b), Ok(1));
         assert!(read_line(&mut r, &mut b).is_ok());
         assert_eq!(parse_response(&b), Ok(2));
-        assert!(read_line(&mut r, &mut b)
-            .unwrap_err()
-            .contains("short read"));
+        assert!(read_line(&mut r, &mut b).unwrap_err().contains("short read"));
         assert!(read_line(&mut r, &mut b).unwrap_err().contains("EOF"));
         let long = [b'x'; 100];
         let mut r = &long[..];

@@ -85,13 +85,10 @@ pub fn ping_frame(params: &Value) -> Vec<u8> {
 /// Read one frame body into `buf` (limit `MAX_REPLY`).
 pub fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), RpcError> {
     let mut hdr = [0u8; 4];
-    r.read_exact(&mut hdr)
-        .map_err(|e| io_err("read header", &e))?;
+    r.read_exact(&mut hdr).map_err(|e| io_err("read header", &e))?;
     let len = u32::from_le_bytes(hdr) as usize;
     if len > MAX_REPLY {
-        return Err(RpcError::Fatal(format!(
-            "reply frame of {len} bytes exceeds {MAX_REPLY}"
-        )));
+        return Err(RpcError::Fatal(format!("reply frame of {len} bytes exceeds {MAX_REPLY}")));
     }
     buf.clear();
     buf.resize(len, 0);
@@ -108,29 +105,19 @@ pub fn check_reply(body: &[u8], expected: &Value) -> Result<(), RpcError> {
             s
         }
     };
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| RpcError::Reply(format!("reply is not JSON ({e}): {}", shown())))?;
-    let ok =
-        v.get("out").and_then(Value::as_str) == Some("pong") && v.get("result") == Some(expected);
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| RpcError::Reply(format!("reply is not JSON ({e}): {}", shown())))?;
+    let ok = v.get("out").and_then(Value::as_str) == Some("pong") && v.get("result") == Some(expected);
     if ok {
         Ok(())
     } else {
-        Err(RpcError::Reply(format!(
-            "unexpected reply {} (expected pong with result {expected})",
-            shown()
-        )))
+        Err(RpcError::Reply(format!("unexpected reply {} (expected pong with result {expected})", shown())))
     }
 }
 
 /// Send one ping on `sock` and verify the reply.
-fn round_trip<R: Read, W: Write>(
-    w: &mut W,
-    r: &mut R,
-    buf: &mut Vec<u8>,
-    p: &Value,
-) -> Result<(), RpcError> {
-    w.write_all(&ping_frame(p))
-        .map_err(|e| io_err("write", &e))?;
+fn round_trip<R: Read, W: Write>(w: &mut W, r: &mut R, buf: &mut Vec<u8>, p: &Value) -> Result<(), RpcError> {
+    w.write_all(&ping_frame(p)).map_err(|e| io_err("write", &e))?;
     read_frame(r, buf)?;
     check_reply(buf, p)
 }
@@ -197,27 +184,10 @@ pub fn rpc(o: &RpcOpts) -> Summary {
     if secs == 0.0 {
         secs = t0.elapsed().as_secs_f64();
     }
-    Summary::new(
-        "rpc",
-        o.conns,
-        o.requests,
-        Some(o.short),
-        ok,
-        errors,
-        0,
-        String::new(),
-        secs,
-        &lat,
-    )
+    Summary::new("rpc", o.conns, o.requests, Some(o.short), ok, errors, 0, String::new(), secs, &lat)
 }
 
-fn keepalive_conn(
-    addr: SocketAddr,
-    c: usize,
-    requests: usize,
-    gate: &Gate,
-    errlog: &ErrLog,
-) -> SlotResult {
+fn keepalive_conn(addr: SocketAddr, c: usize, requests: usize, gate: &Gate, errlog: &ErrLog) -> SlotResult {
     let mut r = SlotResult::default();
     let sock = connect(&addr);
     gate.arrive_and_wait();
@@ -260,14 +230,12 @@ fn short_slot(addr: SocketAddr, c: usize, requests: usize, errlog: &ErrLog) -> S
     for i in 0..requests {
         let p = params(c, i);
         let t = Instant::now();
-        let res = connect(&addr)
-            .map_err(|e| io_err(&format!("connect {addr}"), &e))
-            .and_then(|sock| {
-                let mut w = &sock;
-                let mut rd = &sock;
-                round_trip(&mut w, &mut rd, &mut buf, &p)
-                // sock dropped (closed) here
-            });
+        let res = connect(&addr).map_err(|e| io_err(&format!("connect {addr}"), &e)).and_then(|sock| {
+            let mut w = &sock;
+            let mut rd = &sock;
+            round_trip(&mut w, &mut rd, &mut buf, &p)
+            // sock dropped (closed) here
+        });
         match res {
             Ok(()) => {
                 r.lat.record(t.elapsed());
@@ -304,10 +272,7 @@ mod tests {
     fn frame_errors() {
         let mut buf = Vec::new();
         let mut r = &[1u8, 0][..];
-        assert!(matches!(
-            read_frame(&mut r, &mut buf),
-            Err(RpcError::Fatal(_))
-        ));
+        assert!(matches!(read_frame(&mut r, &mut buf), Err(RpcError::Fatal(_))));
         let mut r = &[5u8, 0, 0, 0, b'{'][..];
         let e = read_frame(&mut r, &mut buf).unwrap_err();
         assert!(e.to_string().contains("EOF"), "{e}");

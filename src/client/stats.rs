@@ -21,9 +21,7 @@ impl Default for Latency {
 
 impl Latency {
     pub fn new() -> Self {
-        Latency {
-            h: Histogram::new_with_bounds(1, MAX_US, 3).expect("histogram bounds"),
-        }
+        Latency { h: Histogram::new_with_bounds(1, MAX_US, 3).expect("histogram bounds") }
     }
 
     /// Record one latency sample.
@@ -79,10 +77,7 @@ pub struct ErrLog {
 
 impl ErrLog {
     pub const fn new(limit: u64) -> Self {
-        ErrLog {
-            seen: AtomicU64::new(0),
-            limit,
-        }
+        ErrLog { seen: AtomicU64::new(0), limit }
     }
 
     /// Log one error detail (only the first `limit` are printed).
@@ -251,18 +246,7 @@ mod tests {
 
     #[test]
     fn rpc_line_format() {
-        let s = Summary::new(
-            "rpc",
-            100,
-            1000,
-            Some(false),
-            100_000,
-            0,
-            0,
-            String::new(),
-            1.234,
-            &lat(&[101]),
-        );
+        let s = Summary::new("rpc", 100, 1000, Some(false), 100_000, 0, 0, String::new(), 1.234, &lat(&[101]));
         assert_eq!(
             s.to_string(),
             "rpc conns=100 requests=1000 short=false ok=100000 errors=0 secs=1.234 rps=81037 p50_us=101 p99_us=101"

@@ -41,9 +41,11 @@ struct Slot {
     incarnation: u64,
     /// Connections handed to this slot, all incarnations.
     handed: u64,
-    /// This incarnation: sent, and closed/served as the worker reports.
-    sent: u64,
-    closed: u64,
+    /// A copy of every connection this incarnation holds, by channel id,
+    /// until the worker reports it closed: if the worker dies, these go
+    /// to another worker instead of being lost.
+    held: HashMap<u64, OwnedFd>,
+    /// Served by this incarnation, as the worker reports.
     served: u64,
     /// Served by earlier incarnations.
     served_before: u64,
@@ -54,7 +56,7 @@ struct Slot {
 impl Slot {
     /// Open connections, counting those still in flight to the worker.
     fn open(&self) -> u64 {
-        self.sent.saturating_sub(self.closed)
+        self.held.len() as u64
     }
 
     fn live(&self) -> bool {
@@ -95,10 +97,7 @@ fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
 
 pub fn run(cfg: Config) -> io::Result<()> {
     if cfg.workers == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "--workers must be at least 1",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "--workers must be at least 1"));
     }
     crate::signals::ignore_sigpipe();
     sock::raise_nofile()?;
@@ -136,21 +135,14 @@ pub fn run(cfg: Config) -> io::Result<()> {
             m.shared_fd = Some(listen_fd);
         } else {
             let w = Rc::downgrade(&master);
-            m.listener = Some(Listener::adopt(&base, listen_fd, move |fd| {
-                with(&w, |m| m.accept(fd))
-            })?);
+            m.listener = Some(Listener::adopt(&base, listen_fd, move |fd| with(&w, |m| m.accept(fd)))?);
         }
         let w = Rc::downgrade(&master);
-        m.control = Some(Listener::bind(
-            &base,
-            &Endpoint::Unix(ctl.clone()),
-            move |fd| with(&w, |m| m.accept_control(fd)),
-        )?);
+        m.control =
+            Some(Listener::bind(&base, &Endpoint::Unix(ctl.clone()), move |fd| with(&w, |m| m.accept_control(fd)))?);
         for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGCHLD] {
             let w = Rc::downgrade(&master);
-            let e = Event::new(&base, sig, Interest::Signal, move || {
-                with(&w, |m| m.on_signal(sig))
-            })?;
+            let e = Event::new(&base, sig, Interest::Signal, move || with(&w, |m| m.on_signal(sig)))?;
             e.add(None)?;
             m.signals.push(e);
         }
@@ -161,8 +153,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
                 channel: None,
                 incarnation: 0,
                 handed: 0,
-                sent: 0,
-                closed: 0,
+                held: HashMap::new(),
                 served: 0,
                 served_before: 0,
                 respawns: 0,
@@ -178,11 +169,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
         cfg.workers,
         cfg.policy.name()
     );
-    crate::signals::ready(&format!(
-        "ready port={port} workers={} dir={}",
-        cfg.workers,
-        cfg.dir.display()
-    ));
+    crate::signals::ready(&format!("ready port={port} workers={} dir={}", cfg.workers, cfg.dir.display()));
     base.dispatch()?;
     log::info!("cluster master stopped");
     Ok(())
@@ -218,33 +205,22 @@ impl Master {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("spawn worker {index}: {e}")))?;
+        let child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("spawn worker {index}: {e}")))?;
         drop(theirs);
         let slot = &mut self.slots[index];
         slot.incarnation += 1;
         let inc = slot.incarnation;
         let w = self.me.clone();
-        let channel = Channel::new(&self.base, mine, move |ev| {
-            with(&w, |m| m.on_worker(index, inc, ev))
-        })?;
+        let channel = Channel::new(&self.base, mine, move |ev| with(&w, |m| m.on_worker(index, inc, ev)))?;
         log::info!("worker {index} started, pid {}", child.id());
         slot.child = Some(child);
         slot.channel = Some(channel);
-        slot.sent = 0;
-        slot.closed = 0;
+        slot.held.clear();
         slot.served = 0;
         slot.started = Instant::now();
         if let Some(fd) = &self.shared_fd {
             let dup = fd.try_clone()?;
-            let msg = Msg {
-                kind: wire::KIND_LISTENER,
-                flags: 0,
-                id: 0,
-                body: Vec::new(),
-                fd: Some(dup),
-            };
+            let msg = Msg { kind: wire::KIND_LISTENER, flags: 0, id: 0, body: Vec::new(), fd: Some(dup) };
             let _ = self.slots[index].channel.as_ref().map(|c| c.send(msg));
         }
         let pending: Vec<Msg> = self.pending.drain(..).collect();
@@ -263,12 +239,9 @@ impl Master {
     fn pick(&mut self) -> Option<usize> {
         let n = self.slots.len();
         match self.cfg.policy {
-            Policy::LeastConn => self
-                .slots
-                .iter()
-                .filter(|s| s.live())
-                .min_by_key(|s| (s.open(), s.handed))
-                .map(|s| s.index),
+            Policy::LeastConn => {
+                self.slots.iter().filter(|s| s.live()).min_by_key(|s| (s.open(), s.handed)).map(|s| s.index)
+            }
             _ => {
                 for k in 0..n {
                     let i = (self.next + k) % n;
@@ -282,18 +255,22 @@ impl Master {
         }
     }
 
-    /// Hands a connection to a worker; keeps it pending if none is live.
+    /// Hands a connection to a worker, keeping a copy until the worker
+    /// closes it; keeps it pending if no worker is live.
     fn dispatch(&mut self, mut msg: Msg) {
         while let Some(i) = self.pick() {
+            let copy = match msg.fd.as_ref().map(OwnedFd::try_clone) {
+                Some(Ok(c)) => c,
+                Some(Err(e)) => {
+                    log::warn!("cannot keep a copy of a connection ({e}); closing it");
+                    return;
+                }
+                None => return,
+            };
             let slot = &mut self.slots[i];
-            match slot
-                .channel
-                .as_ref()
-                .expect("live slot has a channel")
-                .send(msg)
-            {
-                Ok(()) => {
-                    slot.sent += 1;
+            match slot.channel.as_ref().expect("live slot has a channel").send(msg) {
+                Ok(id) => {
+                    slot.held.insert(id, copy);
                     slot.handed += 1;
                     return;
                 }
@@ -309,44 +286,39 @@ impl Master {
 
     fn on_worker(&mut self, index: usize, inc: u64, ev: ChannelEvent) {
         if self.slots[index].incarnation != inc {
-            if let ChannelEvent::Closed { returned, .. } = ev {
-                self.requeue(returned);
-            }
             return;
         }
         match ev {
-            ChannelEvent::Msg(m) if m.kind == KIND_STATS => {
-                match serde_json::from_slice::<Value>(&m.body) {
-                    Ok(v) => {
-                        let slot = &mut self.slots[index];
-                        slot.closed = v["closed"].as_u64().unwrap_or(slot.closed);
-                        slot.served = v["served"].as_u64().unwrap_or(slot.served);
+            ChannelEvent::Msg(m) if m.kind == KIND_STATS => match serde_json::from_slice::<Value>(&m.body) {
+                Ok(v) => {
+                    let slot = &mut self.slots[index];
+                    for id in v["closed"].as_array().into_iter().flatten().filter_map(Value::as_u64) {
+                        slot.held.remove(&id);
                     }
-                    Err(e) => log::warn!("worker {index}: bad stats: {e}"),
+                    slot.served = v["served"].as_u64().unwrap_or(slot.served);
                 }
-            }
+                Err(e) => log::warn!("worker {index}: bad stats: {e}"),
+            },
             ChannelEvent::Msg(m) => {
                 log::warn!("worker {index}: unexpected message kind {}", m.kind)
             }
             ChannelEvent::Closed { reason, returned } => {
                 let slot = &mut self.slots[index];
                 slot.channel = None;
-                if let Some(e) = reason {
-                    log::warn!(
-                        "worker {index}: channel failed: {e}; killing pid {}",
-                        slot.pid()
-                    );
-                    if let Some(c) = slot.child.as_mut() {
-                        let _ = c.kill();
+                match reason {
+                    // Our own worker sent garbage: it is broken; replace it.
+                    Some(e) if e.kind() == io::ErrorKind::InvalidData => {
+                        log::error!("worker {index}: bad channel message ({e}); killing pid {}", slot.pid());
+                        if let Some(c) = slot.child.as_mut() {
+                            let _ = c.kill();
+                        }
                     }
+                    // EOF or reset: the process is going; SIGCHLD follows.
+                    r => log::debug!("worker {index}: channel closed ({r:?})"),
                 }
-                if !returned.is_empty() {
-                    log::warn!(
-                        "worker {index}: {} connection(s) not taken; handing them to others",
-                        returned.len()
-                    );
-                }
-                self.requeue(returned);
+                // `returned` are the worker's copies of connections we hold
+                // anyway; they are rescued when the process is reaped.
+                drop(returned);
             }
         }
     }
@@ -379,18 +351,18 @@ impl Master {
             slot.child = None;
             slot.served_before += slot.served;
             slot.served = 0;
-            let returned = slot
-                .channel
-                .take()
-                .map(|c| c.shutdown())
-                .unwrap_or_default();
+            slot.channel.take().map(|c| c.shutdown());
+            let held: Vec<OwnedFd> = slot.held.drain().map(|(_, fd)| fd).collect();
             if self.stopping {
                 log::debug!("worker {index} (pid {pid}) exited: {status}");
                 continue;
             }
-            log::warn!("worker {index} (pid {pid}) exited unexpectedly: {status}; respawning");
+            log::warn!(
+                "worker {index} (pid {pid}) exited unexpectedly: {status}; respawning, {} connection(s) go to other workers",
+                held.len()
+            );
             slot.respawns += 1;
-            self.requeue(returned);
+            self.requeue(held.into_iter().map(|fd| Msg::conn(fd, Vec::new(), 0)).collect());
             if let Err(e) = self.spawn(index) {
                 log::error!("{e}");
             }
@@ -409,10 +381,7 @@ impl Master {
             return;
         }
         self.stopping = true;
-        log::info!(
-            "signal {sig}: stopping; workers get {:?} to finish",
-            self.cfg.grace
-        );
+        log::info!("signal {sig}: stopping; workers get {:?} to finish", self.cfg.grace);
         self.listener = None;
         self.shared_fd = None;
         self.pending.clear();
@@ -422,9 +391,7 @@ impl Master {
             }
         }
         let w = self.me.clone();
-        match Event::new(&self.base, -1, Interest::Timer, move || {
-            with(&w, |m| m.kill_stragglers())
-        }) {
+        match Event::new(&self.base, -1, Interest::Timer, move || with(&w, |m| m.kill_stragglers())) {
             Ok(t) => {
                 let _ = t.add(Some(self.cfg.grace));
                 self.grace_timer = Some(t);
@@ -480,10 +447,7 @@ impl Master {
                 }
             }
             ChannelEvent::Msg(m) => {
-                log::warn!(
-                    "control socket: unexpected message kind {}; closing",
-                    m.kind
-                );
+                log::warn!("control socket: unexpected message kind {}; closing", m.kind);
                 self.clients.remove(&id);
             }
             ChannelEvent::Closed { .. } => {
@@ -493,11 +457,7 @@ impl Master {
     }
 
     fn status(&self) -> Value {
-        let started = self
-            .started
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let started = self.started.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let workers: Vec<Value> = self
             .slots
             .iter()

@@ -15,24 +15,14 @@ pub fn fetch(dir: &Path, timeout: Duration) -> io::Result<Value> {
     let path = control_path(dir);
     let fd = sock::unix_connect(&path)?;
     let mut req = Vec::new();
-    Header {
-        version: VERSION,
-        kind: KIND_STATUS_REQ,
-        flags: 0,
-        body_len: 0,
-        id: 0,
-    }
-    .encode(&mut req);
+    Header { version: VERSION, kind: KIND_STATUS_REQ, flags: 0, body_len: 0, id: 0 }.encode(&mut req);
     fdpass::send(fd.as_fd(), None, &req)?;
     let deadline = Instant::now() + timeout;
     let mut buf = vec![0u8; HEADER_LEN + MAX_BODY];
     loop {
         match fdpass::recv(fd.as_fd(), &mut buf) {
             Ok(r) if r.len == 0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "master closed the control socket",
-                ))
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "master closed the control socket"))
             }
             Ok(r) => {
                 let h = Header::decode(&buf[..r.len])?;

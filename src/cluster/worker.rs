@@ -1,5 +1,7 @@
 //! A cluster worker: takes connections from the master's channel (or
-//! accepts on the shared listener) and answers the rpc protocol.
+//! accepts on the shared listener) and answers the rpc protocol. It tells
+//! the master which connections it closed (in the coalesced stats
+//! message), so the master can release its rescue copies.
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
@@ -17,6 +19,8 @@ use crate::sock;
 
 /// Pause reading a connection while this much output is unsent.
 const OUTPUT_LIMIT: usize = 1 << 20;
+/// Longest delay of a counters-only stats message.
+const STATS_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 pub struct Config {
@@ -28,6 +32,8 @@ pub struct Config {
 
 struct Slot {
     conn: Conn,
+    /// The master's id for this connection (0: accepted here).
+    master_id: u64,
     eof: bool,
     closing: bool,
     throttled: bool,
@@ -46,7 +52,8 @@ struct Worker {
     stats_timer: Option<Event>,
     stopping: bool,
     served: u64,
-    closed: u64,
+    /// Master ids of connections closed since the last stats message.
+    closed: Vec<u64>,
     signals: Vec<Event>,
 }
 
@@ -62,10 +69,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
     sock::raise_nofile()?;
     let base = Base::new()?;
     let index = cfg.index;
-    let identity = json!({"worker": index, "pid": std::process::id()})
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
+    let identity = json!({"worker": index, "pid": std::process::id()}).as_object().cloned().unwrap_or_default();
     let worker = Rc::new_cyclic(|me: &Weak<RefCell<Worker>>| {
         let w = me.clone();
         let master = Channel::new(&base, cfg.channel, move |ev| with(&w, |s| s.on_master(ev)))
@@ -83,22 +87,18 @@ pub fn run(cfg: Config) -> io::Result<()> {
             stats_timer: None,
             stopping: false,
             served: 0,
-            closed: 0,
+            closed: Vec::new(),
             signals: Vec::new(),
         })
     });
     {
         let mut w = worker.borrow_mut();
         let wk = Rc::downgrade(&worker);
-        w.stats_timer = Some(Event::new(&base, -1, Interest::Timer, move || {
-            with(&wk, |s| s.send_stats())
-        })?);
+        w.stats_timer = Some(Event::new(&base, -1, Interest::Timer, move || with(&wk, |s| s.send_stats()))?);
         // SIGTERM from outside acts like the master's SHUTDOWN; SIGINT (a
         // terminal's ^C reaching the whole group) is left to the master.
         let wk = Rc::downgrade(&worker);
-        let e = Event::new(&base, libc::SIGTERM, Interest::Signal, move || {
-            with(&wk, |s| s.begin_shutdown())
-        })?;
+        let e = Event::new(&base, libc::SIGTERM, Interest::Signal, move || with(&wk, |s| s.begin_shutdown()))?;
         e.add(None)?;
         w.signals.push(e);
         let e = Event::new(&base, libc::SIGINT, Interest::Signal, || {})?;
@@ -117,16 +117,11 @@ impl Worker {
             ChannelEvent::Msg(m) => match m.kind {
                 wire::KIND_CONN => {
                     let fd = m.fd.expect("channel checks CONN carries a descriptor");
-                    self.adopt(fd, &m.body);
+                    self.adopt(fd, &m.body, m.id);
                 }
-                wire::KIND_LISTENER => {
-                    self.share_listener(m.fd.expect("channel checks LISTENER carries a descriptor"))
-                }
+                wire::KIND_LISTENER => self.share_listener(m.fd.expect("channel checks LISTENER carries a descriptor")),
                 KIND_SHUTDOWN => self.begin_shutdown(),
-                k => log::warn!(
-                    "worker {}: unexpected message kind {k} from master",
-                    self.index
-                ),
+                k => log::warn!("worker {}: unexpected message kind {k} from master", self.index),
             },
             ChannelEvent::Closed { reason, .. } => {
                 log::info!(
@@ -145,7 +140,7 @@ impl Worker {
         match Listener::adopt(&self.base, fd, move |c| {
             with(&w, |s| {
                 let _ = sock::set_nodelay(c.as_raw_fd());
-                s.adopt(c, &[]);
+                s.adopt(c, &[], 0);
             })
         }) {
             Ok(l) => self.listener = Some(l),
@@ -153,37 +148,20 @@ impl Worker {
         }
     }
 
-    fn adopt(&mut self, fd: OwnedFd, leftover: &[u8]) {
+    fn adopt(&mut self, fd: OwnedFd, leftover: &[u8], master_id: u64) {
         if self.stopping {
             // The master stopped sending before SHUTDOWN; nothing should come.
-            log::warn!(
-                "worker {}: connection arrived while stopping; closing it",
-                self.index
-            );
+            log::warn!("worker {}: connection arrived while stopping; closing it", self.index);
             return;
         }
         let id = self.next_id;
         self.next_id += 1;
         let w = self.me.clone();
         let read_limit = self.max_frame + 4 + 64 * 1024;
-        match Conn::adopt(
-            &self.base,
-            fd,
-            leftover,
-            read_limit,
-            Rc::new(move |ev| with(&w, |s| s.on_conn(id, ev))),
-        ) {
+        match Conn::adopt(&self.base, fd, leftover, read_limit, Rc::new(move |ev| with(&w, |s| s.on_conn(id, ev)))) {
             Ok(conn) => {
-                self.conns.insert(
-                    id,
-                    Slot {
-                        conn,
-                        eof: false,
-                        closing: false,
-                        throttled: false,
-                    },
-                );
-                self.stats_changed();
+                self.conns.insert(id, Slot { conn, master_id, eof: false, closing: false, throttled: false });
+                self.stats_changed(false);
                 self.serve(id);
             }
             Err(e) => log::error!("worker {}: cannot adopt connection: {e}", self.index),
@@ -212,60 +190,72 @@ impl Worker {
                 }
             }
             ConnEvent::Error(errno) => {
-                log::debug!(
-                    "worker {}: connection {id}: {}",
-                    self.index,
-                    io::Error::from_raw_os_error(errno)
-                );
+                log::debug!("worker {}: connection {id}: {}", self.index, io::Error::from_raw_os_error(errno));
                 self.close(id);
             }
             ConnEvent::Timeout => {}
         }
     }
 
-    /// Answers every complete request in the input, in order.
+    /// Answers every complete request in the input, in order; the replies
+    /// of one batch leave in one write.
     fn serve(&mut self, id: u64) {
-        let Some(slot) = self.conns.get_mut(&id) else {
-            return;
-        };
+        let Some(slot) = self.conns.get_mut(&id) else { return };
         if slot.closing {
             return;
         }
+        let mut out = Vec::new();
+        let mut close = false;
         loop {
             let avail = slot.conn.input_len();
             match rpc::frame(slot.conn.peek(avail.min(4)), avail, self.max_frame) {
                 Frame::Complete { body } => {
                     let reply = rpc::answer(&slot.conn.peek(4 + body)[4..], &self.identity);
                     slot.conn.consume(4 + body);
-                    slot.conn.write(&rpc::encode(&reply));
+                    rpc::encode_into(&reply, &mut out);
                     self.served += 1;
-                    if slot.conn.output_len() > OUTPUT_LIMIT {
+                    if out.len() + slot.conn.output_len() > OUTPUT_LIMIT {
                         slot.throttled = true;
                         slot.conn.pause_reading();
                         break;
                     }
                 }
                 Frame::TooLarge { len } => {
-                    log::info!("worker {}: connection {id}: frame of {len} bytes exceeds --max-frame {}; closing", self.index, self.max_frame);
-                    self.close(id);
-                    return;
+                    log::info!(
+                        "worker {}: connection {id}: frame of {len} bytes exceeds --max-frame {}; closing",
+                        self.index,
+                        self.max_frame
+                    );
+                    out.clear();
+                    close = true;
+                    break;
                 }
                 Frame::Incomplete => {
-                    if slot.eof {
-                        if avail > 0 {
-                            log::info!("worker {}: connection {id}: truncated frame ({avail} bytes) before EOF; closing", self.index);
-                        }
-                        self.close_when_flushed(id);
-                        return;
+                    if slot.eof && avail > 0 {
+                        log::info!(
+                            "worker {}: connection {id}: truncated frame ({avail} bytes) before EOF; closing",
+                            self.index
+                        );
                     }
                     break;
                 }
             }
         }
-        if self.stopping {
+        if close {
+            self.close(id);
+            return;
+        }
+        if !out.is_empty() {
+            if let Err(e) = slot.conn.write_now(&out) {
+                log::debug!("worker {}: connection {id}: write: {e}", self.index);
+                self.close(id);
+                return;
+            }
+        }
+        if slot.eof || self.stopping {
             self.close_when_flushed(id);
         }
-        self.stats_changed();
+        self.stats_changed(false);
     }
 
     fn close_when_flushed(&mut self, id: u64) {
@@ -279,30 +269,38 @@ impl Worker {
         }
     }
 
+    /// Closes a connection for good: shut down first, because the master
+    /// still holds a descriptor to it (to rescue it should we die).
     fn close(&mut self, id: u64) {
-        if self.conns.remove(&id).is_some() {
-            self.closed += 1;
-            self.stats_changed();
+        if let Some(slot) = self.conns.remove(&id) {
+            sock::shutdown_both(slot.conn.raw_fd());
+            if slot.master_id != 0 {
+                self.closed.push(slot.master_id);
+            }
+            self.stats_changed(true);
         }
         if self.stopping && self.conns.is_empty() {
             self.quit();
         }
     }
 
-    /// Stats go to the master once per loop round at most.
-    fn stats_changed(&mut self) {
+    /// Stats go to the master coalesced: at the end of this loop round
+    /// when a connection closed (the master then drops its copy), within
+    /// `STATS_EVERY` when only counters moved.
+    fn stats_changed(&mut self, closed: bool) {
         if let Some(t) = &self.stats_timer {
-            if !t.pending() {
+            if closed || !self.closed.is_empty() {
                 let _ = t.add(Some(Duration::ZERO));
+            } else if !t.pending() {
+                let _ = t.add(Some(STATS_EVERY));
             }
         }
     }
 
     fn send_stats(&mut self) {
-        let body = json!({"open": self.conns.len(), "served": self.served, "closed": self.closed});
-        let _ = self
-            .master
-            .send(Msg::control(KIND_STATS, body.to_string().into_bytes()));
+        let closed = std::mem::take(&mut self.closed);
+        let body = json!({"open": self.conns.len(), "served": self.served, "closed": closed});
+        let _ = self.master.send(Msg::control(KIND_STATS, body.to_string().into_bytes()));
     }
 
     /// Stops taking connections, finishes the requests it has (a
@@ -314,11 +312,7 @@ impl Worker {
         }
         self.stopping = true;
         self.listener = None;
-        log::debug!(
-            "worker {}: shutting down with {} open connection(s)",
-            self.index,
-            self.conns.len()
-        );
+        log::debug!("worker {}: shutting down with {} open connection(s)", self.index, self.conns.len());
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
             let idle = self.conns.get(&id).is_some_and(|s| s.conn.input_len() == 0);

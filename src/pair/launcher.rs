@@ -8,26 +8,12 @@ use std::rc::Rc;
 
 use crate::reactor::{Base, Event, Interest};
 
-pub fn run(
-    exe: &Path,
-    ports: (u16, u16),
-    dir: &Path,
-    host: &str,
-    log_args: &[String],
-) -> io::Result<()> {
+pub fn run(exe: &Path, ports: (u16, u16), dir: &Path, host: &str, log_args: &[String]) -> io::Result<()> {
     let base = Base::new()?;
     let mut children = Vec::new();
     for (me, peer) in [(ports.0, ports.1), (ports.1, ports.0)] {
         let mut child = Command::new(exe)
-            .args([
-                "server",
-                "--port",
-                &me.to_string(),
-                "--peer-port",
-                &peer.to_string(),
-                "--host",
-                host,
-            ])
+            .args(["server", "--port", &me.to_string(), "--peer-port", &peer.to_string(), "--host", host])
             .arg("--dir")
             .arg(dir)
             .args(log_args)
@@ -42,19 +28,12 @@ pub fn run(
             for c in &mut children {
                 stop(c);
             }
-            return Err(io::Error::other(format!(
-                "server on port {me} did not start"
-            )));
+            return Err(io::Error::other(format!("server on port {me} did not start")));
         }
         log::info!("server {me} (pid {}) {}", child.id(), line.trim_end());
         children.push(child);
     }
-    crate::signals::ready(&format!(
-        "ready ports={},{} dir={}",
-        ports.0,
-        ports.1,
-        dir.display()
-    ));
+    crate::signals::ready(&format!("ready ports={},{} dir={}", ports.0, ports.1, dir.display()));
 
     let children = Rc::new(RefCell::new(children));
     let mut events = Vec::new();

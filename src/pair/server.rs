@@ -100,45 +100,29 @@ pub fn run(cfg: &Config) -> io::Result<()> {
     let w = Rc::downgrade(&server);
     let tcp = Listener::adopt(&base, tcp_fd, move |fd| with(&w, |s| s.accept_client(fd)))?;
     let w = Rc::downgrade(&server);
-    let unix = Listener::bind(&base, &Endpoint::Unix(sock_path.clone()), move |fd| {
-        with(&w, |s| s.accept_channel(fd))
-    })?;
+    let unix = Listener::bind(&base, &Endpoint::Unix(sock_path.clone()), move |fd| with(&w, |s| s.accept_channel(fd)))?;
     {
         let mut s = server.borrow_mut();
         s.listeners = vec![tcp, unix];
         let w = Rc::downgrade(&server);
-        s.retry = Some(Event::new(&base, -1, Interest::Timer, move || {
-            with(&w, |s| s.connect_peer())
-        })?);
+        s.retry = Some(Event::new(&base, -1, Interest::Timer, move || with(&w, |s| s.connect_peer()))?);
         let w = Rc::downgrade(&server);
-        let t = Event::new(&base, -1, Interest::Timer, move || {
-            with(&w, |s| s.flush_log())
-        })?;
+        let t = Event::new(&base, -1, Interest::Timer, move || with(&w, |s| s.flush_log()))?;
         t.add(Some(LOG_FLUSH))?;
         s.log_timer = Some(t);
         for sig in [libc::SIGTERM, libc::SIGINT] {
             let w = Rc::downgrade(&server);
-            let e = Event::new(&base, sig, Interest::Signal, move || {
-                with(&w, |s| s.shutdown(sig))
-            })?;
+            let e = Event::new(&base, sig, Interest::Signal, move || with(&w, |s| s.shutdown(sig)))?;
             e.add(None)?;
             s.signals.push(e);
         }
         s.connect_peer();
     }
-    log::info!(
-        "serving on {}:{port}, handoff socket {}",
-        addr.ip(),
-        sock_path.display()
-    );
+    log::info!("serving on {}:{port}, handoff socket {}", addr.ip(), sock_path.display());
     crate::signals::ready(&format!("ready port={port} sock={}", sock_path.display()));
     base.dispatch()?;
     let s = server.borrow();
-    log::info!(
-        "stopped: served {} requests, handed {} connections",
-        s.served,
-        s.handed
-    );
+    log::info!("stopped: served {} requests, handed {} connections", s.served, s.handed);
     Ok(())
 }
 
@@ -215,16 +199,7 @@ impl Server {
                 if eof {
                     conn.pause_reading();
                 }
-                self.conns.insert(
-                    id,
-                    Slot {
-                        conn,
-                        eof,
-                        handing_off: false,
-                        closing: false,
-                        client: None,
-                    },
-                );
+                self.conns.insert(id, Slot { conn, eof, handing_off: false, closing: false, client: None });
                 self.serve(id);
             }
             Err(e) => log::error!("cannot adopt connection: {e}"),
@@ -275,25 +250,23 @@ impl Server {
             match need {
                 Some(n) if n <= avail => {
                     slot.conn.consume(n);
-                    slot.conn.write(&self.response);
+                    // The response must be in the kernel before the descriptor leaves.
+                    let flushed = slot.conn.write_now(&self.response);
                     let client = *slot.client.get_or_insert_with(|| {
-                        sock::peer_addr(slot.conn.raw_fd())
-                            .unwrap_or(SocketAddrV4::new(0.into(), 0))
+                        sock::peer_addr(slot.conn.raw_fd()).unwrap_or(SocketAddrV4::new(0.into(), 0))
                     });
                     self.log.record(Some(client), n - 1);
                     self.served += 1;
-                    if !peer_up {
-                        continue;
-                    }
-                    match slot.conn.flush_now() {
+                    match flushed {
+                        Err(e) => {
+                            log::debug!("connection {id}: write: {e}");
+                            self.conns.remove(&id);
+                        }
+                        Ok(_) if !peer_up => continue,
                         Ok(true) => self.hand_off(id),
                         Ok(false) => {
                             slot.handing_off = true;
                             slot.conn.pause_reading();
-                        }
-                        Err(e) => {
-                            log::debug!("connection {id}: write: {e}");
-                            self.conns.remove(&id);
                         }
                     }
                     return;
@@ -335,7 +308,7 @@ impl Server {
             return;
         };
         match peer.send(msg) {
-            Ok(()) => self.handed += 1,
+            Ok(_) => self.handed += 1,
             // The channel broke under us: its Closed event follows; serve here.
             Err(msg) => self.take_back(vec![msg]),
         }
@@ -361,10 +334,7 @@ impl Server {
         match r {
             Ok(ch) => {
                 if self.peer_warned {
-                    log::warn!(
-                        "peer {} is back; handing off again",
-                        self.peer_path.display()
-                    );
+                    log::warn!("peer {} is back; handing off again", self.peer_path.display());
                 } else {
                     log::info!("connected to peer {}", self.peer_path.display());
                 }
@@ -413,10 +383,7 @@ impl Server {
     }
 
     fn shutdown(&mut self, sig: i32) {
-        log::info!(
-            "signal {sig}: stopping (open connections: {})",
-            self.conns.len()
-        );
+        log::info!("signal {sig}: stopping (open connections: {})", self.conns.len());
         self.listeners.clear();
         self.conns.clear();
         if let Some(p) = self.peer.take() {

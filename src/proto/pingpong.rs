@@ -13,10 +13,7 @@ pub fn request_len(buf: &[u8]) -> Option<usize> {
 
 /// Encodes one request with `payload` (at most 255 bytes).
 pub fn request(payload: &[u8]) -> Vec<u8> {
-    assert!(
-        payload.len() <= 255,
-        "pingpong payload is at most 255 bytes"
-    );
+    assert!(payload.len() <= 255, "pingpong payload is at most 255 bytes");
     let mut v = Vec::with_capacity(payload.len() + 1);
     v.push(payload.len() as u8);
     v.extend_from_slice(payload);

@@ -40,11 +40,18 @@ pub fn frame(head: &[u8], avail: usize, max: usize) -> Frame {
 
 /// Encodes a JSON value as one frame.
 pub fn encode(v: &Value) -> Vec<u8> {
-    let body = serde_json::to_vec(v).expect("a Value always serialises");
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
+    let mut out = Vec::new();
+    encode_into(v, &mut out);
     out
+}
+
+/// Appends one frame holding `v` to `out`.
+pub fn encode_into(v: &Value, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut *out, v).expect("a Value always serialises");
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Answers one request body. `identity` is the whoami result (an object).
@@ -94,10 +101,7 @@ mod tests {
     #[test]
     fn frames() {
         let f = encode(&json!({"a": 1}));
-        assert_eq!(
-            frame(&f, f.len(), 100),
-            Frame::Complete { body: f.len() - 4 }
-        );
+        assert_eq!(frame(&f, f.len(), 100), Frame::Complete { body: f.len() - 4 });
         assert_eq!(frame(&f[..3], 3, 100), Frame::Incomplete);
         assert_eq!(frame(&f, f.len() - 1, 100), Frame::Incomplete);
         assert_eq!(frame(&f, f.len(), 4), Frame::TooLarge { len: f.len() - 4 });
@@ -105,14 +109,7 @@ mod tests {
 
     #[test]
     fn ping_echoes_any_value_exactly() {
-        for x in [
-            json!(null),
-            json!(0),
-            json!(-1.5),
-            json!("ü"),
-            json!([1, [2, {}]]),
-            json!({"k": {"z": [true]}}),
-        ] {
+        for x in [json!(null), json!(0), json!(-1.5), json!("ü"), json!([1, [2, {}]]), json!({"k": {"z": [true]}})] {
             let req = serde_json::to_vec(&json!({"in": "ping", "params": x})).unwrap();
             assert_eq!(answer(&req, &id()), json!({"out": "pong", "result": x}));
         }
@@ -120,18 +117,8 @@ mod tests {
 
     #[test]
     fn whoami_and_errors() {
-        assert_eq!(
-            answer(br#"{"in":"whoami"}"#, &id()),
-            json!({"out":"whoami","result":{"worker":1,"pid":42}})
-        );
-        for bad in [
-            &b"{"[..],
-            b"[]",
-            br#"{"in":"dance"}"#,
-            br#"{"params":1}"#,
-            br#"{"in":"ping"}"#,
-            br#"{"in":5}"#,
-        ] {
+        assert_eq!(answer(br#"{"in":"whoami"}"#, &id()), json!({"out":"whoami","result":{"worker":1,"pid":42}}));
+        for bad in [&b"{"[..], b"[]", br#"{"in":"dance"}"#, br#"{"params":1}"#, br#"{"in":"ping"}"#, br#"{"in":5}"#] {
             let v = answer(bad, &id());
             assert_eq!(v["out"], "error", "{}", String::from_utf8_lossy(bad));
             assert!(v["result"].is_string());

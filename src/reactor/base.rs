@@ -74,8 +74,6 @@ impl Base {
             return String::new();
         }
         // SAFETY: non-null, NUL-terminated, static.
-        unsafe { std::ffi::CStr::from_ptr(p) }
-            .to_string_lossy()
-            .into_owned()
+        unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
     }
 }

@@ -84,26 +84,16 @@ impl Conn {
         // SAFETY: base is live; fd is a valid socket that we keep owning
         // (no BEV_OPT_CLOSE_ON_FREE).
         let raw = unsafe { ev::bufferevent_socket_new(base.as_ptr(), fd.as_raw_fd(), 0) };
-        let bev =
-            NonNull::new(raw).ok_or_else(|| io::Error::other("bufferevent_socket_new failed"))?;
+        let bev = NonNull::new(raw).ok_or_else(|| io::Error::other("bufferevent_socket_new failed"))?;
         let handler: Box<Handler> = Box::new(handler);
-        let conn = Conn {
-            bev: Some(bev),
-            fd: Some(fd),
-            _handler: handler,
-            _base: base.clone(),
-        };
+        let conn = Conn { bev: Some(bev), fd: Some(fd), _handler: handler, _base: base.clone() };
         let arg = &*conn._handler as *const Handler as *mut c_void;
         if !leftover.is_empty() {
             // The input buffer's end is frozen (only libevent's reads append),
             // its start is not: prepend into the still empty buffer.
             // SAFETY: bev is live; leftover is a live slice, copied by libevent.
             let rc = unsafe {
-                ev::evbuffer_prepend(
-                    ev::bufferevent_get_input(raw),
-                    leftover.as_ptr() as *const c_void,
-                    leftover.len(),
-                )
+                ev::evbuffer_prepend(ev::bufferevent_get_input(raw), leftover.as_ptr() as *const c_void, leftover.len())
             };
             super::check(rc, "evbuffer_prepend")?;
         }
@@ -118,9 +108,7 @@ impl Conn {
     }
 
     fn bev(&self) -> *mut ev::bufferevent {
-        self.bev
-            .expect("a Conn keeps its bufferevent until detached")
-            .as_ptr()
+        self.bev.expect("a Conn keeps its bufferevent until detached").as_ptr()
     }
 
     fn input(&self) -> *mut ev::evbuffer {
@@ -167,9 +155,7 @@ impl Conn {
     /// Copies up to `buf.len()` input bytes without removing them.
     pub fn copy_out(&self, buf: &mut [u8]) -> usize {
         // SAFETY: buf is a live, writable slice of the given length.
-        let n = unsafe {
-            ev::evbuffer_copyout(self.input(), buf.as_mut_ptr() as *mut c_void, buf.len())
-        };
+        let n = unsafe { ev::evbuffer_copyout(self.input(), buf.as_mut_ptr() as *mut c_void, buf.len()) };
         n.max(0) as usize
     }
 
@@ -183,6 +169,21 @@ impl Conn {
     pub fn write(&self, data: &[u8]) {
         // SAFETY: data is a live slice; the bev copies it.
         unsafe { ev::bufferevent_write(self.bev(), data.as_ptr() as *const c_void, data.len()) };
+    }
+
+    /// Writes `data` to the kernel at once when nothing is queued before
+    /// it (saving the bufferevent's EV_WRITE round trip); queues what the
+    /// socket does not take. Returns true when everything is in the kernel.
+    pub fn write_now(&self, data: &[u8]) -> io::Result<bool> {
+        let mut sent = 0;
+        if self.output_len() == 0 {
+            sent = crate::sock::send_now(self.raw_fd(), data)?;
+        }
+        if sent < data.len() {
+            self.write(&data[sent..]);
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Writes the output buffer to the kernel now, as far as it goes.

@@ -43,12 +43,7 @@ impl Event {
     /// Creates an event; it does nothing until [`Event::add`].
     /// `Read` events persist; `Write` events fire once per `add`;
     /// `Signal` takes the signal number as `fd`; `Timer` ignores `fd`.
-    pub fn new(
-        base: &Base,
-        fd: RawFd,
-        interest: Interest,
-        cb: impl Fn() + 'static,
-    ) -> io::Result<Event> {
+    pub fn new(base: &Base, fd: RawFd, interest: Interest, cb: impl Fn() + 'static) -> io::Result<Event> {
         let (fd, flags) = match interest {
             Interest::Read => (fd, ev::EV_READ | ev::EV_PERSIST),
             Interest::Write => (fd, ev::EV_WRITE),
@@ -59,14 +54,9 @@ impl Event {
         let arg = &*cb as *const Callback as *mut c_void;
         // SAFETY: base is live; arg points into a Box that lives as long as
         // the returned Event, which frees the event before the Box.
-        let raw =
-            unsafe { ev::event_new(base.as_ptr(), fd, flags as c_short, Some(trampoline), arg) };
+        let raw = unsafe { ev::event_new(base.as_ptr(), fd, flags as c_short, Some(trampoline), arg) };
         let raw = NonNull::new(raw).ok_or_else(|| io::Error::other("event_new failed"))?;
-        Ok(Event {
-            raw,
-            _cb: cb,
-            base: base.clone(),
-        })
+        Ok(Event { raw, _cb: cb, base: base.clone() })
     }
 
     /// Registers the event, with an optional timeout.

@@ -28,11 +28,7 @@ pub struct Listener {
 
 impl Listener {
     /// Binds `ep` and starts accepting into `on_accept`.
-    pub fn bind(
-        base: &Base,
-        ep: &Endpoint,
-        on_accept: impl Fn(OwnedFd) + 'static,
-    ) -> io::Result<Listener> {
+    pub fn bind(base: &Base, ep: &Endpoint, on_accept: impl Fn(OwnedFd) + 'static) -> io::Result<Listener> {
         let (fd, unlink) = match ep {
             Endpoint::Tcp(addr) => (sock::tcp_listen(*addr)?, None),
             Endpoint::Unix(path) => (sock::unix_listen(path)?, Some(path.clone())),
@@ -44,11 +40,7 @@ impl Listener {
 
     /// Accepts on an already listening socket (one passed over a restart,
     /// or shared by several workers).
-    pub fn adopt(
-        base: &Base,
-        fd: OwnedFd,
-        on_accept: impl Fn(OwnedFd) + 'static,
-    ) -> io::Result<Listener> {
+    pub fn adopt(base: &Base, fd: OwnedFd, on_accept: impl Fn(OwnedFd) + 'static) -> io::Result<Listener> {
         let raw = fd.as_raw_fd();
         let event = Event::new(base, raw, Interest::Read, move || {
             for _ in 0..ACCEPT_BATCH {
@@ -64,11 +56,7 @@ impl Listener {
             }
         })?;
         event.add(None)?;
-        Ok(Listener {
-            event: Some(event),
-            fd: Some(fd),
-            unlink: None,
-        })
+        Ok(Listener { event: Some(event), fd: Some(fd), unlink: None })
     }
 
     /// Stops accepting; the socket stays open (and keeps queueing).
@@ -97,9 +85,7 @@ impl Listener {
     pub fn into_fd(mut self) -> OwnedFd {
         self.event.take();
         self.unlink.take();
-        self.fd
-            .take()
-            .expect("a listener owns its socket until into_fd")
+        self.fd.take().expect("a listener owns its socket until into_fd")
     }
 }
 
