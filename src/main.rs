@@ -31,6 +31,12 @@ enum Cmd {
     Cluster(ClusterArgs),
     /// Prints a running master's per-worker table.
     Status(StatusArgs),
+    /// Hot restart: a new master takes over the listener and every live
+    /// connection; exits 0 when the old generation is gone.
+    Restart(RestartArgs),
+    /// The new master of a restart (started by the old one).
+    #[command(hide = true)]
+    Takeover(TakeoverArgs),
     /// A cluster worker (started by the master, not by hand).
     #[command(hide = true)]
     Worker(WorkerArgs),
@@ -140,9 +146,29 @@ struct StatusArgs {
 }
 
 #[derive(Args)]
+struct RestartArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    /// The new binary (default: the running master's own).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Seconds the new master gets to take over before the restart is abandoned.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+}
+
+#[derive(Args)]
+struct TakeoverArgs {
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+#[derive(Args)]
 struct WorkerArgs {
     #[arg(long)]
     index: usize,
+    #[arg(long, default_value_t = 1)]
+    gen: u64,
     #[arg(long)]
     max_frame: usize,
     /// The inherited descriptor of the master channel.
@@ -182,8 +208,16 @@ fn main() -> ExitCode {
                 grace: std::time::Duration::from_secs_f64(a.grace.max(0.0)),
                 exe,
                 log_args,
+                gen: 1,
             })
         }),
+        Cmd::Restart(a) => {
+            let timeout = std::time::Duration::from_secs_f64(a.timeout.max(0.1));
+            cluster::master::request_restart(&a.dir, a.binary.as_deref(), timeout).map(|v| {
+                println!("restarted: generation {} (pid {})", v["gen"], v["pid"]);
+            })
+        }
+        Cmd::Takeover(a) => std::env::current_exe().and_then(|exe| cluster::master::takeover(&a.dir, exe, log_args)),
         Cmd::Status(a) => cluster::status::fetch(&a.dir, std::time::Duration::from_secs(3)).map(|v| {
             if a.json {
                 println!("{v}");
@@ -192,7 +226,12 @@ fn main() -> ExitCode {
             }
         }),
         Cmd::Worker(a) => inherited_fd(a.channel_fd).and_then(|channel| {
-            cluster::worker::run(cluster::worker::Config { index: a.index, max_frame: a.max_frame, channel })
+            cluster::worker::run(cluster::worker::Config {
+                index: a.index,
+                gen: a.gen,
+                max_frame: a.max_frame,
+                channel,
+            })
         }),
     };
     match result {

@@ -306,7 +306,9 @@ pub fn wait_readable(fd: &impl AsRawFd, timeout: std::time::Duration) -> io::Res
 pub fn send_now(fd: RawFd, data: &[u8]) -> io::Result<usize> {
     loop {
         // SAFETY: data is a live slice of the given length.
-        let n = unsafe { libc::send(fd, data.as_ptr() as *const libc::c_void, data.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        let n = unsafe {
+            libc::send(fd, data.as_ptr() as *const libc::c_void, data.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+        };
         if n >= 0 {
             return Ok(n as usize);
         }

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crate::fdpass;
 use crate::reactor::{Base, Event, Interest};
-use wire::{Header, HEADER_LEN, KIND_ACK, KIND_CONN, MAX_BODY, VERSION};
+use wire::{version, Header, HEADER_LEN, KIND_ACK, KIND_CONN, MAX_BODY};
 
 /// One channel message.
 #[derive(Debug)]
@@ -173,6 +173,11 @@ impl Channel {
         i.queue.len() + i.unacked.len()
     }
 
+    /// Sends this channel's future events to another handler.
+    pub fn set_handler(&self, handler: impl Fn(ChannelEvent) + 'static) {
+        self.0.borrow_mut().handler = Rc::new(handler);
+    }
+
     pub fn stats(&self) -> Stats {
         self.0.borrow().stats
     }
@@ -188,7 +193,7 @@ impl Inner {
     fn try_send(&self, msg: &Msg) -> io::Result<()> {
         let sock = self.sock.as_ref().expect("open channel has a socket");
         let mut out = Vec::with_capacity(HEADER_LEN + msg.body.len());
-        Header { version: VERSION, kind: msg.kind, flags: msg.flags, body_len: msg.body.len() as u32, id: msg.id }
+        Header { version: version(), kind: msg.kind, flags: msg.flags, body_len: msg.body.len() as u32, id: msg.id }
             .encode(&mut out);
         out.extend_from_slice(&msg.body);
         fdpass::send(sock.as_fd(), msg.fd.as_ref().map(|f| f.as_fd()), &out).map(drop)

@@ -133,7 +133,7 @@ fn newer_version_is_refused() {
     })
     .unwrap();
     let mut m = Vec::new();
-    Header { version: VERSION + 1, kind: wire::KIND_USER, flags: 0, body_len: 0, id: 0 }.encode(&mut m);
+    Header { version: wire::VERSION + 1, kind: wire::KIND_USER, flags: 0, body_len: 0, id: 0 }.encode(&mut m);
     fdpass::send(a.as_fd(), None, &m).unwrap();
     run(&base);
     let why = reason.borrow().clone().unwrap();

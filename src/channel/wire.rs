@@ -16,6 +16,14 @@ use std::io;
 
 pub const MAGIC: [u8; 4] = *b"HOFF";
 pub const VERSION: u16 = 1;
+
+/// The version this process speaks: [`VERSION`], unless the environment
+/// variable `HANDOFF_CHANNEL_VERSION` says otherwise (a test hook that
+/// stands in for a newer binary).
+pub fn version() -> u16 {
+    static V: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("HANDOFF_CHANNEL_VERSION").ok().and_then(|v| v.parse().ok()).unwrap_or(VERSION))
+}
 pub const HEADER_LEN: usize = 24;
 /// Largest body; a SEQPACKET message must fit the socket's send buffer.
 pub const MAX_BODY: usize = 128 * 1024;
@@ -71,8 +79,8 @@ impl Header {
             body_len: u32_at(12),
             id: u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes")),
         };
-        if h.version != VERSION {
-            return Err(bad(format!("peer speaks handoff channel v{}, this side v{VERSION}", h.version)));
+        if h.version != version() {
+            return Err(bad(format!("peer speaks handoff channel v{}, this side v{}", h.version, version())));
         }
         if h.body_len as usize != msg.len() - HEADER_LEN || h.body_len as usize > MAX_BODY {
             return Err(bad(format!("body length {} does not match message ({} bytes)", h.body_len, msg.len())));

@@ -5,6 +5,7 @@
 //! Master <-> worker messages ride the handoff channel (`crate::channel`):
 //! CONN (a client connection), LISTENER (shared policy), and the kinds
 //! below, whose bodies are JSON.
+pub mod control;
 pub mod master;
 pub mod status;
 pub mod worker;
@@ -19,6 +20,21 @@ pub const KIND_SHUTDOWN: u16 = KIND_USER + 1;
 pub const KIND_STATUS_REQ: u16 = KIND_USER + 2;
 /// master -> status client: the status JSON.
 pub const KIND_STATUS_REPLY: u16 = KIND_USER + 3;
+/// `handoff restart` -> old master: `{"binary":path,"timeout":secs}`.
+pub const KIND_RESTART_REQ: u16 = KIND_USER + 4;
+/// old master -> `handoff restart`: `{"ok":bool,"reason"|"pid","gen"}`.
+pub const KIND_RESTART_REPLY: u16 = KIND_USER + 5;
+/// new master -> old master: `{"pid":n}`; answered by a LISTENER message
+/// (the listening socket, body = the cluster's config as JSON).
+pub const KIND_TAKEOVER_HELLO: u16 = KIND_USER + 6;
+/// new master -> old master: workers are up; send the connections.
+pub const KIND_TAKEOVER_READY: u16 = KIND_USER + 7;
+/// master -> worker: hand every connection back between requests, exit.
+pub const KIND_DRAIN: u16 = KIND_USER + 8;
+/// worker -> master: "I let go of your connection": body = u64 LE master
+/// id, u32 LE flags, then the bytes read ahead. The master holds the
+/// descriptor already.
+pub const KIND_RELEASE: u16 = KIND_USER + 9;
 
 /// How the master picks a worker for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use super::{KIND_SHUTDOWN, KIND_STATS};
+use super::{KIND_DRAIN, KIND_RELEASE, KIND_SHUTDOWN, KIND_STATS};
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::proto::rpc::{self, Frame};
 use crate::reactor::{Base, Conn, ConnEvent, Event, Interest, Listener};
@@ -25,6 +25,8 @@ const STATS_EVERY: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct Config {
     pub index: usize,
+    /// The cluster's generation (restarts), shown by whoami.
+    pub gen: u64,
     pub max_frame: usize,
     /// The worker's end of the master socketpair.
     pub channel: OwnedFd,
@@ -37,6 +39,8 @@ struct Slot {
     eof: bool,
     closing: bool,
     throttled: bool,
+    /// Draining: release to the master once the output is flushed.
+    releasing: bool,
 }
 
 struct Worker {
@@ -51,6 +55,8 @@ struct Worker {
     listener: Option<Listener>,
     stats_timer: Option<Event>,
     stopping: bool,
+    /// Restart: hand every connection back between requests, then exit.
+    draining: bool,
     served: u64,
     /// Master ids of connections closed since the last stats message.
     closed: Vec<u64>,
@@ -69,7 +75,8 @@ pub fn run(cfg: Config) -> io::Result<()> {
     sock::raise_nofile()?;
     let base = Base::new()?;
     let index = cfg.index;
-    let identity = json!({"worker": index, "pid": std::process::id()}).as_object().cloned().unwrap_or_default();
+    let identity =
+        json!({"worker": index, "pid": std::process::id(), "gen": cfg.gen}).as_object().cloned().unwrap_or_default();
     let worker = Rc::new_cyclic(|me: &Weak<RefCell<Worker>>| {
         let w = me.clone();
         let master = Channel::new(&base, cfg.channel, move |ev| with(&w, |s| s.on_master(ev)))
@@ -86,6 +93,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
             listener: None,
             stats_timer: None,
             stopping: false,
+            draining: false,
             served: 0,
             closed: Vec::new(),
             signals: Vec::new(),
@@ -121,6 +129,7 @@ impl Worker {
                 }
                 wire::KIND_LISTENER => self.share_listener(m.fd.expect("channel checks LISTENER carries a descriptor")),
                 KIND_SHUTDOWN => self.begin_shutdown(),
+                KIND_DRAIN => self.begin_drain(),
                 k => log::warn!("worker {}: unexpected message kind {k} from master", self.index),
             },
             ChannelEvent::Closed { reason, .. } => {
@@ -160,7 +169,10 @@ impl Worker {
         let read_limit = self.max_frame + 4 + 64 * 1024;
         match Conn::adopt(&self.base, fd, leftover, read_limit, Rc::new(move |ev| with(&w, |s| s.on_conn(id, ev)))) {
             Ok(conn) => {
-                self.conns.insert(id, Slot { conn, master_id, eof: false, closing: false, throttled: false });
+                self.conns.insert(
+                    id,
+                    Slot { conn, master_id, eof: false, closing: false, throttled: false, releasing: false },
+                );
                 self.stats_changed(false);
                 self.serve(id);
             }
@@ -201,7 +213,7 @@ impl Worker {
     /// of one batch leave in one write.
     fn serve(&mut self, id: u64) {
         let Some(slot) = self.conns.get_mut(&id) else { return };
-        if slot.closing {
+        if slot.closing || slot.releasing {
             return;
         }
         let mut out = Vec::new();
@@ -252,7 +264,9 @@ impl Worker {
                 return;
             }
         }
-        if slot.eof || self.stopping {
+        if self.draining {
+            self.release_when_flushed(id);
+        } else if slot.eof || self.stopping {
             self.close_when_flushed(id);
         }
         self.stats_changed(false);
@@ -284,6 +298,63 @@ impl Worker {
         }
     }
 
+    /// Restart: every connection goes back to the master (which passes it
+    /// to the new generation) as soon as its responses are flushed; the
+    /// bytes of a request still arriving travel with it.
+    fn begin_drain(&mut self) {
+        if self.draining || self.stopping {
+            return;
+        }
+        self.draining = true;
+        self.listener = None;
+        log::debug!("worker {}: draining {} connection(s) to the next generation", self.index, self.conns.len());
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            self.release_when_flushed(id);
+        }
+        if self.conns.is_empty() {
+            self.quit();
+        }
+    }
+
+    fn release_when_flushed(&mut self, id: u64) {
+        let Some(slot) = self.conns.get_mut(&id) else { return };
+        if slot.closing {
+            return;
+        }
+        if slot.conn.output_len() == 0 {
+            self.release(id);
+        } else {
+            slot.releasing = true;
+            slot.conn.pause_reading();
+        }
+    }
+
+    /// Lets go of a connection: the master holds a copy of the descriptor
+    /// (RELEASE carries only its id and our read-ahead); one we accepted
+    /// ourselves goes back whole (CONN).
+    fn release(&mut self, id: u64) {
+        let Some(slot) = self.conns.remove(&id) else { return };
+        let flags = if slot.eof { wire::FLAG_EOF } else { 0 };
+        let (fd, leftover) = slot.conn.detach();
+        let msg = if slot.master_id != 0 {
+            let mut body = Vec::with_capacity(12 + leftover.len());
+            body.extend_from_slice(&slot.master_id.to_le_bytes());
+            body.extend_from_slice(&flags.to_le_bytes());
+            body.extend_from_slice(&leftover);
+            drop(fd);
+            Msg::control(KIND_RELEASE, body)
+        } else {
+            Msg::conn(fd, leftover, flags)
+        };
+        if self.master.send(msg).is_err() {
+            log::error!("worker {}: master channel gone; connection {id} is lost", self.index);
+        }
+        if self.conns.is_empty() {
+            self.quit();
+        }
+    }
+
     /// Stats go to the master coalesced: at the end of this loop round
     /// when a connection closed (the master then drops its copy), within
     /// `STATS_EVERY` when only counters moved.
@@ -307,7 +378,7 @@ impl Worker {
     /// connection with no partial request buffered closes at once), exits
     /// when it owns none.
     fn begin_shutdown(&mut self) {
-        if self.stopping {
+        if self.stopping || self.draining {
             return;
         }
         self.stopping = true;

@@ -2,7 +2,7 @@
 //! hands each new descriptor to a callback.
 use std::io;
 use std::net::SocketAddrV4;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
 use super::{Base, Event, Interest};
@@ -81,11 +81,28 @@ impl Listener {
         self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
     }
 
+    /// Removes `path` when dropped (a socket bound elsewhere, renamed).
+    pub fn with_path(mut self, path: PathBuf) -> Listener {
+        self.unlink = Some(path);
+        self
+    }
+
+    /// Closes without removing the socket file (a successor owns the path).
+    pub fn forget_path(mut self) {
+        self.unlink = None;
+    }
+
     /// Gives up the socket without closing it (to pass it to a successor).
     pub fn into_fd(mut self) -> OwnedFd {
         self.event.take();
         self.unlink.take();
         self.fd.take().expect("a listener owns its socket until into_fd")
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_ref().expect("a listener owns its socket until into_fd").as_fd()
     }
 }
 

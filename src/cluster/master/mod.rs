@@ -12,10 +12,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use super::{control_path, Policy, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY, KIND_STATUS_REQ};
+use super::{
+    control_path, Policy, KIND_RELEASE, KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY,
+    KIND_STATUS_REQ, KIND_TAKEOVER_HELLO,
+};
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::reactor::{Base, Endpoint, Event, Interest, Listener};
 use crate::sock;
+
+mod restart;
+pub use restart::{request as request_restart, takeover, DEFAULT_TIMEOUT as RESTART_TIMEOUT};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -30,6 +36,8 @@ pub struct Config {
     pub exe: PathBuf,
     /// `-v`/`--log-level` passed on to workers.
     pub log_args: Vec<String>,
+    /// Generation: 1 for a fresh start, +1 at each restart.
+    pub gen: u64,
 }
 
 /// One worker slot: its index is stable, its process is replaced.
@@ -87,6 +95,15 @@ struct Master {
     grace_timer: Option<Event>,
     stopping: bool,
     started: SystemTime,
+    /// A restart this master runs as the old generation.
+    restart: Option<restart::Outgoing>,
+    /// The control channel of the new generation taking over from us.
+    successor: Option<Channel>,
+    /// The control channel of the old generation handing over to us.
+    predecessor: Option<Channel>,
+    /// Handing every connection to the successor (restart after READY).
+    draining: bool,
+    done_timer: Option<Event>,
 }
 
 fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
@@ -95,19 +112,28 @@ fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
     }
 }
 
+/// Starts a cluster from scratch: binds the port, spawns the workers.
 pub fn run(cfg: Config) -> io::Result<()> {
     if cfg.workers == 0 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "--workers must be at least 1"));
     }
-    crate::signals::ignore_sigpipe();
-    sock::raise_nofile()?;
     sock::private_dir(&cfg.dir)?;
-    let ctl = control_path(&cfg.dir);
-    sock::claim_unix_path(&ctl)?;
-    let base = Base::new()?;
+    sock::claim_unix_path(&control_path(&cfg.dir))?;
     let addr = sock::resolve_v4(&cfg.host, cfg.port)?;
     let listen_fd = sock::tcp_listen(addr)?;
-    let port = sock::local_addr(listen_fd.as_raw_fd())?.port();
+    serve(cfg, listen_fd, None)
+}
+
+/// Runs a master on an already listening socket. `predecessor` is the
+/// control channel of the master this one replaces (restart), which
+/// goes on handing it connections.
+pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd>) -> io::Result<()> {
+    crate::signals::ignore_sigpipe();
+    sock::raise_nofile()?;
+    let base = Base::new()?;
+    let addr = sock::local_addr(listen_fd.as_raw_fd())?;
+    let port = addr.port();
+    let ctl = control_path(&cfg.dir);
 
     let master = Rc::new_cyclic(|me| {
         RefCell::new(Master {
@@ -127,20 +153,16 @@ pub fn run(cfg: Config) -> io::Result<()> {
             grace_timer: None,
             stopping: false,
             started: SystemTime::now(),
+            restart: None,
+            successor: None,
+            predecessor: None,
+            draining: false,
+            done_timer: None,
         })
     });
     {
         let mut m = master.borrow_mut();
-        if cfg.policy == Policy::Shared {
-            m.shared_fd = Some(listen_fd);
-        } else {
-            let w = Rc::downgrade(&master);
-            m.listener = Some(Listener::adopt(&base, listen_fd, move |fd| with(&w, |m| m.accept(fd)))?);
-        }
-        let w = Rc::downgrade(&master);
-        m.control =
-            Some(Listener::bind(&base, &Endpoint::Unix(ctl.clone()), move |fd| with(&w, |m| m.accept_control(fd)))?);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGCHLD] {
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGCHLD, libc::SIGUSR2] {
             let w = Rc::downgrade(&master);
             let e = Event::new(&base, sig, Interest::Signal, move || with(&w, |m| m.on_signal(sig)))?;
             e.add(None)?;
@@ -161,17 +183,46 @@ pub fn run(cfg: Config) -> io::Result<()> {
             });
             m.spawn(index)?;
         }
+        if cfg.policy == Policy::Shared {
+            m.shared_fd = Some(listen_fd);
+            m.share_listener_with_all();
+        } else {
+            let w = Rc::downgrade(&master);
+            m.listener = Some(Listener::adopt(&base, listen_fd, move |fd| with(&w, |m| m.accept(fd)))?);
+        }
+        // A successor binds beside the old control socket, then renames
+        // over it: `handoff status` always finds a live master.
+        let w = Rc::downgrade(&master);
+        let on_ctl = move |fd| with(&w, |m| m.accept_control(fd));
+        if predecessor.is_some() {
+            let tmp = cfg.dir.join(format!("control.{}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            let l = Listener::bind(&base, &Endpoint::Unix(tmp.clone()), on_ctl)?;
+            std::fs::rename(&tmp, &ctl)?;
+            m.control = Some(l.with_path(ctl.clone()));
+        } else {
+            m.control = Some(Listener::bind(&base, &Endpoint::Unix(ctl.clone()), on_ctl)?);
+        }
+        if let Some(fd) = predecessor {
+            m.attach_predecessor(fd)?;
+        }
     }
     log::info!(
-        "cluster master pid {} on {}:{port}, {} worker(s), policy {}",
+        "cluster master pid {} generation {} on {}:{port}, {} worker(s), policy {}",
         std::process::id(),
+        cfg.gen,
         addr.ip(),
         cfg.workers,
         cfg.policy.name()
     );
-    crate::signals::ready(&format!("ready port={port} workers={} dir={}", cfg.workers, cfg.dir.display()));
+    crate::signals::ready(&format!(
+        "ready port={port} workers={} dir={} gen={}",
+        cfg.workers,
+        cfg.dir.display(),
+        cfg.gen
+    ));
     base.dispatch()?;
-    log::info!("cluster master stopped");
+    log::info!("cluster master generation {} stopped", cfg.gen);
     Ok(())
 }
 
@@ -179,15 +230,8 @@ impl Master {
     fn spawn(&mut self, index: usize) -> io::Result<()> {
         let (mine, theirs) = sock::seqpacket_pair()?;
         let mut cmd = Command::new(&self.cfg.exe);
-        cmd.args([
-            "worker",
-            "--index",
-            &index.to_string(),
-            "--max-frame",
-            &self.cfg.max_frame.to_string(),
-            "--channel-fd",
-            "3",
-        ]);
+        cmd.args(["worker", "--index", &index.to_string(), "--max-frame", &self.cfg.max_frame.to_string()]);
+        cmd.args(["--gen", &self.cfg.gen.to_string(), "--channel-fd", "3"]);
         cmd.args(&self.cfg.log_args);
         let raw = theirs.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and only
@@ -218,16 +262,29 @@ impl Master {
         slot.held.clear();
         slot.served = 0;
         slot.started = Instant::now();
-        if let Some(fd) = &self.shared_fd {
-            let dup = fd.try_clone()?;
-            let msg = Msg { kind: wire::KIND_LISTENER, flags: 0, id: 0, body: Vec::new(), fd: Some(dup) };
-            let _ = self.slots[index].channel.as_ref().map(|c| c.send(msg));
-        }
+        self.share_listener(index);
         let pending: Vec<Msg> = self.pending.drain(..).collect();
         for m in pending {
             self.dispatch(m);
         }
         Ok(())
+    }
+
+    /// Shared policy: gives worker `index` the listening socket.
+    fn share_listener(&mut self, index: usize) {
+        let (Some(fd), Some(ch)) = (&self.shared_fd, &self.slots[index].channel) else { return };
+        match fd.try_clone() {
+            Ok(dup) => {
+                let _ = ch.send(Msg { kind: wire::KIND_LISTENER, flags: 0, id: 0, body: Vec::new(), fd: Some(dup) });
+            }
+            Err(e) => log::error!("worker {index}: cannot share the listener: {e}"),
+        }
+    }
+
+    fn share_listener_with_all(&mut self) {
+        for i in 0..self.slots.len() {
+            self.share_listener(i);
+        }
     }
 
     fn accept(&mut self, fd: OwnedFd) {
@@ -258,6 +315,10 @@ impl Master {
     /// Hands a connection to a worker, keeping a copy until the worker
     /// closes it; keeps it pending if no worker is live.
     fn dispatch(&mut self, mut msg: Msg) {
+        if self.draining {
+            self.forward(msg);
+            return;
+        }
         while let Some(i) = self.pick() {
             let copy = match msg.fd.as_ref().map(OwnedFd::try_clone) {
                 Some(Ok(c)) => c,
@@ -299,6 +360,9 @@ impl Master {
                 }
                 Err(e) => log::warn!("worker {index}: bad stats: {e}"),
             },
+            ChannelEvent::Msg(m) if m.kind == KIND_RELEASE => self.on_release(index, m),
+            // Shared policy: a connection the worker accepted itself.
+            ChannelEvent::Msg(m) if m.kind == wire::KIND_CONN => self.dispatch(m),
             ChannelEvent::Msg(m) => {
                 log::warn!("worker {index}: unexpected message kind {}", m.kind)
             }
@@ -323,6 +387,21 @@ impl Master {
         }
     }
 
+    /// A worker let go of a connection we hold (restart): pass it on with
+    /// the bytes the worker had read.
+    fn on_release(&mut self, index: usize, m: Msg) {
+        if m.body.len() < 12 {
+            log::error!("worker {index}: short RELEASE message");
+            return;
+        }
+        let id = u64::from_le_bytes(m.body[..8].try_into().expect("8 bytes"));
+        let flags = u32::from_le_bytes(m.body[8..12].try_into().expect("4 bytes"));
+        match self.slots[index].held.remove(&id) {
+            Some(fd) => self.dispatch(Msg::conn(fd, m.body[12..].to_vec(), flags)),
+            None => log::error!("worker {index}: RELEASE of unknown connection {id}"),
+        }
+    }
+
     fn requeue(&mut self, msgs: Vec<Msg>) {
         for mut m in msgs {
             m.id = 0;
@@ -331,10 +410,13 @@ impl Master {
     }
 
     fn on_signal(&mut self, sig: i32) {
-        if sig == libc::SIGCHLD {
-            self.reap();
-        } else {
-            self.shutdown(sig);
+        match sig {
+            libc::SIGCHLD => {
+                self.reap_successor();
+                self.reap();
+            }
+            libc::SIGUSR2 => self.begin_restart(None, restart::DEFAULT_TIMEOUT, None),
+            _ => self.shutdown(sig),
         }
     }
 
@@ -355,6 +437,15 @@ impl Master {
             let held: Vec<OwnedFd> = slot.held.drain().map(|(_, fd)| fd).collect();
             if self.stopping {
                 log::debug!("worker {index} (pid {pid}) exited: {status}");
+                continue;
+            }
+            if self.draining {
+                if !held.is_empty() {
+                    log::warn!(
+                        "worker {index} (pid {pid}) exited while draining: {status}; passing on its connections"
+                    );
+                }
+                self.requeue(held.into_iter().map(|fd| Msg::conn(fd, Vec::new(), 0)).collect());
                 continue;
             }
             log::warn!(
@@ -378,6 +469,10 @@ impl Master {
 
     fn shutdown(&mut self, sig: i32) {
         if self.stopping {
+            return;
+        }
+        if self.draining {
+            log::info!("signal {sig} during a restart: finishing the handover first");
             return;
         }
         self.stopping = true;
@@ -440,6 +535,8 @@ impl Master {
 
     fn on_control(&mut self, id: u64, ev: ChannelEvent) {
         match ev {
+            ChannelEvent::Msg(m) if m.kind == KIND_RESTART_REQ => self.on_restart_request(id, &m.body),
+            ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_HELLO => self.on_takeover_hello(id),
             ChannelEvent::Msg(m) if m.kind == KIND_STATUS_REQ => {
                 let body = self.status().to_string().into_bytes();
                 if let Some(c) = self.clients.get(&id) {
@@ -478,7 +575,9 @@ impl Master {
             "pid": std::process::id(),
             "port": self.port,
             "policy": self.cfg.policy.name(),
+            "gen": self.cfg.gen,
             "started": started,
+            "restarting": self.restart.is_some(),
             "pending": self.pending.len(),
             "workers": workers,
         })

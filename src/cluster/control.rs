@@ -1,0 +1,63 @@
+//! The client side of a master's control socket (`D/control.sock`), used
+//! by `handoff status`, `handoff restart` and a new master taking over.
+//! Blocking, with deadlines: these are short command-line exchanges.
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::control_path;
+use crate::channel::wire::{version, Header, HEADER_LEN, MAX_BODY};
+use crate::{fdpass, sock};
+
+pub struct Client {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(dir: &Path) -> io::Result<Client> {
+        let path = control_path(dir);
+        let fd = sock::unix_connect(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("no master in {}: {e}", dir.display())))?;
+        Ok(Client { fd, buf: vec![0; HEADER_LEN + MAX_BODY] })
+    }
+
+    pub fn send(&self, kind: u16, body: &[u8]) -> io::Result<()> {
+        let mut msg = Vec::with_capacity(HEADER_LEN + body.len());
+        Header { version: version(), kind, flags: 0, body_len: body.len() as u32, id: 0 }.encode(&mut msg);
+        msg.extend_from_slice(body);
+        fdpass::send(self.fd.as_fd(), None, &msg).map(drop)
+    }
+
+    /// Waits for a message of `kind` (others are skipped); returns its
+    /// body and descriptor.
+    pub fn recv(&mut self, kind: u16, timeout: Duration) -> io::Result<(Vec<u8>, Option<OwnedFd>)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match fdpass::recv(self.fd.as_fd(), &mut self.buf) {
+                Ok(r) if r.len == 0 && r.fd.is_none() => {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "master closed the control socket"))
+                }
+                Ok(r) => {
+                    let h = Header::decode(&self.buf[..r.len])?;
+                    if h.kind == kind {
+                        return Ok((self.buf[HEADER_LEN..r.len].to_vec(), r.fd));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "no reply from the master"));
+                    }
+                    sock::wait_readable(&self.fd, left)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+}
