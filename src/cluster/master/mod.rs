@@ -547,7 +547,10 @@ impl Master {
                 log::warn!("control socket: unexpected message kind {}; closing", m.kind);
                 self.clients.remove(&id);
             }
-            ChannelEvent::Closed { .. } => {
+            ChannelEvent::Closed { reason, .. } => {
+                if let Some(e) = reason {
+                    log::warn!("control client {id} refused: {e}");
+                }
                 self.clients.remove(&id);
             }
         }
