@@ -10,6 +10,7 @@ pub mod client;
 pub mod cluster;
 pub mod fdpass;
 pub mod logging;
+pub mod node;
 pub mod pair;
 pub mod proto;
 pub mod reactor;

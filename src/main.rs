@@ -29,6 +29,8 @@ enum Cmd {
     Pair(PairArgs),
     /// Cluster master: accepts and hands each connection to a prefork worker.
     Cluster(ClusterArgs),
+    /// A node (manager + workers) whose workers relay to other nodes' workers.
+    Node(NodeArgs),
     /// Prints a running master's per-worker table.
     Status(StatusArgs),
     /// Hot restart: a new master takes over the listener and every live
@@ -137,6 +139,33 @@ struct ClusterArgs {
 }
 
 #[derive(Args)]
+struct NodeArgs {
+    /// This node's name.
+    #[arg(long)]
+    name: String,
+    /// TCP port for clients and other nodes' workers (0 picks a free one).
+    #[arg(long)]
+    port: u16,
+    /// Number of workers (default: number of CPUs).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Directory for the control socket (made 0700).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Other nodes: B=HOST:PORT[,C=HOST:PORT...].
+    #[arg(long, default_value = "")]
+    peers: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Seconds from connect to the end of the link handshake.
+    #[arg(long, default_value_t = 1.5)]
+    connect_timeout: f64,
+    /// Largest request frame; a larger one closes that connection.
+    #[arg(long, default_value_t = handoff::proto::rpc::DEFAULT_MAX_FRAME)]
+    max_frame: usize,
+}
+
+#[derive(Args)]
 struct StatusArgs {
     #[arg(long)]
     dir: PathBuf,
@@ -174,6 +203,13 @@ struct WorkerArgs {
     /// The inherited descriptor of the master channel.
     #[arg(long)]
     channel_fd: i32,
+    /// Node mode: this node's name (with --peers, --connect-timeout).
+    #[arg(long)]
+    node: Option<String>,
+    #[arg(long, default_value = "")]
+    peers: String,
+    #[arg(long, default_value_t = 1.5)]
+    connect_timeout: f64,
 }
 
 fn parse_ports(s: &str) -> Result<(u16, u16), String> {
@@ -209,6 +245,23 @@ fn main() -> ExitCode {
                 exe,
                 log_args,
                 gen: 1,
+                node: None,
+            })
+        }),
+        Cmd::Node(a) => node_config(&a.name, &a.peers, a.connect_timeout).and_then(|node| {
+            let exe = std::env::current_exe()?;
+            cluster::master::run(cluster::master::Config {
+                host: a.host,
+                port: a.port,
+                workers: a.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                dir: a.dir,
+                policy: cluster::Policy::RoundRobin,
+                max_frame: a.max_frame,
+                grace: std::time::Duration::from_secs(5),
+                exe,
+                log_args,
+                gen: 1,
+                node: Some(node),
             })
         }),
         Cmd::Restart(a) => {
@@ -226,7 +279,12 @@ fn main() -> ExitCode {
             }
         }),
         Cmd::Worker(a) => inherited_fd(a.channel_fd).and_then(|channel| {
+            let node = match &a.node {
+                Some(name) => Some(node_config(name, &a.peers, a.connect_timeout)?),
+                None => None,
+            };
             cluster::worker::run(cluster::worker::Config {
+                node,
                 index: a.index,
                 gen: a.gen,
                 max_frame: a.max_frame,
@@ -281,4 +339,12 @@ fn inherited_fd(fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     // SAFETY: the master set this descriptor up for us alone; nothing else
     // in this process refers to it.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+fn node_config(name: &str, peers: &str, timeout: f64) -> std::io::Result<handoff::node::NodeConfig> {
+    Ok(handoff::node::NodeConfig {
+        name: name.to_string(),
+        peers: handoff::node::parse_peers(peers)?,
+        connect_timeout: std::time::Duration::from_secs_f64(timeout.max(0.001)),
+    })
 }

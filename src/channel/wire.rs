@@ -6,7 +6,8 @@
 //!      4    2 version   1
 //!      6    2 kind      1 = CONN (carries a descriptor), 2 = ACK,
 //!                       3 = LISTENER (carries a descriptor), >= 16 mode-defined
-//!      8    4 flags     CONN: bit 0 = the client already sent EOF
+//!      8    4 flags     CONN: bit 0 = the client already sent EOF,
+//!                       bit 1 = a node link (node mode)
 //!     12    4 body_len  bytes after the header (<= MAX_BODY)
 //!     16    8 id        CONN: sender's sequence number; ACK: highest CONN id taken
 //!     24    - body      CONN: bytes already read from the connection (read-ahead)
@@ -36,6 +37,8 @@ pub const KIND_LISTENER: u16 = 3;
 pub const KIND_USER: u16 = 16;
 
 pub const FLAG_EOF: u32 = 1;
+/// CONN: the connection is a node link (node mode), not a client.
+pub const FLAG_NODE_LINK: u32 = 2;
 
 /// Whether messages of `kind` must carry a descriptor (others must not).
 pub fn carries_fd(kind: u16) -> bool {

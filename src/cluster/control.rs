@@ -37,7 +37,10 @@ impl Client {
         loop {
             match fdpass::recv(self.fd.as_fd(), &mut self.buf) {
                 Ok(r) if r.len == 0 && r.fd.is_none() => {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the master closed the control socket (refused our request or channel version)"))
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the master closed the control socket (refused our request or channel version)",
+                    ))
                 }
                 Ok(r) => {
                     let h = Header::decode(&self.buf[..r.len])?;

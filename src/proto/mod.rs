@@ -1,3 +1,4 @@
 //! Framings spoken on client connections.
+pub mod node;
 pub mod pingpong;
 pub mod rpc;

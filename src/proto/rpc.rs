@@ -56,33 +56,32 @@ pub fn encode_into(v: &Value, out: &mut Vec<u8>) {
 
 /// Answers one request body. `identity` is the whoami result (an object).
 pub fn answer(body: &[u8], identity: &Map<String, Value>) -> Value {
-    match handle(body, identity) {
-        Ok(v) => v,
-        Err(reason) => json!({"out": "error", "result": reason}),
-    }
+    respond(parse(body), identity)
 }
 
-fn handle(body: &[u8], identity: &Map<String, Value>) -> Result<Value, String> {
-    let req: Value = serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))?;
-    let obj = req.as_object().ok_or("request is not a JSON object")?;
-    match obj.get("in").ok_or("missing \"in\"")? {
-        Value::String(s) if s == "ping" => {
-            let x = obj.get("params").ok_or("ping: missing \"params\"")?;
-            Ok(json!({"out": "pong", "result": x}))
-        }
-        Value::String(s) if s == "whoami" => Ok(json!({"out": "whoami", "result": identity})),
-        Value::String(s) => Err(format!("unknown \"in\": {s:?}")),
-        _ => Err("\"in\" is not a string".into()),
-    }
+/// Answers a request already parsed by [`parse`] (modes that add their
+/// own requests parse first, then fall back here).
+pub fn respond(req: Result<(String, Map<String, Value>), String>, identity: &Map<String, Value>) -> Value {
+    let result = req.and_then(|(kind, obj)| match kind.as_str() {
+        "ping" => match obj.get("params") {
+            Some(x) => Ok(json!({"out": "pong", "result": x})),
+            None => Err("ping: missing \"params\"".to_string()),
+        },
+        "whoami" => Ok(json!({"out": "whoami", "result": identity})),
+        other => Err(format!("unknown \"in\": {other:?}")),
+    });
+    result.unwrap_or_else(|reason| error(&reason))
 }
 
-/// Parses a request the way [`answer`] does, for the modes that add
-/// their own requests: `(in, object)` or an error reason.
+/// `{"out":"error","result":reason}`
+pub fn error(reason: &str) -> Value {
+    json!({"out": "error", "result": reason})
+}
+
+/// Parses a request: its `"in"` and the whole object, or an error reason.
 pub fn parse(body: &[u8]) -> Result<(String, Map<String, Value>), String> {
     let req: Value = serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))?;
-    let Value::Object(obj) = req else {
-        return Err("request is not a JSON object".into());
-    };
+    let Value::Object(obj) = req else { return Err("request is not a JSON object".into()) };
     match obj.get("in") {
         Some(Value::String(s)) => Ok((s.clone(), obj)),
         Some(_) => Err("\"in\" is not a string".into()),

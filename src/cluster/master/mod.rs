@@ -21,6 +21,7 @@ use crate::reactor::{Base, Endpoint, Event, Interest, Listener};
 use crate::sock;
 
 mod restart;
+mod sniff;
 pub use restart::{request as request_restart, takeover, DEFAULT_TIMEOUT as RESTART_TIMEOUT};
 
 #[derive(Debug, Clone)]
@@ -38,6 +39,8 @@ pub struct Config {
     pub log_args: Vec<String>,
     /// Generation: 1 for a fresh start, +1 at each restart.
     pub gen: u64,
+    /// Node mode (`handoff node`): the manager of one node.
+    pub node: Option<crate::node::NodeConfig>,
 }
 
 /// One worker slot: its index is stable, its process is replaced.
@@ -57,6 +60,8 @@ struct Slot {
     served: u64,
     /// Served by earlier incarnations.
     served_before: u64,
+    /// Node mode: the worker's link table, as it last reported.
+    links: Value,
     respawns: u64,
     started: Instant,
 }
@@ -86,8 +91,10 @@ struct Master {
     shared_fd: Option<OwnedFd>,
     slots: Vec<Slot>,
     next: usize,
-    /// Connections waiting for a live worker.
-    pending: VecDeque<Msg>,
+    /// Connections waiting for a live worker (or for that one worker).
+    pending: VecDeque<(Option<usize>, Msg)>,
+    /// Node mode: new connections whose first frame is not read yet.
+    sniffing: HashMap<u64, sniff::Sniffed>,
     control: Option<Listener>,
     clients: HashMap<u64, Channel>,
     next_client: u64,
@@ -134,6 +141,11 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
     let addr = sock::local_addr(listen_fd.as_raw_fd())?;
     let port = addr.port();
     let ctl = control_path(&cfg.dir);
+    let mut cfg = cfg;
+    if let Some(n) = cfg.node.as_mut() {
+        // Workers reach this node's own workers through this manager too.
+        n.peers.insert(n.name.clone(), addr);
+    }
 
     let master = Rc::new_cyclic(|me| {
         RefCell::new(Master {
@@ -146,6 +158,7 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
             slots: Vec::new(),
             next: 0,
             pending: VecDeque::new(),
+            sniffing: HashMap::new(),
             control: None,
             clients: HashMap::new(),
             next_client: 1,
@@ -178,6 +191,7 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
                 held: HashMap::new(),
                 served: 0,
                 served_before: 0,
+                links: Value::Array(Vec::new()),
                 respawns: 0,
                 started: Instant::now(),
             });
@@ -232,6 +246,9 @@ impl Master {
         let mut cmd = Command::new(&self.cfg.exe);
         cmd.args(["worker", "--index", &index.to_string(), "--max-frame", &self.cfg.max_frame.to_string()]);
         cmd.args(["--gen", &self.cfg.gen.to_string(), "--channel-fd", "3"]);
+        if let Some(n) = &self.cfg.node {
+            cmd.args(n.to_args());
+        }
         cmd.args(&self.cfg.log_args);
         let raw = theirs.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and only
@@ -263,9 +280,9 @@ impl Master {
         slot.served = 0;
         slot.started = Instant::now();
         self.share_listener(index);
-        let pending: Vec<Msg> = self.pending.drain(..).collect();
-        for m in pending {
-            self.dispatch(m);
+        let pending: Vec<(Option<usize>, Msg)> = self.pending.drain(..).collect();
+        for (target, m) in pending {
+            self.dispatch_to(target, m);
         }
         Ok(())
     }
@@ -288,6 +305,10 @@ impl Master {
     }
 
     fn accept(&mut self, fd: OwnedFd) {
+        if self.cfg.node.is_some() {
+            self.sniff(fd);
+            return;
+        }
         let _ = sock::set_nodelay(fd.as_raw_fd());
         self.dispatch(Msg::conn(fd, Vec::new(), 0));
     }
@@ -314,12 +335,25 @@ impl Master {
 
     /// Hands a connection to a worker, keeping a copy until the worker
     /// closes it; keeps it pending if no worker is live.
-    fn dispatch(&mut self, mut msg: Msg) {
+    fn dispatch(&mut self, msg: Msg) {
+        self.dispatch_to(None, msg)
+    }
+
+    /// As `dispatch`, to worker `target` if given (node links).
+    fn dispatch_to(&mut self, target: Option<usize>, mut msg: Msg) {
         if self.draining {
             self.forward(msg);
             return;
         }
-        while let Some(i) = self.pick() {
+        loop {
+            let i = match target {
+                Some(t) if self.slots[t].live() => t,
+                Some(_) => break,
+                None => match self.pick() {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
             let copy = match msg.fd.as_ref().map(OwnedFd::try_clone) {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => {
@@ -342,7 +376,7 @@ impl Master {
             return; // dropping msg closes the connection
         }
         log::debug!("no live worker; connection waits");
-        self.pending.push_back(msg);
+        self.pending.push_back((target, msg));
     }
 
     fn on_worker(&mut self, index: usize, inc: u64, ev: ChannelEvent) {
@@ -357,6 +391,9 @@ impl Master {
                         slot.held.remove(&id);
                     }
                     slot.served = v["served"].as_u64().unwrap_or(slot.served);
+                    if let Some(l) = v.get("links") {
+                        slot.links = l.clone();
+                    }
                 }
                 Err(e) => log::warn!("worker {index}: bad stats: {e}"),
             },
@@ -570,11 +607,13 @@ impl Master {
                     "served": s.served_before + s.served,
                     "respawns": s.respawns,
                     "up_secs": s.started.elapsed().as_secs(),
+                    "links": s.links,
                 })
             })
             .collect();
         json!({
-            "mode": "cluster",
+            "mode": if self.cfg.node.is_some() { "node" } else { "cluster" },
+            "node": self.node_name(),
             "pid": std::process::id(),
             "port": self.port,
             "policy": self.cfg.policy.name(),

@@ -188,8 +188,8 @@ impl Master {
         self.listener = None;
         self.shared_fd = None;
         self.draining = true;
-        let pending: Vec<Msg> = self.pending.drain(..).collect();
-        for m in pending {
+        let pending: Vec<(Option<usize>, Msg)> = self.pending.drain(..).collect();
+        for (_, m) in pending {
             self.forward(m);
         }
         for slot in &self.slots {
@@ -290,6 +290,7 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
         exe,
         log_args,
         gen: v["gen"].as_u64().ok_or_else(|| bad("gen"))? + 1,
+        node: None,
     };
     super::serve(cfg, fd, Some(c.into_fd()))
 }

@@ -3,7 +3,7 @@
 //! the master which connections it closed (in the coalesced stats
 //! message), so the master can release its rescue copies.
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::{Rc, Weak};
@@ -17,6 +17,8 @@ use crate::proto::rpc::{self, Frame};
 use crate::reactor::{Base, Conn, ConnEvent, Event, Interest, Listener};
 use crate::sock;
 
+mod links;
+
 /// Pause reading a connection while this much output is unsent.
 const OUTPUT_LIMIT: usize = 1 << 20;
 /// Longest delay of a counters-only stats message.
@@ -24,6 +26,8 @@ const STATS_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 pub struct Config {
+    /// Node mode (`handoff node`); `None` for a plain cluster.
+    pub node: Option<crate::node::NodeConfig>,
     pub index: usize,
     /// The cluster's generation (restarts), shown by whoami.
     pub gen: u64,
@@ -32,8 +36,24 @@ pub struct Config {
     pub channel: OwnedFd,
 }
 
+/// What a connection is to this worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    /// A client speaking the rpc protocol.
+    Client,
+    /// Node mode: a link another node's worker opened to us.
+    LinkIn,
+    /// Node mode: our link to (node, worker).
+    LinkOut(links::Key),
+}
+
 struct Slot {
     conn: Conn,
+    kind: Kind,
+    /// Client replies in request order; `None` while a relay is out.
+    replies: VecDeque<Option<Vec<u8>>>,
+    /// Request number of `replies[0]`.
+    reply_head: u64,
     /// The master's id for this connection (0: accepted here).
     master_id: u64,
     eof: bool,
@@ -61,6 +81,8 @@ struct Worker {
     /// Master ids of connections closed since the last stats message.
     closed: Vec<u64>,
     signals: Vec<Event>,
+    /// Node mode: this node's name, its peers, and the links to them.
+    node: Option<links::Node>,
 }
 
 fn with(w: &Weak<RefCell<Worker>>, f: impl FnOnce(&mut Worker)) {
@@ -75,8 +97,12 @@ pub fn run(cfg: Config) -> io::Result<()> {
     sock::raise_nofile()?;
     let base = Base::new()?;
     let index = cfg.index;
-    let identity =
+    let mut identity =
         json!({"worker": index, "pid": std::process::id(), "gen": cfg.gen}).as_object().cloned().unwrap_or_default();
+    if let Some(n) = &cfg.node {
+        identity.insert("node".into(), Value::String(n.name.clone()));
+    }
+    let node = cfg.node.map(|n| links::Node::new(n, index));
     let worker = Rc::new_cyclic(|me: &Weak<RefCell<Worker>>| {
         let w = me.clone();
         let master = Channel::new(&base, cfg.channel, move |ev| with(&w, |s| s.on_master(ev)))
@@ -97,6 +123,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
             served: 0,
             closed: Vec::new(),
             signals: Vec::new(),
+            node,
         })
     });
     {
@@ -125,7 +152,8 @@ impl Worker {
             ChannelEvent::Msg(m) => match m.kind {
                 wire::KIND_CONN => {
                     let fd = m.fd.expect("channel checks CONN carries a descriptor");
-                    self.adopt(fd, &m.body, m.id);
+                    let kind = if m.flags & wire::FLAG_NODE_LINK != 0 { Kind::LinkIn } else { Kind::Client };
+                    self.adopt(fd, &m.body, m.id, kind);
                 }
                 wire::KIND_LISTENER => self.share_listener(m.fd.expect("channel checks LISTENER carries a descriptor")),
                 KIND_SHUTDOWN => self.begin_shutdown(),
@@ -149,7 +177,7 @@ impl Worker {
         match Listener::adopt(&self.base, fd, move |c| {
             with(&w, |s| {
                 let _ = sock::set_nodelay(c.as_raw_fd());
-                s.adopt(c, &[], 0);
+                s.adopt(c, &[], 0, Kind::Client);
             })
         }) {
             Ok(l) => self.listener = Some(l),
@@ -157,11 +185,11 @@ impl Worker {
         }
     }
 
-    fn adopt(&mut self, fd: OwnedFd, leftover: &[u8], master_id: u64) {
+    fn adopt(&mut self, fd: OwnedFd, leftover: &[u8], master_id: u64, kind: Kind) -> Option<u64> {
         if self.stopping {
             // The master stopped sending before SHUTDOWN; nothing should come.
             log::warn!("worker {}: connection arrived while stopping; closing it", self.index);
-            return;
+            return None;
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -169,14 +197,26 @@ impl Worker {
         let read_limit = self.max_frame + 4 + 64 * 1024;
         match Conn::adopt(&self.base, fd, leftover, read_limit, Rc::new(move |ev| with(&w, |s| s.on_conn(id, ev)))) {
             Ok(conn) => {
-                self.conns.insert(
-                    id,
-                    Slot { conn, master_id, eof: false, closing: false, throttled: false, releasing: false },
-                );
+                let slot = Slot {
+                    conn,
+                    kind,
+                    replies: VecDeque::new(),
+                    reply_head: 0,
+                    master_id,
+                    eof: false,
+                    closing: false,
+                    throttled: false,
+                    releasing: false,
+                };
+                self.conns.insert(id, slot);
                 self.stats_changed(false);
                 self.serve(id);
+                Some(id)
             }
-            Err(e) => log::error!("worker {}: cannot adopt connection: {e}", self.index),
+            Err(e) => {
+                log::error!("worker {}: cannot adopt connection: {e}", self.index);
+                None
+            }
         }
     }
 
@@ -202,30 +242,55 @@ impl Worker {
                 }
             }
             ConnEvent::Error(errno) => {
-                log::debug!("worker {}: connection {id}: {}", self.index, io::Error::from_raw_os_error(errno));
-                self.close(id);
+                let e = io::Error::from_raw_os_error(errno);
+                log::debug!("worker {}: connection {id}: {e}", self.index);
+                self.close_because(id, &e.to_string());
             }
             ConnEvent::Timeout => {}
         }
     }
 
-    /// Answers every complete request in the input, in order; the replies
-    /// of one batch leave in one write.
     fn serve(&mut self, id: u64) {
+        match self.conns.get(&id).map(|s| &s.kind) {
+            Some(Kind::Client) => self.serve_client(id),
+            Some(_) => self.serve_link(id),
+            None => {}
+        }
+    }
+
+    /// Answers every complete request in the input, in order; the replies
+    /// of one batch leave in one write. Relays (node mode) answer later;
+    /// replies behind them wait their turn.
+    fn serve_client(&mut self, id: u64) {
         let Some(slot) = self.conns.get_mut(&id) else { return };
         if slot.closing || slot.releasing {
             return;
         }
+        let node_mode = self.node.is_some();
+        let mut relays = Vec::new();
         let mut out = Vec::new();
         let mut close = false;
         loop {
             let avail = slot.conn.input_len();
             match rpc::frame(slot.conn.peek(avail.min(4)), avail, self.max_frame) {
                 Frame::Complete { body } => {
-                    let reply = rpc::answer(&slot.conn.peek(4 + body)[4..], &self.identity);
+                    let req = rpc::parse(&slot.conn.peek(4 + body)[4..]);
                     slot.conn.consume(4 + body);
-                    rpc::encode_into(&reply, &mut out);
                     self.served += 1;
+                    match req {
+                        Ok((kind, obj)) if node_mode && kind == "relay" => {
+                            relays.push((slot.reply_head + slot.replies.len() as u64, obj));
+                            slot.replies.push_back(None);
+                        }
+                        req => {
+                            let reply = rpc::respond(req, &self.identity);
+                            if slot.replies.is_empty() {
+                                rpc::encode_into(&reply, &mut out);
+                            } else {
+                                slot.replies.push_back(Some(rpc::encode(&reply)));
+                            }
+                        }
+                    }
                     if out.len() + slot.conn.output_len() > OUTPUT_LIMIT {
                         slot.throttled = true;
                         slot.conn.pause_reading();
@@ -264,12 +329,41 @@ impl Worker {
                 return;
             }
         }
+        let waiting = !slot.replies.is_empty();
         if self.draining {
             self.release_when_flushed(id);
-        } else if slot.eof || self.stopping {
+        } else if (slot.eof || self.stopping) && !waiting {
             self.close_when_flushed(id);
         }
+        for (seq, obj) in relays {
+            self.relay(id, seq, &obj);
+        }
         self.stats_changed(false);
+    }
+
+    /// A deferred reply is ready: send it and every ready one behind it.
+    fn complete(&mut self, id: u64, seq: u64, reply: &Value) {
+        let Some(slot) = self.conns.get_mut(&id) else { return };
+        let Some(i) = seq.checked_sub(slot.reply_head).map(|i| i as usize) else { return };
+        if i >= slot.replies.len() {
+            return;
+        }
+        slot.replies[i] = Some(rpc::encode(reply));
+        let mut out = Vec::new();
+        while let Some(Some(_)) = slot.replies.front() {
+            out.extend(slot.replies.pop_front().flatten().expect("checked Some"));
+            slot.reply_head += 1;
+        }
+        if !out.is_empty() {
+            if let Err(e) = slot.conn.write_now(&out) {
+                log::debug!("worker {}: connection {id}: write: {e}", self.index);
+                self.close(id);
+                return;
+            }
+        }
+        if slot.replies.is_empty() && (slot.eof || self.stopping) {
+            self.close_when_flushed(id);
+        }
     }
 
     fn close_when_flushed(&mut self, id: u64) {
@@ -283,10 +377,18 @@ impl Worker {
         }
     }
 
-    /// Closes a connection for good: shut down first, because the master
-    /// still holds a descriptor to it (to rescue it should we die).
     fn close(&mut self, id: u64) {
+        self.close_because(id, "closed");
+    }
+
+    /// Closes a connection for good: shut down first, because the master
+    /// still holds a descriptor to it (to rescue it should we die). A
+    /// lost link fails the relays waiting on it with `why`.
+    fn close_because(&mut self, id: u64, why: &str) {
         if let Some(slot) = self.conns.remove(&id) {
+            if let Kind::LinkOut(key) = &slot.kind {
+                self.link_lost(key, why);
+            }
             sock::shutdown_both(slot.conn.raw_fd());
             if slot.master_id != 0 {
                 self.closed.push(slot.master_id);
@@ -370,7 +472,10 @@ impl Worker {
 
     fn send_stats(&mut self) {
         let closed = std::mem::take(&mut self.closed);
-        let body = json!({"open": self.conns.len(), "served": self.served, "closed": closed});
+        let mut body = json!({"open": self.conns.len(), "served": self.served, "closed": closed});
+        if let Some(n) = &self.node {
+            body["links"] = n.table();
+        }
         let _ = self.master.send(Msg::control(KIND_STATS, body.to_string().into_bytes()));
     }
 

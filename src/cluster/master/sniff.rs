@@ -1,0 +1,136 @@
+//! Node mode, manager side: one port serves clients and other nodes'
+//! workers, told apart by the first frame. A node link starts with the
+//! node protocol's magic and a CONNECT_REQ naming a worker; the manager
+//! answers and hands the socket (with any bytes read past the request) to
+//! that worker. Anything else is a client: it goes round-robin with the
+//! bytes read so far, exactly as in cluster mode.
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+
+use serde_json::json;
+
+use super::{with, Master};
+use crate::channel::{wire, Msg};
+use crate::proto::node::{self as node, Cmd, Parsed};
+use crate::reactor::{Conn, ConnEvent};
+use crate::sock;
+
+/// Bytes a manager reads before deciding (a CONNECT_REQ is far smaller).
+const SNIFF_LIMIT: usize = 64 * 1024;
+
+pub(super) struct Sniffed {
+    conn: Conn,
+    /// After the reply is flushed: hand to this worker (or close if None).
+    then: Option<Option<usize>>,
+}
+
+impl Master {
+    pub(super) fn sniff(&mut self, fd: OwnedFd) {
+        let _ = sock::set_nodelay(fd.as_raw_fd());
+        let id = self.next_client;
+        self.next_client += 1;
+        let w = self.me.clone();
+        match Conn::adopt(&self.base, fd, &[], SNIFF_LIMIT, Rc::new(move |ev| with(&w, |m| m.on_sniff(id, ev)))) {
+            Ok(conn) => {
+                self.sniffing.insert(id, Sniffed { conn, then: None });
+            }
+            Err(e) => log::error!("cannot watch a new connection: {e}"),
+        }
+    }
+
+    fn on_sniff(&mut self, id: u64, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Read => self.examine(id),
+            ConnEvent::Drained => {
+                if let Some(Some(target)) = self.sniffing.get(&id).and_then(|s| s.then) {
+                    self.hand_link(id, target);
+                } else if self.sniffing.get(&id).is_some_and(|s| s.then.is_some()) {
+                    self.sniffing.remove(&id);
+                }
+            }
+            ConnEvent::Eof => {
+                // A client may send its request and half-close at once.
+                let avail = self.sniffing.get(&id).map_or(0, |s| s.conn.input_len());
+                if avail >= 4 {
+                    self.examine(id);
+                }
+                if let Some(s) = self.sniffing.get(&id) {
+                    if s.then.is_none() && s.conn.input_len() < 4 || s.conn.input_len() >= 4 {
+                        // Still undecided at EOF: treat as a client (the
+                        // worker answers what is complete, then closes).
+                        self.to_client(id, wire::FLAG_EOF);
+                    }
+                }
+            }
+            ConnEvent::Error(_) | ConnEvent::Timeout => {
+                self.sniffing.remove(&id);
+            }
+        }
+    }
+
+    fn examine(&mut self, id: u64) {
+        let Some(s) = self.sniffing.get(&id) else { return };
+        if s.then.is_some() {
+            return;
+        }
+        let avail = s.conn.input_len();
+        if avail < 4 {
+            return;
+        }
+        if !node::is_node(s.conn.peek(4)) {
+            self.to_client(id, 0);
+            return;
+        }
+        let parsed = node::parse(s.conn.peek(avail));
+        match parsed {
+            Parsed::Incomplete => {}
+            Parsed::Message { cmd: Cmd::ConnectReq, body, len, .. } => {
+                s.conn.consume(len);
+                let to = body["to"].as_u64().map(|t| t as usize).filter(|&t| t < self.slots.len());
+                let reply = match to {
+                    Some(_) => json!({"ok": true}),
+                    None => {
+                        json!({"ok": false, "reason": format!("no worker {} on node {}", body["to"], self.node_name())})
+                    }
+                };
+                log::debug!("node link from {}:{} to worker {}", body["node"], body["worker"], body["to"]);
+                let flushed = s.conn.write_now(&node::encode(Cmd::ConnectResp, 0, &reply));
+                let s = self.sniffing.get_mut(&id).expect("present");
+                match (flushed, to) {
+                    (Ok(true), Some(t)) => self.hand_link(id, t),
+                    (Ok(false), t) => {
+                        s.then = Some(t);
+                        s.conn.pause_reading();
+                    }
+                    (Ok(true), None) | (Err(_), _) => {
+                        self.sniffing.remove(&id);
+                    }
+                }
+            }
+            Parsed::Message { cmd, .. } => {
+                log::info!("node link opened with {cmd:?} instead of CONNECT_REQ; closing");
+                self.sniffing.remove(&id);
+            }
+            Parsed::Bad(why) => {
+                log::info!("bad node link: {why}; closing");
+                self.sniffing.remove(&id);
+            }
+        }
+    }
+
+    fn to_client(&mut self, id: u64, flags: u32) {
+        let Some(s) = self.sniffing.remove(&id) else { return };
+        let (fd, leftover) = s.conn.detach();
+        self.dispatch_to(None, Msg::conn(fd, leftover, flags));
+    }
+
+    fn hand_link(&mut self, id: u64, target: usize) {
+        let Some(s) = self.sniffing.remove(&id) else { return };
+        let (fd, leftover) = s.conn.detach();
+        self.dispatch_to(Some(target), Msg::conn(fd, leftover, wire::FLAG_NODE_LINK));
+    }
+
+    pub(super) fn node_name(&self) -> &str {
+        self.cfg.node.as_ref().map_or("", |n| n.name.as_str())
+    }
+}

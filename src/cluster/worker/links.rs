@@ -1,0 +1,329 @@
+//! Node mode, worker side: relays over links to other nodes' workers.
+//!
+//! Outgoing: a relay to (node, worker) without a link connects to that
+//! node's manager (non-blocking, `--connect-timeout` until the handshake
+//! ends), sends CONNECT_REQ, then TELL_REQ once the manager answered;
+//! relays wait in the link's queue meanwhile and go out as DATA when
+//! TELL_RESP arrives. ACKs are matched to relays by sequence number. A link
+//! that fails or times out fails every relay waiting on it; the next relay
+//! builds a new one. Incoming: a link the manager handed us answers
+//! TELL_REQ and acknowledges DATA.
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use serde_json::{json, Map, Value};
+
+use super::{with, Kind, Worker};
+use crate::node::NodeConfig;
+use crate::proto::node::{self as wire, Cmd, Parsed};
+use crate::proto::rpc;
+use crate::reactor::{Event, Interest};
+use crate::sock;
+
+/// A link's far end: (node, worker).
+pub type Key = (String, usize);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// CONNECT_REQ sent (maybe still connecting).
+    Connecting,
+    /// TELL_REQ sent.
+    Telling,
+    Up,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Connecting => "connecting",
+            State::Telling => "handshake",
+            State::Up => "up",
+        }
+    }
+}
+
+/// A client request waiting for its answer from the far worker.
+struct Relay {
+    client: u64,
+    reply_seq: u64,
+    msg: Value,
+}
+
+struct Link {
+    conn: u64,
+    state: State,
+    queue: Vec<Relay>,
+    inflight: HashMap<u32, Relay>,
+    next_seq: u32,
+    timer: Option<Event>,
+    started: Instant,
+}
+
+/// Counters per far end; they outlive the links themselves.
+#[derive(Default)]
+struct Counters {
+    sent: u64,
+    acked: u64,
+    connects: u64,
+    failures: u64,
+    setup_us: u64,
+}
+
+pub struct Node {
+    cfg: NodeConfig,
+    me: usize,
+    links: HashMap<Key, Link>,
+    counters: BTreeMap<Key, Counters>,
+}
+
+impl Node {
+    pub fn new(cfg: NodeConfig, me: usize) -> Node {
+        Node { cfg, me, links: HashMap::new(), counters: BTreeMap::new() }
+    }
+
+    /// The link table for `handoff status`.
+    pub fn table(&self) -> Value {
+        let rows: Vec<Value> = self
+            .counters
+            .iter()
+            .map(|(k, c)| {
+                let state = self.links.get(k).map_or("down", |l| l.state.name());
+                json!({"node": k.0, "worker": k.1, "state": state, "sent": c.sent, "acked": c.acked,
+                       "connects": c.connects, "failures": c.failures, "setup_us": c.setup_us})
+            })
+            .collect();
+        Value::Array(rows)
+    }
+}
+
+impl Worker {
+    fn node(&mut self) -> &mut Node {
+        self.node.as_mut().expect("links exist only in node mode")
+    }
+
+    /// `{"in":"relay","params":{"node":B,"worker":1,"msg":X}}` from client
+    /// connection `client`, its reply number `reply_seq`.
+    pub(super) fn relay(&mut self, client: u64, reply_seq: u64, req: &Map<String, Value>) {
+        let p = &req["params"];
+        let (Some(node), Some(worker), Some(msg)) = (p["node"].as_str(), p["worker"].as_u64(), p.get("msg")) else {
+            let e = rpc::error("relay: params must be {\"node\":name,\"worker\":index,\"msg\":value}");
+            self.complete(client, reply_seq, &e);
+            return;
+        };
+        let key: Key = (node.to_string(), worker as usize);
+        let relay = Relay { client, reply_seq, msg: msg.clone() };
+        if !self.node().cfg.peers.contains_key(node) {
+            self.complete(client, reply_seq, &rpc::error(&format!("unknown node {node}")));
+            return;
+        }
+        if !self.node().links.contains_key(&key) {
+            if let Err(why) = self.open_link(&key) {
+                self.complete(client, reply_seq, &rpc::error(&format!("node {node} unreachable: {why}")));
+                return;
+            }
+        }
+        let link = self.node().links.get_mut(&key).expect("link just made");
+        if link.state == State::Up {
+            let conn = link.conn;
+            self.send_data(&key, conn, relay);
+        } else {
+            link.queue.push(relay);
+        }
+    }
+
+    fn open_link(&mut self, key: &Key) -> Result<(), String> {
+        let (addr, timeout, me, name) = {
+            let n = self.node();
+            (n.cfg.peers[&key.0], n.cfg.connect_timeout, n.me, n.cfg.name.clone())
+        };
+        self.node().counters.entry(key.clone()).or_default().connects += 1;
+        let fd = sock::tcp_connect(addr).map_err(|e| e.to_string())?;
+        let conn = self.adopt(fd, &[], 0, Kind::LinkOut(key.clone())).ok_or("worker is stopping")?;
+        // Written once the connect completes (the bufferevent waits for EV_WRITE).
+        let hello = wire::encode(Cmd::ConnectReq, 0, &json!({"node": name, "worker": me, "to": key.1}));
+        if let Some(slot) = self.conns.get(&conn) {
+            slot.conn.write(&hello);
+        }
+        let w = self.me.clone();
+        let k = key.clone();
+        let timer = Event::new(&self.base, -1, Interest::Timer, move || with(&w, |s| s.link_timeout(&k)))
+            .and_then(|t| t.add(Some(timeout)).map(|()| t))
+            .map_err(|e| e.to_string())?;
+        let link = Link {
+            conn,
+            state: State::Connecting,
+            queue: Vec::new(),
+            inflight: HashMap::new(),
+            next_seq: 1,
+            timer: Some(timer),
+            started: Instant::now(),
+        };
+        log::debug!("worker {}: linking to {}:{} at {addr}", self.index, key.0, key.1);
+        self.node().links.insert(key.clone(), link);
+        Ok(())
+    }
+
+    fn link_timeout(&mut self, key: &Key) {
+        let Some(link) = self.node().links.get(key) else { return };
+        if link.state != State::Up {
+            let conn = link.conn;
+            let t = self.node().cfg.connect_timeout;
+            self.close_because(conn, &format!("no handshake within {}s", t.as_secs_f64()));
+        }
+    }
+
+    /// The link's connection is gone: every relay on it fails.
+    pub(super) fn link_lost(&mut self, key: &Key, why: &str) {
+        let Some(link) = self.node().links.remove(key) else { return };
+        let failed = link.queue.len() + link.inflight.len();
+        self.node().counters.entry(key.clone()).or_default().failures += 1;
+        log::info!("worker {}: link to {}:{} lost ({why}); {failed} relay(s) fail", self.index, key.0, key.1);
+        let reason = rpc::error(&format!("node {} unreachable: {why}", key.0));
+        let mut relays: Vec<Relay> = link.queue;
+        relays.extend(link.inflight.into_values());
+        relays.sort_by_key(|r| (r.client, r.reply_seq));
+        for r in relays {
+            self.complete(r.client, r.reply_seq, &reason);
+        }
+    }
+
+    fn send_data(&mut self, key: &Key, conn: u64, relay: Relay) {
+        let n = self.node();
+        let link = n.links.get_mut(key).expect("sending on a live link");
+        let seq = link.next_seq;
+        link.next_seq = link.next_seq.wrapping_add(1).max(1);
+        let frame = wire::encode(Cmd::Data, seq, &json!({"msg": relay.msg}));
+        link.inflight.insert(seq, relay);
+        n.counters.entry(key.clone()).or_default().sent += 1;
+        if let Some(slot) = self.conns.get(&conn) {
+            if let Err(e) = slot.conn.write_now(&frame) {
+                self.close_because(conn, &e.to_string());
+            }
+        }
+    }
+
+    /// Reads node-protocol messages on a link connection.
+    pub(super) fn serve_link(&mut self, id: u64) {
+        let mut msgs = Vec::new();
+        let (kind, eof) = {
+            let Some(slot) = self.conns.get_mut(&id) else { return };
+            loop {
+                let avail = slot.conn.input_len();
+                match wire::parse(slot.conn.peek(avail)) {
+                    Parsed::Incomplete => break,
+                    Parsed::Bad(why) => {
+                        log::info!("worker {}: link {id}: {why}; closing", self.index);
+                        self.close_because(id, &why);
+                        return;
+                    }
+                    Parsed::Message { cmd, seq, body, len } => {
+                        slot.conn.consume(len);
+                        msgs.push((cmd, seq, body));
+                    }
+                }
+            }
+            (slot.kind.clone(), slot.eof)
+        };
+        let mut out = Vec::new();
+        for (cmd, seq, body) in msgs {
+            let r = match &kind {
+                Kind::LinkIn => self.on_link_in(cmd, seq, &body, &mut out),
+                Kind::LinkOut(key) => self.on_link_out(key, id, cmd, seq, body, &mut out),
+                Kind::Client => Ok(()),
+            };
+            if let Err(why) = r {
+                log::info!("worker {}: link {id}: {why}; closing", self.index);
+                self.close_because(id, &why);
+                return;
+            }
+        }
+        if let Some(slot) = self.conns.get(&id) {
+            if !out.is_empty() {
+                if let Err(e) = slot.conn.write_now(&out) {
+                    self.close_because(id, &e.to_string());
+                    return;
+                }
+            }
+            if eof {
+                self.close_because(id, "link closed by the far end");
+            }
+        }
+    }
+
+    /// A link someone opened to us.
+    fn on_link_in(&mut self, cmd: Cmd, seq: u32, body: &Value, out: &mut Vec<u8>) -> Result<(), String> {
+        let pid = std::process::id();
+        let name = self.node().cfg.name.clone();
+        match cmd {
+            Cmd::TellReq => {
+                log::debug!(
+                    "worker {}: link from {}:{} (pid {})",
+                    self.index,
+                    body["node"],
+                    body["worker"],
+                    body["pid"]
+                );
+                wire::encode_into(Cmd::TellResp, seq, &json!({"node": name, "worker": self.index, "pid": pid}), out);
+            }
+            Cmd::Data => {
+                wire::encode_into(
+                    Cmd::Ack,
+                    seq,
+                    &json!({"pid": pid, "msg": body.get("msg").unwrap_or(&Value::Null)}),
+                    out,
+                );
+                self.served += 1;
+            }
+            other => return Err(format!("unexpected {other:?} on an incoming link")),
+        }
+        Ok(())
+    }
+
+    /// Our link to `key`.
+    fn on_link_out(
+        &mut self,
+        key: &Key,
+        id: u64,
+        cmd: Cmd,
+        seq: u32,
+        body: Value,
+        out: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let me = self.index;
+        let name = self.node().cfg.name.clone();
+        let Some(link) = self.node().links.get_mut(key) else { return Ok(()) };
+        match (cmd, link.state) {
+            (Cmd::ConnectResp, State::Connecting) => {
+                if body["ok"] != json!(true) {
+                    return Err(format!("refused: {}", body["reason"].as_str().unwrap_or("no reason")));
+                }
+                link.state = State::Telling;
+                let tell = json!({"node": name, "worker": me, "pid": std::process::id()});
+                wire::encode_into(Cmd::TellReq, 0, &tell, out);
+            }
+            (Cmd::TellResp, State::Telling) => {
+                link.state = State::Up;
+                link.timer = None;
+                let setup = link.started.elapsed().as_micros() as u64;
+                let queued = std::mem::take(&mut link.queue);
+                self.node().counters.entry(key.clone()).or_default().setup_us = setup;
+                log::debug!("worker {me}: link to {}:{} up in {setup} us (pid {})", key.0, key.1, body["pid"]);
+                for r in queued {
+                    self.send_data(key, id, r);
+                }
+            }
+            (Cmd::Ack, State::Up) | (Cmd::Error, State::Up) => {
+                let Some(r) = link.inflight.remove(&seq) else { return Err(format!("{cmd:?} for unknown seq {seq}")) };
+                let reply = if cmd == Cmd::Ack {
+                    self.node().counters.entry(key.clone()).or_default().acked += 1;
+                    json!({"out": "relayed", "result": {"node": key.0, "worker": key.1, "pid": body["pid"], "msg": r.msg}})
+                } else {
+                    rpc::error(&format!("node {}: {}", key.0, body["reason"].as_str().unwrap_or("error")))
+                };
+                self.complete(r.client, r.reply_seq, &reply);
+            }
+            (cmd, state) => return Err(format!("unexpected {cmd:?} in state {}", state.name())),
+        }
+        Ok(())
+    }
+}

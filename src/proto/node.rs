@@ -1,0 +1,165 @@
+//! The node protocol, spoken between workers and managers of different
+//! nodes (seed 002). Every message is a fixed 16-byte header, then a JSON
+//! body (integers little-endian):
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic     "HNOD" (a client frame cannot start so: as a u32
+//!                       length it is over 1 GiB)
+//!      4    1 version   1
+//!      5    1 command   see `Cmd`
+//!      6    2 reserved  0
+//!      8    4 seq       DATA/ACK/ERROR: the relay's sequence number
+//!     12    4 body_len  <= MAX_BODY
+//! ```
+//! A link: worker A1 connects to B's manager and sends CONNECT_REQ
+//! `{"node":"A","worker":1,"to":1}`; the manager answers CONNECT_RESP
+//! `{"ok":true}` (or `{"ok":false,"reason":..}` and closes), then hands
+//! the socket to its worker 1. A1 sends TELL_REQ `{"node":"A","worker":1,"pid":n}`,
+//! B1 answers TELL_RESP `{"node":"B","worker":1,"pid":n}`; then DATA
+//! `{"msg":X}` gets ACK `{"pid":n,"msg":X}` with the same seq, or ERROR
+//! `{"reason":..}`.
+use serde_json::Value;
+
+pub const MAGIC: [u8; 4] = *b"HNOD";
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 16;
+pub const MAX_BODY: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Cmd {
+    ConnectReq = 1,
+    ConnectResp = 2,
+    TellReq = 3,
+    TellResp = 4,
+    Data = 5,
+    Ack = 6,
+    Error = 7,
+}
+
+impl Cmd {
+    fn from_u8(b: u8) -> Option<Cmd> {
+        Some(match b {
+            1 => Cmd::ConnectReq,
+            2 => Cmd::ConnectResp,
+            3 => Cmd::TellReq,
+            4 => Cmd::TellResp,
+            5 => Cmd::Data,
+            6 => Cmd::Ack,
+            7 => Cmd::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// Whether the first bytes of a connection announce a node link.
+pub fn is_node(head: &[u8]) -> bool {
+    head.len() >= 4 && head[..4] == MAGIC
+}
+
+/// What is at the front of a buffer.
+#[derive(Debug, PartialEq)]
+pub enum Parsed {
+    Incomplete,
+    /// One message of `len` bytes in all.
+    Message {
+        cmd: Cmd,
+        seq: u32,
+        body: Value,
+        len: usize,
+    },
+    /// Malformed: close the link, with this reason in the log.
+    Bad(String),
+}
+
+/// Parses the message at the front of `buf` (the whole buffered input).
+pub fn parse(buf: &[u8]) -> Parsed {
+    if buf.len() < HEADER_LEN {
+        if buf.len() >= 4 && !is_node(buf) {
+            return Parsed::Bad("bad magic".into());
+        }
+        return Parsed::Incomplete;
+    }
+    if !is_node(buf) {
+        return Parsed::Bad("bad magic".into());
+    }
+    if buf[4] != VERSION {
+        return Parsed::Bad(format!("node protocol v{}, this side v{VERSION}", buf[4]));
+    }
+    let Some(cmd) = Cmd::from_u8(buf[5]) else { return Parsed::Bad(format!("unknown command {}", buf[5])) };
+    let seq = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
+    let len = u32::from_le_bytes(buf[12..16].try_into().expect("4 bytes")) as usize;
+    if len > MAX_BODY {
+        return Parsed::Bad(format!("body of {len} bytes exceeds {MAX_BODY}"));
+    }
+    if buf.len() < HEADER_LEN + len {
+        return Parsed::Incomplete;
+    }
+    match serde_json::from_slice(&buf[HEADER_LEN..HEADER_LEN + len]) {
+        Ok(body) => Parsed::Message { cmd, seq, body, len: HEADER_LEN + len },
+        Err(e) => Parsed::Bad(format!("bad JSON body: {e}")),
+    }
+}
+
+/// Appends one message to `out`.
+pub fn encode_into(cmd: Cmd, seq: u32, body: &Value, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&[VERSION, cmd as u8, 0, 0]);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut *out, body).expect("a Value always serialises");
+    let len = (out.len() - start - HEADER_LEN) as u32;
+    out[start + 12..start + 16].copy_from_slice(&len.to_le_bytes());
+}
+
+pub fn encode(cmd: Cmd, seq: u32, body: &Value) -> Vec<u8> {
+    let mut v = Vec::new();
+    encode_into(cmd, seq, body, &mut v);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn round_trip_and_partial() {
+        let m = encode(Cmd::Data, 7, &json!({"msg": [1, 2]}));
+        assert_eq!(parse(&m[..10]), Parsed::Incomplete);
+        assert_eq!(parse(&m[..m.len() - 1]), Parsed::Incomplete);
+        let mut two = m.clone();
+        two.extend_from_slice(&m);
+        match parse(&two) {
+            Parsed::Message { cmd, seq, body, len } => {
+                assert_eq!((cmd, seq, len), (Cmd::Data, 7, m.len()));
+                assert_eq!(body, json!({"msg": [1, 2]}));
+            }
+            p => panic!("{p:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed() {
+        let m = encode(Cmd::Ack, 1, &json!({}));
+        let mut v = m.clone();
+        v[4] = 9;
+        assert!(matches!(parse(&v), Parsed::Bad(r) if r.contains("v9")));
+        let mut v = m.clone();
+        v[5] = 99;
+        assert!(matches!(parse(&v), Parsed::Bad(_)));
+        let mut v = m.clone();
+        v[12..16].copy_from_slice(&(MAX_BODY as u32 + 1).to_le_bytes());
+        assert!(matches!(parse(&v), Parsed::Bad(_)));
+        assert!(matches!(parse(b"GET / HTTP/1.1\r\n"), Parsed::Bad(_)));
+        let mut v = m.clone();
+        v.truncate(HEADER_LEN);
+        v[12..16].copy_from_slice(&2u32.to_le_bytes());
+        v.extend_from_slice(b"{x");
+        assert!(matches!(parse(&v), Parsed::Bad(_)));
+        // A client frame never looks like a node link.
+        assert!(!is_node(&1_000_000u32.to_le_bytes()));
+    }
+}
