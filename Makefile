@@ -11,7 +11,7 @@ BIN     := target/release/handoff
 # (bindgen), a C compiler.
 DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make
 
-.PHONY: all deps build run demo test bench bench-pair bench-cluster clean
+.PHONY: all deps build run demo demo-nodes test bench bench-pair bench-cluster bench-nodes clean
 
 all: deps build
 
@@ -44,6 +44,9 @@ build/pair_epoll: bench/pair_epoll.c
 
 run demo: build
 	scripts/demo-pair.sh
+
+demo-nodes: build
+	scripts/demo-nodes.sh
 
 test: deps build/cclient
 	$(CARGO) test --release

@@ -85,6 +85,9 @@ struct RpcArgs {
     /// One new connection per request (exercises accept + handoff).
     #[arg(long)]
     short: bool,
+    /// Node mode: relay to NODE:WORKER instead of pinging.
+    #[arg(long, value_name = "NODE:WORKER", value_parser = parse_target)]
+    relay: Option<(String, usize)>,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
 }
@@ -212,6 +215,11 @@ struct WorkerArgs {
     connect_timeout: f64,
 }
 
+fn parse_target(s: &str) -> Result<(String, usize), String> {
+    let (n, w) = s.rsplit_once(':').ok_or("expected NODE:WORKER")?;
+    Ok((n.to_string(), w.parse().map_err(|e| format!("{w}: {e}"))?))
+}
+
 fn parse_ports(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once(',').ok_or("expected two ports: P,Q")?;
     let p = |x: &str| x.trim().parse::<u16>().map_err(|e| format!("{x}: {e}"));
@@ -319,6 +327,7 @@ fn run_client(cmd: ClientCmd) -> ExitCode {
             conns: a.conns,
             requests: a.requests,
             short: a.short,
+            relay: a.relay,
         }),
     };
     println!("{summary}");

@@ -32,6 +32,8 @@ pub struct RpcOpts {
     pub requests: usize,
     /// One request per connection.
     pub short: bool,
+    /// Node mode: send relays to (node, worker) instead of pings.
+    pub relay: Option<(String, usize)>,
 }
 
 /// Reply frames larger than this are an error.
@@ -115,11 +117,47 @@ pub fn check_reply(body: &[u8], expected: &Value) -> Result<(), RpcError> {
     }
 }
 
-/// Send one ping on `sock` and verify the reply.
-fn round_trip<R: Read, W: Write>(w: &mut W, r: &mut R, buf: &mut Vec<u8>, p: &Value) -> Result<(), RpcError> {
-    w.write_all(&ping_frame(p)).map_err(|e| io_err("write", &e))?;
+/// Encode the relay request carrying `msg` to worker `worker` of `node`.
+pub fn relay_frame(node: &str, worker: usize, msg: &Value) -> Vec<u8> {
+    encode_frame(&json!({"in": "relay", "params": {"node": node, "worker": worker, "msg": msg}}))
+}
+
+/// Check that `body` is `{"out":"relayed","result":{"node":node,"worker":worker,"pid":..,"msg":<expected>}}`.
+pub fn check_relayed(body: &[u8], node: &str, worker: usize, expected: &Value) -> Result<(), RpcError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| RpcError::Reply(format!("reply is not JSON ({e})")))?;
+    let r = &v["result"];
+    let ok = v["out"] == "relayed"
+        && r["node"] == node
+        && r["worker"] == worker
+        && r["pid"].is_u64()
+        && &r["msg"] == expected;
+    if ok {
+        Ok(())
+    } else {
+        Err(RpcError::Reply(format!(
+            "unexpected reply {v} (expected relayed from {node}:{worker} with msg {expected})"
+        )))
+    }
+}
+
+/// Send one request (ping, or relay when `relay` is set) and verify the reply.
+fn round_trip<R: Read, W: Write>(
+    w: &mut W,
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    p: &Value,
+    relay: Option<&(String, usize)>,
+) -> Result<(), RpcError> {
+    let frame = match relay {
+        Some((node, worker)) => relay_frame(node, *worker, p),
+        None => ping_frame(p),
+    };
+    w.write_all(&frame).map_err(|e| io_err("write", &e))?;
     read_frame(r, buf)?;
-    check_reply(buf, p)
+    match relay {
+        Some((node, worker)) => check_relayed(buf, node, *worker, p),
+        None => check_reply(buf, p),
+    }
 }
 
 #[derive(Default)]
@@ -146,13 +184,13 @@ pub fn rpc(o: &RpcOpts) -> Summary {
             let mut handles = Vec::with_capacity(o.conns);
             for c in 0..o.conns {
                 let (gate2, errlog2) = (gate.clone(), errlog.clone());
-                let (requests, short) = (o.requests, o.short);
+                let (requests, short, relay) = (o.requests, o.short, o.relay.clone());
                 let h = spawn(format!("rpc-{c}"), move || {
                     if short {
                         gate2.arrive_and_wait();
-                        short_slot(addr, c, requests, &errlog2)
+                        short_slot(addr, c, requests, relay.as_ref(), &errlog2)
                     } else {
-                        keepalive_conn(addr, c, requests, &gate2, &errlog2)
+                        keepalive_conn(addr, c, requests, relay.as_ref(), &gate2, &errlog2)
                     }
                 });
                 match h {
@@ -187,7 +225,14 @@ pub fn rpc(o: &RpcOpts) -> Summary {
     Summary::new("rpc", o.conns, o.requests, Some(o.short), ok, errors, 0, String::new(), secs, &lat)
 }
 
-fn keepalive_conn(addr: SocketAddr, c: usize, requests: usize, gate: &Gate, errlog: &ErrLog) -> SlotResult {
+fn keepalive_conn(
+    addr: SocketAddr,
+    c: usize,
+    requests: usize,
+    relay: Option<&(String, usize)>,
+    gate: &Gate,
+    errlog: &ErrLog,
+) -> SlotResult {
     let mut r = SlotResult::default();
     let sock = connect(&addr);
     gate.arrive_and_wait();
@@ -205,7 +250,7 @@ fn keepalive_conn(addr: SocketAddr, c: usize, requests: usize, gate: &Gate, errl
     for i in 0..requests {
         let p = params(c, i);
         let t = Instant::now();
-        match round_trip(&mut w, &mut rd, &mut buf, &p) {
+        match round_trip(&mut w, &mut rd, &mut buf, &p, relay) {
             Ok(()) => {
                 r.lat.record(t.elapsed());
                 r.ok += 1;
@@ -224,7 +269,13 @@ fn keepalive_conn(addr: SocketAddr, c: usize, requests: usize, gate: &Gate, errl
     r
 }
 
-fn short_slot(addr: SocketAddr, c: usize, requests: usize, errlog: &ErrLog) -> SlotResult {
+fn short_slot(
+    addr: SocketAddr,
+    c: usize,
+    requests: usize,
+    relay: Option<&(String, usize)>,
+    errlog: &ErrLog,
+) -> SlotResult {
     let mut r = SlotResult::default();
     let mut buf = Vec::with_capacity(256);
     for i in 0..requests {
@@ -233,7 +284,7 @@ fn short_slot(addr: SocketAddr, c: usize, requests: usize, errlog: &ErrLog) -> S
         let res = connect(&addr).map_err(|e| io_err(&format!("connect {addr}"), &e)).and_then(|sock| {
             let mut w = &sock;
             let mut rd = &sock;
-            round_trip(&mut w, &mut rd, &mut buf, &p)
+            round_trip(&mut w, &mut rd, &mut buf, &p, relay)
             // sock dropped (closed) here
         });
         match res {

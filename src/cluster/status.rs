@@ -44,5 +44,31 @@ pub fn render(v: &Value) -> String {
             f("respawns")
         ));
     }
+    let links: Vec<(&Value, &Value)> = v["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|w| w["links"].as_array().into_iter().flatten().map(move |l| (&w["worker"], l)))
+        .collect();
+    if !links.is_empty() {
+        out.push_str(&format!(
+            "links:\n{:>6} {:>10} {:>11} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
+            "worker", "peer", "state", "sent", "acked", "connects", "failures", "setup_us"
+        ));
+        for (w, l) in links {
+            let peer = format!("{}:{}", l["node"].as_str().unwrap_or("?"), l["worker"]);
+            out.push_str(&format!(
+                "{:>6} {:>10} {:>11} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
+                w.to_string(),
+                peer,
+                l["state"].as_str().unwrap_or("?"),
+                l["sent"].to_string(),
+                l["acked"].to_string(),
+                l["connects"].to_string(),
+                l["failures"].to_string(),
+                l["setup_us"].to_string()
+            ));
+        }
+    }
     out
 }

@@ -177,7 +177,11 @@ impl Worker {
         let Some(link) = self.node().links.remove(key) else { return };
         let failed = link.queue.len() + link.inflight.len();
         self.node().counters.entry(key.clone()).or_default().failures += 1;
-        log::info!("worker {}: link to {}:{} lost ({why}); {failed} relay(s) fail", self.index, key.0, key.1);
+        if failed > 0 {
+            log::warn!("worker {}: link to {}:{} lost ({why}); {failed} relay(s) fail", self.index, key.0, key.1);
+        } else {
+            log::debug!("worker {}: link to {}:{} closed ({why})", self.index, key.0, key.1);
+        }
         let reason = rpc::error(&format!("node {} unreachable: {why}", key.0));
         let mut relays: Vec<Relay> = link.queue;
         relays.extend(link.inflight.into_values());
