@@ -187,6 +187,10 @@ struct RestartArgs {
     /// Seconds the new master gets to take over before the restart is abandoned.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// Benchmark contrast: move only the listener and cut the old
+    /// connections (a listener-only restart with zero drain time).
+    #[arg(long)]
+    listeners_only: bool,
 }
 
 #[derive(Args)]
@@ -274,7 +278,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Restart(a) => {
             let timeout = std::time::Duration::from_secs_f64(a.timeout.max(0.1));
-            cluster::master::request_restart(&a.dir, a.binary.as_deref(), timeout).map(|v| {
+            cluster::master::request_restart(&a.dir, a.binary.as_deref(), timeout, a.listeners_only).map(|v| {
                 println!("restarted: generation {} (pid {})", v["gen"], v["pid"]);
             })
         }

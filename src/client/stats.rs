@@ -180,7 +180,7 @@ impl fmt::Display for Summary {
         match self.short {
             Some(short) => write!(
                 f,
-                "{} conns={} requests={} short={} ok={} errors={} secs={:.3} rps={:.0} p50_us={} p99_us={}",
+                "{} conns={} requests={} short={} ok={} errors={} secs={:.3} rps={:.0} p50_us={} p99_us={} max_us={}",
                 self.mode,
                 self.conns,
                 self.requests,
@@ -190,11 +190,12 @@ impl fmt::Display for Summary {
                 self.secs,
                 self.rps(),
                 self.p50_us,
-                self.p99_us
+                self.p99_us,
+                self.max_us
             ),
             None => write!(
                 f,
-                "{} conns={} requests={} ok={} errors={} breaks={} check={} secs={:.3} rps={:.0} p50_us={} p99_us={}",
+                "{} conns={} requests={} ok={} errors={} breaks={} check={} secs={:.3} rps={:.0} p50_us={} p99_us={} max_us={}",
                 self.mode,
                 self.conns,
                 self.requests,
@@ -205,7 +206,8 @@ impl fmt::Display for Summary {
                 self.secs,
                 self.rps(),
                 self.p50_us,
-                self.p99_us
+                self.p99_us,
+                self.max_us
             ),
         }
     }

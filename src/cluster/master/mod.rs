@@ -452,7 +452,7 @@ impl Master {
                 self.reap_successor();
                 self.reap();
             }
-            libc::SIGUSR2 => self.begin_restart(None, restart::DEFAULT_TIMEOUT, None),
+            libc::SIGUSR2 => self.begin_restart(None, restart::DEFAULT_TIMEOUT, None, false),
             _ => self.shutdown(sig),
         }
     }

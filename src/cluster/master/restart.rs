@@ -34,11 +34,20 @@ pub(super) struct Outgoing {
     reply_to: Option<u64>,
     timer: Option<Event>,
     ready: bool,
+    /// Benchmark contrast: move only the listener and cut the old
+    /// connections (what a listener-only restart with a zero drain does).
+    listeners_only: bool,
 }
 
 impl Master {
     /// Starts the new generation (`binary`, or our own executable).
-    pub(super) fn begin_restart(&mut self, binary: Option<PathBuf>, timeout: Duration, reply_to: Option<u64>) {
+    pub(super) fn begin_restart(
+        &mut self,
+        binary: Option<PathBuf>,
+        timeout: Duration,
+        reply_to: Option<u64>,
+        listeners_only: bool,
+    ) {
         if self.restart.is_some() || self.stopping {
             self.reply_restart(
                 reply_to,
@@ -64,7 +73,7 @@ impl Master {
             with(&w, |m| m.restart_failed(format!("the new master did not take over within {timeout:?}")))
         })
         .and_then(|t| t.add(Some(timeout)).map(|()| t));
-        self.restart = Some(Outgoing { child: Some(child), reply_to, timer: timer.ok(), ready: false });
+        self.restart = Some(Outgoing { child: Some(child), reply_to, timer: timer.ok(), ready: false, listeners_only });
     }
 
     /// The new master is gone or late before READY: the old generation
@@ -109,7 +118,8 @@ impl Master {
         let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let binary = v["binary"].as_str().map(PathBuf::from);
         let timeout = v["timeout"].as_f64().map_or(DEFAULT_TIMEOUT, |s| Duration::from_secs_f64(s.clamp(0.1, 3600.0)));
-        self.begin_restart(binary, timeout, Some(client));
+        let listeners_only = v["listeners_only"] == json!(true);
+        self.begin_restart(binary, timeout, Some(client), listeners_only);
     }
 
     /// A new master said hello: give it the listening socket and config.
@@ -144,7 +154,8 @@ impl Master {
         }
         if self.restart.is_none() {
             // Started by hand (`handoff takeover`), not by us: still fine.
-            self.restart = Some(Outgoing { child: None, reply_to: None, timer: None, ready: false });
+            self.restart =
+                Some(Outgoing { child: None, reply_to: None, timer: None, ready: false, listeners_only: false });
         }
         // Its events now go to on_successor.
         let w = self.me.clone();
@@ -183,6 +194,7 @@ impl Master {
         let Some(r) = self.restart.as_mut() else { return };
         r.ready = true;
         r.timer = None;
+        let cut = r.listeners_only;
         log::info!("restart: generation {} is ready; handing over connections", self.cfg.gen + 1);
         // Our copy of the listening socket goes; the successor holds it open.
         self.listener = None;
@@ -192,8 +204,14 @@ impl Master {
         for (_, m) in pending {
             self.forward(m);
         }
-        for slot in &self.slots {
-            if let Some(c) = &slot.channel {
+        for slot in &mut self.slots {
+            if cut {
+                // Listener-only restart: the old connections are cut.
+                slot.held.clear();
+                if let Some(c) = slot.child.as_mut() {
+                    let _ = c.kill();
+                }
+            } else if let Some(c) = &slot.channel {
                 let _ = c.send(Msg::control(KIND_DRAIN, Vec::new()));
             }
         }
@@ -297,9 +315,10 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
 
 /// `handoff restart --dir D`: asks the master for a restart and waits
 /// until the old generation is gone. Returns the reply (`ok` true).
-pub fn request(dir: &Path, binary: Option<&Path>, timeout: Duration) -> io::Result<Value> {
+pub fn request(dir: &Path, binary: Option<&Path>, timeout: Duration, listeners_only: bool) -> io::Result<Value> {
     let mut c = Client::connect(dir)?;
-    let body = json!({"binary": binary.map(|b| b.display().to_string()), "timeout": timeout.as_secs_f64()});
+    let body = json!({"binary": binary.map(|b| b.display().to_string()), "timeout": timeout.as_secs_f64(),
+                      "listeners_only": listeners_only});
     c.send(KIND_RESTART_REQ, body.to_string().as_bytes())?;
     // Timeout to READY, then the drain itself (bounded by the workers).
     let (reply, _) = c.recv(KIND_RESTART_REPLY, timeout + Duration::from_secs(60))?;
