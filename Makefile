@@ -2,7 +2,7 @@
 #   make          release binary + C client (installs system packages first)
 #   make run      pair demo: two servers, unary + stream clients, stop
 #   make test     cargo test (unit + integration) incl. the C client check
-#   make bench    every benchmark (bench-pair, bench-cluster)
+#   make bench    every benchmark (bench-pair, bench-cluster, bench-nodes, bench-restart)
 CARGO   ?= cargo
 CC      ?= cc
 CFLAGS  ?= -O2 -Wall -Wextra -std=c11 -D_GNU_SOURCE
@@ -11,7 +11,7 @@ BIN     := target/release/handoff
 # (bindgen), a C compiler.
 DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make
 
-.PHONY: all deps build run demo demo-nodes test bench bench-pair bench-cluster bench-nodes clean
+.PHONY: all deps build run demo demo-nodes test bench bench-pair bench-cluster bench-nodes bench-restart clean
 
 all: deps build
 
@@ -51,13 +51,19 @@ demo-nodes: build
 test: deps build/cclient
 	$(CARGO) test --release
 
-bench: bench-pair bench-cluster
+bench: bench-pair bench-cluster bench-nodes bench-restart
 
 bench-pair: build build/pair_epoll
 	scripts/bench-pair.sh
 
 bench-cluster: build
 	scripts/bench-cluster.sh
+
+bench-nodes: build
+	scripts/bench-nodes.sh
+
+bench-restart: build
+	scripts/bench-restart.sh
 
 clean:
 	$(CARGO) clean

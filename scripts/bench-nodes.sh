@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# make bench-nodes: relay round trips between two nodes (2 workers each) on
+# this machine, against the yardstick of the same client talking to node
+# B's workers directly (one TCP round trip to a worker, one hop less), and
+# the link setup time (connect to the handshake's end) p50/p99.
+#   relay      two clients at once: --relay B:0 and --relay B:1 via node A
+#   yardstick  two clients at once straight to node B (ping)
+# RUNS (3) each, medians. Setup: ROUNDS (10) fresh node pairs with 4
+# workers each; every worker of A links to every worker of B (16 links a
+# round); setup_us read from A's status.
+source "$(dirname "$0")/bench-lib.sh"
+need_bin "$BIN"
+CONNS=${CONNS:-25}
+REQS=${REQS:-2000}
+ROUNDS=${ROUNDS:-10}
+
+start_nodes() { # WORKERS: sets PA PB
+    local w=$1
+    PA=$(free_port)
+    PB=$(free_port)
+    bg_start nodeA "$BIN" node --name A --port "$PA" --workers "$w" --dir "$BENCH_TMP/A" --peers "B=127.0.0.1:$PB"
+    NA=$BG_PID
+    bg_start nodeB "$BIN" node --name B --port "$PB" --workers "$w" --dir "$BENCH_TMP/B" --peers "A=127.0.0.1:$PA"
+    NB=$BG_PID
+    wait_ready nodeA "$NA"
+    wait_ready nodeB "$NB"
+}
+
+# two_clients PORT ARGS0 ARGS1: two client runs at once; prints summed rps,
+# max p50, max p99.
+two_clients() {
+    local port=$1 a0=$2 a1=$3 l0 l1 rc=0
+    # shellcheck disable=SC2086
+    "$BIN" client rpc --port "$port" --conns "$CONNS" --requests "$REQS" $a0 >"$BENCH_TMP/c0" 2>&1 &
+    local p0=$!
+    # shellcheck disable=SC2086
+    "$BIN" client rpc --port "$port" --conns "$CONNS" --requests "$REQS" $a1 >"$BENCH_TMP/c1" 2>&1 || rc=$?
+    wait "$p0" || rc=$?
+    l0=$(grep '^rpc' "$BENCH_TMP/c0" || true)
+    l1=$(grep '^rpc' "$BENCH_TMP/c1" || true)
+    if [ "$rc" -ne 0 ] || [ "$(field "$l0" errors)" != 0 ] || [ "$(field "$l1" errors)" != 0 ]; then
+        say "bench: FAILED: $l0 / $l1"
+        tail -n 5 "$BENCH_TMP/c0" "$BENCH_TMP/c1" >&2
+        exit 1
+    fi
+    say "  $l0"
+    say "  $l1"
+    awk -v a="$(field "$l0" rps)" -v b="$(field "$l1" rps)" 'BEGIN { printf "%.0f", a + b }'
+    printf ' %s %s\n' "$(median "$(field "$l0" p50_us)" "$(field "$l1" p50_us)")" \
+        "$(median "$(field "$l0" p99_us)" "$(field "$l1" p99_us)")"
+}
+
+start_nodes 2
+declare -a RELAY_RPS RELAY_P50 RELAY_P99 DIRECT_RPS DIRECT_P50 DIRECT_P99
+for ((r = 0; r < RUNS; r++)); do
+    say "run $((r + 1))/$RUNS: relay A -> B"
+    read -r rps p50 p99 < <(two_clients "$PA" "--relay B:0" "--relay B:1")
+    RELAY_RPS+=("$rps"); RELAY_P50+=("$p50"); RELAY_P99+=("$p99")
+    say "run $((r + 1))/$RUNS: direct to B"
+    read -r rps p50 p99 < <(two_clients "$PB" "" "")
+    DIRECT_RPS+=("$rps"); DIRECT_P50+=("$p50"); DIRECT_P99+=("$p99")
+done
+bg_forget_stop "$NA" "$NB"
+
+say "link setup: $ROUNDS rounds of 4x4 workers"
+SETUP=()
+for ((r = 0; r < ROUNDS; r++)); do
+    start_nodes 4
+    for w in 0 1 2 3; do
+        # 8 connections land round-robin on A's 4 workers: each links to B:w.
+        "$BIN" client rpc --port "$PA" --conns 8 --requests 1 --relay "B:$w" >/dev/null 2>&1 \
+            || die "setup round $r: relay to B:$w failed"
+    done
+    deadline=$((SECONDS + 5))
+    while :; do
+        mapfile -t got < <("$BIN" status --dir "$BENCH_TMP/A" --json | python3 -c '
+import json, sys
+for w in json.load(sys.stdin)["workers"]:
+    for l in w["links"]:
+        if l["node"] == "B" and l["setup_us"]:
+            print(l["setup_us"])')
+        ((${#got[@]} >= 16 || SECONDS >= deadline)) && break
+        sleep 0.05
+    done
+    ((${#got[@]} >= 16)) || die "setup round $r: only ${#got[@]} of 16 links reported"
+    SETUP+=("${got[@]}")
+    bg_forget_stop "$NA" "$NB"
+done
+read -r s50 s99 smax < <(printf '%s\n' "${SETUP[@]}" | sort -n | awk '{a[NR] = $1}
+    END { i50 = int(NR * 0.50); if (i50 < 1) i50 = 1; i99 = int(NR * 0.99 + 0.999); if (i99 > NR) i99 = NR
+          print a[i50], a[i99], a[NR] }')
+
+rr=$(median "${RELAY_RPS[@]}")
+dr=$(median "${DIRECT_RPS[@]}")
+machine_line
+echo
+echo "| node mode (2 nodes x 2 workers, $((2 * CONNS)) keep-alive clients) | requests/s | p50 us | p99 us |"
+echo "|---|---:|---:|---:|"
+echo "| relay A -> B (client -> A worker -> B worker -> back) | $(int "$rr") | $(int "$(median "${RELAY_P50[@]}")") | $(int "$(median "${RELAY_P99[@]}")") |"
+echo "| yardstick: direct to B's workers (one hop less) | $(int "$dr") | $(int "$(median "${DIRECT_P50[@]}")") | $(int "$(median "${DIRECT_P99[@]}")") |"
+echo
+echo "Relay / direct throughput: $(ratio "$rr" "$dr") (target >= 0.5: $(verdict "$(ratio "$rr" "$dr")" '>=' 0.5))."
+echo "Link setup (connect to TELL_RESP), ${#SETUP[@]} links: p50 ${s50} us, p99 ${s99} us, max ${smax} us (target p99 < 5000 us: $(verdict "$s99" '<=' 5000))."

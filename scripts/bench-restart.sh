@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# make bench-restart: hot restarts of a 2-worker cluster under load.
+#   baseline          keep-alive (50 conns) + short-connection (4 slots) load, no restart
+#   live restart      the same load while `handoff restart` runs back to back (up to RESTARTS=100)
+#   listener-only     the same, with `restart --listeners-only`: the listener moves, the old
+#                     connections are cut (a drain timeout of zero: what nginx/HAProxy/Envoy
+#                     do to connections that outlive the drain)
+# reports failed requests, p99 and max latency; then the time one restart
+# takes with IDLE_CONNS (10000) idle connections moved, and whether all of
+# them survived. Prints a Markdown table.
+source "$(dirname "$0")/bench-lib.sh"
+need_bin "$BIN"
+RESTARTS=${RESTARTS:-100}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+KA_REQS=${KA_REQS:-6000}
+SHORT_REQS=${SHORT_REQS:-1500}
+
+hard=$(ulimit -Hn)
+[ "$hard" = unlimited ] && hard=1048576
+ulimit -n "$hard"
+
+N=0
+start_cluster() { # sets PORT MPID DIR
+    N=$((N + 1))
+    PORT=$(free_port)
+    DIR=$BENCH_TMP/cluster$N
+    bg_start "cluster$N" "$BIN" cluster --port "$PORT" --workers 2 --dir "$DIR"
+    MPID=$BG_PID
+    wait_ready "cluster$N" "$MPID"
+}
+# The current master (a restart replaces it; the new one is not our child).
+master_pid() { "$BIN" status --dir "$DIR" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])'; }
+stop_cluster() {
+    local p
+    p=$(master_pid 2>/dev/null || true)
+    [ -n "$p" ] && [ "$p" != "$MPID" ] && kill -TERM "$p" 2>/dev/null
+    bg_forget_stop "$MPID"
+    [ -n "$p" ] && for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
+    return 0
+}
+
+# run_case LABEL [RESTART-ARGS]: the two loads, with restarts when args given
+# (an empty string means plain restarts); prints one table row.
+run_case() {
+    local label=$1 restart=${2-none} ka short rc n=0 fails=0
+    start_cluster
+    "$BIN" client rpc --port "$PORT" --conns 50 --requests "$KA_REQS" >"$BENCH_TMP/ka" 2>"$BENCH_TMP/ka.err" &
+    local kp=$!
+    "$BIN" client rpc --port "$PORT" --conns 4 --requests "$SHORT_REQS" --short >"$BENCH_TMP/short" 2>"$BENCH_TMP/short.err" &
+    local sp=$!
+    if [ "$restart" != none ]; then
+        while ((n < RESTARTS)) && kill -0 "$kp" 2>/dev/null; do
+            # shellcheck disable=SC2086
+            "$BIN" restart --dir "$DIR" $restart >/dev/null 2>>"$BENCH_TMP/restart.err" || fails=$((fails + 1))
+            n=$((n + 1))
+        done
+    fi
+    wait "$kp" || true
+    wait "$sp" || true
+    ka=$(grep '^rpc' "$BENCH_TMP/ka" || echo "rpc errors=?")
+    short=$(grep '^rpc' "$BENCH_TMP/short" || echo "rpc errors=?")
+    say "  $label: $n restarts ($fails failed)"
+    say "    $ka"
+    say "    $short"
+    stop_cluster
+    printf '| %s | %s | %s | %s / %s | %s / %s | %s / %s |\n' "$label" "$n" \
+        "$(($(field "$ka" errors) + $(field "$short" errors)))" \
+        "$(field "$ka" p99_us)" "$(field "$ka" max_us)" "$(field "$short" p99_us)" "$(field "$short" max_us)" \
+        "$(int "$(field "$ka" rps)")" "$(int "$(field "$short" rps)")"
+}
+
+ROWS=()
+say "baseline"
+ROWS+=("$(run_case "no restart")")
+say "live restarts"
+ROWS+=("$(run_case "handoff restart (connections move)" "")")
+say "listener-only restarts"
+ROWS+=("$(run_case "listener-only restart (connections cut)" "--listeners-only")")
+
+say "one restart with $IDLE_CONNS idle connections"
+start_cluster
+bg_start idle python3 "$ROOT/bench/idle_conns.py" "$PORT" "$IDLE_CONNS"
+IPID=$BG_PID
+wait_line idle "$IPID" '^open' 120
+open_now() { "$BIN" status --dir "$DIR" --json | python3 -c 'import json,sys; print(sum(w["open"] for w in json.load(sys.stdin)["workers"]))'; }
+deadline=$((SECONDS + 30))
+until [ "$(open_now)" -ge "$IDLE_CONNS" ] || ((SECONDS >= deadline)); do sleep 0.1; done
+t0=$(date +%s%N)
+"$BIN" restart --dir "$DIR" >/dev/null || die "restart with idle connections failed"
+t1=$(date +%s%N)
+ms=$(( (t1 - t0) / 1000000 ))
+deadline=$((SECONDS + 10))
+until [ "$(open_now)" -ge "$IDLE_CONNS" ] || ((SECONDS >= deadline)); do sleep 0.1; done
+moved=$(open_now)
+closed=$(grep -c '^closed' "$BENCH_TMP/idle.out" || true)
+bg_forget_stop "$IPID"
+stop_cluster
+
+machine_line
+echo
+echo "| restart bench (2 workers; load: 50 keep-alive conns + 4 short-connection slots) | restarts | failed requests | keep-alive p99 / max us | short p99 / max us | keep-alive / short req/s |"
+echo "|---|---:|---:|---:|---:|---:|"
+printf '%s\n' "${ROWS[@]}"
+echo
+echo "One restart moving $IDLE_CONNS idle connections: ${ms} ms (target < 1000 ms: $(verdict "$ms" '<=' 1000)); open on the new generation afterwards: $moved; closed by the server: $closed."
