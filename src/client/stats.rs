@@ -251,7 +251,7 @@ mod tests {
         let s = Summary::new("rpc", 100, 1000, Some(false), 100_000, 0, 0, String::new(), 1.234, &lat(&[101]));
         assert_eq!(
             s.to_string(),
-            "rpc conns=100 requests=1000 short=false ok=100000 errors=0 secs=1.234 rps=81037 p50_us=101 p99_us=101"
+            "rpc conns=100 requests=1000 short=false ok=100000 errors=0 secs=1.234 rps=81037 p50_us=101 p99_us=101 max_us=101"
         );
     }
 

@@ -17,7 +17,7 @@ use crate::reqlog::RequestLog;
 use crate::sock;
 
 /// Most bytes read ahead on one connection; they travel with it.
-const READ_LIMIT: usize = 64 * 1024;
+const READ_LIMIT: usize = 512;
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 const LOG_FLUSH: Duration = Duration::from_millis(200);

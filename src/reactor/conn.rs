@@ -102,7 +102,9 @@ impl Conn {
         unsafe {
             ev::bufferevent_setcb(raw, Some(read_cb), Some(write_cb), Some(event_cb), arg);
             ev::bufferevent_setwatermark(raw, ev::EV_READ as c_short, 0, read_limit);
-            ev::bufferevent_enable(raw, (ev::EV_READ | ev::EV_WRITE) as c_short);
+            // EV_WRITE is enabled by the first buffered write: enabling it on
+            // an empty output costs an EPOLLOUT wake-up per connection.
+            ev::bufferevent_enable(raw, ev::EV_READ as c_short);
         }
         Ok(conn)
     }
@@ -165,10 +167,13 @@ impl Conn {
         unsafe { ev::evbuffer_drain(self.input(), n) };
     }
 
-    /// Queues bytes for writing.
+    /// Queues bytes for writing (a `Drained` event follows when they are out).
     pub fn write(&self, data: &[u8]) {
-        // SAFETY: data is a live slice; the bev copies it.
-        unsafe { ev::bufferevent_write(self.bev(), data.as_ptr() as *const c_void, data.len()) };
+        // SAFETY: bev is live; data is a live slice, copied by libevent.
+        unsafe {
+            ev::bufferevent_enable(self.bev(), ev::EV_WRITE as c_short);
+            ev::bufferevent_write(self.bev(), data.as_ptr() as *const c_void, data.len());
+        }
     }
 
     /// Writes `data` to the kernel at once when nothing is queued before
