@@ -220,6 +220,16 @@ pub fn peer_cred(fd: RawFd) -> io::Result<(i32, u32)> {
     Ok((cred.pid, cred.uid))
 }
 
+/// Accepts a Unix-socket peer only when it runs as our uid (the trust
+/// rule for every handoff channel and control socket).
+pub fn check_same_uid(fd: RawFd) -> io::Result<()> {
+    let (pid, uid) = peer_cred(fd)?;
+    if uid != euid() {
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("pid {pid} runs as uid {uid}, not ours")));
+    }
+    Ok(())
+}
+
 /// Our effective uid.
 pub fn euid() -> u32 {
     // SAFETY: geteuid cannot fail.

@@ -99,27 +99,8 @@ fn unacknowledged_connections_come_back_when_the_peer_goes() {
     assert!(tx.send(m).is_err(), "a closed channel gives messages back");
 }
 
-#[test]
-fn malformed_message_closes_the_channel_with_a_reason() {
-    let base = Base::new().unwrap();
-    let (a, b) = sock::seqpacket_pair().unwrap();
-    let reason: Rc<RefCell<Option<String>>> = Rc::default();
-    let r = reason.clone();
-    let bs = base.clone();
-    let _rx = Channel::new(&base, b, move |ev| {
-        if let ChannelEvent::Closed { reason, .. } = ev {
-            *r.borrow_mut() = Some(reason.map(|e| e.to_string()).unwrap_or_default());
-            bs.exit(None);
-        }
-    })
-    .unwrap();
-    fdpass::send(a.as_fd(), None, b"GET / HTTP/1.0\r\n\r\n-------").unwrap();
-    run(&base);
-    assert_eq!(reason.borrow().as_deref(), Some("bad magic"));
-}
-
-#[test]
-fn newer_version_is_refused() {
+/// Sends `raw` (no descriptor) to a fresh channel; returns why it closed.
+fn close_reason(raw: &[u8]) -> Option<String> {
     let base = Base::new().unwrap();
     let (a, b) = sock::seqpacket_pair().unwrap();
     let reason: Rc<RefCell<Option<String>>> = Rc::default();
@@ -132,10 +113,21 @@ fn newer_version_is_refused() {
         }
     })
     .unwrap();
+    fdpass::send(a.as_fd(), None, raw).unwrap();
+    run(&base);
+    let why = reason.borrow().clone();
+    why
+}
+
+#[test]
+fn malformed_message_closes_the_channel_with_a_reason() {
+    assert_eq!(close_reason(b"GET / HTTP/1.0\r\n\r\n-------").as_deref(), Some("bad magic"));
+}
+
+#[test]
+fn newer_version_is_refused() {
     let mut m = Vec::new();
     Header { version: wire::VERSION + 1, kind: wire::KIND_USER, flags: 0, body_len: 0, id: 0 }.encode(&mut m);
-    fdpass::send(a.as_fd(), None, &m).unwrap();
-    run(&base);
-    let why = reason.borrow().clone().unwrap();
+    let why = close_reason(&m).unwrap();
     assert!(why.contains("v2"), "{why}");
 }

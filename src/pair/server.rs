@@ -140,16 +140,9 @@ impl Server {
     }
 
     fn accept_channel(&mut self, fd: OwnedFd) {
-        match sock::peer_cred(fd.as_raw_fd()) {
-            Ok((_, uid)) if uid == sock::euid() => {}
-            Ok((pid, uid)) => {
-                log::warn!("refused handoff channel from pid {pid} uid {uid}: not our uid");
-                return;
-            }
-            Err(e) => {
-                log::warn!("refused handoff channel: {e}");
-                return;
-            }
+        if let Err(e) = sock::check_same_uid(fd.as_raw_fd()) {
+            log::warn!("refused handoff channel: {e}");
+            return;
         }
         let id = self.next_id;
         self.next_id += 1;

@@ -548,16 +548,9 @@ impl Master {
     }
 
     fn accept_control(&mut self, fd: OwnedFd) {
-        match sock::peer_cred(fd.as_raw_fd()) {
-            Ok((_, uid)) if uid == sock::euid() => {}
-            Ok((pid, uid)) => {
-                log::warn!("control socket: refused pid {pid} uid {uid}: not our uid");
-                return;
-            }
-            Err(e) => {
-                log::warn!("control socket: {e}");
-                return;
-            }
+        if let Err(e) = sock::check_same_uid(fd.as_raw_fd()) {
+            log::warn!("control socket: refused: {e}");
+            return;
         }
         let id = self.next_client;
         self.next_client += 1;
