@@ -191,26 +191,6 @@ impl Conn {
         Ok(true)
     }
 
-    /// Writes the output buffer to the kernel now, as far as it goes.
-    /// Returns true when nothing is left (then no `Drained` is needed).
-    pub fn flush_now(&self) -> io::Result<bool> {
-        while self.output_len() > 0 {
-            // SAFETY: output evbuffer and fd are live.
-            let n = unsafe { ev::evbuffer_write(self.output(), self.raw_fd()) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                return match e.raw_os_error() {
-                    Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(false),
-                    _ => Err(e),
-                };
-            }
-            if n == 0 {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
     pub fn pause_reading(&self) {
         // SAFETY: bev is live.
         unsafe { ev::bufferevent_disable(self.bev(), ev::EV_READ as c_short) };
