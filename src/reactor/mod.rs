@@ -69,3 +69,6 @@ fn check(rc: i32, what: &str) -> std::io::Result<()> {
 fn timeval(d: std::time::Duration) -> ev::timeval {
     ev::timeval { tv_sec: d.as_secs() as _, tv_usec: d.subsec_micros() as _ }
 }
+
+#[cfg(test)]
+mod tests;
