@@ -189,11 +189,13 @@ impl Server {
                     leftover.len(),
                     conn.input_len()
                 );
-                if eof {
-                    conn.pause_reading();
-                }
                 self.conns.insert(id, Slot { conn, eof, handing_off: false, closing: false, client: None });
                 self.serve(id);
+                if let Some(s) = self.conns.get(&id) {
+                    if !(s.eof || s.handing_off || s.closing) {
+                        s.conn.resume_reading();
+                    }
+                }
             }
             Err(e) => log::error!("cannot adopt connection: {e}"),
         }

@@ -72,8 +72,12 @@ unsafe extern "C" fn event_cb(_bev: *mut ev::bufferevent, what: c_short, arg: *m
 impl Conn {
     /// Wraps a connected, non-blocking socket. `leftover` (bytes already
     /// read from it by a previous owner) is put in the input buffer first;
-    /// the caller processes it (no `Read` event is raised for it). Reading
-    /// starts at once, up to `read_limit` buffered bytes.
+    /// the caller processes it (no `Read` event is raised for it), then
+    /// calls [`Conn::resume_reading`] if it keeps the connection: one that
+    /// is served from its leftover and passed on never enters epoll.
+    /// Reading buffers at most `read_limit` bytes. Writing is enabled by the
+    /// first buffered write (enabling it on an empty output costs an
+    /// EPOLLOUT wake-up per connection).
     pub fn adopt(
         base: &Base,
         fd: OwnedFd,
@@ -102,9 +106,6 @@ impl Conn {
         unsafe {
             ev::bufferevent_setcb(raw, Some(read_cb), Some(write_cb), Some(event_cb), arg);
             ev::bufferevent_setwatermark(raw, ev::EV_READ as c_short, 0, read_limit);
-            // EV_WRITE is enabled by the first buffered write: enabling it on
-            // an empty output costs an EPOLLOUT wake-up per connection.
-            ev::bufferevent_enable(raw, ev::EV_READ as c_short);
         }
         Ok(conn)
     }

@@ -68,6 +68,7 @@ fn conn_serves_leftover_first_and_detach_returns_unread_input() {
     .unwrap();
     assert_eq!(conn.input_len(), 4);
     assert_eq!(conn.peek(4), b"left");
+    conn.resume_reading();
     peer.write_all(b"over").unwrap();
     let _dog = watchdog(&base);
     base.dispatch().unwrap();
@@ -103,6 +104,7 @@ fn conn_reports_drained_then_eof() {
         }),
     )
     .unwrap();
+    conn.resume_reading();
     conn.write(b"queued");
     let _dog = watchdog(&base);
     base.dispatch().unwrap();

@@ -32,6 +32,7 @@ impl Master {
         let w = self.me.clone();
         match Conn::adopt(&self.base, fd, &[], SNIFF_LIMIT, Rc::new(move |ev| with(&w, |m| m.on_sniff(id, ev)))) {
             Ok(conn) => {
+                conn.resume_reading();
                 self.sniffing.insert(id, Sniffed { conn, then: None });
             }
             Err(e) => log::error!("cannot watch a new connection: {e}"),

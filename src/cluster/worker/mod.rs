@@ -211,6 +211,11 @@ impl Worker {
                 self.conns.insert(id, slot);
                 self.stats_changed(false);
                 self.serve(id);
+                if let Some(s) = self.conns.get(&id) {
+                    if !(s.eof || s.closing || s.throttled || s.releasing) {
+                        s.conn.resume_reading();
+                    }
+                }
                 Some(id)
             }
             Err(e) => {

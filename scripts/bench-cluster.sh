@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# make bench-cluster: the cluster (2 workers) under each policy
+# (round-robin, least-conn, shared) against Node's cluster module
+# (bench/node_cluster.js, SCHED_RR), all driven by the same Rust load client:
+#   short connections  rpc --short --conns 16 --requests 500  -> connections/s
+#   keep-alive         rpc --conns 100 --requests 1000        -> requests/s
+# each RUNS times (default 3), the servers taken in turn; medians. Then the
+# memory per idle connection for round-robin and Node: IDLE_CONNS (10000)
+# idle connections opened by bench/idle_conns.py, summed VmRSS of master +
+# workers after minus before, divided by IDLE_CONNS. Prints a Markdown table
+# and the ratios against Node (targets: short >= 2, keep-alive >= 1.3).
+# Any run with an error fails the script.
+# shellcheck source=SCRIPTDIR/bench-lib.sh
+source "$(dirname "$0")/bench-lib.sh"
+
+IDLE_CONNS=${IDLE_CONNS:-10000}
+WORKERS=2
+need_bin "$BIN"
+
+# Node.js: /usr/bin/node or on PATH; installed from Debian when root.
+NODE=$(command -v node || true)
+[ -n "$NODE" ] || { [ -x /usr/bin/node ] && NODE=/usr/bin/node; } || true
+if [ -z "$NODE" ]; then
+    if [ "$(id -u)" = 0 ]; then
+        say "bench-cluster: node is missing; installing Debian's nodejs"
+        if ! { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs >&2; }; then
+            die "apt-get install nodejs failed"
+        fi
+        NODE=$(command -v node || echo /usr/bin/node)
+    else
+        die "node is missing; run: sudo apt-get install -y nodejs"
+    fi
+fi
+[ -x "$NODE" ] || die "no usable node at $NODE"
+
+# Every server inherits the raised descriptor limit: the idle connections
+# need IDLE_CONNS descriptors in the opener and in the servers.
+hard=$(ulimit -Hn)
+[ "$hard" = unlimited ] && hard=1048576
+ulimit -n "$hard"
+((hard >= IDLE_CONNS + 500)) \
+    || die "ulimit -n is at most $hard, too low for $IDLE_CONNS idle connections (set IDLE_CONNS lower or raise the hard limit)"
+
+IMPLS=(round-robin least-conn shared node)
+declare -A NAME=([round-robin]="handoff round-robin" [least-conn]="handoff least-conn"
+                 [shared]="handoff shared" [node]="Node cluster (SCHED_RR)")
+declare -A PORT MASTER DIR
+
+# start_server IMPL TAG: a master with $WORKERS workers on a free port.
+start_server() {
+    local impl=$1 tag=$2 p
+    p=$(free_port)
+    if [ "$impl" = node ]; then
+        bg_start "$tag" "$NODE" "$ROOT/bench/node_cluster.js" "$p" "$WORKERS"
+    else
+        DIR[$tag]=$BENCH_TMP/$tag-dir
+        bg_start "$tag" "$BIN" cluster --port "$p" --workers "$WORKERS" --dir "${DIR[$tag]}" --policy "$impl"
+    fi
+    wait_ready "$tag" "$BG_PID"
+    PORT[$tag]=$p
+    MASTER[$tag]=$BG_PID
+    say "${NAME[$impl]}: port $p ready (master pid $BG_PID)"
+}
+
+# status_json TAG: the handoff master's status, or fail.
+status_json() {
+    timeout 10 "$BIN" status --dir "${DIR[$1]}" --json 2>>"$BENCH_TMP/status.err" \
+        || die "handoff status --dir ${DIR[$1]} failed: $(tail -n 3 "$BENCH_TMP/status.err")"
+}
+# status_get TAG EXPR: evaluates EXPR (Python, v = the status JSON).
+status_get() { status_json "$1" | python3 -c "import json, sys; v = json.load(sys.stdin); print($2)"; }
+
+# worker_pids IMPL TAG
+worker_pids() {
+    if [ "$2" = node ] || [ "$1" = node ]; then
+        pgrep -P "${MASTER[$2]}" | tr '\n' ' '
+    else
+        status_get "$2" '" ".join(str(w["pid"]) for w in v["workers"])'
+    fi
+}
+
+# accepted IMPL TAG WORKER_PIDS: connections the workers hold — the open
+# count in handoff's status; socket descriptors of Node's workers.
+accepted() {
+    if [ "$1" = node ]; then
+        # shellcheck disable=SC2086
+        socket_fds $3
+    else
+        status_get "$2" 'sum(w["open"] for w in v["workers"])'
+    fi
+}
+
+# settled_rss PID...: summed VmRSS once two readings 0.5 s apart agree
+# within 0.5 % (at most 5 s).
+settled_rss() {
+    local a b i
+    a=$(rss_kb "$@")
+    for ((i = 0; i < 10; i++)); do
+        sleep 0.5
+        b=$(rss_kb "$@")
+        awk -v a="$a" -v b="$b" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= a * 0.005) }' && break
+        a=$b
+    done
+    echo "$b"
+}
+
+# wait_until SECONDS CMD...: polls CMD until it succeeds (1 if it never does).
+wait_until() {
+    local secs=$1 deadline
+    shift
+    deadline=$((SECONDS + secs))
+    until "$@"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.1
+    done
+}
+
+# ---------------------------------------------------------------- throughput
+say "bench-cluster: $RUNS runs per load, $WORKERS workers; raw client lines follow"
+for impl in "${IMPLS[@]}"; do start_server "$impl" "$impl"; done
+for impl in "${IMPLS[@]}"; do
+    load "warm-up ${NAME[$impl]}" rpc --port "${PORT[$impl]}" --conns 10 --requests 200
+    load "warm-up ${NAME[$impl]}" rpc --port "${PORT[$impl]}" --conns 4 --requests 50 --short
+done
+
+declare -A RES   # RES[impl,load,metric] = space-separated values, one per run
+for ((run = 1; run <= RUNS; run++)); do
+    if ((run % 2)); then order=("${IMPLS[@]}"); else order=(node shared least-conn round-robin); fi
+    for impl in "${order[@]}"; do
+        load "run $run ${NAME[$impl]} short" rpc --port "${PORT[$impl]}" --conns 16 --requests 500 --short
+        for m in rps p50_us p99_us; do RES[$impl,short,$m]+="$(field "$LOAD_LINE" "$m") "; done
+        load "run $run ${NAME[$impl]} keep-alive" rpc --port "${PORT[$impl]}" --conns 100 --requests 1000
+        for m in rps p50_us p99_us; do RES[$impl,keep,$m]+="$(field "$LOAD_LINE" "$m") "; done
+    done
+done
+for impl in "${IMPLS[@]}"; do bg_forget_stop "${MASTER[$impl]}"; done
+
+# ------------------------------------------------------------ idle memory
+declare -A MEM MEMSPLIT NOTE
+# The worker pid lists are split on purpose; the eval strings are expanded
+# each time they are polled.
+# shellcheck disable=SC2086,SC2016
+idle_memory() {
+    local impl=$1 tag=mem-$1 workers base base_fds before after master_b master_a per opener got
+    start_server "$impl" "$tag"
+    load "warm-up ${NAME[$impl]}" rpc --port "${PORT[$tag]}" --conns 10 --requests 200
+    load "warm-up ${NAME[$impl]}" rpc --port "${PORT[$tag]}" --conns 4 --requests 50 --short
+    workers=$(worker_pids "$impl" "$tag")
+    [ -n "${workers// /}" ] || die "${NAME[$impl]}: no worker pids found"
+    if [ "$impl" != node ]; then
+        wait_until 10 eval '[ "$(accepted "$impl" "$tag")" = 0 ]' \
+            || die "${NAME[$impl]}: warm-up connections still open after 10s"
+    fi
+    before=$(settled_rss "${MASTER[$tag]}" $workers)
+    master_b=$(rss_kb "${MASTER[$tag]}")
+    base=$(accepted "$impl" "$tag" "$workers")
+    base_fds=$(socket_fds "${MASTER[$tag]}" $workers)
+
+    bg_start "idle-$impl" python3 "$ROOT/bench/idle_conns.py" "${PORT[$tag]}" "$IDLE_CONNS"
+    opener=$BG_PID
+    wait_line "idle-$impl" "$opener" '^open ' 120
+    wait_until 30 eval '(( $(accepted "$impl" "$tag" "$workers") - base >= IDLE_CONNS ))' \
+        || die "${NAME[$impl]}: only $(( $(accepted "$impl" "$tag" "$workers") - base )) of $IDLE_CONNS idle connections accepted after 30s"
+    after=$(settled_rss "${MASTER[$tag]}" $workers)
+    master_a=$(rss_kb "${MASTER[$tag]}")
+    got=$(grep -c '^closed' "$BENCH_TMP/idle-$impl.out" || true)
+    ((got == 0)) || say "bench: WARNING: ${NAME[$impl]} closed $got idle connections while measuring"
+    per=$(awk -v a="$after" -v b="$before" -v n="$IDLE_CONNS" 'BEGIN { printf "%.0f", (a - b) * 1024 / n }')
+    MEM[$impl]=$per
+    MEMSPLIT[$impl]=$(awk -v a="$master_a" -v b="$master_b" -v n="$IDLE_CONNS" 'BEGIN { printf "%.0f", (a - b) * 1024 / n }')
+    say "  ${NAME[$impl]}: RSS ${before} kB -> ${after} kB with $IDLE_CONNS idle connections: $per B/conn (master ${master_b} -> ${master_a} kB)"
+
+    # The connections must be released once the opener goes.
+    bg_forget_stop "$opener"
+    if wait_until 15 eval '(( $(accepted "$impl" "$tag" "$workers") <= base &&
+                                         $(socket_fds "${MASTER[$tag]}" $workers) <= base_fds ))'; then
+        NOTE[$impl]=""
+        say "  ${NAME[$impl]}: all idle connections released; RSS now $(rss_kb "${MASTER[$tag]}" $workers) kB"
+    else
+        NOTE[$impl]="$(( $(accepted "$impl" "$tag" "$workers") - base )) connections ($(( $(socket_fds "${MASTER[$tag]}" $workers) - base_fds )) socket descriptors) still held 15 s after the clients closed"
+        say "bench: WARNING: ${NAME[$impl]}: ${NOTE[$impl]}"
+    fi
+    bg_forget_stop "${MASTER[$tag]}"
+}
+idle_memory round-robin
+idle_memory node
+
+# ---------------------------------------------------------------- table
+# shellcheck disable=SC2086
+med() { median ${RES[$1,$2,$3]}; }   # med IMPL LOAD METRIC (unquoted: split the list)
+
+machine_line
+echo
+echo "| server ($WORKERS workers) | short conn/s | p50 µs | p99 µs | keep-alive req/s | p50 µs | p99 µs | idle B/conn |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+for impl in "${IMPLS[@]}"; do
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "${NAME[$impl]}" \
+        "$(int "$(med "$impl" short rps)")" "$(int "$(med "$impl" short p50_us)")" "$(int "$(med "$impl" short p99_us)")" \
+        "$(int "$(med "$impl" keep rps)")" "$(int "$(med "$impl" keep p50_us)")" "$(int "$(med "$impl" keep p99_us)")" \
+        "${MEM[$impl]:-—}"
+done
+echo
+echo "| vs Node | short conn/s | target | | keep-alive req/s | target | |"
+echo "| --- | ---: | ---: | --- | ---: | ---: | --- |"
+for impl in round-robin least-conn shared; do
+    s=$(ratio "$(med "$impl" short rps)" "$(med node short rps)")
+    k=$(ratio "$(med "$impl" keep rps)" "$(med node keep rps)")
+    echo "| ${NAME[$impl]} | $s | ≥ 2 | $(verdict "$s" '>=' 2) | $k | ≥ 1.3 | $(verdict "$k" '>=' 1.3) |"
+done
+echo
+echo "Medians of $RUNS runs, the servers taken in turn; ratios are of the medians. Same Rust load"
+echo "client for all (\`handoff client rpc\`): short = \`--short --conns 16 --requests 500\` (one"
+echo "connection per request), keep-alive = \`--conns 100 --requests 1000\`; 0 errors in every run."
+echo "Idle B/conn: summed VmRSS of master + workers with $IDLE_CONNS idle connections open, minus"
+echo "the same before, / $IDLE_CONNS (user-space memory only, not kernel socket buffers);"
+echo "of which the master: ${MEMSPLIT[round-robin]} B (round-robin), ${MEMSPLIT[node]} B (Node)."
+for impl in round-robin node; do
+    [ -z "${NOTE[$impl]:-}" ] || echo "${NAME[$impl]}: ${NOTE[$impl]}."
+done
