@@ -1,5 +1,10 @@
 //! Integration tests: they run the real `handoff` binary.
-//! One crate, one module per mode; `support` holds the fixtures.
+//! One crate, one module per mode; `support` and `cluster_support` hold
+//! the fixtures.
+mod cluster_support;
 mod support;
 
+mod cluster;
+mod node;
 mod pair;
+mod restart;

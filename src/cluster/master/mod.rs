@@ -43,6 +43,13 @@ pub struct Config {
     pub node: Option<crate::node::NodeConfig>,
 }
 
+/// The master's copy of a connection a worker serves.
+struct Held {
+    fd: OwnedFd,
+    /// A node link, bound to its worker: closed, not moved, if it dies.
+    link: bool,
+}
+
 /// One worker slot: its index is stable, its process is replaced.
 struct Slot {
     index: usize,
@@ -55,7 +62,7 @@ struct Slot {
     /// A copy of every connection this incarnation holds, by channel id,
     /// until the worker reports it closed: if the worker dies, these go
     /// to another worker instead of being lost.
-    held: HashMap<u64, OwnedFd>,
+    held: HashMap<u64, Held>,
     /// Served by this incarnation, as the worker reports.
     served: u64,
     /// Served by earlier incarnations.
@@ -362,10 +369,11 @@ impl Master {
                 }
                 None => return,
             };
+            let link = msg.flags & wire::FLAG_NODE_LINK != 0;
             let slot = &mut self.slots[i];
             match slot.channel.as_ref().expect("live slot has a channel").send(msg) {
                 Ok(id) => {
-                    slot.held.insert(id, copy);
+                    slot.held.insert(id, Held { fd: copy, link });
                     slot.handed += 1;
                     return;
                 }
@@ -434,15 +442,19 @@ impl Master {
         let id = u64::from_le_bytes(m.body[..8].try_into().expect("8 bytes"));
         let flags = u32::from_le_bytes(m.body[8..12].try_into().expect("4 bytes"));
         match self.slots[index].held.remove(&id) {
-            Some(fd) => self.dispatch(Msg::conn(fd, m.body[12..].to_vec(), flags)),
+            Some(h) => self.dispatch(Msg::conn(h.fd, m.body[12..].to_vec(), flags)),
             None => log::error!("worker {index}: RELEASE of unknown connection {id}"),
         }
     }
 
-    fn requeue(&mut self, msgs: Vec<Msg>) {
-        for mut m in msgs {
-            m.id = 0;
-            self.dispatch(m);
+    /// A worker died: its client connections go to another worker (or
+    /// the successor while draining); its node links close, so the far
+    /// side notices at once and builds a new link to the respawned worker.
+    fn rescue(&mut self, held: Vec<Held>) {
+        for h in held {
+            if !h.link {
+                self.dispatch(Msg::conn(h.fd, Vec::new(), 0));
+            }
         }
     }
 
@@ -471,7 +483,7 @@ impl Master {
             slot.served_before += slot.served;
             slot.served = 0;
             slot.channel.take().map(|c| c.shutdown());
-            let held: Vec<OwnedFd> = slot.held.drain().map(|(_, fd)| fd).collect();
+            let held: Vec<Held> = slot.held.drain().map(|(_, h)| h).collect();
             if self.stopping {
                 log::debug!("worker {index} (pid {pid}) exited: {status}");
                 continue;
@@ -482,7 +494,7 @@ impl Master {
                         "worker {index} (pid {pid}) exited while draining: {status}; passing on its connections"
                     );
                 }
-                self.requeue(held.into_iter().map(|fd| Msg::conn(fd, Vec::new(), 0)).collect());
+                self.rescue(held);
                 continue;
             }
             log::warn!(
@@ -490,7 +502,7 @@ impl Master {
                 held.len()
             );
             slot.respawns += 1;
-            self.requeue(held.into_iter().map(|fd| Msg::conn(fd, Vec::new(), 0)).collect());
+            self.rescue(held);
             if let Err(e) = self.spawn(index) {
                 log::error!("{e}");
             }

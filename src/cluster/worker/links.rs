@@ -252,6 +252,7 @@ impl Worker {
                 self.close_because(id, "link closed by the far end");
             }
         }
+        self.stats_changed(false);
     }
 
     /// A link someone opened to us.

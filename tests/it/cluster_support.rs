@@ -1,0 +1,519 @@
+//! Fixtures for the cluster, restart and node tests (on top of `support`):
+//! a cluster / node guard that kills every generation of masters and their
+//! workers, a framed JSON client, status helpers.
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddrV4, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::{bin, free_pair, poll_until, run_cmd, TempDir, TestServer, IO_TIMEOUT, LOCALHOST};
+
+/// How long a `handoff restart` may take in these tests.
+pub const RESTART_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long worker stats may take to reach `status` (they are sent within
+/// ~100 ms; generous for loaded CI machines).
+pub const STATS_TIMEOUT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------- processes
+
+/// Whether `pid` is a live process (a zombie counts as gone).
+pub fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(s) => {
+            // "pid (comm) S ...": the state follows the last ')'.
+            let state = s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next()).unwrap_or("X");
+            !matches!(state, "Z" | "X" | "x")
+        }
+    }
+}
+
+/// SIGKILL to one pid (ignored if it is gone).
+pub fn kill_pid(pid: i32, sig: i32) {
+    if pid > 0 {
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Parses `key=value` out of a readiness line.
+pub fn ready_field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
+}
+
+/// Writes an executable shell script.
+pub fn script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, body).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod script");
+}
+
+/// A running cluster (or node) master with its workers, and every master
+/// that replaced it by a hot restart. Drop kills them all: the first
+/// master's process group (every generation inherits it), every master pid
+/// seen in `status`, and their workers; the first master's stderr (which
+/// later generations share) is printed by its `TestServer` on failure.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub workers: usize,
+    /// Every master and worker pid seen (killed on drop).
+    pids: Mutex<Vec<i32>>,
+    /// The first master (generation 1).
+    pub server: TestServer,
+    _tmp: TempDir,
+}
+
+impl Cluster {
+    /// `handoff cluster --port 0 --workers N --dir D EXTRA...`
+    pub fn start(workers: usize, extra: &[&str]) -> Cluster {
+        let tmp = TempDir::new("cl");
+        let dir = tmp.path().join("d");
+        let mut args: Vec<String> =
+            vec!["cluster".into(), "--port".into(), "0".into(), "--workers".into(), workers.to_string()];
+        args.push("--dir".into());
+        args.push(dir.display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Cluster::launch("cluster", tmp, dir, workers, args)
+    }
+
+    /// Starts `handoff ARGS` (a cluster or a node) in `dir` and checks its
+    /// readiness line `ready port=P workers=N dir=D gen=1`.
+    pub fn launch(name: &str, tmp: TempDir, dir: PathBuf, workers: usize, args: Vec<String>) -> Cluster {
+        let server = TestServer::start(name, &args);
+        let port: u16 = ready_field(&server.ready, "port")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: no port in readiness line {:?}", server.ready));
+        assert_ne!(port, 0, "{name}: readiness line shows port 0");
+        let want = format!("ready port={port} workers={workers} dir={} gen=1", dir.display());
+        assert_eq!(server.ready, want, "{name}: readiness line");
+        let c = Cluster { dir, port, workers, pids: Mutex::new(vec![server.pid()]), server, _tmp: tmp };
+        // Learn the worker pids now, so that Drop kills them even if the
+        // master is gone by then.
+        c.status();
+        c
+    }
+
+    /// The status JSON (panics, with the master's stderr, if it fails).
+    pub fn status(&self) -> Value {
+        match self.try_status(Duration::from_secs(5)) {
+            Ok(v) => v,
+            Err(e) => panic!("status --dir {}: {e}\n--- stderr ---\n{}", self.dir.display(), self.server.stderr_text()),
+        }
+    }
+
+    pub fn try_status(&self, timeout: Duration) -> io::Result<Value> {
+        let v = handoff::cluster::status::fetch(&self.dir, timeout)?;
+        self.remember(&v);
+        Ok(v)
+    }
+
+    /// Records the master and worker pids of a status answer.
+    pub fn remember(&self, v: &Value) {
+        let mut pids = self.pids.lock().unwrap();
+        let mut add = |p: &Value| {
+            if let Some(p) = p.as_i64().filter(|&p| p > 0) {
+                if !pids.contains(&(p as i32)) {
+                    pids.push(p as i32);
+                }
+            }
+        };
+        add(&v["pid"]);
+        for w in v["workers"].as_array().into_iter().flatten() {
+            add(&w["pid"]);
+        }
+    }
+
+    /// `handoff status --dir D --json` through the CLI.
+    pub fn status_cli(&self, json: bool) -> String {
+        let mut cmd = Command::new(bin());
+        cmd.arg("status").arg("--dir").arg(&self.dir);
+        if json {
+            cmd.arg("--json");
+        }
+        let (st, out, err) = run_cmd(&mut cmd, Duration::from_secs(10));
+        assert!(st.success(), "handoff status: {st}\n{err}");
+        out
+    }
+
+    /// The current master's pid.
+    pub fn master_pid(&self) -> i32 {
+        self.status()["pid"].as_i64().expect("status pid") as i32
+    }
+
+    /// Worker pids by slot.
+    pub fn worker_pids(&self) -> Vec<i32> {
+        worker_field(&self.status(), "pid").into_iter().map(|p| p as i32).collect()
+    }
+
+    /// Polls status until `cond` holds (panics with the last status after
+    /// `timeout`); returns that status.
+    #[track_caller]
+    pub fn wait_status(&self, what: &str, timeout: Duration, mut cond: impl FnMut(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        let ok = poll_until(timeout, || {
+            match self.try_status(Duration::from_secs(2)) {
+                Ok(v) => {
+                    let done = cond(&v);
+                    last = v;
+                    done
+                }
+                Err(_) => false, // between generations the socket may be renamed
+            }
+        });
+        assert!(ok, "status never showed {what} within {timeout:?}; last status: {last}");
+        last
+    }
+
+    /// Runs `handoff restart --dir D ARGS` to completion.
+    pub fn restart(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        let mut cmd = Command::new(bin());
+        cmd.arg("restart").arg("--dir").arg(&self.dir).args(args);
+        let r = run_cmd(&mut cmd, RESTART_TIMEOUT);
+        // Learn the new master (and its workers) for Drop.
+        let _ = self.try_status(Duration::from_secs(2));
+        r
+    }
+
+    /// A successful restart: returns (generation, new master pid) as
+    /// printed by `handoff restart`, checked against status.
+    #[track_caller]
+    pub fn restart_ok(&self) -> (u64, i32) {
+        let (st, out, err) = self.restart(&[]);
+        assert!(
+            st.success(),
+            "handoff restart failed: {st}\nstdout: {out}\nstderr: {err}\n--- master stderr ---\n{}",
+            self.server.stderr_text()
+        );
+        let (gen, pid) = parse_restarted(&out);
+        let v = self.status();
+        assert_eq!(v["gen"], json!(gen), "status after restart: {v}");
+        assert_eq!(v["pid"], json!(pid), "status after restart: {v}");
+        (gen, pid)
+    }
+
+    pub fn addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(LOCALHOST, self.port)
+    }
+
+    pub fn connect(&self) -> Rpc {
+        Rpc::connect(self.port)
+    }
+
+    /// Options of the library load client against this cluster.
+    pub fn rpc_opts(&self, conns: usize, requests: usize, short: bool) -> handoff::client::RpcOpts {
+        handoff::client::RpcOpts { host: "127.0.0.1".into(), port: self.port, conns, requests, short, relay: None }
+    }
+
+    /// Kills every process of this cluster now (what Drop does).
+    pub fn kill_all(&self) {
+        // Learn the latest generation, if one answers quickly.
+        let _ = self.try_status(Duration::from_millis(500));
+        for &p in self.pids.lock().unwrap().iter() {
+            kill_pid(p, libc::SIGKILL);
+        }
+        // Every generation and worker is in the first master's group.
+        kill_pid(-self.server.pid(), libc::SIGKILL);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_all();
+        // The first master is reaped by its TestServer; later masters were
+        // orphaned (re-parented), and are gone once killed.
+        let pids: Vec<i32> = self.pids.lock().unwrap().clone();
+        let all_gone = poll_until(Duration::from_secs(5), || pids.iter().all(|&p| !pid_alive(p)));
+        if !all_gone && !std::thread::panicking() {
+            let left: Vec<i32> = pids.into_iter().filter(|&p| pid_alive(p)).collect();
+            panic!("cluster processes still alive after SIGKILL: {left:?}");
+        }
+    }
+}
+
+/// Parses `restarted: generation G (pid N)`.
+#[track_caller]
+pub fn parse_restarted(out: &str) -> (u64, i32) {
+    let line =
+        out.lines().find(|l| l.starts_with("restarted:")).unwrap_or_else(|| panic!("no restarted line: {out:?}"));
+    let gen = line.split_whitespace().nth(2).and_then(|g| g.parse().ok());
+    let pid = line.rsplit_once("(pid ").and_then(|(_, p)| p.trim_end_matches(')').parse().ok());
+    match (gen, pid) {
+        (Some(g), Some(p)) => (g, p),
+        _ => panic!("cannot parse {line:?}"),
+    }
+}
+
+/// `field` of every worker of a status answer, by slot.
+pub fn worker_field(v: &Value, field: &str) -> Vec<u64> {
+    v["workers"].as_array().expect("status workers").iter().map(|w| w[field].as_u64().unwrap_or(0)).collect()
+}
+
+pub fn sum_field(v: &Value, field: &str) -> u64 {
+    worker_field(v, field).iter().sum()
+}
+
+// ------------------------------------------------------------------ client
+
+/// A blocking client of the cluster protocol (u32 LE length + JSON).
+pub struct Rpc {
+    pub s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Rpc {
+    pub fn connect(port: u16) -> Rpc {
+        Rpc::try_connect(port).unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"))
+    }
+
+    pub fn try_connect(port: u16) -> io::Result<Rpc> {
+        let s = TcpStream::connect(SocketAddrV4::new(LOCALHOST, port))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(Rpc { s, buf: Vec::new() })
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).unwrap_or_else(|e| panic!("write: {e}"));
+    }
+
+    pub fn send(&mut self, v: &Value) {
+        let f = frame(v);
+        self.send_raw(&f);
+    }
+
+    /// One reply frame, parsed (panics on EOF, error or bad JSON).
+    pub fn recv(&mut self) -> Value {
+        match self.try_recv() {
+            Ok(Some(v)) => v,
+            Ok(None) => panic!("EOF where a reply was expected"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// A reply (`Some`), a clean EOF before any byte of one (`None`), or an error.
+    pub fn try_recv(&mut self) -> Result<Option<Value>, String> {
+        let mut hdr = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match self.s.read(&mut hdr[got..]) {
+                Ok(0) if got == 0 => return Ok(None),
+                Ok(0) => return Err("EOF inside a reply header".into()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("read reply header: {e}")),
+            }
+        }
+        let len = u32::from_le_bytes(hdr) as usize;
+        if len > 16 << 20 {
+            return Err(format!("reply frame of {len} bytes"));
+        }
+        self.buf.resize(len, 0);
+        self.s.read_exact(&mut self.buf).map_err(|e| format!("read reply body ({len} bytes): {e}"))?;
+        serde_json::from_slice(&self.buf)
+            .map(Some)
+            .map_err(|e| format!("reply is not JSON ({e}): {}", String::from_utf8_lossy(&self.buf)))
+    }
+
+    pub fn call(&mut self, v: &Value) -> Value {
+        self.send(v);
+        self.recv()
+    }
+
+    /// Pings `x` and checks the echo.
+    #[track_caller]
+    pub fn ping(&mut self, x: &Value) {
+        let r = self.call(&json!({"in": "ping", "params": x}));
+        assert_eq!(r, json!({"out": "pong", "result": x}), "ping {x}");
+    }
+
+    /// The whoami result (`{"worker","pid","gen"[,"node"]}`).
+    #[track_caller]
+    pub fn whoami(&mut self) -> Value {
+        let r = self.call(&json!({"in": "whoami"}));
+        assert_eq!(r["out"], "whoami", "whoami reply {r}");
+        r["result"].clone()
+    }
+
+    /// Reads until the server closes: Ok(()) on EOF or reset, Err on a
+    /// timeout; replies read meanwhile are discarded.
+    pub fn expect_closed(&mut self, timeout: Duration) -> Result<(), String> {
+        self.s.set_read_timeout(Some(timeout)).unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 65536];
+        loop {
+            match self.s.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {
+                    if Instant::now() > deadline {
+                        return Err("still receiving data".into());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("not closed within {timeout:?}: {e}")),
+            }
+        }
+    }
+
+    /// Whether the server has nothing more to say right now (no stray
+    /// bytes within `wait`).
+    pub fn nothing_pending(&mut self, wait: Duration) -> bool {
+        self.s.set_read_timeout(Some(wait)).unwrap();
+        let mut b = [0u8; 1];
+        let r = matches!(self.s.read(&mut b), Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut));
+        self.s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        r
+    }
+}
+
+/// One frame: u32 LE length + JSON.
+pub fn frame(v: &Value) -> Vec<u8> {
+    handoff::proto::rpc::encode(v)
+}
+
+/// One frame with an arbitrary body.
+pub fn raw_frame(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+pub fn ping_req(x: &Value) -> Value {
+    json!({"in": "ping", "params": x})
+}
+
+pub fn relay_req(node: &str, worker: usize, msg: &Value) -> Value {
+    json!({"in": "relay", "params": {"node": node, "worker": worker, "msg": msg}})
+}
+
+// -------------------------------------------------------------------- nodes
+
+/// A free port for a server that starts later (below the ephemeral range,
+/// never handed out twice in this test process).
+pub fn free_port() -> u16 {
+    free_pair()
+}
+
+/// One `handoff node` (manager + workers).
+pub struct Node {
+    pub name: String,
+    pub c: Cluster,
+}
+
+impl Node {
+    /// `handoff node --name NAME --port PORT --workers N --dir D --peers PEERS EXTRA...`
+    pub fn start(name: &str, port: u16, workers: usize, peers: &[(&str, u16)], extra: &[&str]) -> Node {
+        let tmp = TempDir::new(&format!("n{name}"));
+        let dir = tmp.path().join("d");
+        let peers: Vec<String> = peers.iter().map(|(n, p)| format!("{n}=127.0.0.1:{p}")).collect();
+        let mut args: Vec<String> =
+            vec!["node".into(), "--name".into(), name.into(), "--port".into(), port.to_string()];
+        args.extend(["--workers".into(), workers.to_string(), "--dir".into(), dir.display().to_string()]);
+        args.extend(["--peers".into(), peers.join(",")]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let c = Cluster::launch(&format!("node {name}"), tmp, dir, workers, args);
+        if port != 0 {
+            assert_eq!(c.port, port, "node {name}: port");
+        }
+        Node { name: name.to_string(), c }
+    }
+
+    /// A client connection on worker `w` of this node (connections go
+    /// round-robin: opens up to 2N and keeps the one that lands there).
+    pub fn conn_on(&self, w: usize) -> Rpc {
+        for _ in 0..self.c.workers * 2 + 2 {
+            let mut r = self.c.connect();
+            if r.whoami()["worker"] == json!(w) {
+                return r;
+            }
+        }
+        panic!("node {}: no connection landed on worker {w}", self.name);
+    }
+
+    /// The link row of worker `w` to (node, worker) in `status`.
+    pub fn link(v: &Value, w: usize, node: &str, peer: usize) -> Option<Value> {
+        v["workers"][w]["links"].as_array()?.iter().find(|l| l["node"] == node && l["worker"] == json!(peer)).cloned()
+    }
+}
+
+/// Checks a relayed reply: from `node`:`worker`, with `msg` echoed.
+#[track_caller]
+pub fn assert_relayed(r: &Value, node: &str, worker: usize, msg: &Value) -> u64 {
+    assert_eq!(r["out"], "relayed", "relay to {node}:{worker}: {r}");
+    assert_eq!(r["result"]["node"], node, "{r}");
+    assert_eq!(r["result"]["worker"], json!(worker), "{r}");
+    assert_eq!(&r["result"]["msg"], msg, "{r}");
+    r["result"]["pid"].as_u64().unwrap_or_else(|| panic!("no pid in {r}"))
+}
+
+// ------------------------------------------------------------ bare children
+
+/// A child process (not a server: no readiness line) killed and reaped on
+/// drop; its output is collected by threads.
+pub struct ChildGuard {
+    pub child: std::process::Child,
+    out: Option<std::thread::JoinHandle<String>>,
+    err: Option<std::thread::JoinHandle<String>>,
+}
+
+impl ChildGuard {
+    pub fn spawn(cmd: &mut Command) -> ChildGuard {
+        use std::process::Stdio;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let mut o = child.stdout.take().expect("piped");
+        let mut e = child.stderr.take().expect("piped");
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = o.read_to_string(&mut s);
+            s
+        });
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = e.read_to_string(&mut s);
+            s
+        });
+        ChildGuard { child, out: Some(out), err: Some(err) }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits for the exit (panics after `timeout`); returns (status, stdout, stderr).
+    pub fn wait(&mut self, timeout: Duration) -> (ExitStatus, String, String) {
+        let mut st = None;
+        let ok = poll_until(timeout, || {
+            st = self.child.try_wait().expect("try_wait");
+            st.is_some()
+        });
+        assert!(ok, "{:?} still running after {timeout:?}", self.child.id());
+        let out = self.out.take().map(|t| t.join().unwrap()).unwrap_or_default();
+        let err = self.err.take().map(|t| t.join().unwrap()).unwrap_or_default();
+        (st.unwrap(), out, err)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
