@@ -7,6 +7,7 @@
 //!
 //! Everything uses std threads and blocking `std::net` sockets.
 
+pub mod evented;
 pub mod pingpong;
 pub mod rpc;
 pub mod stats;

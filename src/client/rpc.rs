@@ -5,7 +5,8 @@
 //! with X echoed exactly (compared as `serde_json::Value`).
 //!
 //! * keep-alive: `conns` connections, each doing `requests` sequential
-//!   request/response round trips;
+//!   request/response round trips, all driven by one event loop
+//!   (`client::evented`);
 //! * `short`: `conns` threads ("connection slots"), each doing `requests`
 //!   times connect / send / read reply / close. Latency then includes connect.
 //!
@@ -17,7 +18,7 @@
 use super::stats::{ErrLog, Latency, Summary};
 use super::{connect, resolve, spawn, Gate};
 use serde_json::{json, Value};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -179,19 +180,19 @@ pub fn rpc(o: &RpcOpts) -> Summary {
             errlog.report(format_args!("rpc: resolve {}:{}: {e}", o.host, o.port));
             errors = o.conns as u64 * o.requests as u64;
         }
+        Ok(addr) if !o.short => {
+            let r = super::evented::keepalive(addr, o.conns, o.requests, o.relay.clone(), errlog.clone());
+            (ok, errors, lat, secs) = (r.ok, r.errors, r.lat, r.secs);
+        }
         Ok(addr) => {
             let gate = Arc::new(Gate::default());
             let mut handles = Vec::with_capacity(o.conns);
             for c in 0..o.conns {
                 let (gate2, errlog2) = (gate.clone(), errlog.clone());
-                let (requests, short, relay) = (o.requests, o.short, o.relay.clone());
+                let (requests, relay) = (o.requests, o.relay.clone());
                 let h = spawn(format!("rpc-{c}"), move || {
-                    if short {
-                        gate2.arrive_and_wait();
-                        short_slot(addr, c, requests, relay.as_ref(), &errlog2)
-                    } else {
-                        keepalive_conn(addr, c, requests, relay.as_ref(), &gate2, &errlog2)
-                    }
+                    gate2.arrive_and_wait();
+                    short_slot(addr, c, requests, relay.as_ref(), &errlog2)
                 });
                 match h {
                     Ok(h) => handles.push(h),
@@ -223,50 +224,6 @@ pub fn rpc(o: &RpcOpts) -> Summary {
         secs = t0.elapsed().as_secs_f64();
     }
     Summary::new("rpc", o.conns, o.requests, Some(o.short), ok, errors, 0, String::new(), secs, &lat)
-}
-
-fn keepalive_conn(
-    addr: SocketAddr,
-    c: usize,
-    requests: usize,
-    relay: Option<&(String, usize)>,
-    gate: &Gate,
-    errlog: &ErrLog,
-) -> SlotResult {
-    let mut r = SlotResult::default();
-    let sock = connect(&addr);
-    gate.arrive_and_wait();
-    let sock = match sock {
-        Ok(s) => s,
-        Err(e) => {
-            errlog.report(format_args!("conn {c}: connect {addr}: {e}"));
-            r.errors = requests as u64;
-            return r;
-        }
-    };
-    let mut w = &sock;
-    let mut rd = BufReader::with_capacity(4096, &sock);
-    let mut buf = Vec::with_capacity(256);
-    for i in 0..requests {
-        let p = params(c, i);
-        let t = Instant::now();
-        match round_trip(&mut w, &mut rd, &mut buf, &p, relay) {
-            Ok(()) => {
-                r.lat.record(t.elapsed());
-                r.ok += 1;
-            }
-            Err(RpcError::Reply(m)) => {
-                errlog.report(format_args!("conn {c} request {i}/{requests}: {m}"));
-                r.errors += 1;
-            }
-            Err(RpcError::Fatal(m)) => {
-                errlog.report(format_args!("conn {c} request {i}/{requests}: {m}"));
-                r.errors += (requests - i) as u64;
-                break;
-            }
-        }
-    }
-    r
 }
 
 fn short_slot(

@@ -6,6 +6,10 @@
 //! {"in":"whoami"}           -> {"out":"whoami","result":{"worker":I,"pid":N,...}}
 //! anything else             -> {"out":"error","result":"<reason>"}
 //! ```
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 /// Default `--max-frame`.
@@ -52,6 +56,42 @@ pub fn encode_into(v: &Value, out: &mut Vec<u8>) {
     serde_json::to_writer(&mut *out, v).expect("a Value always serialises");
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// The shape of every valid request, borrowed from the frame: `params`
+/// stays raw text, so a ping is echoed without building a `Value`.
+#[derive(Deserialize)]
+struct Request<'a> {
+    #[serde(rename = "in", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    params: Option<&'a RawValue>,
+}
+
+/// The hot path: answers `ping` and `whoami` by appending one reply frame
+/// to `out` (`whoami_reply` is the whoami reply's JSON, made once).
+/// Returns false, appending nothing, for anything else (other requests,
+/// errors, and `"params":null`, which serde reads as absent), which the
+/// caller hands to [`parse`] and [`respond`].
+pub fn answer_fast(body: &[u8], whoami_reply: &[u8], out: &mut Vec<u8>) -> bool {
+    let Ok(req) = serde_json::from_slice::<Request>(body) else { return false };
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    match (req.kind.as_ref(), req.params) {
+        ("ping", Some(p)) => {
+            out.extend_from_slice(br#"{"out":"pong","result":"#);
+            out.extend_from_slice(p.get().as_bytes());
+            out.push(b'}');
+        }
+        ("whoami", _) => out.extend_from_slice(whoami_reply),
+        _ => {
+            out.truncate(start);
+            return false;
+        }
+    }
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    true
 }
 
 /// Answers one request body. `identity` is the whoami result (an object).
@@ -111,6 +151,29 @@ mod tests {
         for x in [json!(null), json!(0), json!(-1.5), json!("ü"), json!([1, [2, {}]]), json!({"k": {"z": [true]}})] {
             let req = serde_json::to_vec(&json!({"in": "ping", "params": x})).unwrap();
             assert_eq!(answer(&req, &id()), json!({"out": "pong", "result": x}));
+        }
+    }
+
+    #[test]
+    fn fast_path_matches_the_general_one() {
+        let who = serde_json::to_vec(&answer(br#"{"in":"whoami"}"#, &id())).unwrap();
+        for req in [
+            &br#"{"in":"ping","params":{"c":1,"i":[1,2.5,"\u00fc"]}}"#[..],
+            br#"{"params":[null],"in":"ping"}"#,
+            br#"{"in":"whoami"}"#,
+            br#"{"in":"p\u0069ng","params":7}"#,
+        ] {
+            let mut fast = Vec::new();
+            assert!(answer_fast(req, &who, &mut fast), "{}", String::from_utf8_lossy(req));
+            let slow: Value = answer(req, &id());
+            let got: Value = serde_json::from_slice(&fast[4..]).unwrap();
+            assert_eq!(got, slow);
+            assert_eq!(u32::from_le_bytes(fast[..4].try_into().unwrap()) as usize, fast.len() - 4);
+        }
+        for other in [&b"{bad"[..], br#"{"in":"ping"}"#, br#"{"in":"relay","params":1}"#, br#"[1]"#, br#"{"in":3}"#] {
+            let mut out = vec![9];
+            assert!(!answer_fast(other, &who, &mut out));
+            assert_eq!(out, [9]);
         }
     }
 
