@@ -60,21 +60,28 @@ pub fn is_node(head: &[u8]) -> bool {
 
 /// What is at the front of a buffer.
 #[derive(Debug, PartialEq)]
-pub enum Parsed {
+pub enum Parsed<'a> {
     Incomplete,
-    /// One message of `len` bytes in all.
+    /// One message of `len` bytes in all; `body` is its JSON text, which
+    /// the receiver parses into what the command carries ([`body`]).
     Message {
         cmd: Cmd,
         seq: u32,
-        body: Value,
+        body: &'a [u8],
         len: usize,
     },
     /// Malformed: close the link, with this reason in the log.
     Bad(String),
 }
 
+/// Parses a message body into `T` (a `Value`, or a borrowed struct that
+/// keeps relayed values raw); malformed JSON is a protocol error.
+pub fn body<'a, T: serde::Deserialize<'a>>(cmd: Cmd, body: &'a [u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("bad {cmd:?} body: {e}"))
+}
+
 /// Parses the message at the front of `buf` (the whole buffered input).
-pub fn parse(buf: &[u8]) -> Parsed {
+pub fn parse(buf: &[u8]) -> Parsed<'_> {
     if buf.len() < HEADER_LEN {
         if buf.len() >= 4 && !is_node(buf) {
             return Parsed::Bad("bad magic".into());
@@ -96,22 +103,21 @@ pub fn parse(buf: &[u8]) -> Parsed {
     if buf.len() < HEADER_LEN + len {
         return Parsed::Incomplete;
     }
-    match serde_json::from_slice(&buf[HEADER_LEN..HEADER_LEN + len]) {
-        Ok(body) => Parsed::Message { cmd, seq, body, len: HEADER_LEN + len },
-        Err(e) => Parsed::Bad(format!("bad JSON body: {e}")),
-    }
+    Parsed::Message { cmd, seq, body: &buf[HEADER_LEN..HEADER_LEN + len], len: HEADER_LEN + len }
 }
 
 /// Appends one message to `out`.
 pub fn encode_into(cmd: Cmd, seq: u32, body: &Value, out: &mut Vec<u8>) {
-    let start = out.len();
+    encode_raw_into(cmd, seq, serde_json::to_string(body).expect("a Value always serialises").as_bytes(), out)
+}
+
+/// Appends one message whose body is the JSON text `body` to `out`.
+pub fn encode_raw_into(cmd: Cmd, seq: u32, body: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&[VERSION, cmd as u8, 0, 0]);
     out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
-    serde_json::to_writer(&mut *out, body).expect("a Value always serialises");
-    let len = (out.len() - start - HEADER_LEN) as u32;
-    out[start + 12..start + 16].copy_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
 }
 
 pub fn encode(cmd: Cmd, seq: u32, body: &Value) -> Vec<u8> {
@@ -133,9 +139,9 @@ mod tests {
         let mut two = m.clone();
         two.extend_from_slice(&m);
         match parse(&two) {
-            Parsed::Message { cmd, seq, body, len } => {
+            Parsed::Message { cmd, seq, body: b, len } => {
                 assert_eq!((cmd, seq, len), (Cmd::Data, 7, m.len()));
-                assert_eq!(body, json!({"msg": [1, 2]}));
+                assert_eq!(body::<Value>(cmd, b).unwrap(), json!({"msg": [1, 2]}));
             }
             p => panic!("{p:?}"),
         }
@@ -158,7 +164,8 @@ mod tests {
         v.truncate(HEADER_LEN);
         v[12..16].copy_from_slice(&2u32.to_le_bytes());
         v.extend_from_slice(b"{x");
-        assert!(matches!(parse(&v), Parsed::Bad(_)));
+        let Parsed::Message { cmd, body: b, .. } = parse(&v) else { panic!("a whole message") };
+        assert!(body::<Value>(cmd, b).is_err());
         // A client frame never looks like a node link.
         assert!(!is_node(&1_000_000u32.to_le_bytes()));
     }

@@ -94,6 +94,35 @@ pub fn answer_fast(body: &[u8], whoami_reply: &[u8], out: &mut Vec<u8>) -> bool 
     true
 }
 
+/// A relay request (node mode), borrowed from its frame; `msg` stays raw.
+#[derive(Deserialize)]
+pub struct Relay<'a> {
+    #[serde(borrow)]
+    pub node: Cow<'a, str>,
+    pub worker: usize,
+    #[serde(borrow)]
+    pub msg: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct RelayRequest<'a> {
+    #[serde(rename = "in", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    params: Relay<'a>,
+}
+
+/// `Some` for a well-formed `{"in":"relay","params":{"node","worker","msg"}}`.
+pub fn parse_relay(body: &[u8]) -> Option<Relay<'_>> {
+    serde_json::from_slice::<RelayRequest>(body).ok().filter(|r| r.kind == "relay").map(|r| r.params)
+}
+
+/// Appends one frame holding the JSON text `json` to `out`.
+pub fn frame_raw(json: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(json);
+}
+
 /// Answers one request body. `identity` is the whoami result (an object).
 pub fn answer(body: &[u8], identity: &Map<String, Value>) -> Value {
     respond(parse(body), identity)

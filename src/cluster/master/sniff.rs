@@ -86,6 +86,15 @@ impl Master {
         match parsed {
             Parsed::Incomplete => {}
             Parsed::Message { cmd: Cmd::ConnectReq, body, len, .. } => {
+                let body: serde_json::Value = match node::body(Cmd::ConnectReq, body) {
+                    Ok(v) => v,
+                    Err(why) => {
+                        log::info!("bad node link: {why}; closing");
+                        self.sniffing.remove(&id);
+                        return;
+                    }
+                };
+                let s = self.sniffing.get(&id).expect("present");
                 s.conn.consume(len);
                 let to = body["to"].as_u64().map(|t| t as usize).filter(|&t| t < self.slots.len());
                 let reply = match to {

@@ -11,7 +11,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use serde_json::{json, Map, Value};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
 
 use super::{with, Kind, Worker};
 use crate::node::NodeConfig;
@@ -46,7 +48,23 @@ impl State {
 struct Relay {
     client: u64,
     reply_seq: u64,
-    msg: Value,
+    /// The message, as the client's JSON text (relayed untouched).
+    msg: String,
+}
+
+/// DATA's body, borrowed: the message stays raw JSON text.
+#[derive(Deserialize)]
+struct Data<'a> {
+    #[serde(borrow)]
+    msg: &'a RawValue,
+}
+
+/// ACK's body, borrowed.
+#[derive(Deserialize)]
+struct Ack<'a> {
+    pid: u64,
+    #[serde(borrow)]
+    msg: &'a RawValue,
 }
 
 struct Link {
@@ -102,23 +120,18 @@ impl Worker {
     }
 
     /// `{"in":"relay","params":{"node":B,"worker":1,"msg":X}}` from client
-    /// connection `client`, its reply number `reply_seq`.
-    pub(super) fn relay(&mut self, client: u64, reply_seq: u64, req: &Map<String, Value>) {
-        let p = &req["params"];
-        let (Some(node), Some(worker), Some(msg)) = (p["node"].as_str(), p["worker"].as_u64(), p.get("msg")) else {
-            let e = rpc::error("relay: params must be {\"node\":name,\"worker\":index,\"msg\":value}");
-            self.complete(client, reply_seq, &e);
-            return;
-        };
-        let key: Key = (node.to_string(), worker as usize);
-        let relay = Relay { client, reply_seq, msg: msg.clone() };
-        if !self.node().cfg.peers.contains_key(node) {
-            self.complete(client, reply_seq, &rpc::error(&format!("unknown node {node}")));
+    /// connection `client`, its reply number `reply_seq`; `msg` is X's JSON text.
+    pub(super) fn relay(&mut self, client: u64, reply_seq: u64, node: String, worker: usize, msg: String) {
+        let key: Key = (node, worker);
+        let relay = Relay { client, reply_seq, msg };
+        if !self.node().cfg.peers.contains_key(&key.0) {
+            self.complete_value(client, reply_seq, &rpc::error(&format!("unknown node {}", key.0)));
             return;
         }
         if !self.node().links.contains_key(&key) {
             if let Err(why) = self.open_link(&key) {
-                self.complete(client, reply_seq, &rpc::error(&format!("node {node} unreachable: {why}")));
+                let e = rpc::error(&format!("node {} unreachable: {why}", key.0));
+                self.complete_value(client, reply_seq, &e);
                 return;
             }
         }
@@ -187,7 +200,7 @@ impl Worker {
         relays.extend(link.inflight.into_values());
         relays.sort_by_key(|r| (r.client, r.reply_seq));
         for r in relays {
-            self.complete(r.client, r.reply_seq, &reason);
+            self.complete_value(r.client, r.reply_seq, &reason);
         }
     }
 
@@ -196,7 +209,8 @@ impl Worker {
         let link = n.links.get_mut(key).expect("sending on a live link");
         let seq = link.next_seq;
         link.next_seq = link.next_seq.wrapping_add(1).max(1);
-        let frame = wire::encode(Cmd::Data, seq, &json!({"msg": relay.msg}));
+        let mut frame = Vec::with_capacity(wire::HEADER_LEN + 8 + relay.msg.len());
+        wire::encode_raw_into(Cmd::Data, seq, format!(r#"{{"msg":{}}}"#, relay.msg).as_bytes(), &mut frame);
         link.inflight.insert(seq, relay);
         n.counters.entry(key.clone()).or_default().sent += 1;
         if let Some(slot) = self.conns.get(&conn) {
@@ -221,6 +235,7 @@ impl Worker {
                         return;
                     }
                     Parsed::Message { cmd, seq, body, len } => {
+                        let body = body.to_vec();
                         slot.conn.consume(len);
                         msgs.push((cmd, seq, body));
                     }
@@ -232,7 +247,7 @@ impl Worker {
         for (cmd, seq, body) in msgs {
             let r = match &kind {
                 Kind::LinkIn => self.on_link_in(cmd, seq, &body, &mut out),
-                Kind::LinkOut(key) => self.on_link_out(key, id, cmd, seq, body, &mut out),
+                Kind::LinkOut(key) => self.on_link_out(key, id, cmd, seq, &body, &mut out),
                 Kind::Client => Ok(()),
             };
             if let Err(why) = r {
@@ -256,27 +271,19 @@ impl Worker {
     }
 
     /// A link someone opened to us.
-    fn on_link_in(&mut self, cmd: Cmd, seq: u32, body: &Value, out: &mut Vec<u8>) -> Result<(), String> {
+    fn on_link_in(&mut self, cmd: Cmd, seq: u32, body: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
         let pid = std::process::id();
-        let name = self.node().cfg.name.clone();
         match cmd {
             Cmd::TellReq => {
-                log::debug!(
-                    "worker {}: link from {}:{} (pid {})",
-                    self.index,
-                    body["node"],
-                    body["worker"],
-                    body["pid"]
-                );
+                let who: Value = wire::body(cmd, body)?;
+                log::debug!("worker {}: link from {}:{} (pid {})", self.index, who["node"], who["worker"], who["pid"]);
+                let name = self.node().cfg.name.clone();
                 wire::encode_into(Cmd::TellResp, seq, &json!({"node": name, "worker": self.index, "pid": pid}), out);
             }
             Cmd::Data => {
-                wire::encode_into(
-                    Cmd::Ack,
-                    seq,
-                    &json!({"pid": pid, "msg": body.get("msg").unwrap_or(&Value::Null)}),
-                    out,
-                );
+                let d: Data = wire::body(cmd, body)?;
+                let ack = format!(r#"{{"pid":{pid},"msg":{}}}"#, d.msg.get());
+                wire::encode_raw_into(Cmd::Ack, seq, ack.as_bytes(), out);
                 self.served += 1;
             }
             other => return Err(format!("unexpected {other:?} on an incoming link")),
@@ -291,7 +298,7 @@ impl Worker {
         id: u64,
         cmd: Cmd,
         seq: u32,
-        body: Value,
+        body: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), String> {
         let me = self.index;
@@ -299,33 +306,46 @@ impl Worker {
         let Some(link) = self.node().links.get_mut(key) else { return Ok(()) };
         match (cmd, link.state) {
             (Cmd::ConnectResp, State::Connecting) => {
-                if body["ok"] != json!(true) {
-                    return Err(format!("refused: {}", body["reason"].as_str().unwrap_or("no reason")));
+                let v: Value = wire::body(cmd, body)?;
+                if v["ok"] != json!(true) {
+                    return Err(format!("refused: {}", v["reason"].as_str().unwrap_or("no reason")));
                 }
                 link.state = State::Telling;
                 let tell = json!({"node": name, "worker": me, "pid": std::process::id()});
                 wire::encode_into(Cmd::TellReq, 0, &tell, out);
             }
             (Cmd::TellResp, State::Telling) => {
+                let v: Value = wire::body(cmd, body)?;
                 link.state = State::Up;
                 link.timer = None;
                 let setup = link.started.elapsed().as_micros() as u64;
                 let queued = std::mem::take(&mut link.queue);
                 self.node().counters.entry(key.clone()).or_default().setup_us = setup;
-                log::debug!("worker {me}: link to {}:{} up in {setup} us (pid {})", key.0, key.1, body["pid"]);
+                log::debug!("worker {me}: link to {}:{} up in {setup} us (pid {})", key.0, key.1, v["pid"]);
                 for r in queued {
                     self.send_data(key, id, r);
                 }
             }
-            (Cmd::Ack, State::Up) | (Cmd::Error, State::Up) => {
-                let Some(r) = link.inflight.remove(&seq) else { return Err(format!("{cmd:?} for unknown seq {seq}")) };
-                let reply = if cmd == Cmd::Ack {
-                    self.node().counters.entry(key.clone()).or_default().acked += 1;
-                    json!({"out": "relayed", "result": {"node": key.0, "worker": key.1, "pid": body["pid"], "msg": r.msg}})
-                } else {
-                    rpc::error(&format!("node {}: {}", key.0, body["reason"].as_str().unwrap_or("error")))
-                };
-                self.complete(r.client, r.reply_seq, &reply);
+            (Cmd::Ack, State::Up) => {
+                let ack: Ack = wire::body(cmd, body)?;
+                let Some(r) = link.inflight.remove(&seq) else { return Err(format!("ACK for unknown seq {seq}")) };
+                self.node().counters.entry(key.clone()).or_default().acked += 1;
+                let node = serde_json::to_string(&key.0).expect("a string serialises");
+                let reply = format!(
+                    r#"{{"out":"relayed","result":{{"node":{node},"worker":{},"pid":{},"msg":{}}}}}"#,
+                    key.1,
+                    ack.pid,
+                    ack.msg.get()
+                );
+                let mut frame = Vec::with_capacity(reply.len() + 4);
+                rpc::frame_raw(reply.as_bytes(), &mut frame);
+                self.complete(r.client, r.reply_seq, frame);
+            }
+            (Cmd::Error, State::Up) => {
+                let v: Value = wire::body(cmd, body)?;
+                let Some(r) = link.inflight.remove(&seq) else { return Err(format!("ERROR for unknown seq {seq}")) };
+                let e = rpc::error(&format!("node {}: {}", key.0, v["reason"].as_str().unwrap_or("error")));
+                self.complete_value(r.client, r.reply_seq, &e);
             }
             (cmd, state) => return Err(format!("unexpected {cmd:?} in state {}", state.name())),
         }

@@ -284,6 +284,15 @@ impl Worker {
             match rpc::frame(slot.conn.peek(avail.min(4)), avail, self.max_frame) {
                 Frame::Complete { body } => {
                     let frame = &slot.conn.peek(4 + body)[4..];
+                    let relay = if node_mode { rpc::parse_relay(frame) } else { None };
+                    if let Some(r) = relay {
+                        let seq = slot.reply_head + slot.replies.len() as u64;
+                        relays.push((seq, r.node.into_owned(), r.worker, r.msg.get().to_string()));
+                        slot.replies.push_back(None);
+                        slot.conn.consume(4 + body);
+                        self.served += 1;
+                        continue;
+                    }
                     // In order behind a pending relay, or on the fast path.
                     let fast = slot.replies.is_empty() && rpc::answer_fast(frame, &self.whoami, &mut out);
                     let req = if fast { None } else { Some(rpc::parse(frame)) };
@@ -291,9 +300,13 @@ impl Worker {
                     self.served += 1;
                     match req {
                         None => {}
-                        Some(Ok((kind, obj))) if node_mode && kind == "relay" => {
-                            relays.push((slot.reply_head + slot.replies.len() as u64, obj));
-                            slot.replies.push_back(None);
+                        Some(Ok((kind, _))) if node_mode && kind == "relay" => {
+                            let e = rpc::error("relay: params must be {\"node\":name,\"worker\":index,\"msg\":value}");
+                            if slot.replies.is_empty() {
+                                rpc::encode_into(&e, &mut out);
+                            } else {
+                                slot.replies.push_back(Some(rpc::encode(&e)));
+                            }
                         }
                         Some(req) => {
                             let reply = rpc::respond(req, &self.identity);
@@ -348,20 +361,25 @@ impl Worker {
         } else if (slot.eof || self.stopping) && !waiting {
             self.close_when_flushed(id);
         }
-        for (seq, obj) in relays {
-            self.relay(id, seq, &obj);
+        for (seq, node, worker, msg) in relays {
+            self.relay(id, seq, node, worker, msg);
         }
         self.stats_changed(false);
     }
 
-    /// A deferred reply is ready: send it and every ready one behind it.
-    fn complete(&mut self, id: u64, seq: u64, reply: &Value) {
+    fn complete_value(&mut self, id: u64, seq: u64, reply: &Value) {
+        self.complete(id, seq, rpc::encode(reply));
+    }
+
+    /// A deferred reply (a whole frame) is ready: send it and every ready
+    /// one behind it.
+    fn complete(&mut self, id: u64, seq: u64, frame: Vec<u8>) {
         let Some(slot) = self.conns.get_mut(&id) else { return };
         let Some(i) = seq.checked_sub(slot.reply_head).map(|i| i as usize) else { return };
         if i >= slot.replies.len() {
             return;
         }
-        slot.replies[i] = Some(rpc::encode(reply));
+        slot.replies[i] = Some(frame);
         let mut out = Vec::new();
         while let Some(Some(_)) = slot.replies.front() {
             out.extend(slot.replies.pop_front().flatten().expect("checked Some"));
