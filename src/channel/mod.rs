@@ -34,17 +34,29 @@ pub struct Msg {
     pub id: u64,
     pub body: Vec<u8>,
     pub fd: Option<OwnedFd>,
+    /// CONN: the client's address (`wire` header `meta`), 0 if unknown.
+    pub meta: u64,
 }
 
 impl Msg {
+    /// The client address as `meta` carries it.
+    pub fn pack_addr(a: std::net::SocketAddrV4) -> u64 {
+        (u64::from(u32::from(*a.ip())) << 16) | u64::from(a.port())
+    }
+
+    /// The client address from `meta` (None when 0).
+    pub fn unpack_addr(meta: u64) -> Option<std::net::SocketAddrV4> {
+        (meta != 0).then(|| std::net::SocketAddrV4::new(((meta >> 16) as u32).into(), meta as u16))
+    }
+
     /// A connection handoff: its descriptor plus the bytes already read.
     pub fn conn(fd: OwnedFd, leftover: Vec<u8>, flags: u32) -> Msg {
-        Msg { kind: KIND_CONN, flags, id: 0, body: leftover, fd: Some(fd) }
+        Msg { kind: KIND_CONN, flags, id: 0, body: leftover, fd: Some(fd), meta: 0 }
     }
 
     /// A mode-defined control message (kind >= `wire::KIND_USER`).
     pub fn control(kind: u16, body: Vec<u8>) -> Msg {
-        Msg { kind, flags: 0, id: 0, body, fd: None }
+        Msg { kind, flags: 0, id: 0, body, fd: None, meta: 0 }
     }
 }
 
@@ -193,8 +205,15 @@ impl Inner {
     fn try_send(&self, msg: &Msg) -> io::Result<()> {
         let sock = self.sock.as_ref().expect("open channel has a socket");
         let mut out = Vec::with_capacity(HEADER_LEN + msg.body.len());
-        Header { version: version(), kind: msg.kind, flags: msg.flags, body_len: msg.body.len() as u32, id: msg.id }
-            .encode(&mut out);
+        Header {
+            version: version(),
+            kind: msg.kind,
+            flags: msg.flags,
+            body_len: msg.body.len() as u32,
+            id: msg.id,
+            meta: msg.meta,
+        }
+        .encode(&mut out);
         out.extend_from_slice(&msg.body);
         fdpass::send(sock.as_fd(), msg.fd.as_ref().map(|f| f.as_fd()), &out).map(drop)
     }
@@ -310,14 +329,14 @@ fn on_readable(w: &Weak<RefCell<Inner>>) {
                         last_conn = h.id;
                     }
                     let body = i.buf[HEADER_LEN..r.len].to_vec();
-                    batch.push(Msg { kind, flags: h.flags, id: h.id, body, fd: r.fd });
+                    batch.push(Msg { kind, flags: h.flags, id: h.id, body, fd: r.fd, meta: h.meta });
                 }
             }
         }
         if last_conn != 0 {
             // Acknowledge before anything is served: from here on the
             // connections are ours.
-            let ack = Msg { kind: KIND_ACK, flags: 0, id: last_conn, body: Vec::new(), fd: None };
+            let ack = Msg { kind: KIND_ACK, flags: 0, id: last_conn, body: Vec::new(), fd: None, meta: 0 };
             drop(i);
             let _ = Channel(inner.clone()).send(ack);
             i = inner.borrow_mut();

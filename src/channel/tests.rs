@@ -127,7 +127,7 @@ fn malformed_message_closes_the_channel_with_a_reason() {
 #[test]
 fn newer_version_is_refused() {
     let mut m = Vec::new();
-    Header { version: wire::VERSION + 1, kind: wire::KIND_USER, flags: 0, body_len: 0, id: 0 }.encode(&mut m);
+    Header { version: wire::VERSION + 1, kind: wire::KIND_USER, flags: 0, body_len: 0, id: 0, meta: 0 }.encode(&mut m);
     let why = close_reason(&m).unwrap();
     assert!(why.contains("v2"), "{why}");
 }

@@ -10,7 +10,10 @@
 //!                       bit 1 = a node link (node mode)
 //!     12    4 body_len  bytes after the header (<= MAX_BODY)
 //!     16    8 id        CONN: sender's sequence number; ACK: highest CONN id taken
-//!     24    - body      CONN: bytes already read from the connection (read-ahead)
+//!     24    8 meta      CONN: the client's IPv4 address << 16 | its port, as the
+//!                       accepting process saw it (0: unknown), so that receivers
+//!                       need no getpeername
+//!     32    - body      CONN: bytes already read from the connection (read-ahead)
 //! ```
 //! One header + body + at most one descriptor = one SOCK_SEQPACKET message.
 use std::io;
@@ -25,7 +28,7 @@ pub fn version() -> u16 {
     static V: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
     *V.get_or_init(|| std::env::var("HANDOFF_CHANNEL_VERSION").ok().and_then(|v| v.parse().ok()).unwrap_or(VERSION))
 }
-pub const HEADER_LEN: usize = 24;
+pub const HEADER_LEN: usize = 32;
 /// Largest body; a SEQPACKET message must fit the socket's send buffer.
 pub const MAX_BODY: usize = 128 * 1024;
 
@@ -52,6 +55,7 @@ pub struct Header {
     pub flags: u32,
     pub body_len: u32,
     pub id: u64,
+    pub meta: u64,
 }
 
 impl Header {
@@ -62,6 +66,7 @@ impl Header {
         out.extend_from_slice(&self.flags.to_le_bytes());
         out.extend_from_slice(&self.body_len.to_le_bytes());
         out.extend_from_slice(&self.id.to_le_bytes());
+        out.extend_from_slice(&self.meta.to_le_bytes());
     }
 
     /// Parses and validates a whole message (header + body).
@@ -81,6 +86,7 @@ impl Header {
             flags: u32_at(8),
             body_len: u32_at(12),
             id: u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes")),
+            meta: u64::from_le_bytes(msg[24..32].try_into().expect("8 bytes")),
         };
         if h.version != version() {
             return Err(bad(format!("peer speaks handoff channel v{}, this side v{}", h.version, version())));
@@ -105,7 +111,7 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let h = Header { version: VERSION, kind: KIND_CONN, flags: FLAG_EOF, body_len: 3, id: 42 };
+        let h = Header { version: VERSION, kind: KIND_CONN, flags: FLAG_EOF, body_len: 3, id: 42, meta: 7 << 16 | 9 };
         let m = msg(h, b"abc");
         assert_eq!(m.len(), HEADER_LEN + 3);
         assert_eq!(Header::decode(&m).unwrap(), h);
@@ -113,7 +119,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        let h = Header { version: VERSION, kind: KIND_ACK, flags: 0, body_len: 0, id: 1 };
+        let h = Header { version: VERSION, kind: KIND_ACK, flags: 0, body_len: 0, id: 1, meta: 0 };
         let good = msg(h, b"");
         assert!(Header::decode(&good[..10]).is_err());
         let mut m = good.clone();

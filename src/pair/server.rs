@@ -136,7 +136,8 @@ fn with(w: &Weak<RefCell<Server>>, f: impl FnOnce(&mut Server)) {
 impl Server {
     fn accept_client(&mut self, fd: OwnedFd) {
         let _ = sock::set_nodelay(fd.as_raw_fd());
-        self.adopt(fd, Vec::new(), false);
+        let client = sock::peer_addr(fd.as_raw_fd());
+        self.adopt(fd, Vec::new(), false, client);
     }
 
     fn accept_channel(&mut self, fd: OwnedFd) {
@@ -160,7 +161,7 @@ impl Server {
         match ev {
             ChannelEvent::Msg(m) if m.kind == wire::KIND_CONN => {
                 let fd = m.fd.expect("channel checks CONN carries a descriptor");
-                self.adopt(fd, m.body, m.flags & wire::FLAG_EOF != 0);
+                self.adopt(fd, m.body, m.flags & wire::FLAG_EOF != 0, Msg::unpack_addr(m.meta));
             }
             ChannelEvent::Msg(m) => {
                 log::warn!("handoff channel {id}: unexpected message kind {}", m.kind)
@@ -177,7 +178,9 @@ impl Server {
     }
 
     /// Starts serving a connection, first from `leftover`.
-    fn adopt(&mut self, fd: OwnedFd, leftover: Vec<u8>, eof: bool) {
+    /// `client` is the client's address (for the request log), carried
+    /// along with the connection so no receiver needs a getpeername.
+    fn adopt(&mut self, fd: OwnedFd, leftover: Vec<u8>, eof: bool, client: Option<SocketAddrV4>) {
         let id = self.next_id;
         self.next_id += 1;
         let w = self.me.clone();
@@ -189,7 +192,7 @@ impl Server {
                     leftover.len(),
                     conn.input_len()
                 );
-                self.conns.insert(id, Slot { conn, eof, handing_off: false, closing: false, client: None });
+                self.conns.insert(id, Slot { conn, eof, handing_off: false, closing: false, client });
                 self.serve(id);
                 if let Some(s) = self.conns.get(&id) {
                     if !(s.eof || s.handing_off || s.closing) {
@@ -247,10 +250,7 @@ impl Server {
                     slot.conn.consume(n);
                     // The response must be in the kernel before the descriptor leaves.
                     let flushed = slot.conn.write_now(&self.response);
-                    let client = *slot.client.get_or_insert_with(|| {
-                        sock::peer_addr(slot.conn.raw_fd()).unwrap_or(SocketAddrV4::new(0.into(), 0))
-                    });
-                    self.log.record(Some(client), n - 1);
+                    self.log.record(slot.client, n - 1);
                     self.served += 1;
                     match flushed {
                         Err(e) => {
@@ -297,7 +297,8 @@ impl Server {
         };
         let flags = if slot.eof { wire::FLAG_EOF } else { 0 };
         let (fd, leftover) = slot.conn.detach();
-        let msg = Msg::conn(fd, leftover, flags);
+        let mut msg = Msg::conn(fd, leftover, flags);
+        msg.meta = slot.client.map_or(0, Msg::pack_addr);
         let Some(peer) = self.peer.as_ref() else {
             self.take_back(vec![msg]);
             return;
@@ -313,7 +314,7 @@ impl Server {
     fn take_back(&mut self, msgs: Vec<Msg>) {
         for m in msgs {
             if let Some(fd) = m.fd {
-                self.adopt(fd, m.body, m.flags & wire::FLAG_EOF != 0);
+                self.adopt(fd, m.body, m.flags & wire::FLAG_EOF != 0, Msg::unpack_addr(m.meta));
             }
         }
     }

@@ -299,7 +299,14 @@ impl Master {
         let (Some(fd), Some(ch)) = (&self.shared_fd, &self.slots[index].channel) else { return };
         match fd.try_clone() {
             Ok(dup) => {
-                let _ = ch.send(Msg { kind: wire::KIND_LISTENER, flags: 0, id: 0, body: Vec::new(), fd: Some(dup) });
+                let _ = ch.send(Msg {
+                    kind: wire::KIND_LISTENER,
+                    flags: 0,
+                    id: 0,
+                    body: Vec::new(),
+                    fd: Some(dup),
+                    meta: 0,
+                });
             }
             Err(e) => log::error!("worker {index}: cannot share the listener: {e}"),
         }

@@ -147,7 +147,14 @@ impl Master {
             "grace": self.cfg.grace.as_secs_f64(),
             "gen": self.cfg.gen,
         });
-        let msg = Msg { kind: wire::KIND_LISTENER, flags: 0, id: 0, body: cfg.to_string().into_bytes(), fd: Some(fd) };
+        let msg = Msg {
+            kind: wire::KIND_LISTENER,
+            flags: 0,
+            id: 0,
+            body: cfg.to_string().into_bytes(),
+            fd: Some(fd),
+            meta: 0,
+        };
         if ch.send(msg).is_err() {
             log::error!("takeover: the new master's channel broke");
             return;
