@@ -67,6 +67,13 @@ impl Event {
         super::check(unsafe { ev::event_add(self.raw.as_ptr(), p) }, "event_add")
     }
 
+    /// Makes the event run in this loop round, after the callbacks already
+    /// due (a way to batch work until the round's end).
+    pub fn activate(&self) {
+        // SAFETY: raw is a live event.
+        unsafe { ev::event_active(self.raw.as_ptr(), ev::EV_TIMEOUT as c_int, 0) };
+    }
+
     /// Unregisters the event (it stays allocated and can be added again).
     pub fn del(&self) {
         // SAFETY: raw is a live event.

@@ -75,6 +75,8 @@ struct Link {
     next_seq: u32,
     timer: Option<Event>,
     started: Instant,
+    /// DATA written this loop round, sent in one write at its end.
+    out: Vec<u8>,
 }
 
 /// Counters per far end; they outlive the links themselves.
@@ -92,11 +94,15 @@ pub struct Node {
     me: usize,
     links: HashMap<Key, Link>,
     counters: BTreeMap<Key, Counters>,
+    /// Runs at the end of the loop round in which DATA was queued.
+    flush: Option<Event>,
+    /// Links with DATA in `out`.
+    dirty: Vec<Key>,
 }
 
 impl Node {
     pub fn new(cfg: NodeConfig, me: usize) -> Node {
-        Node { cfg, me, links: HashMap::new(), counters: BTreeMap::new() }
+        Node { cfg, me, links: HashMap::new(), counters: BTreeMap::new(), flush: None, dirty: Vec::new() }
     }
 
     /// The link table for `handoff status`.
@@ -137,8 +143,7 @@ impl Worker {
         }
         let link = self.node().links.get_mut(&key).expect("link just made");
         if link.state == State::Up {
-            let conn = link.conn;
-            self.send_data(&key, conn, relay);
+            self.send_data(&key, relay);
         } else {
             link.queue.push(relay);
         }
@@ -170,6 +175,7 @@ impl Worker {
             next_seq: 1,
             timer: Some(timer),
             started: Instant::now(),
+            out: Vec::new(),
         };
         log::debug!("worker {}: linking to {}:{} at {addr}", self.index, key.0, key.1);
         self.node().links.insert(key.clone(), link);
@@ -204,18 +210,43 @@ impl Worker {
         }
     }
 
-    fn send_data(&mut self, key: &Key, conn: u64, relay: Relay) {
+    /// Queues one DATA on the link; all DATA of a loop round leave in one
+    /// write when the round ends (many clients relay over one link).
+    fn send_data(&mut self, key: &Key, relay: Relay) {
+        if self.node().flush.is_none() {
+            let w = self.me.clone();
+            match Event::new(&self.base, -1, Interest::Timer, move || with(&w, |s| s.flush_links())) {
+                Ok(e) => self.node().flush = Some(e),
+                Err(e) => log::error!("worker {}: link flush event: {e}", self.index),
+            }
+        }
         let n = self.node();
         let link = n.links.get_mut(key).expect("sending on a live link");
         let seq = link.next_seq;
         link.next_seq = link.next_seq.wrapping_add(1).max(1);
-        let mut frame = Vec::with_capacity(wire::HEADER_LEN + 8 + relay.msg.len());
-        wire::encode_raw_into(Cmd::Data, seq, format!(r#"{{"msg":{}}}"#, relay.msg).as_bytes(), &mut frame);
+        let first = link.out.is_empty();
+        wire::encode_raw_into(Cmd::Data, seq, format!(r#"{{"msg":{}}}"#, relay.msg).as_bytes(), &mut link.out);
         link.inflight.insert(seq, relay);
         n.counters.entry(key.clone()).or_default().sent += 1;
-        if let Some(slot) = self.conns.get(&conn) {
-            if let Err(e) = slot.conn.write_now(&frame) {
-                self.close_because(conn, &e.to_string());
+        if first {
+            if n.dirty.is_empty() {
+                if let Some(f) = &n.flush {
+                    f.activate();
+                }
+            }
+            n.dirty.push(key.clone());
+        }
+    }
+
+    fn flush_links(&mut self) {
+        let dirty = std::mem::take(&mut self.node().dirty);
+        for key in dirty {
+            let Some(link) = self.node().links.get_mut(&key) else { continue };
+            let (conn, out) = (link.conn, std::mem::take(&mut link.out));
+            if let Some(slot) = self.conns.get(&conn) {
+                if let Err(e) = slot.conn.write_now(&out) {
+                    self.close_because(conn, &e.to_string());
+                }
             }
         }
     }
@@ -247,7 +278,7 @@ impl Worker {
         for (cmd, seq, body) in msgs {
             let r = match &kind {
                 Kind::LinkIn => self.on_link_in(cmd, seq, &body, &mut out),
-                Kind::LinkOut(key) => self.on_link_out(key, id, cmd, seq, &body, &mut out),
+                Kind::LinkOut(key) => self.on_link_out(key, cmd, seq, &body, &mut out),
                 Kind::Client => Ok(()),
             };
             if let Err(why) = r {
@@ -292,15 +323,7 @@ impl Worker {
     }
 
     /// Our link to `key`.
-    fn on_link_out(
-        &mut self,
-        key: &Key,
-        id: u64,
-        cmd: Cmd,
-        seq: u32,
-        body: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<(), String> {
+    fn on_link_out(&mut self, key: &Key, cmd: Cmd, seq: u32, body: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
         let me = self.index;
         let name = self.node().cfg.name.clone();
         let Some(link) = self.node().links.get_mut(key) else { return Ok(()) };
@@ -323,7 +346,7 @@ impl Worker {
                 self.node().counters.entry(key.clone()).or_default().setup_us = setup;
                 log::debug!("worker {me}: link to {}:{} up in {setup} us (pid {})", key.0, key.1, v["pid"]);
                 for r in queued {
-                    self.send_data(key, id, r);
+                    self.send_data(key, r);
                 }
             }
             (Cmd::Ack, State::Up) => {
