@@ -180,28 +180,60 @@ impl Server {
     /// Starts serving a connection, first from `leftover`.
     /// `client` is the client's address (for the request log), carried
     /// along with the connection so no receiver needs a getpeername.
-    fn adopt(&mut self, fd: OwnedFd, leftover: Vec<u8>, eof: bool, client: Option<SocketAddrV4>) {
+    fn adopt(&mut self, fd: OwnedFd, mut leftover: Vec<u8>, eof: bool, client: Option<SocketAddrV4>) {
+        // Fast path: the read-ahead holds a whole request and the peer is
+        // up: answer and pass the connection on without a bufferevent.
+        if let Some(n) = pingpong::request_len(&leftover).filter(|_| self.peer_up()) {
+            let sent = match sock::send_now(fd.as_raw_fd(), &self.response) {
+                Ok(k) => k,
+                Err(e) => {
+                    log::debug!("connection: write: {e}");
+                    return;
+                }
+            };
+            self.log.record(client, n - 1);
+            self.served += 1;
+            leftover.drain(..n);
+            if sent == self.response.len() {
+                self.send_conn(fd, leftover, eof, client);
+            } else if let Some(id) = self.new_slot(fd, &leftover, eof, client) {
+                // The socket took part of the response: the rest first.
+                let slot = self.conns.get_mut(&id).expect("just inserted");
+                slot.conn.write(&self.response[sent..]);
+                slot.handing_off = true;
+            }
+            return;
+        }
+        let Some(id) = self.new_slot(fd, &leftover, eof, client) else { return };
+        self.serve(id);
+        if let Some(s) = self.conns.get(&id) {
+            if !(s.eof || s.handing_off || s.closing) {
+                s.conn.resume_reading();
+            }
+        }
+    }
+
+    /// Puts a connection on a bufferevent (not reading yet).
+    fn new_slot(&mut self, fd: OwnedFd, leftover: &[u8], eof: bool, client: Option<SocketAddrV4>) -> Option<u64> {
         let id = self.next_id;
         self.next_id += 1;
         let w = self.me.clone();
         let handler = Rc::new(move |ev| with(&w, |s| s.on_conn(id, ev)));
-        match Conn::adopt(&self.base, fd, &leftover, READ_LIMIT, handler) {
+        match Conn::adopt(&self.base, fd, leftover, READ_LIMIT, handler) {
             Ok(conn) => {
-                log::trace!(
-                    "connection {id} adopted with {} byte(s) read ahead (input {})",
-                    leftover.len(),
-                    conn.input_len()
-                );
+                log::trace!("connection {id} adopted with {} byte(s) read ahead", leftover.len());
                 self.conns.insert(id, Slot { conn, eof, handing_off: false, closing: false, client });
-                self.serve(id);
-                if let Some(s) = self.conns.get(&id) {
-                    if !(s.eof || s.handing_off || s.closing) {
-                        s.conn.resume_reading();
-                    }
-                }
+                Some(id)
             }
-            Err(e) => log::error!("cannot adopt connection: {e}"),
+            Err(e) => {
+                log::error!("cannot adopt connection: {e}");
+                None
+            }
         }
+    }
+
+    fn peer_up(&self) -> bool {
+        self.peer.as_ref().is_some_and(Channel::is_open)
     }
 
     fn on_conn(&mut self, id: u64, ev: ConnEvent) {
@@ -235,7 +267,7 @@ impl Server {
     /// the peer is away. On EOF, closes after the last complete request.
     fn serve(&mut self, id: u64) {
         loop {
-            let peer_up = self.peer.as_ref().is_some_and(Channel::is_open);
+            let peer_up = self.peer_up();
             let Some(slot) = self.conns.get_mut(&id) else {
                 return;
             };
@@ -292,13 +324,14 @@ impl Server {
 
     /// Moves the connection to the peer; on failure keeps serving it.
     fn hand_off(&mut self, id: u64) {
-        let Some(slot) = self.conns.remove(&id) else {
-            return;
-        };
-        let flags = if slot.eof { wire::FLAG_EOF } else { 0 };
+        let Some(slot) = self.conns.remove(&id) else { return };
         let (fd, leftover) = slot.conn.detach();
-        let mut msg = Msg::conn(fd, leftover, flags);
-        msg.meta = slot.client.map_or(0, Msg::pack_addr);
+        self.send_conn(fd, leftover, slot.eof, slot.client);
+    }
+
+    fn send_conn(&mut self, fd: OwnedFd, leftover: Vec<u8>, eof: bool, client: Option<SocketAddrV4>) {
+        let mut msg = Msg::conn(fd, leftover, if eof { wire::FLAG_EOF } else { 0 });
+        msg.meta = client.map_or(0, Msg::pack_addr);
         let Some(peer) = self.peer.as_ref() else {
             self.take_back(vec![msg]);
             return;
