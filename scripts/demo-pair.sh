@@ -9,6 +9,7 @@ DIR=${DIR:-run}
 P=${PORTS%%,*}
 
 out=$(mktemp)
+rm -f "$DIR"/*.log
 $BIN pair --ports "$PORTS" --dir "$DIR" >"$out" &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$out"' EXIT
@@ -19,5 +20,8 @@ echo "== unary: 100 connections x 1000 requests, one at a time"
 $BIN client unary --port "$P" --conns 100 --requests 1000
 echo "== stream: 100 connections x 1000 requests written at once"
 $BIN client stream --port "$P" --conns 100 --requests 1000
-echo "== request logs"
+echo "== stopping the pair; request logs (one line per request served)"
+kill -TERM "$pid"
+wait "$pid" || true
+trap 'rm -f "$out"' EXIT
 wc -l "$DIR"/*.log
