@@ -217,5 +217,5 @@ pub fn keepalive(
     let secs = start.elapsed().as_secs_f64();
     let mut r = run.borrow_mut();
     r.clients.clear();
-    Outcome { ok: r.ok, errors: r.errors, lat: std::mem::replace(&mut r.lat, Latency::new()), secs }
+    Outcome { ok: r.ok, errors: r.errors, lat: std::mem::take(&mut r.lat), secs }
 }

@@ -248,7 +248,7 @@ impl Master {
     /// every connection.
     fn check_done(&mut self) {
         let workers_gone = self.slots.iter().all(|s| s.child.is_none());
-        let delivered = self.successor.as_ref().map_or(true, |s| s.in_flight() == 0);
+        let delivered = self.successor.as_ref().is_none_or(|s| s.in_flight() == 0);
         if !(workers_gone && delivered) {
             if let Some(t) = &self.done_timer {
                 let _ = t.add(Some(DONE_POLL));

@@ -51,16 +51,18 @@ impl Master {
             }
             ConnEvent::Eof => {
                 // A client may send its request and half-close at once.
-                let avail = self.sniffing.get(&id).map_or(0, |s| s.conn.input_len());
-                if avail >= 4 {
-                    self.examine(id);
+                self.examine(id);
+                let Some(s) = self.sniffing.get(&id) else { return };
+                if s.then.is_some() {
+                    return; // a link whose CONNECT_RESP is still flushing
                 }
-                if let Some(s) = self.sniffing.get(&id) {
-                    if s.then.is_none() && s.conn.input_len() < 4 || s.conn.input_len() >= 4 {
-                        // Still undecided at EOF: treat as a client (the
-                        // worker answers what is complete, then closes).
-                        self.to_client(id, wire::FLAG_EOF);
-                    }
+                if node::is_node(s.conn.peek(s.conn.input_len().min(4))) {
+                    log::info!("node link closed before its CONNECT_REQ was complete");
+                    self.sniffing.remove(&id);
+                } else {
+                    // Undecided at EOF: a client (the worker answers what is
+                    // complete, then closes).
+                    self.hand_client(id, wire::FLAG_EOF);
                 }
             }
             ConnEvent::Error(_) | ConnEvent::Timeout => {
@@ -79,7 +81,7 @@ impl Master {
             return;
         }
         if !node::is_node(s.conn.peek(4)) {
-            self.to_client(id, 0);
+            self.hand_client(id, 0);
             return;
         }
         let parsed = node::parse(s.conn.peek(avail));
@@ -128,7 +130,7 @@ impl Master {
         }
     }
 
-    fn to_client(&mut self, id: u64, flags: u32) {
+    fn hand_client(&mut self, id: u64, flags: u32) {
         let Some(s) = self.sniffing.remove(&id) else { return };
         let (fd, leftover) = s.conn.detach();
         self.dispatch_to(None, Msg::conn(fd, leftover, flags));
