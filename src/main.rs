@@ -118,8 +118,9 @@ struct PairArgs {
     host: String,
 }
 
+/// What a cluster master and a node manager both take.
 #[derive(Args)]
-struct ClusterArgs {
+struct MasterArgs {
     /// TCP port to listen on (0 picks a free one; see the ready line).
     #[arg(long)]
     port: u16,
@@ -131,11 +132,40 @@ struct ClusterArgs {
     dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
-    #[arg(long, value_enum, default_value = "round-robin")]
-    policy: cluster::Policy,
     /// Largest request frame; a larger one closes that connection.
     #[arg(long, default_value_t = handoff::proto::rpc::DEFAULT_MAX_FRAME)]
     max_frame: usize,
+}
+
+impl MasterArgs {
+    fn config(
+        self,
+        policy: cluster::Policy,
+        grace: f64,
+        log_args: Vec<String>,
+    ) -> std::io::Result<cluster::master::Config> {
+        Ok(cluster::master::Config {
+            host: self.host,
+            port: self.port,
+            workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            dir: self.dir,
+            policy,
+            max_frame: self.max_frame,
+            grace: std::time::Duration::from_secs_f64(grace.max(0.0)),
+            exe: std::env::current_exe()?,
+            log_args,
+            gen: 1,
+            node: None,
+        })
+    }
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    #[command(flatten)]
+    master: MasterArgs,
+    #[arg(long, value_enum, default_value = "round-robin")]
+    policy: cluster::Policy,
     /// Seconds workers get to finish open requests on SIGTERM.
     #[arg(long, default_value_t = 5.0)]
     grace: f64,
@@ -146,26 +176,14 @@ struct NodeArgs {
     /// This node's name.
     #[arg(long)]
     name: String,
-    /// TCP port for clients and other nodes' workers (0 picks a free one).
-    #[arg(long)]
-    port: u16,
-    /// Number of workers (default: number of CPUs).
-    #[arg(long)]
-    workers: Option<usize>,
-    /// Directory for the control socket (made 0700).
-    #[arg(long)]
-    dir: PathBuf,
+    #[command(flatten)]
+    master: MasterArgs,
     /// Other nodes: B=HOST:PORT[,C=HOST:PORT...].
     #[arg(long, default_value = "")]
     peers: String,
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
     /// Seconds from connect to the end of the link handshake.
     #[arg(long, default_value_t = 1.5)]
     connect_timeout: f64,
-    /// Largest request frame; a larger one closes that connection.
-    #[arg(long, default_value_t = handoff::proto::rpc::DEFAULT_MAX_FRAME)]
-    max_frame: usize,
 }
 
 #[derive(Args)]
@@ -245,36 +263,11 @@ fn main() -> ExitCode {
             std::env::current_exe().and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args))
         }
         Cmd::Client(c) => return run_client(c),
-        Cmd::Cluster(a) => std::env::current_exe().and_then(|exe| {
-            cluster::master::run(cluster::master::Config {
-                host: a.host,
-                port: a.port,
-                workers: a.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-                dir: a.dir,
-                policy: a.policy,
-                max_frame: a.max_frame,
-                grace: std::time::Duration::from_secs_f64(a.grace.max(0.0)),
-                exe,
-                log_args,
-                gen: 1,
-                node: None,
-            })
-        }),
+        Cmd::Cluster(a) => a.master.config(a.policy, a.grace, log_args).and_then(cluster::master::run),
         Cmd::Node(a) => node_config(&a.name, &a.peers, a.connect_timeout).and_then(|node| {
-            let exe = std::env::current_exe()?;
-            cluster::master::run(cluster::master::Config {
-                host: a.host,
-                port: a.port,
-                workers: a.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-                dir: a.dir,
-                policy: cluster::Policy::RoundRobin,
-                max_frame: a.max_frame,
-                grace: std::time::Duration::from_secs(5),
-                exe,
-                log_args,
-                gen: 1,
-                node: Some(node),
-            })
+            let mut cfg = a.master.config(cluster::Policy::RoundRobin, 5.0, log_args)?;
+            cfg.node = Some(node);
+            cluster::master::run(cfg)
         }),
         Cmd::Restart(a) => {
             let timeout = std::time::Duration::from_secs_f64(a.timeout.max(0.1));

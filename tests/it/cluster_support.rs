@@ -469,25 +469,7 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     pub fn spawn(cmd: &mut Command) -> ChildGuard {
-        use std::process::Stdio;
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        let mut o = child.stdout.take().expect("piped");
-        let mut e = child.stderr.take().expect("piped");
-        let out = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = o.read_to_string(&mut s);
-            s
-        });
-        let err = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = e.read_to_string(&mut s);
-            s
-        });
+        let (child, out, err) = crate::support::spawn_captured(cmd);
         ChildGuard { child, out: Some(out), err: Some(err) }
     }
 

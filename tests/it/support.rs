@@ -246,27 +246,31 @@ pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Runs a command to completion (killing it and panicking after
-/// `timeout`); returns (status, stdout, stderr).
-pub fn run_cmd(cmd: &mut Command, timeout: Duration) -> (ExitStatus, String, String) {
+/// Starts `cmd` with stdout and stderr each collected by a thread (which
+/// returns the text when the process closes them).
+pub fn spawn_captured(cmd: &mut Command) -> (Child, std::thread::JoinHandle<String>, std::thread::JoinHandle<String>) {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let mut out = child.stdout.take().expect("piped");
-    let mut err = child.stderr.take().expect("piped");
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
+    let collect = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = collect(Box::new(child.stdout.take().expect("piped")));
+    let err = collect(Box::new(child.stderr.take().expect("piped")));
+    (child, out, err)
+}
+
+/// Runs a command to completion (killing it and panicking after
+/// `timeout`); returns (status, stdout, stderr).
+pub fn run_cmd(cmd: &mut Command, timeout: Duration) -> (ExitStatus, String, String) {
+    let (mut child, t_out, t_err) = spawn_captured(cmd);
     let mut status = None;
     let done = poll_until(timeout, || {
         status = child.try_wait().expect("try_wait");
