@@ -263,19 +263,14 @@ fn binary_speaking_a_newer_channel_version_is_refused() {
 /// status (not a hang). The stuck connection, still owned by the old
 /// generation, is closed (it is lost with the old master: documented, not
 /// a guarantee the README makes).
-#[test]
-fn sigkill_of_the_old_master_mid_restart_keeps_moved_connections() {
-    const IDLE: usize = 50;
-    const STUCK_PINGS: u64 = 100;
-    let mut c = Cluster::start(2, &[]);
-    let old_master = c.master_pid();
-    let old_workers = c.worker_pids();
-    let mut idle: Vec<Rpc> = (0..IDLE).map(|_| c.connect()).collect();
-    for r in idle.iter_mut() {
-        r.ping(&json!("before"));
-    }
-    // The stuck client: a small receive buffer, 100 x 100 KB pings (10 MB
-    // of replies, more than the kernel buffers hold), never reads.
+/// Requests of the client that never reads.
+const STUCK_PINGS: u64 = 100;
+
+/// A client that never reads: a small receive buffer, STUCK_PINGS x 100 KB
+/// pings (10 MB of replies, more than the kernel buffers hold). Returns
+/// once its worker stopped reading it (paused with replies unsent), with
+/// `idle` other connections already served.
+fn stuck_client(c: &Cluster, idle: usize) -> (Rpc, std::thread::JoinHandle<()>) {
     let stuck = c.connect();
     let rcvbuf: libc::c_int = 4096;
     // SAFETY: setsockopt on a socket we own, with an int of the right size.
@@ -308,10 +303,45 @@ fn sigkill_of_the_old_master_mid_restart_keeps_moved_connections() {
         if served != last.0 {
             last = (served, Instant::now());
         }
-        served > IDLE as u64 + 10
-            && served < IDLE as u64 + STUCK_PINGS
+        served > idle as u64 + 10
+            && served < idle as u64 + STUCK_PINGS
             && last.1.elapsed() >= Duration::from_millis(300)
     });
+    (stuck, writer)
+}
+
+/// The same stuck client cannot move; with `--grace 1` the old generation
+/// cuts it a second after READY, so the restart still ends (exit 0) and
+/// every other connection moved.
+#[test]
+fn a_connection_that_cannot_move_is_cut_after_the_grace() {
+    const IDLE: usize = 20;
+    let c = Cluster::start(2, &["--grace", "1"]);
+    let mut idle: Vec<Rpc> = (0..IDLE).map(|_| c.connect()).collect();
+    for r in idle.iter_mut() {
+        r.ping(&json!("before"));
+    }
+    let (mut stuck, writer) = stuck_client(&c, IDLE);
+    let (gen, _) = c.restart_ok();
+    assert_eq!(gen, 2);
+    stuck.expect_closed(Duration::from_secs(5)).expect("the stuck connection is cut");
+    let _ = writer.join();
+    for r in idle.iter_mut() {
+        assert_eq!(r.whoami()["gen"], json!(2));
+    }
+}
+
+#[test]
+fn sigkill_of_the_old_master_mid_restart_keeps_moved_connections() {
+    const IDLE: usize = 50;
+    let mut c = Cluster::start(2, &[]);
+    let old_master = c.master_pid();
+    let old_workers = c.worker_pids();
+    let mut idle: Vec<Rpc> = (0..IDLE).map(|_| c.connect()).collect();
+    for r in idle.iter_mut() {
+        r.ping(&json!("before"));
+    }
+    let (stuck, writer) = stuck_client(&c, IDLE);
     assert!(!writer.is_finished(), "the stuck client's requests were all read");
 
     let mut restart = ChildGuard::spawn(Command::new(bin()).arg("restart").arg("--dir").arg(&c.dir));

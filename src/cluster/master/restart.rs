@@ -37,6 +37,9 @@ pub(super) struct Outgoing {
     /// Benchmark contrast: move only the listener and cut the old
     /// connections (what a listener-only restart with a zero drain does).
     listeners_only: bool,
+    /// Bounds the handover: connections that could not move within
+    /// `--grace` (a client that never reads its replies) are cut.
+    drain_timer: Option<Event>,
 }
 
 impl Master {
@@ -73,7 +76,14 @@ impl Master {
             with(&w, |m| m.restart_failed(format!("the new master did not take over within {timeout:?}")))
         })
         .and_then(|t| t.add(Some(timeout)).map(|()| t));
-        self.restart = Some(Outgoing { child: Some(child), reply_to, timer: timer.ok(), ready: false, listeners_only });
+        self.restart = Some(Outgoing {
+            child: Some(child),
+            reply_to,
+            timer: timer.ok(),
+            ready: false,
+            listeners_only,
+            drain_timer: None,
+        });
     }
 
     /// The new master is gone or late before READY: the old generation
@@ -161,8 +171,14 @@ impl Master {
         }
         if self.restart.is_none() {
             // Started by hand (`handoff takeover`), not by us: still fine.
-            self.restart =
-                Some(Outgoing { child: None, reply_to: None, timer: None, ready: false, listeners_only: false });
+            self.restart = Some(Outgoing {
+                child: None,
+                reply_to: None,
+                timer: None,
+                ready: false,
+                listeners_only: false,
+                drain_timer: None,
+            });
         }
         // Its events now go to on_successor.
         let w = self.me.clone();
@@ -229,6 +245,33 @@ impl Master {
                 self.done_timer = Some(t);
             }
             Err(e) => log::error!("restart: {e}"),
+        }
+        let w = self.me.clone();
+        let grace = self.cfg.grace;
+        match Event::new(&self.base, -1, Interest::Timer, move || with(&w, |m| m.drain_overdue())) {
+            Ok(t) => {
+                let _ = t.add(Some(grace));
+                if let Some(r) = self.restart.as_mut() {
+                    r.drain_timer = Some(t);
+                }
+            }
+            Err(e) => log::error!("restart: {e}"),
+        }
+    }
+
+    /// `--grace` after READY some connections still could not move (their
+    /// responses do not drain): they are cut, and the old generation ends.
+    fn drain_overdue(&mut self) {
+        for slot in &mut self.slots {
+            let Some(child) = slot.child.as_mut() else { continue };
+            log::warn!(
+                "restart: worker {} still holds {} connection(s) after {:?}; cutting them",
+                slot.index,
+                slot.held.len(),
+                self.cfg.grace
+            );
+            slot.held.clear();
+            let _ = child.kill();
         }
     }
 
