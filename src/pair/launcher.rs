@@ -11,6 +11,7 @@ use crate::reactor::{Base, Event, Interest};
 pub fn run(exe: &Path, ports: (u16, u16), dir: &Path, host: &str, log_args: &[String]) -> io::Result<()> {
     let base = Base::new()?;
     let mut children = Vec::new();
+    let mut outs = Vec::new();
     for (me, peer) in [(ports.0, ports.1), (ports.1, ports.0)] {
         let mut child = Command::new(exe)
             .args(["server", "--port", &me.to_string(), "--peer-port", &peer.to_string(), "--host", host])
@@ -19,9 +20,8 @@ pub fn run(exe: &Path, ports: (u16, u16), dir: &Path, host: &str, log_args: &[St
             .args(log_args)
             .stdout(Stdio::piped())
             .spawn()?;
-        let out = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(out).read_line(&mut line)?;
+        let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let line = next_line(&mut out);
         if !line.starts_with("ready") {
             let _ = child.kill();
             let _ = child.wait();
@@ -32,6 +32,17 @@ pub fn run(exe: &Path, ports: (u16, u16), dir: &Path, host: &str, log_args: &[St
         }
         log::info!("server {me} (pid {}) {}", child.id(), line.trim_end());
         children.push(child);
+        outs.push(out);
+    }
+    // Ready means both are linked: a client never sees a server alone.
+    for (out, port) in outs.iter_mut().zip([ports.0, ports.1]) {
+        let line = next_line(out);
+        if !line.starts_with("linked") {
+            for c in &mut children {
+                stop(c);
+            }
+            return Err(io::Error::other(format!("server on port {port} did not link to its peer")));
+        }
     }
     crate::signals::ready(&format!("ready ports={},{} dir={}", ports.0, ports.1, dir.display()));
 
@@ -75,4 +86,11 @@ fn stop(c: &mut Child) {
     // SAFETY: plain kill(2) of our own child.
     unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
     let _ = c.wait();
+}
+
+/// The next stdout line of a server ("" at EOF).
+fn next_line(out: &mut BufReader<std::process::ChildStdout>) -> String {
+    let mut line = String::new();
+    let _ = out.read_line(&mut line);
+    line
 }

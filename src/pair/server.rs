@@ -50,6 +50,8 @@ struct Server {
     next_id: u64,
     peer: Option<Channel>,
     peer_warned: bool,
+    /// The first link to the peer was made (later losses are warnings).
+    linked_once: bool,
     backoff: Duration,
     retry: Option<Event>,
     inbound: HashMap<u64, Channel>,
@@ -86,6 +88,7 @@ pub fn run(cfg: &Config) -> io::Result<()> {
             next_id: 1,
             peer: None,
             peer_warned: false,
+            linked_once: false,
             backoff: RETRY_MIN,
             retry: None,
             inbound: HashMap::new(),
@@ -116,10 +119,11 @@ pub fn run(cfg: &Config) -> io::Result<()> {
             e.add(None)?;
             s.signals.push(e);
         }
-        s.connect_peer();
     }
     log::info!("serving on {}:{port}, handoff socket {}", addr.ip(), sock_path.display());
     crate::signals::ready(&format!("ready port={port} sock={}", sock_path.display()));
+    // After the ready line: a `linked peer=...` line follows when the peer is reached.
+    server.borrow_mut().connect_peer();
     base.dispatch()?;
     let s = server.borrow();
     log::info!("stopped: served {} requests, handed {} connections", s.served, s.handed);
@@ -154,6 +158,14 @@ impl Server {
                 self.inbound.insert(id, ch);
             }
             Err(e) => log::warn!("handoff channel: {e}"),
+        }
+        // A peer just reached us, so it is up: link back now, not at the
+        // next retry.
+        if !self.peer_up() {
+            if let Some(t) = &self.retry {
+                t.del();
+            }
+            self.connect_peer();
         }
     }
 
@@ -362,17 +374,22 @@ impl Server {
         });
         match r {
             Ok(ch) => {
-                if self.peer_warned {
+                if !self.linked_once {
+                    log::info!("linked to peer {}", self.peer_path.display());
+                    crate::signals::ready(&format!("linked peer={}", self.peer_path.display()));
+                    self.linked_once = true;
+                } else if self.peer_warned {
                     log::warn!("peer {} is back; handing off again", self.peer_path.display());
-                } else {
-                    log::info!("connected to peer {}", self.peer_path.display());
                 }
                 self.peer = Some(ch);
                 self.peer_warned = false;
                 self.backoff = RETRY_MIN;
             }
             Err(e) => {
-                if !self.peer_warned {
+                if !self.linked_once && !self.peer_warned {
+                    log::info!("peer not up yet ({e}); serving connections here until it is");
+                    self.peer_warned = true;
+                } else if !self.peer_warned {
                     log::warn!("peer unreachable ({e}); serving connections here, retrying");
                     self.peer_warned = true;
                 }
