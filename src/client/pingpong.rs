@@ -14,6 +14,7 @@
 
 use super::stats::{ErrLog, Latency, Summary};
 use super::{connect, resolve, spawn, Gate};
+use crate::proto::pingpong as proto;
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -34,7 +35,6 @@ pub struct PingPongOpts {
 
 /// Longest response line accepted (`rsp from port: 65535\n` is 21 bytes).
 const MAX_LINE: u64 = 64;
-const PREFIX: &[u8] = b"rsp from port: ";
 /// At most this many error details are logged per run.
 const ERR_DETAILS: u64 = 5;
 
@@ -66,29 +66,14 @@ pub fn stream(o: &PingPongOpts) -> Summary {
 }
 
 /// Parse one response line (including the trailing `\n`) into the port.
-/// Accepts exactly `rsp from port: <u16 in canonical decimal>\n`.
 pub fn parse_response(line: &[u8]) -> Result<u16, String> {
-    let bad = || format!("malformed response {:?}", String::from_utf8_lossy(line));
-    let rest = line.strip_prefix(PREFIX).ok_or_else(bad)?;
-    let digits = rest.strip_suffix(b"\n").ok_or_else(bad)?;
-    if digits.is_empty()
-        || digits.len() > 5
-        || !digits.iter().all(u8::is_ascii_digit)
-        || (digits.len() > 1 && digits[0] == b'0')
-    {
-        return Err(bad());
-    }
-    let v: u32 = digits.iter().fold(0, |a, &d| a * 10 + u32::from(d - b'0'));
-    u16::try_from(v).map_err(|_| bad())
+    proto::parse_response(line).ok_or_else(|| format!("malformed response {:?}", String::from_utf8_lossy(line)))
 }
 
 /// Build one request: length byte + `size` payload bytes.
 pub fn build_request(size: usize, seed: usize) -> Vec<u8> {
-    let size = size.min(255);
-    let mut v = Vec::with_capacity(size + 1);
-    v.push(size as u8);
-    v.extend((0..size).map(|k| b'a' + ((seed + k) % 26) as u8));
-    v
+    let payload: Vec<u8> = (0..size.min(255)).map(|k| b'a' + ((seed + k) % 26) as u8).collect();
+    proto::request(&payload)
 }
 
 /// Records the ports seen on connections; the verdict (`check=` label and

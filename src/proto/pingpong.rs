@@ -25,14 +25,18 @@ pub fn response(port: u16) -> Vec<u8> {
     format!("rsp from port: {port}\n").into_bytes()
 }
 
-/// Parses one response line (with or without its `\n`).
+/// Parses one response line, its `\n` included: exactly
+/// `rsp from port: <u16 in canonical decimal>\n`.
 pub fn parse_response(line: &[u8]) -> Option<u16> {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    let digits = line.strip_prefix(b"rsp from port: ")?;
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+    let digits = line.strip_prefix(b"rsp from port: ")?.strip_suffix(b"\n")?;
+    if digits.is_empty()
+        || digits.len() > 5
+        || !digits.iter().all(u8::is_ascii_digit)
+        || (digits.len() > 1 && digits[0] == b'0')
+    {
         return None;
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    u16::try_from(digits.iter().fold(0u32, |a, &d| a * 10 + u32::from(d - b'0'))).ok()
 }
 
 #[cfg(test)]
@@ -57,5 +61,7 @@ mod tests {
         assert_eq!(parse_response(b"rsp from port: \n"), None);
         assert_eq!(parse_response(b"rsp from port: 70x1\n"), None);
         assert_eq!(parse_response(b"rsp from port: 99999\n"), None);
+        assert_eq!(parse_response(b"rsp from port: 7001"), None);
+        assert_eq!(parse_response(b"rsp from port: 07001\n"), None);
     }
 }

@@ -28,7 +28,8 @@ type Callback = Rc<dyn Fn(c_short)>;
 pub struct Event {
     raw: NonNull<ev::event>,
     _cb: Box<Callback>,
-    base: Base,
+    /// Keeps the `event_base` alive for as long as the event.
+    _base: Base,
 }
 
 unsafe extern "C" fn trampoline(_fd: c_int, what: c_short, arg: *mut c_void) {
@@ -56,7 +57,7 @@ impl Event {
         // the returned Event, which frees the event before the Box.
         let raw = unsafe { ev::event_new(base.as_ptr(), fd, flags as c_short, Some(trampoline), arg) };
         let raw = NonNull::new(raw).ok_or_else(|| io::Error::other("event_new failed"))?;
-        Ok(Event { raw, _cb: cb, base: base.clone() })
+        Ok(Event { raw, _cb: cb, _base: base.clone() })
     }
 
     /// Registers the event, with an optional timeout.
@@ -85,10 +86,6 @@ impl Event {
         let what = (ev::EV_READ | ev::EV_WRITE | ev::EV_TIMEOUT | ev::EV_SIGNAL) as c_short;
         // SAFETY: raw is a live event; tv out-pointer may be null.
         unsafe { ev::event_pending(self.raw.as_ptr(), what, std::ptr::null_mut()) != 0 }
-    }
-
-    pub fn base(&self) -> &Base {
-        &self.base
     }
 }
 

@@ -91,18 +91,11 @@ impl Listener {
     pub fn forget_path(mut self) {
         self.unlink = None;
     }
-
-    /// Gives up the socket without closing it (to pass it to a successor).
-    pub fn into_fd(mut self) -> OwnedFd {
-        self.event.take();
-        self.unlink.take();
-        self.fd.take().expect("a listener owns its socket until into_fd")
-    }
 }
 
 impl AsFd for Listener {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_ref().expect("a listener owns its socket until into_fd").as_fd()
+        self.fd.as_ref().expect("a listener owns its socket").as_fd()
     }
 }
 
