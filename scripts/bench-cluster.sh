@@ -186,8 +186,6 @@ idle_memory round-robin
 idle_memory node
 
 # ---------------------------------------------------------------- table
-# shellcheck disable=SC2086
-med() { median ${RES[$1,$2,$3]}; }   # med IMPL LOAD METRIC (unquoted: split the list)
 
 machine_line
 echo

@@ -137,6 +137,11 @@ median() {
               else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
 
+# med IMPL LOAD METRIC: the median of the space-separated samples the
+# calling script stored in RES[IMPL,LOAD,METRIC] (unquoted: split the list).
+# shellcheck disable=SC2086
+med() { median ${RES[$1,$2,$3]}; }
+
 # ratio A B [DECIMALS]: A / B.
 ratio() { awk -v a="$1" -v b="$2" -v d="${3:-2}" 'BEGIN { if (b == 0) print "n/a"; else printf "%.*f\n", d, a / b }'; }
 

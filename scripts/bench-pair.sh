@@ -66,8 +66,6 @@ for ((run = 1; run <= RUNS; run++)); do
     done
 done
 
-# shellcheck disable=SC2086
-med() { median ${RES[$1,$2,$3]}; }   # med IMPL LOAD METRIC (unquoted: split the list)
 
 machine_line
 echo

@@ -57,39 +57,39 @@ enum ClientCmd {
     Rpc(RpcArgs),
 }
 
+/// Where and how much every load client sends.
 #[derive(Args)]
-struct PingArgs {
+struct LoadArgs {
     #[arg(long)]
     port: u16,
     #[arg(long, default_value_t = 100)]
     conns: usize,
-    /// Requests per connection.
+    /// Requests per connection (per connection slot with rpc --short).
     #[arg(long, default_value_t = 1000)]
     requests: usize,
-    /// Payload bytes per request (0..=255).
-    #[arg(long, default_value_t = 16)]
-    size: u8,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
 }
 
 #[derive(Args)]
+struct PingArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Payload bytes per request (0..=255).
+    #[arg(long, default_value_t = 16)]
+    size: u8,
+}
+
+#[derive(Args)]
 struct RpcArgs {
-    #[arg(long)]
-    port: u16,
-    #[arg(long, default_value_t = 100)]
-    conns: usize,
-    /// Requests per connection (per connection slot with --short).
-    #[arg(long, default_value_t = 1000)]
-    requests: usize,
+    #[command(flatten)]
+    load: LoadArgs,
     /// One new connection per request (exercises accept + handoff).
     #[arg(long)]
     short: bool,
     /// Node mode: relay to NODE:WORKER instead of pinging.
     #[arg(long, value_name = "NODE:WORKER", value_parser = parse_target)]
     relay: Option<(String, usize)>,
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
 }
 
 #[derive(Args)]
@@ -309,20 +309,20 @@ fn main() -> ExitCode {
 /// Runs a load client, prints its summary line; exit 1 on any error.
 fn run_client(cmd: ClientCmd) -> ExitCode {
     let ping = |a: PingArgs| client::PingPongOpts {
-        host: a.host,
-        port: a.port,
-        conns: a.conns,
-        requests: a.requests,
+        host: a.load.host,
+        port: a.load.port,
+        conns: a.load.conns,
+        requests: a.load.requests,
         size: a.size.into(),
     };
     let summary = match cmd {
         ClientCmd::Unary(a) => client::unary(&ping(a)),
         ClientCmd::Stream(a) => client::stream(&ping(a)),
         ClientCmd::Rpc(a) => client::rpc(&client::RpcOpts {
-            host: a.host,
-            port: a.port,
-            conns: a.conns,
-            requests: a.requests,
+            host: a.load.host,
+            port: a.load.port,
+            conns: a.load.conns,
+            requests: a.load.requests,
             short: a.short,
             relay: a.relay,
         }),
