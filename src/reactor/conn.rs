@@ -141,14 +141,19 @@ impl Conn {
     }
 
     /// The first `n` input bytes, made contiguous (`n` <= `input_len`).
+    /// The slice borrows the `Conn`; [`Conn::consume`] takes `&mut self`,
+    /// so no slice can outlive the bytes it points at.
     pub fn peek(&self, n: usize) -> &[u8] {
         let n = n.min(self.input_len());
         if n == 0 {
             return &[];
         }
         // SAFETY: pullup makes n bytes contiguous and returns a pointer into
-        // the buffer, valid until the buffer is next modified; the borrow of
-        // self prevents that while the slice lives.
+        // the buffer, valid until the buffer is next modified. Only
+        // `consume` (&mut self), `detach` (self) and libevent's own reads
+        // (which run from the loop, never while a Rust borrow is live)
+        // modify the input buffer, so the shared borrow of self outlives
+        // every use of the slice.
         unsafe {
             let p = ev::evbuffer_pullup(self.input(), n as isize);
             std::slice::from_raw_parts(p, n)
@@ -162,8 +167,9 @@ impl Conn {
         n.max(0) as usize
     }
 
-    /// Removes `n` bytes from the front of the input.
-    pub fn consume(&self, n: usize) {
+    /// Removes `n` bytes from the front of the input. Takes `&mut self` so
+    /// that no slice from [`Conn::peek`] can be used afterwards.
+    pub fn consume(&mut self, n: usize) {
         // SAFETY: the input evbuffer belongs to a live bev.
         unsafe { ev::evbuffer_drain(self.input(), n) };
     }

@@ -55,7 +55,7 @@ fn conn_serves_leftover_first_and_detach_returns_unread_input() {
     let (mut peer, fd) = nonblocking_pair();
     let events: Rc<RefCell<Vec<ConnEvent>>> = Rc::default();
     let (ev, b) = (events.clone(), base.clone());
-    let conn = Conn::adopt(
+    let mut conn = Conn::adopt(
         &base,
         fd,
         b"left",

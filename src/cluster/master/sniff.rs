@@ -96,8 +96,7 @@ impl Master {
                         return;
                     }
                 };
-                let s = self.sniffing.get(&id).expect("present");
-                s.conn.consume(len);
+                self.sniffing.get_mut(&id).expect("present").conn.consume(len);
                 let to = body["to"].as_u64().map(|t| t as usize).filter(|&t| t < self.slots.len());
                 let reply = match to {
                     Some(_) => json!({"ok": true}),
@@ -106,8 +105,8 @@ impl Master {
                     }
                 };
                 log::debug!("node link from {}:{} to worker {}", body["node"], body["worker"], body["to"]);
-                let flushed = s.conn.write_now(&node::encode(Cmd::ConnectResp, 0, &reply));
                 let s = self.sniffing.get_mut(&id).expect("present");
+                let flushed = s.conn.write_now(&node::encode(Cmd::ConnectResp, 0, &reply));
                 match (flushed, to) {
                     (Ok(true), Some(t)) => self.hand_link(id, t),
                     (Ok(false), t) => {
