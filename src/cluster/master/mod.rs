@@ -167,7 +167,6 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
     let base = Base::new()?;
     let addr = sock::local_addr(listen_fd.as_raw_fd())?;
     let port = addr.port();
-    let ctl = control_path(&cfg.dir);
     let mut cfg = cfg;
     if let Some(n) = cfg.node.as_mut() {
         // Workers reach this node's own workers through this manager too.
@@ -241,19 +240,7 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
             }
             m.listener = Some(l);
         }
-        // A successor binds beside the old control socket, then renames
-        // over it: `handoff status` always finds a live master.
-        let w = Rc::downgrade(&master);
-        let on_ctl = move |fd| with(&w, |m| m.accept_control(fd));
-        if predecessor.is_some() {
-            let tmp = cfg.dir.join(format!("control.{}.sock", std::process::id()));
-            let _ = std::fs::remove_file(&tmp);
-            let l = Listener::bind(&base, &Endpoint::Unix(tmp.clone()), on_ctl)?;
-            std::fs::rename(&tmp, &ctl)?;
-            m.control = Some(l.with_path(ctl.clone()));
-        } else {
-            m.control = Some(Listener::bind(&base, &Endpoint::Unix(ctl.clone()), on_ctl)?);
-        }
+        m.bind_control(predecessor.is_some())?;
         if let Some(fd) = predecessor {
             m.attach_predecessor(fd)?;
         }
@@ -486,7 +473,7 @@ impl Master {
 
     /// A connection nobody could take now (out of descriptors) is offered
     /// again after a pause.
-    fn retry_later(&mut self, m: Msg) {
+    pub(super) fn retry_later(&mut self, m: Msg) {
         self.refused.push(m);
         if self.retry_timer.as_ref().is_some_and(Event::pending) {
             return;
@@ -645,6 +632,32 @@ impl Master {
                 let _ = c.kill();
             }
         }
+    }
+
+    /// Listens on `D/control.sock`. With `replace`, binds beside the
+    /// current socket and renames over it, so that `handoff status` always
+    /// finds a live master (a successor taking over, or an old master
+    /// taking its place back after an aborted restart).
+    fn bind_control(&mut self, replace: bool) -> io::Result<()> {
+        let ctl = control_path(&self.cfg.dir);
+        let w = self.me.clone();
+        let on_ctl = move |fd| with(&w, |m| m.accept_control(fd));
+        let l = if replace {
+            let tmp = self.cfg.dir.join(format!("control.{}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            let l = Listener::bind(&self.base, &Endpoint::Unix(tmp.clone()), on_ctl)?;
+            if let Err(e) = std::fs::rename(&tmp, &ctl) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            l.with_path(ctl)
+        } else {
+            Listener::bind(&self.base, &Endpoint::Unix(ctl), on_ctl)?
+        };
+        if let Some(old) = self.control.replace(l) {
+            old.forget_path(); // the path is the new listener's now
+        }
+        Ok(())
     }
 
     fn accept_control(&mut self, fd: OwnedFd) {

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use super::{with, Config, Master};
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::cluster::control::Client;
+use crate::cluster::control_path;
 use crate::cluster::{
     Policy, KIND_DRAIN, KIND_RESTART_REPLY, KIND_RESTART_REQ, KIND_TAKEOVER_COMMIT, KIND_TAKEOVER_COMMITTED,
     KIND_TAKEOVER_HELLO, KIND_TAKEOVER_READY,
@@ -148,6 +149,10 @@ impl Master {
             back.extend(s.take_acked());
         }
         let moved = back.len();
+        // The new master had taken the control socket's path: take it back.
+        if let Err(e) = self.bind_control(true) {
+            log::error!("restart abort: cannot take back {}: {e}", control_path(&self.cfg.dir).display());
+        }
         self.draining = false;
         self.done_timer = None;
         if r.phase != Phase::Prepare {
@@ -165,6 +170,7 @@ impl Master {
         log::error!(
             "restart aborted: {reason}; generation {gen} goes on serving ({moved} handed-over connection(s) taken back)"
         );
+        back.append(&mut self.refused);
         for m in back {
             self.dispatch(m);
         }
@@ -373,8 +379,8 @@ impl Master {
             Some(s) => {
                 if let Err(back) = s.send(msg) {
                     // The channel just broke: the abort that follows takes
-                    // the rest back; this one waits with them.
-                    self.refused.push(back);
+                    // the rest back; this one is offered again after it.
+                    self.retry_later(back);
                 }
             }
             None => {
