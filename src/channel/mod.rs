@@ -469,7 +469,7 @@ impl Inner {
         self.stats.msgs_received += 1;
         if r.fd_dropped && h.kind == KIND_CONN {
             // EMFILE here: refuse this one; the sender keeps it.
-            log::warn!("channel: a connection's descriptor could not be received (out of descriptors); refused");
+            crate::warn_limited!("channel: a connection's descriptor could not be received (out of descriptors); refused");
             self.partial.clear();
             self.nacks.push_back(h.id);
             return Ok(None);

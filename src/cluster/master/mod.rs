@@ -46,9 +46,11 @@ pub struct Config {
     pub node: Option<crate::node::NodeConfig>,
 }
 
-/// The master's copy of a connection a worker serves.
+/// The master's copy of a connection a worker serves: the descriptor it
+/// sent, kept by the worker's channel after the ACK (`set_keep_acked`), so
+/// a handoff costs no dup. `None` until the ACK is absorbed.
 struct Held {
-    fd: OwnedFd,
+    fd: Option<OwnedFd>,
     /// A node link, bound to its worker: closed, not moved, if it dies.
     link: bool,
 }
@@ -297,6 +299,7 @@ impl Master {
         let inc = slot.incarnation;
         let w = self.me.clone();
         let channel = Channel::new(&self.base, mine, move |ev| with(&w, |m| m.on_worker(index, inc, ev)))?;
+        channel.set_keep_acked(true);
         log::info!("worker {index} started, pid {}", child.id());
         slot.child = Some(child);
         slot.channel = Some(channel);
@@ -388,19 +391,14 @@ impl Master {
                     None => break,
                 },
             };
-            let copy = match msg.fd.as_ref().map(OwnedFd::try_clone) {
-                Some(Ok(c)) => c,
-                Some(Err(e)) => {
-                    log::warn!("cannot keep a copy of a connection ({e}); closing it");
-                    return;
-                }
-                None => return,
-            };
+            if msg.fd.is_none() {
+                return;
+            }
             let link = msg.flags & wire::FLAG_NODE_LINK != 0;
             let slot = &mut self.slots[i];
             match slot.channel.as_ref().expect("live slot has a channel").send(msg) {
                 Ok(id) => {
-                    slot.held.insert(id, Held { fd: copy, link });
+                    slot.held.insert(id, Held { fd: None, link });
                     slot.handed += 1;
                     return;
                 }
@@ -410,7 +408,7 @@ impl Master {
         if self.stopping {
             return; // dropping msg closes the connection
         }
-        log::debug!("no live worker; connection waits");
+        crate::warn_limited!("no live worker; connections wait ({} pending)", self.pending.len() + 1);
         self.pending.push_back((target, msg));
     }
 
@@ -427,6 +425,9 @@ impl Master {
                 self.retry_later(m);
             }
             ChannelEvent::Closed { reason, returned, orphans } => {
+                // Every descriptor we handed this worker is ours again.
+                self.absorb_acked(index);
+                self.absorb(index, returned);
                 let slot = &mut self.slots[index];
                 slot.channel = None;
                 match reason {
@@ -440,16 +441,31 @@ impl Master {
                     // EOF or reset: the process is going; SIGCHLD follows.
                     r => log::debug!("worker {index}: channel closed ({r:?})"),
                 }
-                // `returned` are the worker's copies of connections we hold
-                // anyway; they are rescued when the process is reaped, and
-                // so are the orphans (connections it sent as it died).
-                drop(returned);
+                // They are rescued when the process is reaped, and so are
+                // the orphans (connections it sent as it died).
                 slot.orphans.extend(orphans);
             }
         }
     }
 
+    /// Takes the descriptors the worker's channel kept after their ACK
+    /// into `held` (closing those the worker reported closed meanwhile).
+    fn absorb(&mut self, index: usize, msgs: Vec<Msg>) {
+        let slot = &mut self.slots[index];
+        for m in msgs {
+            if let Some(h) = slot.held.get_mut(&m.id) {
+                h.fd = m.fd;
+            }
+        }
+    }
+
+    fn absorb_acked(&mut self, index: usize) {
+        let acked = self.slots[index].channel.as_ref().map(Channel::take_acked).unwrap_or_default();
+        self.absorb(index, acked);
+    }
+
     fn on_worker_msg(&mut self, index: usize, m: Msg) {
+        self.absorb_acked(index);
         match m.kind {
             KIND_STATS => match serde_json::from_slice::<Value>(&m.body) {
                 Ok(v) => {
@@ -503,8 +519,8 @@ impl Master {
         let id = u64::from_le_bytes(m.body[..8].try_into().expect("8 bytes"));
         let flags = u32::from_le_bytes(m.body[8..12].try_into().expect("4 bytes"));
         match self.slots[index].held.remove(&id) {
-            Some(h) => self.dispatch(Msg::conn(h.fd, m.body[12..].to_vec(), flags)),
-            None => log::error!("worker {index}: RELEASE of unknown connection {id}"),
+            Some(Held { fd: Some(fd), .. }) => self.dispatch(Msg::conn(fd, m.body[12..].to_vec(), flags)),
+            _ => log::error!("worker {index}: RELEASE of unknown connection {id}"),
         }
     }
 
@@ -513,8 +529,8 @@ impl Master {
     /// side notices at once and builds a new link to the respawned worker.
     fn rescue(&mut self, held: Vec<Held>) {
         for h in held {
-            if !h.link {
-                self.dispatch(Msg::conn(h.fd, Vec::new(), 0));
+            if let (false, Some(fd)) = (h.link, h.fd) {
+                self.dispatch(Msg::conn(fd, Vec::new(), 0));
             }
         }
     }
@@ -547,9 +563,16 @@ impl Master {
             // Everything the worker sent before it died is still in the
             // channel (RELEASEs with read-ahead, CONNs, closes): read it all
             // before deciding what the worker left behind.
-            let (msgs, returned) = slot.channel.take().map(|c| c.peer_died()).unwrap_or_default();
-            drop(returned); // our copies in `held` stand for these
-            let orphans = std::mem::take(&mut slot.orphans);
+            let (msgs, returned, acked) = match slot.channel.take() {
+                Some(c) => {
+                    let (msgs, returned) = c.peer_died();
+                    (msgs, returned, c.take_acked())
+                }
+                None => Default::default(),
+            };
+            self.absorb(index, acked);
+            self.absorb(index, returned);
+            let orphans = std::mem::take(&mut self.slots[index].orphans);
             for m in orphans.into_iter().chain(msgs) {
                 self.on_worker_msg(index, m);
             }
