@@ -241,11 +241,12 @@ impl Channel {
         i.queue.len() + i.unacked.len()
     }
 
-    /// Runs `f` once everything queued so far is in the kernel (at once if
-    /// nothing is queued), or the channel is gone.
-    pub fn when_flushed(&self, f: impl FnOnce() + 'static) {
+    /// Runs `f` once the channel is settled (at once if it is): everything
+    /// queued is in the kernel, our ACKs are written, and the peer has
+    /// acknowledged every connection we sent; or once the channel is gone.
+    pub fn when_settled(&self, f: impl FnOnce() + 'static) {
         let mut i = self.0.borrow_mut();
-        if i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due) {
+        if i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due && i.unacked.is_empty()) {
             drop(i);
             f();
             return;
@@ -263,6 +264,12 @@ impl Channel {
     /// The acknowledged CONNs kept so far (`set_keep_acked`).
     pub fn take_acked(&self) -> Vec<Msg> {
         std::mem::take(&mut self.0.borrow_mut().acked_msgs)
+    }
+
+    /// Whether the channel is settled (see [`Channel::when_settled`]).
+    pub fn is_settled(&self) -> bool {
+        let i = self.0.borrow();
+        i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due && i.unacked.is_empty())
     }
 
     /// Sends this channel's future events to another handler.
@@ -619,7 +626,7 @@ fn deliver(inner: &Rc<RefCell<Inner>>) {
     }
     let callbacks = {
         let mut i = inner.borrow_mut();
-        let flushed = i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due);
+        let flushed = i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due && i.unacked.is_empty());
         if flushed {
             std::mem::take(&mut i.flushed)
         } else {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::{
-    control_path, Policy, KIND_RELEASE, KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY,
+    control_path, Policy, KIND_ORPHAN_HELLO, KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY,
     KIND_STATUS_REQ, KIND_TAKEOVER_HELLO,
 };
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
@@ -140,6 +140,9 @@ struct Master {
     takeover_pending: bool,
     /// Connections moved to us, held unread until COMMIT.
     moves: Vec<Msg>,
+    /// Control clients that are orphaned workers of the previous
+    /// generation, handing us their connections.
+    orphan_clients: std::collections::HashSet<u64>,
 }
 
 fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
@@ -203,6 +206,7 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
             retry_timer: None,
             takeover_pending: predecessor.is_some(),
             moves: Vec::new(),
+            orphan_clients: Default::default(),
         })
     });
     {
@@ -272,6 +276,7 @@ impl Master {
         let mut cmd = Command::new(&self.cfg.exe);
         cmd.args(["worker", "--index", &index.to_string(), "--max-frame", &self.cfg.max_frame.to_string()]);
         cmd.args(["--gen", &self.cfg.gen.to_string(), "--channel-fd", "3"]);
+        cmd.arg("--dir").arg(&self.cfg.dir);
         if let Some(n) = &self.cfg.node {
             cmd.args(n.to_args());
         }
@@ -480,7 +485,8 @@ impl Master {
                 }
                 Err(e) => log::warn!("worker {index}: bad stats: {e}"),
             },
-            KIND_RELEASE => self.on_release(index, m),
+            // A connection we handed the worker, given back (restart).
+            wire::KIND_CONN if m.flags & wire::FLAG_RELEASED != 0 => self.on_release(index, m),
             // Shared policy: a connection the worker accepted itself.
             wire::KIND_CONN => self.dispatch(m),
             k => log::warn!("worker {index}: unexpected message kind {k}"),
@@ -511,17 +517,14 @@ impl Master {
 
     /// A worker let go of a connection we hold (restart): pass it on with
     /// the bytes the worker had read.
-    fn on_release(&mut self, index: usize, m: Msg) {
-        if m.body.len() < 12 {
-            log::error!("worker {index}: short RELEASE message");
-            return;
+    fn on_release(&mut self, index: usize, mut m: Msg) {
+        // Our copy is closed: the descriptor that came back replaces it.
+        if self.slots[index].held.remove(&m.meta).is_none() {
+            log::warn!("worker {index}: released connection {} was not handed to it", m.meta);
         }
-        let id = u64::from_le_bytes(m.body[..8].try_into().expect("8 bytes"));
-        let flags = u32::from_le_bytes(m.body[8..12].try_into().expect("4 bytes"));
-        match self.slots[index].held.remove(&id) {
-            Some(Held { fd: Some(fd), .. }) => self.dispatch(Msg::conn(fd, m.body[12..].to_vec(), flags)),
-            _ => log::error!("worker {index}: RELEASE of unknown connection {id}"),
-        }
+        m.flags &= !wire::FLAG_RELEASED;
+        m.meta = 0;
+        self.dispatch(m);
     }
 
     /// A worker died: its client connections go to another worker (or
@@ -703,6 +706,16 @@ impl Master {
         match ev {
             ChannelEvent::Msg(m) if m.kind == KIND_RESTART_REQ => self.on_restart_request(id, &m.body),
             ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_HELLO => self.on_takeover_hello(id, &m.body),
+            ChannelEvent::Msg(m) if m.kind == KIND_ORPHAN_HELLO => {
+                log::warn!("a worker of the previous generation hands its connections over: {}", String::from_utf8_lossy(&m.body));
+                self.orphan_clients.insert(id);
+            }
+            // An orphaned old worker's connections (and its last stats).
+            ChannelEvent::Msg(m) if self.orphan_clients.contains(&id) => {
+                if m.kind == wire::KIND_CONN {
+                    self.take_moved(m);
+                }
+            }
             ChannelEvent::Msg(m) if m.kind == KIND_STATUS_REQ => {
                 let body = self.status().to_string().into_bytes();
                 if let Some(c) = self.clients.get(&id) {
@@ -714,11 +727,17 @@ impl Master {
                 self.clients.remove(&id);
             }
             ChannelEvent::Refused(_) => {}
-            ChannelEvent::Closed { reason, .. } => {
-                if let Some(e) = reason {
+            ChannelEvent::Closed { reason, orphans, .. } => {
+                self.clients.remove(&id);
+                if self.orphan_clients.remove(&id) {
+                    log::info!("a worker of the previous generation is done handing over");
+                    // It exited before our ACK reached it: ours.
+                    for m in orphans {
+                        self.take_moved(m);
+                    }
+                } else if let Some(e) = reason {
                     log::warn!("control client {id} refused: {e}");
                 }
-                self.clients.remove(&id);
             }
         }
     }

@@ -25,8 +25,8 @@ use crate::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::cluster::control::Client;
 use crate::cluster::control_path;
 use crate::cluster::{
-    Policy, KIND_DRAIN, KIND_RESTART_REPLY, KIND_RESTART_REQ, KIND_TAKEOVER_COMMIT, KIND_TAKEOVER_COMMITTED,
-    KIND_TAKEOVER_HELLO, KIND_TAKEOVER_READY,
+    Policy, KIND_DRAIN, KIND_RESTART_REPLY, KIND_RESTART_REQ, KIND_TAKEOVER_BEGUN, KIND_TAKEOVER_COMMIT,
+    KIND_TAKEOVER_COMMITTED, KIND_TAKEOVER_ENDED, KIND_TAKEOVER_HELLO, KIND_TAKEOVER_READY,
 };
 use crate::reactor::{Event, Interest};
 
@@ -149,6 +149,7 @@ impl Master {
             back.extend(s.take_acked());
         }
         let moved = back.len();
+        self.tell_workers(KIND_TAKEOVER_ENDED);
         // The new master had taken the control socket's path: take it back.
         if let Err(e) = self.bind_control(true) {
             log::error!("restart abort: cannot take back {}: {e}", control_path(&self.cfg.dir).display());
@@ -175,6 +176,14 @@ impl Master {
             self.dispatch(m);
         }
         self.reply_restart(r.reply_to, json!({"ok": false, "reason": reason}));
+    }
+
+    fn tell_workers(&self, kind: u16) {
+        for slot in &self.slots {
+            if let Some(c) = &slot.channel {
+                let _ = c.send(Msg::control(kind, Vec::new()));
+            }
+        }
     }
 
     fn reply_restart(&mut self, to: Option<u64>, v: Value) {
@@ -266,6 +275,13 @@ impl Master {
         }
         // Until COMMIT, what the new master ACKs stays ours too.
         ch.set_keep_acked(true);
+        // Should we die now, our workers hand their connections to it.
+        let begun = json!({"grace": self.cfg.grace.as_secs_f64()}).to_string().into_bytes();
+        for slot in &self.slots {
+            if let Some(c) = &slot.channel {
+                let _ = c.send(Msg::control(KIND_TAKEOVER_BEGUN, begun.clone()));
+            }
+        }
         let w = self.me.clone();
         ch.set_handler(move |ev| with(&w, |m| m.on_successor(ev)));
         self.successor = Some(ch);
@@ -436,7 +452,7 @@ impl Master {
         // Let the reply reach `handoff restart` before we go.
         let base = self.base.clone();
         match r.reply_to.and_then(|id| self.clients.get(&id)) {
-            Some(c) => c.when_flushed(move || base.exit(None)),
+            Some(c) => c.when_settled(move || base.exit(None)),
             None => base.exit(None),
         }
     }
@@ -452,17 +468,7 @@ impl Master {
 
     fn on_predecessor(&mut self, ev: ChannelEvent) {
         match ev {
-            // A connection with no read-ahead is served at once: the old
-            // side's copy can resume it at any time (losing at most what is
-            // in flight here). One carrying bytes waits unread until COMMIT,
-            // so that the old side's copy of those bytes stays exact.
-            ChannelEvent::Msg(m) if m.kind == wire::KIND_CONN => {
-                if self.takeover_pending && !m.body.is_empty() {
-                    self.moves.push(m);
-                } else {
-                    self.dispatch(m);
-                }
-            }
+            ChannelEvent::Msg(m) if m.kind == wire::KIND_CONN => self.take_moved(m),
             ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_COMMIT => {
                 let down: Vec<usize> = self.slots.iter().filter(|s| !s.live()).map(|s| s.index).collect();
                 let Some(p) = &self.predecessor else { return };
@@ -492,6 +498,20 @@ impl Master {
                 log::info!("takeover complete: generation {} is gone", self.cfg.gen - 1);
                 self.predecessor = None;
             }
+        }
+    }
+
+    /// A connection moved to us. One with no read-ahead is served at once:
+    /// the old side's copy can resume it at any time (losing at most what
+    /// is in flight here). One carrying bytes waits unread until COMMIT, so
+    /// that the old side's copy of those bytes stays exact.
+    pub(super) fn take_moved(&mut self, mut m: Msg) {
+        m.flags &= !wire::FLAG_RELEASED;
+        m.meta = 0;
+        if self.takeover_pending && !m.body.is_empty() {
+            self.moves.push(m);
+        } else {
+            self.dispatch(m);
         }
     }
 
