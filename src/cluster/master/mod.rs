@@ -564,7 +564,7 @@ impl Master {
             slot.served = 0;
             let retired = std::mem::replace(&mut slot.retiring, false);
             // Everything the worker sent before it died is still in the
-            // channel (RELEASEs with read-ahead, CONNs, closes): read it all
+            // channel (released connections, closes): read it all
             // before deciding what the worker left behind.
             let (msgs, returned, acked) = match slot.channel.take() {
                 Some(c) => {
