@@ -198,6 +198,17 @@ pub fn accept(fd: RawFd) -> io::Result<Option<OwnedFd>> {
     Ok(Some(unsafe { OwnedFd::from_raw_fd(rc) }))
 }
 
+/// Whether `fd` is a socket of type SOCK_STREAM (TCP or Unix stream).
+pub fn is_stream_socket(fd: RawFd) -> bool {
+    let mut ty: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: ty/len are live out-parameters of the right size.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, &mut ty as *mut libc::c_int as *mut libc::c_void, &mut len)
+    };
+    rc == 0 && ty == libc::SOCK_STREAM
+}
+
 /// The (pid, uid) of the process at the other end of a Unix socket.
 pub fn peer_cred(fd: RawFd) -> io::Result<(i32, u32)> {
     // SAFETY: ucred is plain old data; len matches it.

@@ -269,7 +269,12 @@ impl Master {
             log::error!("takeover: the new master's channel broke");
             return;
         }
-        let pid = serde_json::from_slice::<Value>(body).ok().and_then(|v| v["pid"].as_u64()).unwrap_or(0) as u32;
+        // The kernel's word for who connected, not the HELLO's.
+        let pid = ch.peer_pid().unwrap_or(0);
+        let said = serde_json::from_slice::<Value>(body).ok().and_then(|v| v["pid"].as_u64()).unwrap_or(0);
+        if said != u64::from(pid) {
+            log::warn!("takeover: HELLO says pid {said}, the socket says pid {pid}");
+        }
         if self.restart.is_none() {
             // Started by hand (`handoff takeover`), not by us: still fine.
             self.restart = Some(Outgoing {
