@@ -135,6 +135,11 @@ struct MasterArgs {
     /// Largest request frame; a larger one closes that connection.
     #[arg(long, default_value_t = handoff::proto::rpc::DEFAULT_MAX_FRAME)]
     max_frame: usize,
+    /// Kill and respawn a worker that has not answered the master's
+    /// heartbeat for this many seconds (default: only stop giving it
+    /// connections while it is silent).
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_secs)]
+    hang_timeout: Option<f64>,
 }
 
 impl MasterArgs {
@@ -156,6 +161,7 @@ impl MasterArgs {
             log_args,
             gen: 1,
             node: None,
+            hang_timeout: self.hang_timeout.map(std::time::Duration::from_secs_f64),
         })
     }
 }

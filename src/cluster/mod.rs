@@ -46,6 +46,9 @@ pub const KIND_TAKEOVER_BEGUN: u16 = KIND_USER + 12;
 pub const KIND_TAKEOVER_ENDED: u16 = KIND_USER + 13;
 /// orphaned worker -> new master (control socket): CONNs follow.
 pub const KIND_ORPHAN_HELLO: u16 = KIND_USER + 14;
+/// master -> worker: heartbeat; answered at once by PONG (worker -> master).
+pub const KIND_PING: u16 = KIND_USER + 15;
+pub const KIND_PONG: u16 = KIND_USER + 16;
 
 /// How the master picks a worker for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

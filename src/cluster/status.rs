@@ -28,20 +28,24 @@ pub fn render(v: &Value) -> String {
         v["policy"].as_str().unwrap_or("?"),
         v["pending"]
     );
+    if v["accepting"] == Value::Bool(false) && v["restarting"] != Value::Bool(true) {
+        out.push_str("not accepting: no worker can serve (new clients wait in the kernel backlog)\n");
+    }
     out.push_str(&format!(
-        "{:>6} {:>8} {:>10} {:>8} {:>10} {:>8}\n",
-        "worker", "pid", "handed", "open", "served", "respawns"
+        "{:>6} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8}\n",
+        "worker", "pid", "handed", "open", "served", "respawns", "state"
     ));
     for w in v["workers"].as_array().into_iter().flatten() {
         let f = |k: &str| w[k].to_string();
         out.push_str(&format!(
-            "{:>6} {:>8} {:>10} {:>8} {:>10} {:>8}\n",
+            "{:>6} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8}\n",
             f("worker"),
             f("pid"),
             f("handed"),
             f("open"),
             f("served"),
-            f("respawns")
+            f("respawns"),
+            w["state"].as_str().unwrap_or("?")
         ));
     }
     let links: Vec<(&Value, &Value)> = v["workers"]

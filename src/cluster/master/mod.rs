@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::{
-    control_path, Policy, KIND_ORPHAN_HELLO, KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY,
+    control_path, Policy, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY,
     KIND_STATUS_REQ, KIND_TAKEOVER_HELLO,
 };
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
@@ -25,6 +25,17 @@ mod sniff;
 
 /// How soon a connection a receiver refused is offered again.
 const RETRY_REFUSED: Duration = Duration::from_millis(100);
+/// Respawn backoff: a worker that exits or crashes within `STABLE` of its
+/// start (a crash loop), or cannot be started, is started again after
+/// 100 ms, doubling up to 10 s; one that ran longer, or was killed from
+/// outside, is replaced at once.
+const RESPAWN_MIN: Duration = Duration::from_millis(100);
+const RESPAWN_MAX: Duration = Duration::from_secs(10);
+const STABLE: Duration = Duration::from_secs(1);
+/// Heartbeat: a PING to every worker this often; a worker silent for
+/// `HUNG_AFTER` gets no new connection until it answers again.
+const HEARTBEAT: Duration = Duration::from_millis(250);
+const HUNG_AFTER: Duration = Duration::from_secs(1);
 pub use restart::{request as request_restart, takeover, DEFAULT_TIMEOUT as RESTART_TIMEOUT};
 
 #[derive(Debug, Clone)]
@@ -44,6 +55,8 @@ pub struct Config {
     pub gen: u64,
     /// Node mode (`handoff node`): the manager of one node.
     pub node: Option<crate::node::NodeConfig>,
+    /// Kill and respawn a worker that has not answered for this long.
+    pub hang_timeout: Option<Duration>,
 }
 
 /// The master's copy of a connection a worker serves: the descriptor it
@@ -82,6 +95,13 @@ struct Slot {
     /// Draining after a restart was aborted: serves no new connections,
     /// respawned when it exits.
     retiring: bool,
+    /// The next respawn's delay (zero: at once).
+    backoff: Duration,
+    respawn_timer: Option<Event>,
+    /// The last message from the worker (any message: it is alive).
+    last_seen: Instant,
+    /// Silent for `HUNG_AFTER`: gets no new connection.
+    hung: bool,
 }
 
 impl Slot {
@@ -93,7 +113,19 @@ impl Slot {
     /// Takes new connections: up, and not draining out of an aborted
     /// restart.
     fn live(&self) -> bool {
-        !self.retiring && self.channel.as_ref().is_some_and(Channel::is_open)
+        !self.retiring && !self.hung && self.channel.as_ref().is_some_and(Channel::is_open)
+    }
+
+    fn state(&self) -> &'static str {
+        if self.child.is_none() {
+            "down"
+        } else if self.hung {
+            "hung"
+        } else if self.retiring {
+            "retiring"
+        } else {
+            "up"
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -145,6 +177,9 @@ struct Master {
     orphan_clients: std::collections::HashSet<u64>,
     /// A stop signal that arrived during a takeover, acted on when it ends.
     stop_after_takeover: Option<i32>,
+    heartbeat: Option<Event>,
+    /// Accepting paused because no worker can serve.
+    accept_paused: bool,
 }
 
 fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
@@ -210,6 +245,8 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
             moves: Vec::new(),
             orphan_clients: Default::default(),
             stop_after_takeover: None,
+            heartbeat: None,
+            accept_paused: false,
         })
     });
     {
@@ -244,6 +281,10 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
                 started: Instant::now(),
                 orphans: Vec::new(),
                 retiring: false,
+                backoff: Duration::ZERO,
+                respawn_timer: None,
+                last_seen: Instant::now(),
+                hung: false,
             });
             m.spawn(index)?;
         }
@@ -259,6 +300,10 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
             m.listener = Some(l);
         }
         m.bind_control(predecessor.is_some())?;
+        let w = Rc::downgrade(&master);
+        let hb = Event::new(&base, -1, Interest::Timer, move || with(&w, |m| m.on_heartbeat()))?;
+        hb.add(Some(HEARTBEAT))?;
+        m.heartbeat = Some(hb);
         if let Some(fd) = predecessor {
             m.attach_predecessor(fd)?;
         }
@@ -323,6 +368,9 @@ impl Master {
         slot.held.clear();
         slot.served = 0;
         slot.started = Instant::now();
+        slot.last_seen = Instant::now();
+        slot.hung = false;
+        slot.respawn_timer = None;
         self.share_listener(index);
         let pending: Vec<(Option<usize>, Msg)> = self.pending.drain(..).collect();
         for (target, m) in pending {
@@ -483,7 +531,15 @@ impl Master {
 
     fn on_worker_msg(&mut self, index: usize, m: Msg) {
         self.absorb_acked(index);
+        let slot = &mut self.slots[index];
+        slot.last_seen = Instant::now();
+        if slot.hung {
+            slot.hung = false;
+            log::warn!("worker {index} (pid {}) answers again", slot.pid());
+            self.update_accepting();
+        }
         match m.kind {
+            KIND_PONG => {}
             KIND_STATS => match serde_json::from_slice::<Value>(&m.body) {
                 Ok(v) => {
                     let slot = &mut self.slots[index];
@@ -631,17 +687,128 @@ impl Master {
                 );
             }
             slot.respawns += 1;
-            self.rescue(held);
-            if let Err(e) = self.spawn(index) {
-                log::error!("{e}");
+            // Killed from outside (SIGKILL, SIGTERM) is not a crash loop.
+            use std::os::unix::process::ExitStatusExt;
+            let killed = matches!(status.signal(), Some(libc::SIGKILL) | Some(libc::SIGTERM));
+            if killed {
+                slot.backoff = Duration::ZERO;
             }
+            self.rescue(held);
+            self.respawn(index);
         }
+        self.update_accepting();
         if self.stopping && self.slots.iter().all(|s| s.child.is_none()) {
             self.grace_timer = None;
             self.signals.clear();
             self.control = None;
             self.clients.clear();
             self.base.exit(None);
+        }
+    }
+
+    /// Starts worker `index` again: at once, or after its backoff when it
+    /// keeps dying or cannot be started (logged once per attempt).
+    fn respawn(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        if slot.child.is_some() || self.stopping || self.draining {
+            return;
+        }
+        if slot.started.elapsed() >= STABLE {
+            slot.backoff = Duration::ZERO;
+        }
+        let delay = slot.backoff;
+        slot.backoff = if delay.is_zero() { RESPAWN_MIN } else { (delay * 2).min(RESPAWN_MAX) };
+        if delay.is_zero() {
+            match self.spawn(index) {
+                Ok(()) => return,
+                Err(e) => log::error!("{e}; trying again in {RESPAWN_MIN:?}"),
+            }
+            self.slots[index].backoff = RESPAWN_MIN * 2;
+            return self.respawn_later(index, RESPAWN_MIN);
+        }
+        log::warn!("worker {index} keeps exiting (up {:?}); respawning in {delay:?}", slot.started.elapsed());
+        self.respawn_later(index, delay);
+    }
+
+    fn respawn_later(&mut self, index: usize, delay: Duration) {
+        let w = self.me.clone();
+        let t = Event::new(&self.base, -1, Interest::Timer, move || {
+            with(&w, |m| {
+                m.slots[index].respawn_timer = None;
+                if m.slots[index].child.is_some() || m.stopping || m.draining {
+                    return;
+                }
+                if let Err(e) = m.spawn(index) {
+                    let next = m.slots[index].backoff;
+                    m.slots[index].backoff = (next * 2).min(RESPAWN_MAX);
+                    log::error!("{e}; trying again in {next:?}");
+                    m.respawn_later(index, next);
+                }
+                m.update_accepting();
+            })
+        });
+        match t.and_then(|t| t.add(Some(delay)).map(|()| t)) {
+            Ok(t) => self.slots[index].respawn_timer = Some(t),
+            Err(e) => log::error!("respawn timer: {e}"),
+        }
+    }
+
+    /// While no worker can serve, the master stops accepting: clients wait
+    /// in the kernel's backlog instead of in our queue.
+    fn update_accepting(&mut self) {
+        let Some(l) = &self.listener else { return };
+        if self.takeover_pending || self.stopping {
+            return;
+        }
+        let can_serve = self.slots.iter().any(Slot::live);
+        if !can_serve && !self.accept_paused {
+            log::error!("no worker can serve: not accepting until one is up (clients wait in the backlog)");
+            l.pause();
+            self.accept_paused = true;
+        } else if can_serve && self.accept_paused {
+            log::warn!("a worker is up: accepting again");
+            if let Err(e) = l.resume() {
+                log::error!("cannot accept: {e}");
+            }
+            self.accept_paused = false;
+        }
+    }
+
+    /// PINGs every worker; one silent for `HUNG_AFTER` gets no new
+    /// connection, and is killed after `--hang-timeout` if set.
+    fn on_heartbeat(&mut self) {
+        let mut changed = false;
+        for slot in &mut self.slots {
+            let Some(ch) = &slot.channel else { continue };
+            let _ = ch.send(Msg::control(KIND_PING, Vec::new()));
+            let silent = slot.last_seen.elapsed();
+            if silent >= HUNG_AFTER && !slot.hung {
+                slot.hung = true;
+                changed = true;
+                log::warn!(
+                    "worker {} (pid {}) has not answered for {silent:?}: no new connections go to it",
+                    slot.index,
+                    slot.pid()
+                );
+            }
+            if let (true, Some(limit)) = (slot.hung, self.cfg.hang_timeout) {
+                if silent >= limit {
+                    if let Some(c) = slot.child.as_mut() {
+                        log::error!(
+                            "worker {} (pid {}) hung for {silent:?} (--hang-timeout); killing it",
+                            slot.index,
+                            c.id()
+                        );
+                        let _ = c.kill();
+                    }
+                }
+            }
+        }
+        if changed {
+            self.update_accepting();
+        }
+        if let Some(t) = &self.heartbeat {
+            let _ = t.add(Some(HEARTBEAT));
         }
     }
 
@@ -798,6 +965,7 @@ impl Master {
                     "open": s.open(),
                     "served": s.served_before + s.served,
                     "respawns": s.respawns,
+                    "state": s.state(),
                     "up_secs": s.started.elapsed().as_secs(),
                     "links": s.links,
                 })
@@ -813,6 +981,8 @@ impl Master {
             "started": started,
             "restarting": self.restart.is_some(),
             "pending": self.pending.len(),
+            "accepting": self.listener.is_some() && !self.accept_paused && !self.takeover_pending && !self.stopping
+                || self.cfg.policy == Policy::Shared && !self.stopping,
             "workers": workers,
         })
     }

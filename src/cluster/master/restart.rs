@@ -256,6 +256,7 @@ impl Master {
             "max_frame": self.cfg.max_frame,
             "grace": self.cfg.grace.as_secs_f64(),
             "gen": self.cfg.gen,
+            "hang_timeout": self.cfg.hang_timeout.map(|d| d.as_secs_f64()),
         });
         let msg = Msg {
             kind: wire::KIND_LISTENER,
@@ -325,7 +326,10 @@ impl Master {
             ChannelEvent::Msg(m) => log::warn!("successor: unexpected message kind {}", m.kind),
             // Out of descriptors over there: offered again, until --grace.
             ChannelEvent::Refused(m) => self.retry_later(m),
-            ChannelEvent::Closed { reason, .. } => {
+            ChannelEvent::Closed { reason, returned, .. } => {
+                // What it never acknowledged is ours again (the acknowledged
+                // ones the channel kept are taken back by the abort).
+                self.refused.extend(returned);
                 let why = reason.map_or("closed".to_string(), |e| e.to_string());
                 self.abort_restart(format!("the new master's channel {why}"));
             }
@@ -383,8 +387,9 @@ impl Master {
     /// descriptors) abort the restart; connections that could not move
     /// because their client does not read its replies are cut.
     fn drain_overdue(&mut self) {
-        if !self.refused.is_empty() {
-            let n = self.refused.len();
+        let undelivered = self.refused.len() + self.successor.as_ref().map_or(0, Channel::in_flight);
+        if undelivered > 0 {
+            let n = undelivered;
             self.abort_restart(format!(
                 "the new generation could not take {n} connection(s) within {:?} (out of descriptors?)",
                 self.cfg.grace
@@ -575,6 +580,7 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
         log_args,
         gen: v["gen"].as_u64().ok_or_else(|| bad("gen"))? + 1,
         node: None,
+        hang_timeout: v["hang_timeout"].as_f64().map(Duration::from_secs_f64),
     };
     super::serve(cfg, fd, Some(c.into_fd()))
 }

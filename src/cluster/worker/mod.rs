@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use super::{
-    control_path, KIND_DRAIN, KIND_ORPHAN_HELLO, KIND_SHUTDOWN, KIND_STATS, KIND_TAKEOVER_BEGUN, KIND_TAKEOVER_ENDED,
+    control_path, KIND_DRAIN, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_SHUTDOWN, KIND_STATS, KIND_TAKEOVER_BEGUN, KIND_TAKEOVER_ENDED,
 };
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::proto::rpc::{self, Frame};
@@ -201,6 +201,9 @@ impl Worker {
                     self.successor_begun(true)
                 }
                 KIND_TAKEOVER_ENDED => self.successor_begun(false),
+                KIND_PING => {
+                    let _ = self.master.send(Msg::control(KIND_PONG, Vec::new()));
+                }
                 k => log::warn!("worker {}: unexpected message kind {k} from master", self.index),
             },
             // The master had no descriptor to spare for a connection we
