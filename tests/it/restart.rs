@@ -264,13 +264,13 @@ fn binary_speaking_a_newer_channel_version_is_refused() {
 /// generation, is closed (it is lost with the old master: documented, not
 /// a guarantee the README makes).
 /// Requests of the client that never reads.
-const STUCK_PINGS: u64 = 100;
+pub(crate) const STUCK_PINGS: u64 = 100;
 
 /// A client that never reads: a small receive buffer, STUCK_PINGS x 100 KB
 /// pings (10 MB of replies, more than the kernel buffers hold). Returns
 /// once its worker stopped reading it (paused with replies unsent), with
 /// `idle` other connections already served.
-fn stuck_client(c: &Cluster, idle: usize) -> (Rpc, std::thread::JoinHandle<()>) {
+pub(crate) fn stuck_client(c: &Cluster, idle: usize) -> (Rpc, std::thread::JoinHandle<()>) {
     let stuck = c.connect();
     let rcvbuf: libc::c_int = 4096;
     // SAFETY: setsockopt on a socket we own, with an int of the right size.
