@@ -18,6 +18,7 @@ fn main() {
     bindgen::Builder::default()
         .header("csrc/fdpass.h")
         .allowlist_function("fdpass_.*")
+        .allowlist_var("FDPASS_.*")
         .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
         .generate()
         .unwrap_or_else(|e| panic!("bindgen failed on csrc/fdpass.h ({e}); install libclang-dev (make deps)"))

@@ -93,9 +93,16 @@ ssize_t fdpass_recv(int sock, int *fd_out, void *buf, size_t len)
         return -1;
 
     if (msg.msg_flags & MSG_CTRUNC) {
+        /* The message is read; its descriptor is not (EMFILE, or a control
+         * buffer too small). Report the payload and say the descriptor was
+         * dropped, so the receiver can refuse that one message. */
         close_received(&msg);
-        errno = ENOBUFS;
-        return -1;
+        if (msg.msg_flags & MSG_TRUNC) {
+            errno = EMSGSIZE;
+            return -1;
+        }
+        *fd_out = FDPASS_DROPPED;
+        return n;
     }
     for (cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
         if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS ||

@@ -26,15 +26,17 @@ ssize_t fdpass_send(int sock, int fd, const void *buf, size_t len);
 
 /*
  * Receive one message into `buf` (at most `len` bytes). On return
- * `*fd_out` holds a received descriptor (close-on-exec set) or -1.
+ * `*fd_out` holds a received descriptor (close-on-exec set), -1 when
+ * the message carried none, or FDPASS_DROPPED when it carried one that
+ * the kernel could not install (MSG_CTRUNC, e.g. EMFILE in the receiver;
+ * the payload is still returned, the sender still holds its copy).
  * Returns the payload length, 0 at end of stream, or -1 with errno:
  *   EMSGSIZE  the payload did not fit in `buf` (MSG_TRUNC)
- *   ENOBUFS   a descriptor was dropped by the kernel (MSG_CTRUNC, e.g.
- *             EMFILE in the receiver); any descriptor that did arrive is
- *             closed first
  *   EBADMSG   the message carried more than one descriptor, or an
  *             unexpected control message (all received descriptors closed)
  */
+#define FDPASS_DROPPED (-2)
+
 ssize_t fdpass_recv(int sock, int *fd_out, void *buf, size_t len);
 
 #endif

@@ -25,12 +25,16 @@ pub struct Received {
     /// Payload length in the caller's buffer; 0 with `fd: None` is EOF.
     pub len: usize,
     pub fd: Option<OwnedFd>,
+    /// The message carried a descriptor that the kernel could not install
+    /// here (MSG_CTRUNC, e.g. EMFILE): the payload is valid, the sender
+    /// still holds the descriptor.
+    pub fd_dropped: bool,
 }
 
 /// Receives one message into `buf`. Errors: `WouldBlock`; `EMSGSIZE`
-/// (payload larger than `buf`); `ENOBUFS` (the kernel dropped a
-/// descriptor: MSG_CTRUNC); `EBADMSG` (more than one descriptor). On every
-/// error no descriptor is leaked.
+/// (payload larger than `buf`); `EBADMSG` (more than one descriptor). A
+/// descriptor the kernel dropped (MSG_CTRUNC) is reported by
+/// `fd_dropped`, not as an error. On every error no descriptor is leaked.
 pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     let mut fd: libc::c_int = -1;
     // SAFETY: buf is a live writable slice of the given length; fd is a
@@ -39,10 +43,11 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
+    let dropped = fd == sys::FDPASS_DROPPED;
     // SAFETY: a non-negative fd was just installed in our table by recvmsg
     // and belongs to nobody else.
     let fd = (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) });
-    Ok(Received { len: n as usize, fd })
+    Ok(Received { len: n as usize, fd, fd_dropped: dropped })
 }
 
 #[cfg(test)]

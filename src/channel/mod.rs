@@ -5,14 +5,29 @@
 //!
 //! - Sends never block: on EAGAIN the message is queued and the channel
 //!   waits for EV_WRITE, so two processes handing connections to each other
-//!   cannot deadlock.
-//! - A sent connection stays owned by the sender (which keeps its
-//!   descriptor, unregistered from epoll) until the receiver acknowledges
-//!   it. The receiver acknowledges each batch as soon as it has read it,
-//!   before serving anything. If the channel dies first, every queued or
-//!   unacknowledged connection is handed back to the owner through
-//!   [`ChannelEvent::Closed`], so a connection is never lost nor served twice.
-//! - Malformed input closes the channel, never the process.
+//!   cannot deadlock. Bodies of any size travel (split into MORE chunks).
+//!
+//! ## One owner per connection
+//! A CONN moves in three steps: the sender writes it (and keeps its
+//! descriptor, unregistered from epoll), the receiver writes an ACK, and
+//! only once that ACK is in the kernel does the receiver deliver the
+//! connection to its owner. So at every instant exactly one side owns it:
+//! - the receiver owns a CONN iff its ACK was written;
+//! - the sender gives a CONN back to its owner (`Closed::returned`) only
+//!   after it has made further ACKs impossible (`shutdown(SHUT_RD)`: the
+//!   peer's later writes fail with EPIPE) and read every ACK already
+//!   queued to it.
+//! - A CONN whose descriptor the receiver could not take (EMFILE:
+//!   MSG_CTRUNC) is refused with a NACK; the sender's owner gets it back at
+//!   once ([`ChannelEvent::Refused`]) and tries again later.
+//! - A CONN whose ACK cannot be written because the peer is gone is an
+//!   orphan (`Closed::orphans`): a peer that closed on purpose took it
+//!   back, a peer that died did not. Only the owner knows which (a master
+//!   reaps its workers), so it decides.
+//! - A peer known to be dead ([`Channel::peer_died`]) is read to the end:
+//!   every message it managed to send is delivered, CONNs included.
+//!
+//! Malformed input closes the channel, never the process.
 pub mod wire;
 
 use std::cell::RefCell;
@@ -24,7 +39,7 @@ use std::time::Duration;
 
 use crate::fdpass;
 use crate::reactor::{Base, Event, Interest};
-use wire::{version, Header, HEADER_LEN, KIND_ACK, KIND_CONN, MAX_BODY};
+use wire::{version, Header, HEADER_LEN, KIND_ACK, KIND_CONN, KIND_MORE, KIND_NACK, MAX_BODY, MAX_JOINED};
 
 /// One channel message.
 #[derive(Debug)]
@@ -58,17 +73,27 @@ impl Msg {
     pub fn control(kind: u16, body: Vec<u8>) -> Msg {
         Msg { kind, flags: 0, id: 0, body, fd: None, meta: 0 }
     }
+
+    /// A copy sharing the same open connection (a second descriptor).
+    pub fn try_clone(&self) -> io::Result<Msg> {
+        let fd = self.fd.as_ref().map(OwnedFd::try_clone).transpose()?;
+        Ok(Msg { kind: self.kind, flags: self.flags, id: self.id, body: self.body.clone(), fd, meta: self.meta })
+    }
 }
 
 /// What a channel reports to its owner.
 #[derive(Debug)]
 pub enum ChannelEvent {
-    /// A message arrived (a received CONN is already acknowledged).
+    /// A message arrived (a received CONN is acknowledged and ours).
     Msg(Msg),
+    /// The peer could not take this CONN (out of descriptors): ours again.
+    Refused(Msg),
     /// The channel is gone (`reason` is `None` on a clean EOF). `returned`
     /// holds every connection sent on it that the peer never took: the
-    /// owner serves them again.
-    Closed { reason: Option<io::Error>, returned: Vec<Msg> },
+    /// owner serves them again. `orphans` are connections the peer sent
+    /// whose ACK could not be written: ours if the peer died, the peer's
+    /// if it closed on purpose (see the module docs).
+    Closed { reason: Option<io::Error>, returned: Vec<Msg>, orphans: Vec<Msg> },
 }
 
 /// Counters for status reports.
@@ -76,6 +101,7 @@ pub enum ChannelEvent {
 pub struct Stats {
     pub conns_sent: u64,
     pub conns_acked: u64,
+    pub conns_refused: u64,
     pub conns_received: u64,
     pub msgs_sent: u64,
     pub msgs_received: u64,
@@ -87,14 +113,36 @@ struct Inner {
     sock: Option<OwnedFd>,
     read_ev: Option<Event>,
     write_ev: Option<Event>,
-    close_ev: Option<Event>,
+    /// Zero-delay timer: delivers `ready` and, after a failure, `Closed`.
+    wake_ev: Option<Event>,
+    /// Outgoing messages not yet (completely) written.
     queue: VecDeque<Msg>,
+    /// Bytes of `queue[0]`'s body already written as MORE chunks.
+    chunk_off: usize,
+    /// CONNs written, waiting for the peer's ACK (descriptor kept).
     unacked: VecDeque<Msg>,
     next_id: u64,
     buf: Vec<u8>,
-    /// Set when the channel must close; delivered from `close_ev`.
+    /// Body chunks (MORE) of the message still arriving.
+    partial: Vec<u8>,
+    /// NACKs to write (before anything else).
+    nacks: VecDeque<u64>,
+    /// Highest CONN id received, and the highest whose ACK is written.
+    ack_due: u64,
+    acked: u64,
+    /// Received messages waiting behind an unwritten ACK, in order.
+    held: VecDeque<Msg>,
+    /// Events to hand to the owner outside our borrow.
+    ready: VecDeque<ChannelEvent>,
+    /// Received CONNs whose ACK could not be written (peer gone).
+    orphans: Vec<Msg>,
+    /// Set when the channel must close; delivered from `wake_ev`.
     failure: Option<Option<io::Error>>,
     handler: Handler,
+    flushed: Vec<Box<dyn FnOnce()>>,
+    /// Keep acknowledged CONNs (their descriptors) for the owner.
+    keep_acked: bool,
+    acked_msgs: Vec<Msg>,
     stats: Stats,
 }
 
@@ -114,13 +162,24 @@ impl Channel {
             sock: Some(sock),
             read_ev: None,
             write_ev: None,
-            close_ev: None,
+            wake_ev: None,
             queue: VecDeque::new(),
+            chunk_off: 0,
             unacked: VecDeque::new(),
             next_id: 1,
             buf: vec![0; HEADER_LEN + MAX_BODY],
+            partial: Vec::new(),
+            nacks: VecDeque::new(),
+            ack_due: 0,
+            acked: 0,
+            held: VecDeque::new(),
+            ready: VecDeque::new(),
+            orphans: Vec::new(),
             failure: None,
             handler: Rc::new(handler),
+            flushed: Vec::new(),
+            keep_acked: false,
+            acked_msgs: Vec::new(),
             stats: Stats::default(),
         }));
         let w = Rc::downgrade(&inner);
@@ -128,13 +187,13 @@ impl Channel {
         let w = Rc::downgrade(&inner);
         let write_ev = Event::new(base, raw, Interest::Write, move || on_writable(&w))?;
         let w = Rc::downgrade(&inner);
-        let close_ev = Event::new(base, -1, Interest::Timer, move || on_failed(&w))?;
+        let wake_ev = Event::new(base, -1, Interest::Timer, move || on_wake(&w))?;
         read_ev.add(None)?;
         {
             let mut i = inner.borrow_mut();
             i.read_ev = Some(read_ev);
             i.write_ev = Some(write_ev);
-            i.close_ev = Some(close_ev);
+            i.wake_ev = Some(wake_ev);
         }
         Ok(Channel(inner))
     }
@@ -152,25 +211,19 @@ impl Channel {
             i.next_id += 1;
         }
         let id = msg.id;
-        if !i.queue.is_empty() {
-            i.queue.push_back(msg);
-            return Ok(id);
-        }
-        match i.try_send(&msg) {
-            Ok(()) => {
-                i.sent(msg);
-                Ok(id)
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                i.queue.push_back(msg);
-                i.arm_write();
-                Ok(id)
-            }
-            Err(e) => {
+        let alone = i.queue.is_empty();
+        i.queue.push_back(msg);
+        if let Err(e) = i.pump() {
+            if alone && i.chunk_off == 0 && i.queue.len() == 1 {
+                // Nothing of it left: give it straight back.
+                let msg = i.queue.pop_back().expect("just pushed");
                 i.fail(Some(e));
-                Err(msg)
+                return Err(msg);
             }
+            i.fail(Some(e));
         }
+        i.wake_if_ready();
+        Ok(id)
     }
 
     /// Whether the channel can still carry messages.
@@ -185,6 +238,30 @@ impl Channel {
         i.queue.len() + i.unacked.len()
     }
 
+    /// Runs `f` once everything queued so far is in the kernel (at once if
+    /// nothing is queued), or the channel is gone.
+    pub fn when_flushed(&self, f: impl FnOnce() + 'static) {
+        let mut i = self.0.borrow_mut();
+        if i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due) {
+            drop(i);
+            f();
+            return;
+        }
+        i.flushed.push(Box::new(f));
+    }
+
+    /// Keeps every acknowledged CONN (descriptor and body) instead of
+    /// closing it: a takeover's old side can then resume what it handed
+    /// over until the new side commits. See [`Channel::take_acked`].
+    pub fn set_keep_acked(&self, keep: bool) {
+        self.0.borrow_mut().keep_acked = keep;
+    }
+
+    /// The acknowledged CONNs kept so far (`set_keep_acked`).
+    pub fn take_acked(&self) -> Vec<Msg> {
+        std::mem::take(&mut self.0.borrow_mut().acked_msgs)
+    }
+
     /// Sends this channel's future events to another handler.
     pub fn set_handler(&self, handler: impl Fn(ChannelEvent) + 'static) {
         self.0.borrow_mut().handler = Rc::new(handler);
@@ -195,168 +272,406 @@ impl Channel {
     }
 
     /// Closes the channel now, without an event; returns what the peer
-    /// never took (queued and unacknowledged connections).
+    /// never took (queued and unacknowledged connections), and any
+    /// connection that became ours but was not delivered yet. Connections
+    /// the peer sent and we had not acknowledged stay the peer's.
     pub fn shutdown(&self) -> Vec<Msg> {
-        self.0.borrow_mut().teardown()
+        let mut i = self.0.borrow_mut();
+        let (mut returned, orphans) = i.close_now(false);
+        returned.extend(orphans);
+        for ev in i.ready.drain(..) {
+            if let ChannelEvent::Msg(m) = ev {
+                if m.kind == KIND_CONN {
+                    returned.push(m);
+                }
+            }
+        }
+        returned
+    }
+
+    /// The peer process is dead (its owner reaped it): reads everything it
+    /// sent, and closes. Returns the messages in order (CONNs included:
+    /// nobody else holds them now) and what the peer never took.
+    pub fn peer_died(&self) -> (Vec<Msg>, Vec<Msg>) {
+        let mut i = self.0.borrow_mut();
+        let mut msgs: Vec<Msg> = Vec::new();
+        let mut returned: Vec<Msg> = Vec::new();
+        let take = |i: &mut Inner, msgs: &mut Vec<Msg>, returned: &mut Vec<Msg>| {
+            for ev in i.ready.drain(..) {
+                match ev {
+                    ChannelEvent::Msg(m) => msgs.push(m),
+                    ChannelEvent::Refused(m) => returned.push(m),
+                    ChannelEvent::Closed { .. } => {}
+                }
+            }
+        };
+        take(&mut i, &mut msgs, &mut returned);
+        msgs.append(&mut i.orphans);
+        msgs.extend(i.held.drain(..));
+        let mut failures = 0;
+        while i.sock.is_some() {
+            match i.read_one() {
+                Ok(Some(m)) => msgs.push(m),
+                Ok(None) => take(&mut i, &mut msgs, &mut returned),
+                Err(Stop::Failed) if failures < 16 => failures += 1,
+                Err(_) => break,
+            }
+        }
+        // Everything received is ours; no ACK needs to be written.
+        returned.extend(i.teardown());
+        i.failure = None;
+        (msgs, returned)
     }
 }
 
+/// Why reading stopped.
+#[derive(Debug)]
+enum Stop {
+    Empty,
+    Eof,
+    Failed,
+}
+
 impl Inner {
-    fn try_send(&self, msg: &Msg) -> io::Result<()> {
-        let sock = self.sock.as_ref().expect("open channel has a socket");
-        let mut out = Vec::with_capacity(HEADER_LEN + msg.body.len());
-        Header {
-            version: version(),
-            kind: msg.kind,
-            flags: msg.flags,
-            body_len: msg.body.len() as u32,
-            id: msg.id,
-            meta: msg.meta,
-        }
-        .encode(&mut out);
-        out.extend_from_slice(&msg.body);
-        fdpass::send(sock.as_fd(), msg.fd.as_ref().map(|f| f.as_fd()), &out).map(drop)
+    fn write_raw(&self, h: Header, fd: Option<&OwnedFd>, body: &[u8]) -> io::Result<()> {
+        let sock = self.sock.as_ref().ok_or_else(|| io::Error::from_raw_os_error(libc::EPIPE))?;
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        h.encode(&mut out);
+        out.extend_from_slice(body);
+        fdpass::send(sock.as_fd(), fd.map(|f| f.as_fd()), &out).map(drop)
     }
 
-    /// Bookkeeping after a successful send: connections wait for their ACK
-    /// with the descriptor kept; anything else is done with.
-    fn sent(&mut self, msg: Msg) {
-        self.stats.msgs_sent += 1;
-        if msg.kind == KIND_CONN {
-            self.stats.conns_sent += 1;
-            self.unacked.push_back(msg);
+    fn header(kind: u16, flags: u32, id: u64, meta: u64, body_len: usize) -> Header {
+        Header { version: version(), kind, flags, body_len: body_len as u32, id, meta }
+    }
+
+    /// Writes NACKs, the due ACK, then the queue, until EAGAIN (Ok) or a
+    /// hard error (Err). A written ACK releases the messages held behind it.
+    fn pump(&mut self) -> io::Result<()> {
+        let r = self.pump_inner();
+        match &r {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(ev) = &self.write_ev {
+                    let _ = ev.add(None);
+                }
+            }
+            Err(_) => {}
+            Ok(()) => {
+                if !self.flushed.is_empty() {
+                    self.wake_if_ready_force();
+                }
+            }
+        }
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            r => r,
         }
     }
 
-    fn arm_write(&self) {
-        if let Some(ev) = &self.write_ev {
-            let _ = ev.add(None);
+    fn pump_inner(&mut self) -> io::Result<()> {
+        while let Some(&id) = self.nacks.front() {
+            self.write_raw(Self::header(KIND_NACK, 0, id, 0, 0), None, &[])?;
+            self.nacks.pop_front();
+        }
+        if self.ack_due > self.acked {
+            match self.write_raw(Self::header(KIND_ACK, 0, self.ack_due, 0, 0), None, &[]) {
+                Ok(()) => {
+                    self.acked = self.ack_due;
+                    self.release_held();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
+                Err(e) => {
+                    // The peer is gone: what waits for this ACK is orphaned.
+                    self.orphan_held();
+                    return Err(e);
+                }
+            }
+        }
+        while let Some(msg) = self.queue.front() {
+            let left = msg.body.len() - self.chunk_off;
+            if left > MAX_BODY {
+                let chunk = &msg.body[self.chunk_off..self.chunk_off + MAX_BODY];
+                self.write_raw(Self::header(KIND_MORE, 0, 0, 0, chunk.len()), None, chunk)?;
+                self.chunk_off += MAX_BODY;
+                continue;
+            }
+            let body = &msg.body[self.chunk_off..];
+            self.write_raw(Self::header(msg.kind, msg.flags, msg.id, msg.meta, body.len()), msg.fd.as_ref(), body)?;
+            self.chunk_off = 0;
+            let msg = self.queue.pop_front().expect("front exists");
+            self.stats.msgs_sent += 1;
+            if msg.kind == KIND_CONN {
+                self.stats.conns_sent += 1;
+                self.unacked.push_back(msg);
+            }
+        }
+        Ok(())
+    }
+
+    fn release_held(&mut self) {
+        while let Some(m) = self.held.front() {
+            if m.kind == KIND_CONN && m.id > self.acked {
+                break;
+            }
+            let m = self.held.pop_front().expect("front exists");
+            self.ready.push_back(ChannelEvent::Msg(m));
         }
     }
 
-    /// Marks the channel failed; the owner hears of it from `close_ev`, so
+    fn orphan_held(&mut self) {
+        for m in self.held.drain(..) {
+            if m.kind == KIND_CONN {
+                self.orphans.push(m);
+            } else {
+                self.ready.push_back(ChannelEvent::Msg(m));
+            }
+        }
+    }
+
+    /// Reads one message. `Ok(Some)` is a message for the owner (a CONN
+    /// among them is recorded as due for an ACK); `Ok(None)` was handled
+    /// here (ACK, NACK, MORE, a refused CONN); `Err` says why to stop.
+    fn read_one(&mut self) -> Result<Option<Msg>, Stop> {
+        let Some(sock) = self.sock.as_ref() else { return Err(Stop::Failed) };
+        let r = match fdpass::recv(sock.as_fd(), &mut self.buf) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(Stop::Empty),
+            Err(e) => {
+                self.fail(Some(e));
+                return Err(Stop::Failed);
+            }
+        };
+        if r.len == 0 && r.fd.is_none() && !r.fd_dropped {
+            return Err(Stop::Eof);
+        }
+        let h = match Header::decode(&self.buf[..r.len]) {
+            Ok(h) => h,
+            Err(e) => {
+                self.fail(Some(e));
+                return Err(Stop::Failed);
+            }
+        };
+        self.stats.msgs_received += 1;
+        if r.fd_dropped && h.kind == KIND_CONN {
+            // EMFILE here: refuse this one; the sender keeps it.
+            log::warn!("channel: a connection's descriptor could not be received (out of descriptors); refused");
+            self.partial.clear();
+            self.nacks.push_back(h.id);
+            return Ok(None);
+        }
+        if wire::carries_fd(h.kind) != r.fd.is_some() {
+            let why = if r.fd.is_some() { "unexpected descriptor" } else { "descriptor missing" };
+            self.fail(Some(io::Error::new(io::ErrorKind::InvalidData, why)));
+            return Err(Stop::Failed);
+        }
+        let body = &self.buf[HEADER_LEN..r.len];
+        match h.kind {
+            KIND_ACK => {
+                while self.unacked.front().is_some_and(|m| m.id <= h.id) {
+                    let m = self.unacked.pop_front().expect("front exists");
+                    self.stats.conns_acked += 1;
+                    if self.keep_acked {
+                        self.acked_msgs.push(m);
+                    }
+                }
+                Ok(None)
+            }
+            KIND_NACK => {
+                if let Some(pos) = self.unacked.iter().position(|m| m.id == h.id) {
+                    let m = self.unacked.remove(pos).expect("position is valid");
+                    self.stats.conns_refused += 1;
+                    self.ready.push_back(ChannelEvent::Refused(m));
+                }
+                Ok(None)
+            }
+            KIND_MORE => {
+                if self.partial.len() + body.len() > MAX_JOINED {
+                    let e = io::Error::new(io::ErrorKind::InvalidData, "message longer than the channel allows");
+                    self.fail(Some(e));
+                    return Err(Stop::Failed);
+                }
+                self.partial.extend_from_slice(body);
+                Ok(None)
+            }
+            kind => {
+                let mut full = std::mem::take(&mut self.partial);
+                full.extend_from_slice(body);
+                if kind == KIND_CONN {
+                    self.stats.conns_received += 1;
+                    self.ack_due = self.ack_due.max(h.id);
+                }
+                Ok(Some(Msg { kind, flags: h.flags, id: h.id, body: full, fd: r.fd, meta: h.meta }))
+            }
+        }
+    }
+
+    /// Marks the channel failed; the owner hears of it from `wake_ev`, so
     /// no callback runs inside the owner's own call.
     fn fail(&mut self, reason: Option<io::Error>) {
         if self.failure.is_none() {
             self.failure = Some(reason);
-            if let Some(ev) = &self.close_ev {
+            self.wake_if_ready_force();
+        }
+    }
+
+    fn wake_if_ready(&self) {
+        if !self.ready.is_empty() || !self.flushed.is_empty() && self.queue.is_empty() {
+            self.wake_if_ready_force();
+        }
+    }
+
+    fn wake_if_ready_force(&self) {
+        if let Some(ev) = &self.wake_ev {
+            if !ev.pending() {
                 let _ = ev.add(Some(Duration::ZERO));
             }
         }
     }
 
+    /// Makes further ACKs from the peer impossible, reads the ones already
+    /// queued, then closes. With `last_ack`, first tries once more to write
+    /// a due ACK (what it covers becomes ours: left in `ready`). Returns
+    /// (what the peer never took, orphans).
+    fn close_now(&mut self, last_ack: bool) -> (Vec<Msg>, Vec<Msg>) {
+        if last_ack && self.sock.is_some() && self.ack_due > self.acked {
+            let _ = self.pump_inner();
+        }
+        if let Some(sock) = &self.sock {
+            // SAFETY: shutdown on a descriptor we own; no memory involved.
+            unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RD) };
+            let mut failures = 0;
+            loop {
+                match self.read_one() {
+                    Ok(Some(m)) => drop(m), // not acknowledged: still the peer's
+                    Ok(None) => {}
+                    Err(Stop::Failed) if failures < 16 => failures += 1,
+                    Err(_) => break,
+                }
+            }
+        }
+        let mut returned = Vec::new();
+        let mut keep = VecDeque::new();
+        for ev in self.ready.drain(..) {
+            match ev {
+                ChannelEvent::Refused(m) => returned.push(m),
+                ev => keep.push_back(ev),
+            }
+        }
+        self.ready = keep;
+        // Held CONNs were never acknowledged: the peer takes them back.
+        self.held.clear();
+        let orphans = std::mem::take(&mut self.orphans);
+        returned.extend(self.teardown());
+        (returned, orphans)
+    }
+
     fn teardown(&mut self) -> Vec<Msg> {
         self.read_ev.take();
         self.write_ev.take();
-        self.close_ev.take();
+        self.wake_ev.take();
         self.sock.take();
+        self.chunk_off = 0;
         let mut back: Vec<Msg> = self.unacked.drain(..).collect();
         back.extend(self.queue.drain(..).filter(|m| m.kind == KIND_CONN));
         back
     }
+}
 
-    fn ack(&mut self, upto: u64) {
-        while self.unacked.front().is_some_and(|m| m.id <= upto) {
-            self.unacked.pop_front();
-            self.stats.conns_acked += 1;
+/// Hands the owner what is ready, outside our borrow.
+fn deliver(inner: &Rc<RefCell<Inner>>) {
+    loop {
+        let (ev, handler) = {
+            let mut i = inner.borrow_mut();
+            match i.ready.pop_front() {
+                Some(ev) => (ev, i.handler.clone()),
+                None => break,
+            }
+        };
+        handler(ev);
+    }
+    let callbacks = {
+        let mut i = inner.borrow_mut();
+        let flushed = i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due);
+        if flushed {
+            std::mem::take(&mut i.flushed)
+        } else {
+            Vec::new()
         }
+    };
+    for f in callbacks {
+        f();
     }
 }
 
 fn on_writable(w: &Weak<RefCell<Inner>>) {
     let Some(inner) = w.upgrade() else { return };
-    let mut i = inner.borrow_mut();
-    while let Some(msg) = i.queue.pop_front() {
-        match i.try_send(&msg) {
-            Ok(()) => i.sent(msg),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                i.queue.push_front(msg);
-                i.arm_write();
-                return;
-            }
-            Err(e) => {
-                i.queue.push_front(msg);
-                i.fail(Some(e));
-                return;
-            }
+    {
+        let mut i = inner.borrow_mut();
+        if let Err(e) = i.pump() {
+            i.fail(Some(e));
         }
     }
+    deliver(&inner);
 }
 
 fn on_readable(w: &Weak<RefCell<Inner>>) {
     let Some(inner) = w.upgrade() else { return };
-    let mut batch = Vec::new();
-    let handler;
     {
         let mut i = inner.borrow_mut();
         if i.failure.is_some() {
             return;
         }
-        let mut last_conn = 0;
+        let mut eof = false;
         for _ in 0..READ_BATCH {
-            let i = &mut *i;
-            let Some(sock) = i.sock.as_ref() else { return };
-            let r = match fdpass::recv(sock.as_fd(), &mut i.buf) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    i.fail(Some(e));
-                    break;
-                }
-            };
-            if r.len == 0 && r.fd.is_none() {
-                i.fail(None);
-                break;
-            }
-            let h = match Header::decode(&i.buf[..r.len]) {
-                Ok(h) => h,
-                Err(e) => {
-                    i.fail(Some(e));
-                    break;
-                }
-            };
-            if wire::carries_fd(h.kind) != r.fd.is_some() {
-                let why = if r.fd.is_some() { "unexpected descriptor" } else { "descriptor missing" };
-                i.fail(Some(io::Error::new(io::ErrorKind::InvalidData, why)));
-                break;
-            }
-            i.stats.msgs_received += 1;
-            match h.kind {
-                KIND_ACK => i.ack(h.id),
-                kind => {
-                    if kind == KIND_CONN {
-                        i.stats.conns_received += 1;
-                        last_conn = h.id;
+            match i.read_one() {
+                Ok(Some(m)) => {
+                    if i.held.is_empty() && m.kind != KIND_CONN {
+                        i.ready.push_back(ChannelEvent::Msg(m));
+                    } else {
+                        // Delivered once the ACK covering it is written.
+                        i.held.push_back(m);
                     }
-                    let body = i.buf[HEADER_LEN..r.len].to_vec();
-                    batch.push(Msg { kind, flags: h.flags, id: h.id, body, fd: r.fd, meta: h.meta });
+                }
+                Ok(None) => {}
+                Err(Stop::Empty) | Err(Stop::Failed) => break,
+                Err(Stop::Eof) => {
+                    eof = true;
+                    break;
                 }
             }
         }
-        if last_conn != 0 {
-            // Acknowledge before anything is served: from here on the
-            // connections are ours.
-            let ack = Msg { kind: KIND_ACK, flags: 0, id: last_conn, body: Vec::new(), fd: None, meta: 0 };
-            drop(i);
-            let _ = Channel(inner.clone()).send(ack);
-            i = inner.borrow_mut();
+        // Acknowledge before anything is served: from then on it is ours.
+        if let Err(e) = i.pump() {
+            i.fail(Some(e));
         }
-        handler = i.handler.clone();
+        if eof {
+            i.fail(None);
+        }
     }
-    for m in batch {
-        handler(ChannelEvent::Msg(m));
-    }
+    deliver(&inner);
 }
 
-fn on_failed(w: &Weak<RefCell<Inner>>) {
+fn on_wake(w: &Weak<RefCell<Inner>>) {
     let Some(inner) = w.upgrade() else { return };
-    let (reason, returned, handler) = {
+    deliver(&inner);
+    let closed = {
         let mut i = inner.borrow_mut();
-        let reason = i.failure.take().flatten();
-        let returned = i.teardown();
-        (reason, returned, i.handler.clone())
+        match i.failure.take() {
+            Some(reason) => {
+                let (returned, orphans) = i.close_now(true);
+                Some((ChannelEvent::Closed { reason, returned, orphans }, i.handler.clone()))
+            }
+            None => None,
+        }
     };
-    handler(ChannelEvent::Closed { reason, returned });
+    if let Some((ev, handler)) = closed {
+        deliver(&inner);
+        handler(ev);
+        let callbacks = std::mem::take(&mut inner.borrow_mut().flushed);
+        for f in callbacks {
+            f();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,17 +5,24 @@
 //!      0    4 magic     "HOFF"
 //!      4    2 version   1
 //!      6    2 kind      1 = CONN (carries a descriptor), 2 = ACK,
-//!                       3 = LISTENER (carries a descriptor), >= 16 mode-defined
+//!                       3 = LISTENER (carries a descriptor), 4 = MORE (a
+//!                       body chunk of the next message), 5 = NACK,
+//!                       >= 16 mode-defined
 //!      8    4 flags     CONN: bit 0 = the client already sent EOF,
 //!                       bit 1 = a node link (node mode)
 //!     12    4 body_len  bytes after the header (<= MAX_BODY)
-//!     16    8 id        CONN: sender's sequence number; ACK: highest CONN id taken
+//!     16    8 id        CONN: sender's sequence number; ACK: every CONN up to
+//!                       this id is taken; NACK: this CONN is refused (its
+//!                       descriptor could not be received), the sender keeps it
 //!     24    8 meta      CONN: the client's IPv4 address << 16 | its port, as the
 //!                       accepting process saw it (0: unknown), so that receivers
 //!                       need no getpeername
 //!     32    - body      CONN: bytes already read from the connection (read-ahead)
 //! ```
 //! One header + body + at most one descriptor = one SOCK_SEQPACKET message.
+//! A body longer than [`MAX_BODY`] (a large read-ahead) travels as MORE
+//! messages carrying its first bytes, then the message itself with the
+//! rest; the receiver joins them (at most [`MAX_JOINED`] bytes).
 use std::io;
 
 pub const MAGIC: [u8; 4] = *b"HOFF";
@@ -31,11 +38,17 @@ pub fn version() -> u16 {
 pub const HEADER_LEN: usize = 32;
 /// Largest body; a SEQPACKET message must fit the socket's send buffer.
 pub const MAX_BODY: usize = 128 * 1024;
+/// Largest body after joining MORE chunks.
+pub const MAX_JOINED: usize = 64 << 20;
 
 pub const KIND_CONN: u16 = 1;
 pub const KIND_ACK: u16 = 2;
 /// A listening socket (descriptor attached); no acknowledgement.
 pub const KIND_LISTENER: u16 = 3;
+/// The first bytes of the next message's body.
+pub const KIND_MORE: u16 = 4;
+/// One CONN refused: its descriptor did not arrive (EMFILE).
+pub const KIND_NACK: u16 = 5;
 /// First kind number left to the modes.
 pub const KIND_USER: u16 = 16;
 

@@ -35,6 +35,11 @@ pub const KIND_DRAIN: u16 = KIND_USER + 8;
 /// id, u32 LE flags, then the bytes read ahead. The master holds the
 /// descriptor already.
 pub const KIND_RELEASE: u16 = KIND_USER + 9;
+/// old master -> new master: everything moved; commit the takeover.
+pub const KIND_TAKEOVER_COMMIT: u16 = KIND_USER + 10;
+/// new master -> old master: `{"ok":bool,"reason"}`: committed (serving
+/// alone from now on), or not able to serve (the old one resumes).
+pub const KIND_TAKEOVER_COMMITTED: u16 = KIND_USER + 11;
 
 /// How the master picks a worker for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -178,13 +178,21 @@ impl Server {
             ChannelEvent::Msg(m) => {
                 log::warn!("handoff channel {id}: unexpected message kind {}", m.kind)
             }
-            ChannelEvent::Closed { reason, returned } => {
+            // We send nothing on an inbound channel.
+            ChannelEvent::Refused(m) => self.take_back(vec![m]),
+            ChannelEvent::Closed { reason, returned, orphans } => {
                 match reason {
                     Some(e) => log::warn!("handoff channel {id} closed: {e}"),
                     None => log::debug!("handoff channel {id} closed by peer"),
                 }
                 self.inbound.remove(&id);
                 self.take_back(returned);
+                // The peer left before our ACK reached it: a peer that dies
+                // cannot serve them, and one that stops closes its own copies.
+                if !orphans.is_empty() {
+                    log::warn!("handoff channel {id}: {} connection(s) arrived as the peer left; serving them", orphans.len());
+                }
+                self.take_back(orphans);
             }
         }
     }
@@ -404,7 +412,12 @@ impl Server {
     fn on_peer(&mut self, ev: ChannelEvent) {
         match ev {
             ChannelEvent::Msg(m) => log::warn!("peer channel: unexpected message kind {}", m.kind),
-            ChannelEvent::Closed { reason, returned } => {
+            ChannelEvent::Refused(m) => {
+                log::warn!("peer {} is out of descriptors; serving a connection here", self.peer_path.display());
+                self.take_back(vec![m]);
+            }
+            ChannelEvent::Closed { reason, returned, orphans } => {
+                drop(orphans); // the peer sends nothing on our outbound channel
                 let why = reason.map_or_else(|| "closed".to_string(), |e| e.to_string());
                 log::warn!(
                     "lost peer {} ({why}); {} connection(s) come back; serving here, retrying",

@@ -22,6 +22,9 @@ use crate::sock;
 
 mod restart;
 mod sniff;
+
+/// How soon a connection a receiver refused is offered again.
+const RETRY_REFUSED: Duration = Duration::from_millis(100);
 pub use restart::{request as request_restart, takeover, DEFAULT_TIMEOUT as RESTART_TIMEOUT};
 
 #[derive(Debug, Clone)]
@@ -71,6 +74,12 @@ struct Slot {
     links: Value,
     respawns: u64,
     started: Instant,
+    /// Connections the worker sent as its channel died; ours once it is
+    /// reaped.
+    orphans: Vec<Msg>,
+    /// Draining after a restart was aborted: serves no new connections,
+    /// respawned when it exits.
+    retiring: bool,
 }
 
 impl Slot {
@@ -79,8 +88,10 @@ impl Slot {
         self.held.len() as u64
     }
 
+    /// Takes new connections: up, and not draining out of an aborted
+    /// restart.
     fn live(&self) -> bool {
-        self.channel.as_ref().is_some_and(Channel::is_open)
+        !self.retiring && self.channel.as_ref().is_some_and(Channel::is_open)
     }
 
     fn pid(&self) -> u32 {
@@ -118,6 +129,15 @@ struct Master {
     /// Handing every connection to the successor (restart after READY).
     draining: bool,
     done_timer: Option<Event>,
+    /// Connections a receiver refused (out of descriptors), offered again
+    /// by `retry_timer`.
+    refused: Vec<Msg>,
+    retry_timer: Option<Event>,
+    /// New side of a takeover until COMMIT: accepts nothing, serves
+    /// nothing that moved (the old side can still resume it).
+    takeover_pending: bool,
+    /// Connections moved to us, held unread until COMMIT.
+    moves: Vec<Msg>,
 }
 
 fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
@@ -178,6 +198,10 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
             predecessor: None,
             draining: false,
             done_timer: None,
+            refused: Vec::new(),
+            retry_timer: None,
+            takeover_pending: predecessor.is_some(),
+            moves: Vec::new(),
         })
     });
     {
@@ -201,6 +225,8 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
                 links: Value::Array(Vec::new()),
                 respawns: 0,
                 started: Instant::now(),
+                orphans: Vec::new(),
+                retiring: false,
             });
             m.spawn(index)?;
         }
@@ -209,7 +235,11 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
             m.share_listener_with_all();
         } else {
             let w = Rc::downgrade(&master);
-            m.listener = Some(Listener::adopt(&base, listen_fd, move |fd| with(&w, |m| m.accept(fd)))?);
+            let l = Listener::adopt(&base, listen_fd, move |fd| with(&w, |m| m.accept(fd)))?;
+            if m.takeover_pending {
+                l.pause(); // the old generation accepts until COMMIT
+            }
+            m.listener = Some(l);
         }
         // A successor binds beside the old control socket, then renames
         // over it: `handoff status` always finds a live master.
@@ -296,6 +326,9 @@ impl Master {
 
     /// Shared policy: gives worker `index` the listening socket.
     fn share_listener(&mut self, index: usize) {
+        if self.takeover_pending {
+            return;
+        }
         let (Some(fd), Some(ch)) = (&self.shared_fd, &self.slots[index].channel) else { return };
         match fd.try_clone() {
             Ok(dup) => {
@@ -399,26 +432,14 @@ impl Master {
             return;
         }
         match ev {
-            ChannelEvent::Msg(m) if m.kind == KIND_STATS => match serde_json::from_slice::<Value>(&m.body) {
-                Ok(v) => {
-                    let slot = &mut self.slots[index];
-                    for id in v["closed"].as_array().into_iter().flatten().filter_map(Value::as_u64) {
-                        slot.held.remove(&id);
-                    }
-                    slot.served = v["served"].as_u64().unwrap_or(slot.served);
-                    if let Some(l) = v.get("links") {
-                        slot.links = l.clone();
-                    }
-                }
-                Err(e) => log::warn!("worker {index}: bad stats: {e}"),
-            },
-            ChannelEvent::Msg(m) if m.kind == KIND_RELEASE => self.on_release(index, m),
-            // Shared policy: a connection the worker accepted itself.
-            ChannelEvent::Msg(m) if m.kind == wire::KIND_CONN => self.dispatch(m),
-            ChannelEvent::Msg(m) => {
-                log::warn!("worker {index}: unexpected message kind {}", m.kind)
+            ChannelEvent::Msg(m) => self.on_worker_msg(index, m),
+            // The worker is out of descriptors: our copy is the connection
+            // again; it goes elsewhere after a pause.
+            ChannelEvent::Refused(m) => {
+                self.slots[index].held.remove(&m.id);
+                self.retry_later(m);
             }
-            ChannelEvent::Closed { reason, returned } => {
+            ChannelEvent::Closed { reason, returned, orphans } => {
                 let slot = &mut self.slots[index];
                 slot.channel = None;
                 match reason {
@@ -433,9 +454,55 @@ impl Master {
                     r => log::debug!("worker {index}: channel closed ({r:?})"),
                 }
                 // `returned` are the worker's copies of connections we hold
-                // anyway; they are rescued when the process is reaped.
+                // anyway; they are rescued when the process is reaped, and
+                // so are the orphans (connections it sent as it died).
                 drop(returned);
+                slot.orphans.extend(orphans);
             }
+        }
+    }
+
+    fn on_worker_msg(&mut self, index: usize, m: Msg) {
+        match m.kind {
+            KIND_STATS => match serde_json::from_slice::<Value>(&m.body) {
+                Ok(v) => {
+                    let slot = &mut self.slots[index];
+                    for id in v["closed"].as_array().into_iter().flatten().filter_map(Value::as_u64) {
+                        slot.held.remove(&id);
+                    }
+                    slot.served = v["served"].as_u64().unwrap_or(slot.served);
+                    if let Some(l) = v.get("links") {
+                        slot.links = l.clone();
+                    }
+                }
+                Err(e) => log::warn!("worker {index}: bad stats: {e}"),
+            },
+            KIND_RELEASE => self.on_release(index, m),
+            // Shared policy: a connection the worker accepted itself.
+            wire::KIND_CONN => self.dispatch(m),
+            k => log::warn!("worker {index}: unexpected message kind {k}"),
+        }
+    }
+
+    /// A connection nobody could take now (out of descriptors) is offered
+    /// again after a pause.
+    fn retry_later(&mut self, m: Msg) {
+        self.refused.push(m);
+        if self.retry_timer.as_ref().is_some_and(Event::pending) {
+            return;
+        }
+        let w = self.me.clone();
+        let t = Event::new(&self.base, -1, Interest::Timer, move || {
+            with(&w, |m| {
+                let again = std::mem::take(&mut m.refused);
+                for msg in again {
+                    m.dispatch(msg);
+                }
+            })
+        });
+        match t.and_then(|t| t.add(Some(RETRY_REFUSED)).map(|()| t)) {
+            Ok(t) => self.retry_timer = Some(t),
+            Err(e) => log::error!("retry timer: {e}"),
         }
     }
 
@@ -489,7 +556,17 @@ impl Master {
             slot.child = None;
             slot.served_before += slot.served;
             slot.served = 0;
-            slot.channel.take().map(|c| c.shutdown());
+            let retired = std::mem::replace(&mut slot.retiring, false);
+            // Everything the worker sent before it died is still in the
+            // channel (RELEASEs with read-ahead, CONNs, closes): read it all
+            // before deciding what the worker left behind.
+            let (msgs, returned) = slot.channel.take().map(|c| c.peer_died()).unwrap_or_default();
+            drop(returned); // our copies in `held` stand for these
+            let orphans = std::mem::take(&mut slot.orphans);
+            for m in orphans.into_iter().chain(msgs) {
+                self.on_worker_msg(index, m);
+            }
+            let slot = &mut self.slots[index];
             let held: Vec<Held> = slot.held.drain().map(|(_, h)| h).collect();
             if self.stopping {
                 log::debug!("worker {index} (pid {pid}) exited: {status}");
@@ -504,10 +581,14 @@ impl Master {
                 self.rescue(held);
                 continue;
             }
-            log::warn!(
-                "worker {index} (pid {pid}) exited unexpectedly: {status}; respawning, {} connection(s) go to other workers",
-                held.len()
-            );
+            if retired && held.is_empty() {
+                log::info!("worker {index} (pid {pid}) drained after the aborted restart; respawning");
+            } else {
+                log::warn!(
+                    "worker {index} (pid {pid}) exited unexpectedly: {status}; respawning, {} connection(s) go to other workers",
+                    held.len()
+                );
+            }
             slot.respawns += 1;
             self.rescue(held);
             if let Err(e) = self.spawn(index) {
@@ -585,7 +666,7 @@ impl Master {
     fn on_control(&mut self, id: u64, ev: ChannelEvent) {
         match ev {
             ChannelEvent::Msg(m) if m.kind == KIND_RESTART_REQ => self.on_restart_request(id, &m.body),
-            ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_HELLO => self.on_takeover_hello(id),
+            ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_HELLO => self.on_takeover_hello(id, &m.body),
             ChannelEvent::Msg(m) if m.kind == KIND_STATUS_REQ => {
                 let body = self.status().to_string().into_bytes();
                 if let Some(c) = self.clients.get(&id) {
@@ -596,6 +677,7 @@ impl Master {
                 log::warn!("control socket: unexpected message kind {}; closing", m.kind);
                 self.clients.remove(&id);
             }
+            ChannelEvent::Refused(_) => {}
             ChannelEvent::Closed { reason, .. } => {
                 if let Some(e) = reason {
                     log::warn!("control client {id} refused: {e}");

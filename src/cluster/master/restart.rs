@@ -1,13 +1,18 @@
-//! Hot restart, master side. The old master (generation G) spawns the new
-//! binary as `handoff takeover --dir D`; the new master connects to the
-//! control socket, receives the listening socket and the config, starts
-//! its workers (generation G+1) and says READY. The old master stops
-//! accepting (the socket stays open: the new one holds it), tells its
-//! workers to DRAIN, and forwards every connection they release —
-//! descriptor plus read-ahead bytes — to the new master, which gives it
-//! to one of its workers. The old generation exits when it owns nothing.
+//! Hot restart, master side: a takeover is a transaction.
+//!
+//! | phase | listener | connections of the old generation |
+//! |---|---|---|
+//! | PREPARE: old spawns `handoff takeover`, sends it a copy of the listening socket on HELLO; the new master starts its workers and says READY | old accepts; new holds a copy and accepts nothing | old workers serve them |
+//! | MOVE: old tells its workers to DRAIN; each connection goes back to the old master between requests (RELEASE, with its read-ahead) and on to the new master (CONN) | old accepts, and forwards each new connection | in flight: owned by the old side until ACKed; after the ACK the new side owns it and the old master keeps a copy (descriptor + read-ahead). A connection with no read-ahead is served at once; one with read-ahead is held *unread* by the new master until COMMIT, so that the copy of its bytes stays exact |
+//! | COMMIT: every old worker has exited and the new master ACKed everything; old sends COMMIT; new checks that its workers are up, answers COMMITTED, starts accepting and serving what it holds | new | new |
+//! | ABORT (any failure before COMMITTED: the new master dies, times out, refuses, or cannot take connections) | old, unchanged | old: it kills the new master, waits for it, then serves every copy again, with the read-ahead it had (nothing was read from those). Only a request in flight inside the new generation when it died is lost |
+//!
+//! `handoff restart` exits 0 only after COMMITTED, and after it has
+//! itself seen the new generation answer on the port. A new master whose
+//! predecessor dies before COMMIT is alone: it commits by itself.
 use clap::ValueEnum;
-use std::io;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -19,26 +24,39 @@ use super::{with, Config, Master};
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::cluster::control::Client;
 use crate::cluster::{
-    Policy, KIND_DRAIN, KIND_RESTART_REPLY, KIND_RESTART_REQ, KIND_TAKEOVER_HELLO, KIND_TAKEOVER_READY,
+    Policy, KIND_DRAIN, KIND_RESTART_REPLY, KIND_RESTART_REQ, KIND_TAKEOVER_COMMIT, KIND_TAKEOVER_COMMITTED,
+    KIND_TAKEOVER_HELLO, KIND_TAKEOVER_READY,
 };
 use crate::reactor::{Event, Interest};
 
 /// How long the new master may take to connect and say READY by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the new master may take to answer COMMIT.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 const DONE_POLL: Duration = Duration::from_millis(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    Prepare,
+    Move,
+    Commit,
+}
 
 /// A restart in progress, seen from the old master.
 pub(super) struct Outgoing {
     child: Option<Child>,
+    /// The new master's pid (from its HELLO).
+    pid: u32,
     /// The control client (`handoff restart`) waiting for the verdict.
     reply_to: Option<u64>,
+    /// PREPARE and COMMIT deadlines.
     timer: Option<Event>,
-    ready: bool,
+    phase: Phase,
     /// Benchmark contrast: move only the listener and cut the old
     /// connections (what a listener-only restart with a zero drain does).
     listeners_only: bool,
-    /// Bounds the handover: connections that could not move within
-    /// `--grace` (a client that never reads its replies) are cut.
+    /// Bounds the move: `--grace` after READY, connections whose replies
+    /// the client never reads are cut.
     drain_timer: Option<Event>,
 }
 
@@ -51,11 +69,20 @@ impl Master {
         reply_to: Option<u64>,
         listeners_only: bool,
     ) {
-        if self.restart.is_some() || self.stopping {
-            self.reply_restart(
-                reply_to,
-                json!({"ok": false, "reason": "a restart or shutdown is already in progress"}),
-            );
+        let refuse = if self.cfg.node.is_some() {
+            Some("restart of a node is not supported yet: it would come back as a plain cluster; stop and start the node instead")
+        } else if self.restart.is_some() {
+            Some("a restart is already in progress")
+        } else if self.predecessor.is_some() {
+            Some("this generation is still taking over from the previous one; try again once it has committed")
+        } else if self.stopping {
+            Some("the master is stopping")
+        } else {
+            None
+        };
+        if let Some(reason) = refuse {
+            log::warn!("restart refused: {reason}");
+            self.reply_restart(reply_to, json!({"ok": false, "reason": reason}));
             return;
         }
         let binary = binary.unwrap_or_else(|| self.cfg.exe.clone());
@@ -71,38 +98,75 @@ impl Master {
                 return;
             }
         };
-        let w = self.me.clone();
-        let timer = Event::new(&self.base, -1, Interest::Timer, move || {
-            with(&w, |m| m.restart_failed(format!("the new master did not take over within {timeout:?}")))
-        })
-        .and_then(|t| t.add(Some(timeout)).map(|()| t));
+        let pid = child.id();
         self.restart = Some(Outgoing {
             child: Some(child),
+            pid,
             reply_to,
-            timer: timer.ok(),
-            ready: false,
+            timer: None,
+            phase: Phase::Prepare,
             listeners_only,
             drain_timer: None,
         });
+        self.restart_deadline(timeout, "the new master did not take over");
     }
 
-    /// The new master is gone or late before READY: the old generation
-    /// simply keeps serving.
-    pub(super) fn restart_failed(&mut self, reason: String) {
-        let Some(mut r) = self.restart.take() else { return };
-        if r.ready {
-            // Too late to go back: connections are moving. Say so and go on.
-            log::error!("restart: {reason} after the handover began");
-            self.restart = Some(r);
-            return;
+    /// Arms the phase deadline: past it, the restart is aborted.
+    fn restart_deadline(&mut self, after: Duration, what: &'static str) {
+        let w = self.me.clone();
+        let t = Event::new(&self.base, -1, Interest::Timer, move || {
+            with(&w, |m| m.abort_restart(format!("{what} within {after:?}")))
+        })
+        .and_then(|t| t.add(Some(after)).map(|()| t));
+        match t {
+            Ok(t) => {
+                if let Some(r) = self.restart.as_mut() {
+                    r.timer = Some(t);
+                }
+            }
+            Err(e) => log::error!("restart timer: {e}"),
         }
-        log::error!("restart failed: {reason}; generation {} keeps serving", self.cfg.gen);
+    }
+
+    /// ABORT: the new generation failed before COMMITTED. It is killed
+    /// (and waited for: its workers die with it), then the old generation
+    /// serves again everything it handed over, and keeps accepting.
+    pub(super) fn abort_restart(&mut self, reason: String) {
+        let Some(mut r) = self.restart.take() else { return };
+        let gen = self.cfg.gen;
         if let Some(c) = r.child.as_mut() {
             let _ = c.kill();
             let _ = c.wait();
+        } else if r.pid != 0 && r.phase != Phase::Prepare {
+            // Started by hand, not our child: make sure it serves nothing.
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(r.pid as libc::pid_t, libc::SIGKILL) };
         }
+        let mut back = Vec::new();
         if let Some(s) = self.successor.take() {
-            s.shutdown();
+            back.extend(s.shutdown());
+            back.extend(s.take_acked());
+        }
+        let moved = back.len();
+        self.draining = false;
+        self.done_timer = None;
+        if r.phase != Phase::Prepare {
+            // Workers told to drain finish draining into us; fresh ones
+            // take their place.
+            for index in 0..self.slots.len() {
+                if self.slots[index].child.is_some() {
+                    self.slots[index].retiring = true;
+                } else if let Err(e) = self.spawn(index) {
+                    log::error!("{e}");
+                }
+            }
+            self.share_listener_with_all();
+        }
+        log::error!(
+            "restart aborted: {reason}; generation {gen} goes on serving ({moved} handed-over connection(s) taken back)"
+        );
+        for m in back {
+            self.dispatch(m);
         }
         self.reply_restart(r.reply_to, json!({"ok": false, "reason": reason}));
     }
@@ -113,13 +177,13 @@ impl Master {
         }
     }
 
-    /// SIGCHLD for the new master: before READY, the restart failed.
+    /// SIGCHLD for the new master: before COMMITTED, the restart failed.
     pub(super) fn reap_successor(&mut self) {
         let Some(r) = self.restart.as_mut() else { return };
         let Some(child) = r.child.as_mut() else { return };
         if let Ok(Some(status)) = child.try_wait() {
             r.child = None;
-            self.restart_failed(format!("the new master exited: {status}"));
+            self.abort_restart(format!("the new master exited: {status}"));
         }
     }
 
@@ -133,10 +197,21 @@ impl Master {
     }
 
     /// A new master said hello: give it the listening socket and config.
-    pub(super) fn on_takeover_hello(&mut self, client: u64) {
+    pub(super) fn on_takeover_hello(&mut self, client: u64, body: &[u8]) {
         let Some(ch) = self.clients.remove(&client) else { return };
-        if self.stopping || self.successor.is_some() {
-            log::warn!("takeover refused: {}", if self.stopping { "stopping" } else { "another takeover runs" });
+        let busy = if self.stopping {
+            Some("stopping")
+        } else if self.successor.is_some() {
+            Some("another takeover runs")
+        } else if self.predecessor.is_some() {
+            Some("this generation has not committed its own takeover yet")
+        } else if self.cfg.node.is_some() {
+            Some("node restart is not supported yet")
+        } else {
+            None
+        };
+        if let Some(why) = busy {
+            log::warn!("takeover refused: {why}");
             ch.shutdown();
             return;
         }
@@ -169,18 +244,22 @@ impl Master {
             log::error!("takeover: the new master's channel broke");
             return;
         }
+        let pid = serde_json::from_slice::<Value>(body).ok().and_then(|v| v["pid"].as_u64()).unwrap_or(0) as u32;
         if self.restart.is_none() {
             // Started by hand (`handoff takeover`), not by us: still fine.
             self.restart = Some(Outgoing {
                 child: None,
+                pid,
                 reply_to: None,
                 timer: None,
-                ready: false,
+                phase: Phase::Prepare,
                 listeners_only: false,
                 drain_timer: None,
             });
+            self.restart_deadline(DEFAULT_TIMEOUT, "the new master did not say READY");
         }
-        // Its events now go to on_successor.
+        // Until COMMIT, what the new master ACKs stays ours too.
+        ch.set_keep_acked(true);
         let w = self.me.clone();
         ch.set_handler(move |ev| with(&w, |m| m.on_successor(ev)));
         self.successor = Some(ch);
@@ -196,32 +275,36 @@ impl Master {
 
     fn on_successor(&mut self, ev: ChannelEvent) {
         match ev {
-            ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_READY => self.hand_over(),
-            ChannelEvent::Msg(m) => log::warn!("successor: unexpected message kind {}", m.kind),
-            ChannelEvent::Closed { reason, returned } => {
-                let why = reason.map_or("closed".to_string(), |e| e.to_string());
-                self.successor = None;
-                if self.restart.as_ref().is_some_and(|r| r.ready) {
-                    log::error!("successor channel {why} mid-handover; {} connection(s) come back", returned.len());
-                    // Our workers are draining; serve these by respawning is
-                    // not possible now: they are closed, and said so.
+            ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_READY => self.begin_move(),
+            ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_COMMITTED => {
+                let v: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
+                if v["ok"] == json!(true) {
+                    self.committed();
                 } else {
-                    self.restart_failed(format!("the new master refused or dropped the takeover ({why})"));
+                    let why = v["reason"].as_str().unwrap_or("no reason given").to_string();
+                    self.abort_restart(format!("the new master cannot serve: {why}"));
                 }
+            }
+            ChannelEvent::Msg(m) => log::warn!("successor: unexpected message kind {}", m.kind),
+            // Out of descriptors over there: offered again, until --grace.
+            ChannelEvent::Refused(m) => self.retry_later(m),
+            ChannelEvent::Closed { reason, .. } => {
+                let why = reason.map_or("closed".to_string(), |e| e.to_string());
+                self.abort_restart(format!("the new master's channel {why}"));
             }
         }
     }
 
-    /// READY: stop accepting, drain the workers into the successor.
-    fn hand_over(&mut self) {
+    /// READY: drain the workers into the successor.
+    fn begin_move(&mut self) {
         let Some(r) = self.restart.as_mut() else { return };
-        r.ready = true;
+        if r.phase != Phase::Prepare {
+            return;
+        }
+        r.phase = Phase::Move;
         r.timer = None;
         let cut = r.listeners_only;
         log::info!("restart: generation {} is ready; handing over connections", self.cfg.gen + 1);
-        // Our copy of the listening socket goes; the successor holds it open.
-        self.listener = None;
-        self.shared_fd = None;
         self.draining = true;
         let pending: Vec<(Option<usize>, Msg)> = self.pending.drain(..).collect();
         for (_, m) in pending {
@@ -239,7 +322,7 @@ impl Master {
             }
         }
         let w = self.me.clone();
-        match Event::new(&self.base, -1, Interest::Timer, move || with(&w, |m| m.check_done())) {
+        match Event::new(&self.base, -1, Interest::Timer, move || with(&w, |m| m.check_moved())) {
             Ok(t) => {
                 let _ = t.add(Some(DONE_POLL));
                 self.done_timer = Some(t);
@@ -259,13 +342,22 @@ impl Master {
         }
     }
 
-    /// `--grace` after READY some connections still could not move (their
-    /// responses do not drain): they are cut, and the old generation ends.
+    /// `--grace` after READY: connections the new side cannot take (out of
+    /// descriptors) abort the restart; connections that could not move
+    /// because their client does not read its replies are cut.
     fn drain_overdue(&mut self) {
+        if !self.refused.is_empty() {
+            let n = self.refused.len();
+            self.abort_restart(format!(
+                "the new generation could not take {n} connection(s) within {:?} (out of descriptors?)",
+                self.cfg.grace
+            ));
+            return;
+        }
         for slot in &mut self.slots {
             let Some(child) = slot.child.as_mut() else { continue };
             log::warn!(
-                "restart: worker {} still holds {} connection(s) after {:?}; cutting them",
+                "restart: worker {} still holds {} connection(s) after {:?} (clients not reading); cutting them",
                 slot.index,
                 slot.held.len(),
                 self.cfg.grace
@@ -279,41 +371,68 @@ impl Master {
     pub(super) fn forward(&mut self, msg: Msg) {
         match &self.successor {
             Some(s) => {
-                if s.send(msg).is_err() {
-                    log::error!("restart: successor gone; a connection is closed");
+                if let Err(back) = s.send(msg) {
+                    // The channel just broke: the abort that follows takes
+                    // the rest back; this one waits with them.
+                    self.refused.push(back);
                 }
             }
-            None => log::error!("restart: no successor; a connection is closed"),
+            None => {
+                log::error!("restart: no successor for a connection; serving it here");
+                self.draining = false;
+                self.dispatch(msg);
+            }
         }
     }
 
-    /// Done when every worker has exited and the successor acknowledged
-    /// every connection.
-    fn check_done(&mut self) {
+    /// MOVE is over when every old worker has exited, nothing waits to be
+    /// offered again, and the successor ACKed everything: then COMMIT.
+    fn check_moved(&mut self) {
         let workers_gone = self.slots.iter().all(|s| s.child.is_none());
-        let delivered = self.successor.as_ref().is_none_or(|s| s.in_flight() == 0);
+        let delivered = self.successor.as_ref().is_some_and(|s| s.in_flight() == 0) && self.refused.is_empty();
         if !(workers_gone && delivered) {
             if let Some(t) = &self.done_timer {
                 let _ = t.add(Some(DONE_POLL));
             }
             return;
         }
-        let (pid, reply_to) = match self.restart.as_mut() {
-            Some(r) => (r.child.as_ref().map_or(0, Child::id), r.reply_to),
-            None => (0, None),
-        };
-        log::info!("restart: generation {} handed everything over; exiting", self.cfg.gen);
-        self.reply_restart(reply_to, json!({"ok": true, "pid": pid, "gen": self.cfg.gen + 1}));
+        self.done_timer = None;
+        let Some(r) = self.restart.as_mut() else { return };
+        r.phase = Phase::Commit;
+        r.drain_timer = None;
+        if let Some(s) = &self.successor {
+            let _ = s.send(Msg::control(KIND_TAKEOVER_COMMIT, Vec::new()));
+        }
+        self.restart_deadline(COMMIT_TIMEOUT, "the new master did not commit");
+    }
+
+    /// COMMITTED: the new generation serves alone. Say so and leave.
+    fn committed(&mut self) {
+        let Some(r) = self.restart.take() else { return };
+        let pid = r.child.as_ref().map_or(r.pid, Child::id);
+        log::info!("restart: generation {} committed; generation {} exits", self.cfg.gen + 1, self.cfg.gen);
+        self.reply_restart(
+            r.reply_to,
+            json!({"ok": true, "pid": pid, "gen": self.cfg.gen + 1, "host": self.cfg.host, "port": self.port}),
+        );
+        self.listener = None;
+        self.shared_fd = None;
+        // Our copies of what moved are closed; the new side owns them.
+        if let Some(s) = self.successor.take() {
+            drop(s.take_acked());
+            s.shutdown();
+        }
         // The control path now belongs to the successor: leave it.
         if let Some(c) = self.control.take() {
             c.forget_path();
         }
-        if let Some(s) = self.successor.take() {
-            s.shutdown();
-        }
-        self.done_timer = None;
         self.signals.clear();
-        self.base.exit(Some(Duration::from_millis(20)));
+        // Let the reply reach `handoff restart` before we go.
+        let base = self.base.clone();
+        match r.reply_to.and_then(|id| self.clients.get(&id)) {
+            Some(c) => c.when_flushed(move || base.exit(None)),
+            None => base.exit(None),
+        }
     }
 
     /// New side: the predecessor's channel delivers connections.
@@ -327,12 +446,65 @@ impl Master {
 
     fn on_predecessor(&mut self, ev: ChannelEvent) {
         match ev {
-            ChannelEvent::Msg(m) if m.kind == wire::KIND_CONN => self.dispatch(m),
+            // A connection with no read-ahead is served at once: the old
+            // side's copy can resume it at any time (losing at most what is
+            // in flight here). One carrying bytes waits unread until COMMIT,
+            // so that the old side's copy of those bytes stays exact.
+            ChannelEvent::Msg(m) if m.kind == wire::KIND_CONN => {
+                if self.takeover_pending && !m.body.is_empty() {
+                    self.moves.push(m);
+                } else {
+                    self.dispatch(m);
+                }
+            }
+            ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_COMMIT => {
+                let down: Vec<usize> = self.slots.iter().filter(|s| !s.live()).map(|s| s.index).collect();
+                let Some(p) = &self.predecessor else { return };
+                if !down.is_empty() {
+                    let reason = format!("worker(s) {down:?} of generation {} are not up", self.cfg.gen);
+                    log::error!("takeover: refusing to commit: {reason}");
+                    let _ = p.send(Msg::control(
+                        KIND_TAKEOVER_COMMITTED,
+                        json!({"ok": false, "reason": reason}).to_string().into_bytes(),
+                    ));
+                    return;
+                }
+                let _ = p.send(Msg::control(KIND_TAKEOVER_COMMITTED, json!({"ok": true}).to_string().into_bytes()));
+                self.commit_takeover("committed");
+            }
             ChannelEvent::Msg(m) => log::warn!("predecessor: unexpected message kind {}", m.kind),
-            ChannelEvent::Closed { .. } => {
+            ChannelEvent::Refused(_) => {}
+            ChannelEvent::Closed { orphans, .. } => {
+                // Before COMMIT, the old master died (had it aborted, we
+                // would be dead): we are all that is left, so we commit.
+                // Orphans are connections it sent as it died: ours.
+                self.moves.extend(orphans);
+                if self.takeover_pending {
+                    log::warn!("takeover: generation {} died before COMMIT; serving alone", self.cfg.gen - 1);
+                    self.commit_takeover("alone");
+                }
                 log::info!("takeover complete: generation {} is gone", self.cfg.gen - 1);
                 self.predecessor = None;
             }
+        }
+    }
+
+    /// Starts serving for real: accept, share the listener, serve what moved.
+    fn commit_takeover(&mut self, how: &str) {
+        if !self.takeover_pending {
+            return;
+        }
+        self.takeover_pending = false;
+        if let Some(l) = &self.listener {
+            if let Err(e) = l.resume() {
+                log::error!("takeover: cannot accept: {e}");
+            }
+        }
+        self.share_listener_with_all();
+        let moves = std::mem::take(&mut self.moves);
+        log::info!("takeover {how}: generation {} serves {} moved connection(s)", self.cfg.gen, moves.len());
+        for m in moves {
+            self.dispatch(m);
         }
     }
 }
@@ -363,19 +535,44 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
     super::serve(cfg, fd, Some(c.into_fd()))
 }
 
-/// `handoff restart --dir D`: asks the master for a restart and waits
-/// until the old generation is gone. Returns the reply (`ok` true).
+/// `handoff restart --dir D`: asks the master for a restart and waits for
+/// the verdict: COMMITTED, then a whoami on the port answered by the new
+/// generation. Returns the reply (`ok` true).
 pub fn request(dir: &Path, binary: Option<&Path>, timeout: Duration, listeners_only: bool) -> io::Result<Value> {
     let mut c = Client::connect(dir)?;
     let body = json!({"binary": binary.map(|b| b.display().to_string()), "timeout": timeout.as_secs_f64(),
                       "listeners_only": listeners_only});
     c.send(KIND_RESTART_REQ, body.to_string().as_bytes())?;
-    // Timeout to READY, then the drain itself (bounded by the workers).
-    let (reply, _) = c.recv(KIND_RESTART_REPLY, timeout + Duration::from_secs(60))?;
+    // Timeout to READY, the move (bounded by --grace), then COMMIT.
+    let (reply, _) = c.recv(KIND_RESTART_REPLY, timeout + COMMIT_TIMEOUT + Duration::from_secs(60))?;
     let v: Value = serde_json::from_slice(&reply).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    if v["ok"] == json!(true) {
-        Ok(v)
-    } else {
-        Err(io::Error::other(format!("restart failed: {}", v["reason"].as_str().unwrap_or("unknown reason"))))
+    if v["ok"] != json!(true) {
+        return Err(io::Error::other(format!("restart failed: {}", v["reason"].as_str().unwrap_or("unknown reason"))));
     }
+    let (host, port, gen) = (v["host"].as_str().unwrap_or("127.0.0.1"), v["port"].as_u64().unwrap_or(0), v["gen"].as_u64());
+    match probe(host, port as u16) {
+        Ok(g) if Some(g) == gen => Ok(v),
+        Ok(g) => Err(io::Error::other(format!(
+            "restart committed generation {}, but port {port} is answered by generation {g}",
+            gen.unwrap_or(0)
+        ))),
+        Err(e) => Err(io::Error::other(format!("restart committed, but nothing answers on {host}:{port}: {e}"))),
+    }
+}
+
+/// One whoami on the service port; returns the generation that answered.
+fn probe(host: &str, port: u16) -> io::Result<u64> {
+    let addr = crate::sock::resolve_v4(host, port)?;
+    let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let req = br#"{"in":"whoami"}"#;
+    let mut frame = (req.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(req);
+    s.write_all(&frame)?;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let mut body = vec![0u8; u32::from_le_bytes(len).min(1 << 20) as usize];
+    s.read_exact(&mut body)?;
+    let v: Value = serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    v["result"]["gen"].as_u64().ok_or_else(|| io::Error::other(format!("unexpected whoami reply: {v}")))
 }

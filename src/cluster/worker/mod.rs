@@ -21,6 +21,8 @@ mod links;
 
 /// Pause reading a connection while this much output is unsent.
 const OUTPUT_LIMIT: usize = 1 << 20;
+/// Draining: how soon a connection the master refused is offered again.
+const RETRY_RELEASE: Duration = Duration::from_millis(100);
 /// Longest delay of a counters-only stats message.
 const STATS_EVERY: Duration = Duration::from_millis(100);
 
@@ -85,6 +87,10 @@ struct Worker {
     signals: Vec<Event>,
     /// Node mode: this node's name, its peers, and the links to them.
     node: Option<links::Node>,
+    /// Exiting once the channel is flushed.
+    quitting: bool,
+    /// Draining: offers refused connections again.
+    retry_timer: Option<Event>,
 }
 
 fn with(w: &Weak<RefCell<Worker>>, f: impl FnOnce(&mut Worker)) {
@@ -128,6 +134,8 @@ pub fn run(cfg: Config) -> io::Result<()> {
             closed: Vec::new(),
             signals: Vec::new(),
             node,
+            quitting: false,
+            retry_timer: None,
         })
     });
     {
@@ -164,6 +172,21 @@ impl Worker {
                 KIND_DRAIN => self.begin_drain(),
                 k => log::warn!("worker {}: unexpected message kind {k} from master", self.index),
             },
+            // The master had no descriptor to spare for a connection we
+            // accepted (shared policy): serve it, and offer it again later
+            // if we are draining.
+            ChannelEvent::Refused(m) => {
+                let Some(fd) = m.fd else { return };
+                let eof = m.flags & wire::FLAG_EOF != 0;
+                if let Some(id) = self.adopt(fd, &m.body, 0, Kind::Client) {
+                    if let Some(slot) = self.conns.get_mut(&id) {
+                        slot.eof |= eof;
+                    }
+                    if self.draining {
+                        self.retry_release_later();
+                    }
+                }
+            }
             ChannelEvent::Closed { reason, .. } => {
                 log::info!(
                     "worker {}: master channel closed ({}); exiting",
@@ -238,6 +261,9 @@ impl Worker {
                 };
                 if slot.closing {
                     self.close(id);
+                } else if slot.releasing {
+                    // Replies are out: the connection moves now.
+                    self.release(id);
                 } else if slot.throttled {
                     slot.throttled = false;
                     slot.conn.resume_reading();
@@ -533,11 +559,38 @@ impl Worker {
     }
 
     fn quit(&mut self) {
+        if self.quitting {
+            return;
+        }
+        self.quitting = true;
         self.send_stats();
         self.signals.clear();
         self.stats_timer = None;
         self.listener = None;
-        // Let the channel flush the last stats, then leave.
-        self.base.exit(Some(Duration::from_millis(10)));
+        self.retry_timer = None;
+        // Leave once every message (RELEASEs, the last stats) is in the
+        // kernel: the master reads them all, even after we are gone.
+        let base = self.base.clone();
+        self.master.when_flushed(move || base.exit(None));
+    }
+
+    /// Draining: a connection the master refused is offered again soon.
+    fn retry_release_later(&mut self) {
+        if self.retry_timer.as_ref().is_some_and(Event::pending) {
+            return;
+        }
+        let w = self.me.clone();
+        let t = Event::new(&self.base, -1, Interest::Timer, move || {
+            with(&w, |s| {
+                let ids: Vec<u64> = s.conns.keys().copied().collect();
+                for id in ids {
+                    s.release_when_flushed(id);
+                }
+            })
+        });
+        match t.and_then(|t| t.add(Some(RETRY_RELEASE)).map(|()| t)) {
+            Ok(t) => self.retry_timer = Some(t),
+            Err(e) => log::error!("worker {}: retry timer: {e}", self.index),
+        }
     }
 }
