@@ -280,19 +280,53 @@ fn assert_failed_with_reason(what: &str, st: ExitStatus, out: &str, err: &str) {
     assert!(!reason.is_empty(), "{what}: {st} without a reason on stderr: {err:?}");
 }
 
+/// One reply frame on `r`, read before `deadline` however slowly its
+/// bytes trickle in (Rpc::try_recv's timeout is per read call): the
+/// reply, `Ok(None)` on EOF before any byte of it, or what went wrong.
+fn recv_before(r: &mut Rpc, deadline: Instant) -> Result<Option<Value>, String> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut want = 4usize;
+    loop {
+        if buf.len() >= 4 {
+            want = 4 + u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+        }
+        if buf.len() >= want && buf.len() >= 4 {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("timeout: {} of {want} bytes of a reply", buf.len()));
+        }
+        r.s.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+        let n = (want - buf.len()).min(chunk.len());
+        match r.s.read(&mut chunk[..n]) {
+            Ok(0) if buf.is_empty() => return Ok(None),
+            Ok(0) => return Err(format!("EOF after {} of {want} bytes of a reply", buf.len())),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(format!("read: {e} after {} of {want} bytes of a reply", buf.len())),
+        }
+    }
+    r.s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    serde_json::from_slice(&buf[4..]).map(Some).map_err(|e| format!("reply is not JSON: {e}"))
+}
+
 /// Reads the stuck client's STUCK_PINGS replies of 100 KB pings: all of
 /// them, in order, then one more ping.
 #[track_caller]
 fn drain_stuck(stuck: &mut Rpc, what: &str) {
     let big = json!("s".repeat(100_000));
+    let deadline = Instant::now() + Duration::from_secs(10);
     for k in 0..STUCK_PINGS {
-        match stuck.try_recv() {
+        match recv_before(stuck, deadline) {
             Ok(Some(v)) if v == json!({"out": "pong", "result": big}) => {}
             Ok(Some(v)) => {
                 panic!("{what}: stuck client reply {k}: unexpected {}", &v.to_string()[..80.min(v.to_string().len())])
             }
             Ok(None) => panic!("{what}: stuck client: EOF after {k} of {STUCK_PINGS} replies (connection cut)"),
-            Err(e) => panic!("{what}: stuck client: {e} after {k} of {STUCK_PINGS} replies"),
+            Err(e) => panic!("{what}: stuck client: {e}, after {k} of {STUCK_PINGS} replies (10 s for all)"),
         }
     }
     stuck.ping(&json!("stuck, after"));
@@ -320,27 +354,35 @@ fn children(pid: i32) -> Vec<(i32, String)> {
 
 /// Waits until the new master of a restart of `old` is up: status shows
 /// generation 2 (it renamed its control socket over the old one: READY is
-/// sent or about to be) or, should the control socket stay with the old
-/// master until the takeover commits, the old master's `takeover` child
-/// has started its workers. Returns the new master's pid.
+/// sent or about to be). Should the control socket stay with the old
+/// master until the takeover commits (another valid design), the old
+/// master's `takeover` child, once it has had its workers for 1 s, counts
+/// instead. Returns the new master's pid.
 #[track_caller]
 fn wait_new_master(c: &Cluster, old: i32) -> i32 {
     let mut found = None;
+    let mut child_since: Option<(i32, Instant)> = None;
     let ok = poll_until(Duration::from_secs(10), || {
         if let Ok(v) = c.try_status(Duration::from_millis(500)) {
             if v["gen"] == json!(2) {
-                eprintln!("new master seen in status (generation 2)");
                 found = v["pid"].as_i64().map(|p| p as i32);
+                eprintln!("new master {found:?} seen in status (generation 2)");
                 return true;
             }
         }
-        let takeover = children(old).into_iter().find(|(_, cmd)| cmd.contains(" takeover "));
-        if let Some((pid, _)) = takeover {
-            if children(pid).len() >= c.workers {
-                eprintln!("new master seen as a takeover child with its workers");
+        match child_since {
+            None => {
+                let takeover = children(old).into_iter().find(|(_, cmd)| cmd.contains(" takeover "));
+                if let Some((pid, _)) = takeover.filter(|(pid, _)| children(*pid).len() >= c.workers) {
+                    child_since = Some((pid, Instant::now()));
+                }
+            }
+            Some((pid, since)) if since.elapsed() >= Duration::from_secs(1) => {
+                eprintln!("new master {pid} seen as the takeover child with its workers (status still shows gen 1)");
                 found = Some(pid);
                 return true;
             }
+            Some(_) => {}
         }
         false
     });
@@ -518,8 +560,9 @@ fn replies_not_flushed_when_the_drain_starts_all_arrive_in_order() {
     });
     let drain_seen = t0.elapsed();
     let mut arrived = Vec::new();
+    let deadline = t0 + Duration::from_secs(8);
     for k in 0..PINGS {
-        match conn.try_recv() {
+        match recv_before(&mut conn, deadline) {
             Ok(Some(v)) => {
                 assert_eq!(v["result"]["k"], json!(k), "reply {k} out of order: {}", &v.to_string()[..60]);
                 assert!(v == json!({"out": "pong", "result": params(k)}), "reply {k} is not the exact echo");
@@ -613,7 +656,10 @@ fn a_second_restart_during_the_handover_tells_the_truth_and_cuts_nothing() {
     let (mut stuck, writer) = stuck_client(&c, 2 * IDLE);
 
     let mut first = restart_bg(&c, &[]);
-    // Right after the first (the old master got it, or is about to).
+    // Right after the old master took up the first.
+    c.wait_status("the first restart taken up", Duration::from_secs(10), |v| {
+        v["restarting"] == json!(true) || v["gen"] == json!(2)
+    });
     let mut early = restart_bg(&c, &[]);
     // Once generation 2 answers the control socket (it is taking over).
     c.wait_status("generation 2 taking over", Duration::from_secs(10), |v| v["gen"] == json!(2));
@@ -626,7 +672,10 @@ fn a_second_restart_during_the_handover_tells_the_truth_and_cuts_nothing() {
             || c.try_status(Duration::from_millis(500))
                 .is_ok_and(|v| v["gen"] == json!(3) || (v["gen"] == json!(2) && v["restarting"] == json!(true)))
     });
-    assert!(first.is_running(), "the first restart ended although a client holds the handover");
+    if !first.is_running() {
+        let (st, out, err) = first.wait(Duration::from_secs(1));
+        panic!("the first restart ended although a client holds the handover: {st}\n{out}{err}");
+    }
 
     drain_stuck(&mut stuck, "during two restarts");
     writer.join().unwrap();
@@ -671,7 +720,7 @@ fn a_300_kb_read_ahead_of_a_1_mb_frame_survives_a_restart() {
     assert_eq!(gen, 2);
     assert_serves_now(&c, "after the restart");
     conn.send_raw(&req[300_000..]);
-    match conn.try_recv() {
+    match recv_before(&mut conn, Instant::now() + Duration::from_secs(10)) {
         Ok(Some(v)) => assert!(v == json!({"out": "pong", "result": x}), "the 1 MB pong is not the exact echo"),
         Ok(None) => panic!("EOF instead of the 1 MB pong (the 300 KB read-ahead was lost)"),
         Err(e) => panic!("no 1 MB pong: {e}"),
