@@ -271,18 +271,28 @@ pub(crate) const STUCK_PINGS: u64 = 100;
 /// once its worker stopped reading it (paused with replies unsent), with
 /// `idle` other connections already served.
 pub(crate) fn stuck_client(c: &Cluster, idle: usize) -> (Rpc, std::thread::JoinHandle<()>) {
+    stuck_client_with(c, idle, true)
+}
+
+/// `stuck_client`; without `small_rcvbuf` the receive buffer keeps the
+/// kernel's default, which holds a few hundred KB while the client does
+/// not read, and lets it read the 10 MB at full speed later (through a
+/// 4 KB buffer they take minutes).
+pub(crate) fn stuck_client_with(c: &Cluster, idle: usize, small_rcvbuf: bool) -> (Rpc, std::thread::JoinHandle<()>) {
     let stuck = c.connect();
     let rcvbuf: libc::c_int = 4096;
     // SAFETY: setsockopt on a socket we own, with an int of the right size.
-    unsafe {
-        use std::os::fd::AsRawFd;
-        libc::setsockopt(
-            stuck.s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &rcvbuf as *const _ as *const libc::c_void,
-            std::mem::size_of_val(&rcvbuf) as libc::socklen_t,
-        );
+    if small_rcvbuf {
+        unsafe {
+            use std::os::fd::AsRawFd;
+            libc::setsockopt(
+                stuck.s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                &rcvbuf as *const _ as *const libc::c_void,
+                std::mem::size_of_val(&rcvbuf) as libc::socklen_t,
+            );
+        }
     }
     let mut w = stuck.s.try_clone().unwrap();
     let big = json!("s".repeat(100_000));

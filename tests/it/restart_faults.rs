@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::cluster_support::*;
-use crate::restart::{stuck_client, STUCK_PINGS};
+use crate::restart::{stuck_client_with, STUCK_PINGS};
 use crate::support::*;
 
 // ------------------------------------------------------------------ helpers
@@ -313,8 +313,24 @@ fn recv_before(r: &mut Rpc, deadline: Instant) -> Result<Option<Value>, String> 
     serde_json::from_slice(&buf[4..]).map(Some).map_err(|e| format!("reply is not JSON: {e}"))
 }
 
-/// Reads the stuck client's STUCK_PINGS replies of 100 KB pings: all of
-/// them, in order, then one more ping.
+/// Sets SO_RCVBUF (the kernel caps it at net.core.rmem_max).
+fn set_rcvbuf(r: &Rpc, bytes: libc::c_int) {
+    // SAFETY: setsockopt on our socket with an int of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            r.s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &bytes as *const _ as *const libc::c_void,
+            std::mem::size_of_val(&bytes) as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", io::Error::last_os_error());
+}
+
+/// Reads the stuck client's STUCK_PINGS replies of 100 KB pings (made by
+/// `stuck_client_with(.., false)`: a default receive buffer, read at full
+/// speed): all of them, in order, then one more ping.
 #[track_caller]
 fn drain_stuck(stuck: &mut Rpc, what: &str) {
     let big = json!("s".repeat(100_000));
@@ -408,7 +424,7 @@ fn new_master_killed_mid_takeover(delay: Duration) {
     let t = idle.ping_all("before", Some(1), Duration::from_secs(10));
     assert!(t.failed.is_empty(), "before the restart: {}", t.summary());
     // (2 * IDLE requests served so far: a ping and a whoami each.)
-    let (mut stuck, writer) = stuck_client(&c, 2 * IDLE);
+    let (mut stuck, writer) = stuck_client_with(&c, 2 * IDLE, false);
 
     let mut restart = restart_bg(&c, &[]);
     let new_master = wait_new_master(&c, master);
@@ -528,17 +544,7 @@ fn replies_not_flushed_when_the_drain_starts_all_arrive_in_order() {
     let mut conn = c.connect();
     // A small receive window: the replies stay in the worker, not in the
     // kernel's buffers.
-    let rcvbuf: libc::c_int = 64 * 1024;
-    // SAFETY: setsockopt on our socket with an int of the right size.
-    unsafe {
-        libc::setsockopt(
-            conn.s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &rcvbuf as *const _ as *const libc::c_void,
-            std::mem::size_of_val(&rcvbuf) as libc::socklen_t,
-        );
-    }
+    set_rcvbuf(&conn, 64 * 1024);
     let pad = "p".repeat(900_000);
     let params = |k: usize| json!({"k": k, "pad": pad});
     let mut w = conn.s.try_clone().unwrap();
@@ -653,7 +659,7 @@ fn a_second_restart_during_the_handover_tells_the_truth_and_cuts_nothing() {
     let t = idle.ping_all("before", Some(1), Duration::from_secs(10));
     assert!(t.failed.is_empty(), "before the restart: {}", t.summary());
     // The handover lasts until this client reads.
-    let (mut stuck, writer) = stuck_client(&c, 2 * IDLE);
+    let (mut stuck, writer) = stuck_client_with(&c, 2 * IDLE, false);
 
     let mut first = restart_bg(&c, &[]);
     // Right after the old master took up the first.
