@@ -18,3 +18,30 @@ pub fn init(verbose: u8, level: Option<LevelFilter>) {
         .build();
     let _ = TermLogger::init(level, config, TerminalMode::Stderr, ColorChoice::Never);
 }
+
+/// At most one line per second from one call site; the lines held back
+/// are counted in the next one. For faults that can repeat per connection
+/// (EMFILE, refused handoffs): `warn_limited!("...", args)`.
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)*) => {{
+        thread_local! {
+            static LAST: ::std::cell::Cell<(Option<::std::time::Instant>, u64)> =
+                const { ::std::cell::Cell::new((None, 0)) };
+        }
+        LAST.with(|c| {
+            let (last, held) = c.get();
+            let now = ::std::time::Instant::now();
+            if last.is_none_or(|t| now.duration_since(t) >= ::std::time::Duration::from_secs(1)) {
+                if held > 0 {
+                    log::warn!("{} ({held} more like this in the last second)", format_args!($($arg)*));
+                } else {
+                    log::warn!($($arg)*);
+                }
+                c.set((Some(now), 0));
+            } else {
+                c.set((last, held + 1));
+            }
+        });
+    }};
+}

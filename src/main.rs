@@ -228,6 +228,10 @@ struct WorkerArgs {
     /// The inherited descriptor of the master channel.
     #[arg(long)]
     channel_fd: i32,
+    /// The cluster's directory: where a successor master listens, should
+    /// this worker's master die during a restart.
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
     /// Node mode: this node's name (with --peers, --connect-timeout).
     #[arg(long)]
     node: Option<String>,
@@ -294,6 +298,7 @@ fn main() -> ExitCode {
                 gen: a.gen,
                 max_frame: a.max_frame,
                 channel,
+                dir: a.dir,
             })
         }),
     };

@@ -18,9 +18,12 @@ pub fn ready(line: &str) {
 /// Asks the kernel to SIGKILL this process when its parent dies, so no
 /// worker outlives its master. (A master that died before this call is
 /// noticed through the EOF on the worker's channel.)
-pub fn die_with_parent() -> std::io::Result<()> {
+/// `die_with_parent(false)` lifts it (a worker of an old generation during
+/// a restart hands its connections to the successor instead of dying).
+pub fn die_with_parent(on: bool) -> std::io::Result<()> {
+    let sig = if on { libc::SIGKILL as libc::c_ulong } else { 0 };
     // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's settings.
-    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig, 0, 0, 0) };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }

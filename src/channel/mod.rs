@@ -143,6 +143,8 @@ struct Inner {
     /// Keep acknowledged CONNs (their descriptors) for the owner.
     keep_acked: bool,
     acked_msgs: Vec<Msg>,
+    /// The peer closed its end (EOF, EPIPE, ECONNRESET).
+    peer_closed: bool,
     stats: Stats,
 }
 
@@ -180,6 +182,7 @@ impl Channel {
             flushed: Vec::new(),
             keep_acked: false,
             acked_msgs: Vec::new(),
+            peer_closed: false,
             stats: Stats::default(),
         }));
         let w = Rc::downgrade(&inner);
@@ -238,11 +241,12 @@ impl Channel {
         i.queue.len() + i.unacked.len()
     }
 
-    /// Runs `f` once everything queued so far is in the kernel (at once if
-    /// nothing is queued), or the channel is gone.
-    pub fn when_flushed(&self, f: impl FnOnce() + 'static) {
+    /// Runs `f` once the channel is settled (at once if it is): everything
+    /// queued is in the kernel, our ACKs are written, and the peer has
+    /// acknowledged every connection we sent; or once the channel is gone.
+    pub fn when_settled(&self, f: impl FnOnce() + 'static) {
         let mut i = self.0.borrow_mut();
-        if i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due) {
+        if i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due && i.unacked.is_empty()) {
             drop(i);
             f();
             return;
@@ -260,6 +264,12 @@ impl Channel {
     /// The acknowledged CONNs kept so far (`set_keep_acked`).
     pub fn take_acked(&self) -> Vec<Msg> {
         std::mem::take(&mut self.0.borrow_mut().acked_msgs)
+    }
+
+    /// Whether the channel is settled (see [`Channel::when_settled`]).
+    pub fn is_settled(&self) -> bool {
+        let i = self.0.borrow();
+        i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due && i.unacked.is_empty())
     }
 
     /// Sends this channel's future events to another handler.
@@ -349,6 +359,11 @@ impl Inner {
     /// hard error (Err). A written ACK releases the messages held behind it.
     fn pump(&mut self) -> io::Result<()> {
         let r = self.pump_inner();
+        if let Err(e) = &r {
+            if matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET)) {
+                self.peer_closed = true;
+            }
+        }
         match &r {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if let Some(ev) = &self.write_ev {
@@ -436,12 +451,19 @@ impl Inner {
         let r = match fdpass::recv(sock.as_fd(), &mut self.buf) {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(Stop::Empty),
+            // The peer closed with our messages unread. Linux reports that
+            // before the messages still queued to us: read on, to the EOF.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                self.peer_closed = true;
+                return Ok(None);
+            }
             Err(e) => {
                 self.fail(Some(e));
                 return Err(Stop::Failed);
             }
         };
         if r.len == 0 && r.fd.is_none() && !r.fd_dropped {
+            self.peer_closed = true;
             return Err(Stop::Eof);
         }
         let h = match Header::decode(&self.buf[..r.len]) {
@@ -454,7 +476,7 @@ impl Inner {
         self.stats.msgs_received += 1;
         if r.fd_dropped && h.kind == KIND_CONN {
             // EMFILE here: refuse this one; the sender keeps it.
-            log::warn!("channel: a connection's descriptor could not be received (out of descriptors); refused");
+            crate::warn_limited!("channel: a connection's descriptor could not be received (out of descriptors); refused");
             self.partial.clear();
             self.nacks.push_back(h.id);
             return Ok(None);
@@ -542,7 +564,17 @@ impl Inner {
             let mut failures = 0;
             loop {
                 match self.read_one() {
-                    Ok(Some(m)) => drop(m), // not acknowledged: still the peer's
+                    // The peer is gone: what it sent is for the owner to
+                    // judge (CONNs as orphans).
+                    Ok(Some(m)) if self.peer_closed => {
+                        if m.kind == KIND_CONN {
+                            self.orphans.push(m);
+                        } else {
+                            self.ready.push_back(ChannelEvent::Msg(m));
+                        }
+                    }
+                    // Not acknowledged, and the peer can still take it back.
+                    Ok(Some(m)) => drop(m),
                     Ok(None) => {}
                     Err(Stop::Failed) if failures < 16 => failures += 1,
                     Err(_) => break,
@@ -558,7 +590,10 @@ impl Inner {
             }
         }
         self.ready = keep;
-        // Held CONNs were never acknowledged: the peer takes them back.
+        // Held CONNs were never acknowledged: a live peer takes them back.
+        if self.peer_closed {
+            self.orphan_held();
+        }
         self.held.clear();
         let orphans = std::mem::take(&mut self.orphans);
         returned.extend(self.teardown());
@@ -591,7 +626,7 @@ fn deliver(inner: &Rc<RefCell<Inner>>) {
     }
     let callbacks = {
         let mut i = inner.borrow_mut();
-        let flushed = i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due);
+        let flushed = i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due && i.unacked.is_empty());
         if flushed {
             std::mem::take(&mut i.flushed)
         } else {

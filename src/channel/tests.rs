@@ -131,3 +131,101 @@ fn newer_version_is_refused() {
     let why = close_reason(&m).unwrap();
     assert!(why.contains("v2"), "{why}");
 }
+
+/// Raw channel message bytes (header + body), as a peer would write them.
+fn raw(kind: u16, id: u64, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::new();
+    Header { version: wire::VERSION, kind, flags: 0, body_len: body.len() as u32, id, meta: 0 }.encode(&mut m);
+    m.extend_from_slice(body);
+    m
+}
+
+/// A CONN and garbage in one receive batch: the CONN has exactly one
+/// owner (the receiver, whose ACK got out), never both sides.
+#[test]
+fn conn_then_garbage_in_one_batch_has_one_owner() {
+    let base = Base::new().unwrap();
+    let (a, b) = sock::seqpacket_pair().unwrap();
+    let side_door = a.try_clone().unwrap();
+    let delivered: Rc<RefCell<usize>> = Rc::default();
+    let returned: Rc<RefCell<Option<usize>>> = Rc::default();
+    let (d, r, bs) = (delivered.clone(), returned.clone(), base.clone());
+    let tx = Channel::new(&base, a, move |ev| {
+        if let ChannelEvent::Closed { returned, .. } = ev {
+            *r.borrow_mut() = Some(returned.len());
+            bs.exit(None);
+        }
+    })
+    .unwrap();
+    let _rx = Channel::new(&base, b, move |ev| {
+        if let ChannelEvent::Msg(m) = ev {
+            assert_eq!(m.kind, KIND_CONN);
+            *d.borrow_mut() += 1;
+        }
+    })
+    .unwrap();
+    let (_client, server) = UnixStream::pair().unwrap();
+    tx.send(Msg::conn(OwnedFd::from(server), b"ab".to_vec(), 0)).unwrap();
+    fdpass::send(side_door.as_fd(), None, b"garbage garbage garbage garbage!!").unwrap();
+    drop(side_door);
+    run(&base);
+    let owners = *delivered.borrow() + returned.borrow().expect("the sender saw the channel close");
+    assert_eq!(owners, 1, "delivered {} returned {:?}", delivered.borrow(), returned.borrow());
+}
+
+/// A read-ahead larger than one message travels in MORE chunks, whole.
+#[test]
+fn large_leftover_travels_whole() {
+    let base = Base::new().unwrap();
+    let (a, b) = sock::seqpacket_pair().unwrap();
+    let got: Rc<RefCell<Option<Msg>>> = Rc::default();
+    let (g, bs) = (got.clone(), base.clone());
+    let tx = Channel::new(&base, a, |_| {}).unwrap();
+    let _rx = Channel::new(&base, b, move |ev| {
+        if let ChannelEvent::Msg(m) = ev {
+            *g.borrow_mut() = Some(m);
+            bs.exit(Some(Duration::from_millis(20)));
+        }
+    })
+    .unwrap();
+    let body: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+    let (_client, server) = UnixStream::pair().unwrap();
+    tx.send(Msg::conn(OwnedFd::from(server), body.clone(), 0)).unwrap();
+    run(&base);
+    let m = got.borrow_mut().take().expect("delivered");
+    assert!(m.body == body, "body of {} bytes arrived as {} bytes", body.len(), m.body.len());
+    assert_eq!(tx.in_flight(), 0, "acknowledged");
+}
+
+/// A peer that closes with our messages unread makes Linux report
+/// ECONNRESET before the messages still queued to us: every one of them
+/// is still delivered, and its CONN (no ACK could reach it) is an orphan.
+#[test]
+fn messages_behind_a_reset_are_all_read() {
+    let base = Base::new().unwrap();
+    let (a, b) = sock::seqpacket_pair().unwrap();
+    let seen: Rc<RefCell<Vec<u64>>> = Rc::default();
+    let orphaned: Rc<RefCell<Option<usize>>> = Rc::default();
+    let (s, o, bs) = (seen.clone(), orphaned.clone(), base.clone());
+    let rx = Channel::new(&base, b, move |ev| match ev {
+        ChannelEvent::Msg(m) => s.borrow_mut().push(m.id),
+        ChannelEvent::Closed { orphans, .. } => {
+            *o.borrow_mut() = Some(orphans.len());
+            bs.exit(None);
+        }
+        ChannelEvent::Refused(_) => panic!("nothing was sent to be refused"),
+    })
+    .unwrap();
+    // Something for the peer that it never reads: its close is a reset.
+    rx.send(Msg::control(wire::KIND_USER, b"unread".to_vec())).unwrap();
+    const N: u64 = 100;
+    for id in 0..N {
+        fdpass::send(a.as_fd(), None, &raw(wire::KIND_USER, id, &[0u8; 16])).unwrap();
+    }
+    let (_client, server) = UnixStream::pair().unwrap();
+    fdpass::send(a.as_fd(), Some(server.as_fd()), &raw(KIND_CONN, 1, b"")).unwrap();
+    drop(a);
+    run(&base);
+    assert_eq!(*seen.borrow(), (0..N).collect::<Vec<_>>());
+    assert_eq!(*orphaned.borrow(), Some(1));
+}

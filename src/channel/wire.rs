@@ -9,7 +9,8 @@
 //!                       body chunk of the next message), 5 = NACK,
 //!                       >= 16 mode-defined
 //!      8    4 flags     CONN: bit 0 = the client already sent EOF,
-//!                       bit 1 = a node link (node mode)
+//!                       bit 1 = a node link (node mode), bit 2 = released
+//!                       (worker -> master: meta is the master's id for it)
 //!     12    4 body_len  bytes after the header (<= MAX_BODY)
 //!     16    8 id        CONN: sender's sequence number; ACK: every CONN up to
 //!                       this id is taken; NACK: this CONN is refused (its
@@ -55,6 +56,9 @@ pub const KIND_USER: u16 = 16;
 pub const FLAG_EOF: u32 = 1;
 /// CONN: the connection is a node link (node mode), not a client.
 pub const FLAG_NODE_LINK: u32 = 2;
+/// CONN worker -> master: a connection the master handed this worker,
+/// given back between requests (restart); `meta` is the master's id for it.
+pub const FLAG_RELEASED: u32 = 4;
 
 /// Whether messages of `kind` must carry a descriptor (others must not).
 pub fn carries_fd(kind: u16) -> bool {

@@ -31,15 +31,21 @@ pub const KIND_TAKEOVER_HELLO: u16 = KIND_USER + 6;
 pub const KIND_TAKEOVER_READY: u16 = KIND_USER + 7;
 /// master -> worker: hand every connection back between requests, exit.
 pub const KIND_DRAIN: u16 = KIND_USER + 8;
-/// worker -> master: "I let go of your connection": body = u64 LE master
-/// id, u32 LE flags, then the bytes read ahead. The master holds the
-/// descriptor already.
-pub const KIND_RELEASE: u16 = KIND_USER + 9;
+// KIND_USER + 9 was RELEASE: a released connection is now a CONN with
+// `wire::FLAG_RELEASED` (it carries its descriptor, so it survives the
+// master's death).
 /// old master -> new master: everything moved; commit the takeover.
 pub const KIND_TAKEOVER_COMMIT: u16 = KIND_USER + 10;
 /// new master -> old master: `{"ok":bool,"reason"}`: committed (serving
 /// alone from now on), or not able to serve (the old one resumes).
 pub const KIND_TAKEOVER_COMMITTED: u16 = KIND_USER + 11;
+/// master -> worker: a successor listens on the control socket; should
+/// the master die, hand the connections to it (no PDEATHSIG meanwhile).
+pub const KIND_TAKEOVER_BEGUN: u16 = KIND_USER + 12;
+/// master -> worker: the takeover was aborted; die with the master again.
+pub const KIND_TAKEOVER_ENDED: u16 = KIND_USER + 13;
+/// orphaned worker -> new master (control socket): CONNs follow.
+pub const KIND_ORPHAN_HELLO: u16 = KIND_USER + 14;
 
 /// How the master picks a worker for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

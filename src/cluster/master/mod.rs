@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::{
-    control_path, Policy, KIND_RELEASE, KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY,
+    control_path, Policy, KIND_ORPHAN_HELLO, KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY,
     KIND_STATUS_REQ, KIND_TAKEOVER_HELLO,
 };
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
@@ -46,9 +46,11 @@ pub struct Config {
     pub node: Option<crate::node::NodeConfig>,
 }
 
-/// The master's copy of a connection a worker serves.
+/// The master's copy of a connection a worker serves: the descriptor it
+/// sent, kept by the worker's channel after the ACK (`set_keep_acked`), so
+/// a handoff costs no dup. `None` until the ACK is absorbed.
 struct Held {
-    fd: OwnedFd,
+    fd: Option<OwnedFd>,
     /// A node link, bound to its worker: closed, not moved, if it dies.
     link: bool,
 }
@@ -138,6 +140,9 @@ struct Master {
     takeover_pending: bool,
     /// Connections moved to us, held unread until COMMIT.
     moves: Vec<Msg>,
+    /// Control clients that are orphaned workers of the previous
+    /// generation, handing us their connections.
+    orphan_clients: std::collections::HashSet<u64>,
 }
 
 fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
@@ -167,7 +172,6 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
     let base = Base::new()?;
     let addr = sock::local_addr(listen_fd.as_raw_fd())?;
     let port = addr.port();
-    let ctl = control_path(&cfg.dir);
     let mut cfg = cfg;
     if let Some(n) = cfg.node.as_mut() {
         // Workers reach this node's own workers through this manager too.
@@ -202,6 +206,7 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
             retry_timer: None,
             takeover_pending: predecessor.is_some(),
             moves: Vec::new(),
+            orphan_clients: Default::default(),
         })
     });
     {
@@ -241,19 +246,7 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
             }
             m.listener = Some(l);
         }
-        // A successor binds beside the old control socket, then renames
-        // over it: `handoff status` always finds a live master.
-        let w = Rc::downgrade(&master);
-        let on_ctl = move |fd| with(&w, |m| m.accept_control(fd));
-        if predecessor.is_some() {
-            let tmp = cfg.dir.join(format!("control.{}.sock", std::process::id()));
-            let _ = std::fs::remove_file(&tmp);
-            let l = Listener::bind(&base, &Endpoint::Unix(tmp.clone()), on_ctl)?;
-            std::fs::rename(&tmp, &ctl)?;
-            m.control = Some(l.with_path(ctl.clone()));
-        } else {
-            m.control = Some(Listener::bind(&base, &Endpoint::Unix(ctl.clone()), on_ctl)?);
-        }
+        m.bind_control(predecessor.is_some())?;
         if let Some(fd) = predecessor {
             m.attach_predecessor(fd)?;
         }
@@ -283,6 +276,7 @@ impl Master {
         let mut cmd = Command::new(&self.cfg.exe);
         cmd.args(["worker", "--index", &index.to_string(), "--max-frame", &self.cfg.max_frame.to_string()]);
         cmd.args(["--gen", &self.cfg.gen.to_string(), "--channel-fd", "3"]);
+        cmd.arg("--dir").arg(&self.cfg.dir);
         if let Some(n) = &self.cfg.node {
             cmd.args(n.to_args());
         }
@@ -310,6 +304,7 @@ impl Master {
         let inc = slot.incarnation;
         let w = self.me.clone();
         let channel = Channel::new(&self.base, mine, move |ev| with(&w, |m| m.on_worker(index, inc, ev)))?;
+        channel.set_keep_acked(true);
         log::info!("worker {index} started, pid {}", child.id());
         slot.child = Some(child);
         slot.channel = Some(channel);
@@ -401,19 +396,14 @@ impl Master {
                     None => break,
                 },
             };
-            let copy = match msg.fd.as_ref().map(OwnedFd::try_clone) {
-                Some(Ok(c)) => c,
-                Some(Err(e)) => {
-                    log::warn!("cannot keep a copy of a connection ({e}); closing it");
-                    return;
-                }
-                None => return,
-            };
+            if msg.fd.is_none() {
+                return;
+            }
             let link = msg.flags & wire::FLAG_NODE_LINK != 0;
             let slot = &mut self.slots[i];
             match slot.channel.as_ref().expect("live slot has a channel").send(msg) {
                 Ok(id) => {
-                    slot.held.insert(id, Held { fd: copy, link });
+                    slot.held.insert(id, Held { fd: None, link });
                     slot.handed += 1;
                     return;
                 }
@@ -423,7 +413,7 @@ impl Master {
         if self.stopping {
             return; // dropping msg closes the connection
         }
-        log::debug!("no live worker; connection waits");
+        crate::warn_limited!("no live worker; connections wait ({} pending)", self.pending.len() + 1);
         self.pending.push_back((target, msg));
     }
 
@@ -440,6 +430,9 @@ impl Master {
                 self.retry_later(m);
             }
             ChannelEvent::Closed { reason, returned, orphans } => {
+                // Every descriptor we handed this worker is ours again.
+                self.absorb_acked(index);
+                self.absorb(index, returned);
                 let slot = &mut self.slots[index];
                 slot.channel = None;
                 match reason {
@@ -453,16 +446,31 @@ impl Master {
                     // EOF or reset: the process is going; SIGCHLD follows.
                     r => log::debug!("worker {index}: channel closed ({r:?})"),
                 }
-                // `returned` are the worker's copies of connections we hold
-                // anyway; they are rescued when the process is reaped, and
-                // so are the orphans (connections it sent as it died).
-                drop(returned);
+                // They are rescued when the process is reaped, and so are
+                // the orphans (connections it sent as it died).
                 slot.orphans.extend(orphans);
             }
         }
     }
 
+    /// Takes the descriptors the worker's channel kept after their ACK
+    /// into `held` (closing those the worker reported closed meanwhile).
+    fn absorb(&mut self, index: usize, msgs: Vec<Msg>) {
+        let slot = &mut self.slots[index];
+        for m in msgs {
+            if let Some(h) = slot.held.get_mut(&m.id) {
+                h.fd = m.fd;
+            }
+        }
+    }
+
+    fn absorb_acked(&mut self, index: usize) {
+        let acked = self.slots[index].channel.as_ref().map(Channel::take_acked).unwrap_or_default();
+        self.absorb(index, acked);
+    }
+
     fn on_worker_msg(&mut self, index: usize, m: Msg) {
+        self.absorb_acked(index);
         match m.kind {
             KIND_STATS => match serde_json::from_slice::<Value>(&m.body) {
                 Ok(v) => {
@@ -477,7 +485,8 @@ impl Master {
                 }
                 Err(e) => log::warn!("worker {index}: bad stats: {e}"),
             },
-            KIND_RELEASE => self.on_release(index, m),
+            // A connection we handed the worker, given back (restart).
+            wire::KIND_CONN if m.flags & wire::FLAG_RELEASED != 0 => self.on_release(index, m),
             // Shared policy: a connection the worker accepted itself.
             wire::KIND_CONN => self.dispatch(m),
             k => log::warn!("worker {index}: unexpected message kind {k}"),
@@ -486,7 +495,7 @@ impl Master {
 
     /// A connection nobody could take now (out of descriptors) is offered
     /// again after a pause.
-    fn retry_later(&mut self, m: Msg) {
+    pub(super) fn retry_later(&mut self, m: Msg) {
         self.refused.push(m);
         if self.retry_timer.as_ref().is_some_and(Event::pending) {
             return;
@@ -508,17 +517,14 @@ impl Master {
 
     /// A worker let go of a connection we hold (restart): pass it on with
     /// the bytes the worker had read.
-    fn on_release(&mut self, index: usize, m: Msg) {
-        if m.body.len() < 12 {
-            log::error!("worker {index}: short RELEASE message");
-            return;
+    fn on_release(&mut self, index: usize, mut m: Msg) {
+        // Our copy is closed: the descriptor that came back replaces it.
+        if self.slots[index].held.remove(&m.meta).is_none() {
+            log::warn!("worker {index}: released connection {} was not handed to it", m.meta);
         }
-        let id = u64::from_le_bytes(m.body[..8].try_into().expect("8 bytes"));
-        let flags = u32::from_le_bytes(m.body[8..12].try_into().expect("4 bytes"));
-        match self.slots[index].held.remove(&id) {
-            Some(h) => self.dispatch(Msg::conn(h.fd, m.body[12..].to_vec(), flags)),
-            None => log::error!("worker {index}: RELEASE of unknown connection {id}"),
-        }
+        m.flags &= !wire::FLAG_RELEASED;
+        m.meta = 0;
+        self.dispatch(m);
     }
 
     /// A worker died: its client connections go to another worker (or
@@ -526,8 +532,8 @@ impl Master {
     /// side notices at once and builds a new link to the respawned worker.
     fn rescue(&mut self, held: Vec<Held>) {
         for h in held {
-            if !h.link {
-                self.dispatch(Msg::conn(h.fd, Vec::new(), 0));
+            if let (false, Some(fd)) = (h.link, h.fd) {
+                self.dispatch(Msg::conn(fd, Vec::new(), 0));
             }
         }
     }
@@ -558,11 +564,18 @@ impl Master {
             slot.served = 0;
             let retired = std::mem::replace(&mut slot.retiring, false);
             // Everything the worker sent before it died is still in the
-            // channel (RELEASEs with read-ahead, CONNs, closes): read it all
+            // channel (released connections, closes): read it all
             // before deciding what the worker left behind.
-            let (msgs, returned) = slot.channel.take().map(|c| c.peer_died()).unwrap_or_default();
-            drop(returned); // our copies in `held` stand for these
-            let orphans = std::mem::take(&mut slot.orphans);
+            let (msgs, returned, acked) = match slot.channel.take() {
+                Some(c) => {
+                    let (msgs, returned) = c.peer_died();
+                    (msgs, returned, c.take_acked())
+                }
+                None => Default::default(),
+            };
+            self.absorb(index, acked);
+            self.absorb(index, returned);
+            let orphans = std::mem::take(&mut self.slots[index].orphans);
             for m in orphans.into_iter().chain(msgs) {
                 self.on_worker_msg(index, m);
             }
@@ -647,6 +660,32 @@ impl Master {
         }
     }
 
+    /// Listens on `D/control.sock`. With `replace`, binds beside the
+    /// current socket and renames over it, so that `handoff status` always
+    /// finds a live master (a successor taking over, or an old master
+    /// taking its place back after an aborted restart).
+    fn bind_control(&mut self, replace: bool) -> io::Result<()> {
+        let ctl = control_path(&self.cfg.dir);
+        let w = self.me.clone();
+        let on_ctl = move |fd| with(&w, |m| m.accept_control(fd));
+        let l = if replace {
+            let tmp = self.cfg.dir.join(format!("control.{}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            let l = Listener::bind(&self.base, &Endpoint::Unix(tmp.clone()), on_ctl)?;
+            if let Err(e) = std::fs::rename(&tmp, &ctl) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            l.with_path(ctl)
+        } else {
+            Listener::bind(&self.base, &Endpoint::Unix(ctl), on_ctl)?
+        };
+        if let Some(old) = self.control.replace(l) {
+            old.forget_path(); // the path is the new listener's now
+        }
+        Ok(())
+    }
+
     fn accept_control(&mut self, fd: OwnedFd) {
         if let Err(e) = sock::check_same_uid(fd.as_raw_fd()) {
             log::warn!("control socket: refused: {e}");
@@ -667,6 +706,16 @@ impl Master {
         match ev {
             ChannelEvent::Msg(m) if m.kind == KIND_RESTART_REQ => self.on_restart_request(id, &m.body),
             ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_HELLO => self.on_takeover_hello(id, &m.body),
+            ChannelEvent::Msg(m) if m.kind == KIND_ORPHAN_HELLO => {
+                log::warn!("a worker of the previous generation hands its connections over: {}", String::from_utf8_lossy(&m.body));
+                self.orphan_clients.insert(id);
+            }
+            // An orphaned old worker's connections (and its last stats).
+            ChannelEvent::Msg(m) if self.orphan_clients.contains(&id) => {
+                if m.kind == wire::KIND_CONN {
+                    self.take_moved(m);
+                }
+            }
             ChannelEvent::Msg(m) if m.kind == KIND_STATUS_REQ => {
                 let body = self.status().to_string().into_bytes();
                 if let Some(c) = self.clients.get(&id) {
@@ -678,11 +727,17 @@ impl Master {
                 self.clients.remove(&id);
             }
             ChannelEvent::Refused(_) => {}
-            ChannelEvent::Closed { reason, .. } => {
-                if let Some(e) = reason {
+            ChannelEvent::Closed { reason, orphans, .. } => {
+                self.clients.remove(&id);
+                if self.orphan_clients.remove(&id) {
+                    log::info!("a worker of the previous generation is done handing over");
+                    // It exited before our ACK reached it: ours.
+                    for m in orphans {
+                        self.take_moved(m);
+                    }
+                } else if let Some(e) = reason {
                     log::warn!("control client {id} refused: {e}");
                 }
-                self.clients.remove(&id);
             }
         }
     }

@@ -3,7 +3,7 @@
 //! | phase | listener | connections of the old generation |
 //! |---|---|---|
 //! | PREPARE: old spawns `handoff takeover`, sends it a copy of the listening socket on HELLO; the new master starts its workers and says READY | old accepts; new holds a copy and accepts nothing | old workers serve them |
-//! | MOVE: old tells its workers to DRAIN; each connection goes back to the old master between requests (RELEASE, with its read-ahead) and on to the new master (CONN) | old accepts, and forwards each new connection | in flight: owned by the old side until ACKed; after the ACK the new side owns it and the old master keeps a copy (descriptor + read-ahead). A connection with no read-ahead is served at once; one with read-ahead is held *unread* by the new master until COMMIT, so that the copy of its bytes stays exact |
+//! | MOVE: old tells its workers to DRAIN; each connection goes back to the old master between requests (a CONN marked released, with its read-ahead) and on to the new master (CONN) | old accepts, and forwards each new connection | in flight: owned by the old side until ACKed; after the ACK the new side owns it and the old master keeps a copy (descriptor + read-ahead). A connection with no read-ahead is served at once; one with read-ahead is held *unread* by the new master until COMMIT, so that the copy of its bytes stays exact |
 //! | COMMIT: every old worker has exited and the new master ACKed everything; old sends COMMIT; new checks that its workers are up, answers COMMITTED, starts accepting and serving what it holds | new | new |
 //! | ABORT (any failure before COMMITTED: the new master dies, times out, refuses, or cannot take connections) | old, unchanged | old: it kills the new master, waits for it, then serves every copy again, with the read-ahead it had (nothing was read from those). Only a request in flight inside the new generation when it died is lost |
 //!
@@ -23,9 +23,10 @@ use serde_json::{json, Value};
 use super::{with, Config, Master};
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::cluster::control::Client;
+use crate::cluster::control_path;
 use crate::cluster::{
-    Policy, KIND_DRAIN, KIND_RESTART_REPLY, KIND_RESTART_REQ, KIND_TAKEOVER_COMMIT, KIND_TAKEOVER_COMMITTED,
-    KIND_TAKEOVER_HELLO, KIND_TAKEOVER_READY,
+    Policy, KIND_DRAIN, KIND_RESTART_REPLY, KIND_RESTART_REQ, KIND_TAKEOVER_BEGUN, KIND_TAKEOVER_COMMIT,
+    KIND_TAKEOVER_COMMITTED, KIND_TAKEOVER_ENDED, KIND_TAKEOVER_HELLO, KIND_TAKEOVER_READY,
 };
 use crate::reactor::{Event, Interest};
 
@@ -148,6 +149,11 @@ impl Master {
             back.extend(s.take_acked());
         }
         let moved = back.len();
+        self.tell_workers(KIND_TAKEOVER_ENDED);
+        // The new master had taken the control socket's path: take it back.
+        if let Err(e) = self.bind_control(true) {
+            log::error!("restart abort: cannot take back {}: {e}", control_path(&self.cfg.dir).display());
+        }
         self.draining = false;
         self.done_timer = None;
         if r.phase != Phase::Prepare {
@@ -165,10 +171,19 @@ impl Master {
         log::error!(
             "restart aborted: {reason}; generation {gen} goes on serving ({moved} handed-over connection(s) taken back)"
         );
+        back.append(&mut self.refused);
         for m in back {
             self.dispatch(m);
         }
         self.reply_restart(r.reply_to, json!({"ok": false, "reason": reason}));
+    }
+
+    fn tell_workers(&self, kind: u16) {
+        for slot in &self.slots {
+            if let Some(c) = &slot.channel {
+                let _ = c.send(Msg::control(kind, Vec::new()));
+            }
+        }
     }
 
     fn reply_restart(&mut self, to: Option<u64>, v: Value) {
@@ -260,6 +275,13 @@ impl Master {
         }
         // Until COMMIT, what the new master ACKs stays ours too.
         ch.set_keep_acked(true);
+        // Should we die now, our workers hand their connections to it.
+        let begun = json!({"grace": self.cfg.grace.as_secs_f64()}).to_string().into_bytes();
+        for slot in &self.slots {
+            if let Some(c) = &slot.channel {
+                let _ = c.send(Msg::control(KIND_TAKEOVER_BEGUN, begun.clone()));
+            }
+        }
         let w = self.me.clone();
         ch.set_handler(move |ev| with(&w, |m| m.on_successor(ev)));
         self.successor = Some(ch);
@@ -373,8 +395,8 @@ impl Master {
             Some(s) => {
                 if let Err(back) = s.send(msg) {
                     // The channel just broke: the abort that follows takes
-                    // the rest back; this one waits with them.
-                    self.refused.push(back);
+                    // the rest back; this one is offered again after it.
+                    self.retry_later(back);
                 }
             }
             None => {
@@ -430,7 +452,7 @@ impl Master {
         // Let the reply reach `handoff restart` before we go.
         let base = self.base.clone();
         match r.reply_to.and_then(|id| self.clients.get(&id)) {
-            Some(c) => c.when_flushed(move || base.exit(None)),
+            Some(c) => c.when_settled(move || base.exit(None)),
             None => base.exit(None),
         }
     }
@@ -446,17 +468,7 @@ impl Master {
 
     fn on_predecessor(&mut self, ev: ChannelEvent) {
         match ev {
-            // A connection with no read-ahead is served at once: the old
-            // side's copy can resume it at any time (losing at most what is
-            // in flight here). One carrying bytes waits unread until COMMIT,
-            // so that the old side's copy of those bytes stays exact.
-            ChannelEvent::Msg(m) if m.kind == wire::KIND_CONN => {
-                if self.takeover_pending && !m.body.is_empty() {
-                    self.moves.push(m);
-                } else {
-                    self.dispatch(m);
-                }
-            }
+            ChannelEvent::Msg(m) if m.kind == wire::KIND_CONN => self.take_moved(m),
             ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_COMMIT => {
                 let down: Vec<usize> = self.slots.iter().filter(|s| !s.live()).map(|s| s.index).collect();
                 let Some(p) = &self.predecessor else { return };
@@ -486,6 +498,20 @@ impl Master {
                 log::info!("takeover complete: generation {} is gone", self.cfg.gen - 1);
                 self.predecessor = None;
             }
+        }
+    }
+
+    /// A connection moved to us. One with no read-ahead is served at once:
+    /// the old side's copy can resume it at any time (losing at most what
+    /// is in flight here). One carrying bytes waits unread until COMMIT, so
+    /// that the old side's copy of those bytes stays exact.
+    pub(super) fn take_moved(&mut self, mut m: Msg) {
+        m.flags &= !wire::FLAG_RELEASED;
+        m.meta = 0;
+        if self.takeover_pending && !m.body.is_empty() {
+            self.moves.push(m);
+        } else {
+            self.dispatch(m);
         }
     }
 

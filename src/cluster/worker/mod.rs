@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use super::{KIND_DRAIN, KIND_RELEASE, KIND_SHUTDOWN, KIND_STATS};
+use super::{
+    control_path, KIND_DRAIN, KIND_ORPHAN_HELLO, KIND_SHUTDOWN, KIND_STATS, KIND_TAKEOVER_BEGUN, KIND_TAKEOVER_ENDED,
+};
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::proto::rpc::{self, Frame};
 use crate::reactor::{Base, Conn, ConnEvent, Event, Interest, Listener};
@@ -36,6 +38,8 @@ pub struct Config {
     pub max_frame: usize,
     /// The worker's end of the master socketpair.
     pub channel: OwnedFd,
+    /// The cluster's directory (a successor's control socket).
+    pub dir: Option<std::path::PathBuf>,
 }
 
 /// What a connection is to this worker.
@@ -89,6 +93,15 @@ struct Worker {
     node: Option<links::Node>,
     /// Exiting once the channel is flushed.
     quitting: bool,
+    /// Set when a pending exit waits on a channel that was replaced.
+    exit_superseded: Rc<std::cell::Cell<bool>>,
+    dir: Option<std::path::PathBuf>,
+    /// A restart is under way: if the master dies, the connections go to
+    /// the successor listening on the control socket.
+    successor_known: bool,
+    /// How long an orphaned worker waits for clients that do not read.
+    orphan_grace: Duration,
+    orphan_timer: Option<Event>,
     /// Draining: offers refused connections again.
     retry_timer: Option<Event>,
 }
@@ -101,7 +114,7 @@ fn with(w: &Weak<RefCell<Worker>>, f: impl FnOnce(&mut Worker)) {
 
 pub fn run(cfg: Config) -> io::Result<()> {
     crate::signals::ignore_sigpipe();
-    crate::signals::die_with_parent()?;
+    crate::signals::die_with_parent(true)?;
     sock::raise_nofile()?;
     let base = Base::new()?;
     let index = cfg.index;
@@ -135,6 +148,11 @@ pub fn run(cfg: Config) -> io::Result<()> {
             signals: Vec::new(),
             node,
             quitting: false,
+            exit_superseded: Rc::default(),
+            dir: cfg.dir,
+            successor_known: false,
+            orphan_grace: Duration::from_secs(5),
+            orphan_timer: None,
             retry_timer: None,
         })
     });
@@ -170,6 +188,12 @@ impl Worker {
                 wire::KIND_LISTENER => self.share_listener(m.fd.expect("channel checks LISTENER carries a descriptor")),
                 KIND_SHUTDOWN => self.begin_shutdown(),
                 KIND_DRAIN => self.begin_drain(),
+                KIND_TAKEOVER_BEGUN => {
+                    let v: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
+                    self.orphan_grace = Duration::from_secs_f64(v["grace"].as_f64().unwrap_or(5.0).clamp(0.0, 3600.0));
+                    self.successor_begun(true)
+                }
+                KIND_TAKEOVER_ENDED => self.successor_begun(false),
                 k => log::warn!("worker {}: unexpected message kind {k} from master", self.index),
             },
             // The master had no descriptor to spare for a connection we
@@ -178,7 +202,8 @@ impl Worker {
             ChannelEvent::Refused(m) => {
                 let Some(fd) = m.fd else { return };
                 let eof = m.flags & wire::FLAG_EOF != 0;
-                if let Some(id) = self.adopt(fd, &m.body, 0, Kind::Client) {
+                let master_id = if m.flags & wire::FLAG_RELEASED != 0 { m.meta } else { 0 };
+                if let Some(id) = self.adopt(fd, &m.body, master_id, Kind::Client) {
                     if let Some(slot) = self.conns.get_mut(&id) {
                         slot.eof |= eof;
                     }
@@ -187,7 +212,10 @@ impl Worker {
                     }
                 }
             }
-            ChannelEvent::Closed { reason, .. } => {
+            ChannelEvent::Closed { reason, returned, .. } => {
+                if self.successor_known && self.hand_to_successor(returned) {
+                    return;
+                }
                 log::info!(
                     "worker {}: master channel closed ({}); exiting",
                     self.index,
@@ -489,23 +517,19 @@ impl Worker {
         }
     }
 
-    /// Lets go of a connection: the master holds a copy of the descriptor
-    /// (RELEASE carries only its id and our read-ahead); one we accepted
-    /// ourselves goes back whole (CONN).
+    /// Lets go of a connection: it goes back to the master whole (CONN,
+    /// descriptor and read-ahead), kept here until the master's ACK, so it
+    /// survives the master's death. One the master handed us is marked
+    /// released, with the master's id for it in `meta`.
     fn release(&mut self, id: u64) {
         let Some(slot) = self.conns.remove(&id) else { return };
-        let flags = if slot.eof { wire::FLAG_EOF } else { 0 };
+        let mut flags = if slot.eof { wire::FLAG_EOF } else { 0 };
         let (fd, leftover) = slot.conn.detach();
-        let msg = if slot.master_id != 0 {
-            let mut body = Vec::with_capacity(12 + leftover.len());
-            body.extend_from_slice(&slot.master_id.to_le_bytes());
-            body.extend_from_slice(&flags.to_le_bytes());
-            body.extend_from_slice(&leftover);
-            drop(fd);
-            Msg::control(KIND_RELEASE, body)
-        } else {
-            Msg::conn(fd, leftover, flags)
-        };
+        if slot.master_id != 0 {
+            flags |= wire::FLAG_RELEASED;
+        }
+        let mut msg = Msg::conn(fd, leftover, flags);
+        msg.meta = slot.master_id;
         if self.master.send(msg).is_err() {
             log::error!("worker {}: master channel gone; connection {id} is lost", self.index);
         }
@@ -568,10 +592,95 @@ impl Worker {
         self.stats_timer = None;
         self.listener = None;
         self.retry_timer = None;
-        // Leave once every message (RELEASEs, the last stats) is in the
-        // kernel: the master reads them all, even after we are gone.
+        // Leave once every message (connections, the last stats) is in
+        // the kernel: the master reads them all, even after we are gone.
         let base = self.base.clone();
-        self.master.when_flushed(move || base.exit(None));
+        let superseded = self.exit_superseded.clone();
+        self.master.when_settled(move || {
+            if !superseded.get() {
+                base.exit(None)
+            }
+        });
+    }
+
+    /// A takeover began (`true`: a successor listens on the control
+    /// socket) or was aborted (`false`). While it runs, this worker does
+    /// not die with its master: it hands its connections to the successor.
+    fn successor_begun(&mut self, begun: bool) {
+        if self.dir.is_none() {
+            return;
+        }
+        self.successor_known = begun;
+        if let Err(e) = crate::signals::die_with_parent(!begun) {
+            log::error!("worker {}: prctl: {e}", self.index);
+        }
+    }
+
+    /// Our master died during a restart: every connection (those it never
+    /// acknowledged included) goes to the new master, through its control
+    /// socket, between requests as in a drain. False if it cannot be reached.
+    fn hand_to_successor(&mut self, returned: Vec<Msg>) -> bool {
+        self.successor_known = false; // once: if this one dies too, give up
+        let Some(dir) = self.dir.clone() else { return false };
+        let w = self.me.clone();
+        let ch = crate::sock::unix_connect(&control_path(&dir))
+            .and_then(|fd| Channel::new(&self.base, fd, move |ev| with(&w, |s| s.on_master(ev))));
+        let ch = match ch {
+            Ok(ch) => ch,
+            Err(e) => {
+                log::error!("worker {}: master died mid-restart and its successor is unreachable: {e}", self.index);
+                return false;
+            }
+        };
+        log::warn!(
+            "worker {}: master died mid-restart; handing {} connection(s) to the new master",
+            self.index,
+            self.conns.len() + returned.len()
+        );
+        let hello = json!({"worker": self.index, "pid": std::process::id()}).to_string().into_bytes();
+        let _ = ch.send(Msg::control(KIND_ORPHAN_HELLO, hello));
+        for m in returned.into_iter().filter(|m| m.kind == wire::KIND_CONN) {
+            let _ = ch.send(m);
+        }
+        self.master = ch;
+        // No master will cut clients that never read: we do, after --grace.
+        let w = self.me.clone();
+        let t = Event::new(&self.base, -1, Interest::Timer, move || {
+            with(&w, |s| {
+                if !s.conns.is_empty() {
+                    log::warn!(
+                        "worker {}: {} connection(s) could not move within {:?} (clients not reading); cutting them",
+                        s.index,
+                        s.conns.len(),
+                        s.orphan_grace
+                    );
+                }
+                let ids: Vec<u64> = s.conns.keys().copied().collect();
+                for id in ids {
+                    s.close(id);
+                }
+                s.quit();
+            })
+        });
+        match t.and_then(|t| t.add(Some(self.orphan_grace)).map(|()| t)) {
+            Ok(t) => self.orphan_timer = Some(t),
+            Err(e) => log::error!("worker {}: grace timer: {e}", self.index),
+        }
+        if self.quitting {
+            // The exit waited on the dead channel: wait on this one.
+            self.exit_superseded.set(true);
+            self.exit_superseded = Rc::default();
+            self.quitting = false;
+            self.quit();
+        } else if !self.draining {
+            self.begin_drain();
+        } else {
+            let ids: Vec<u64> = self.conns.keys().copied().collect();
+            for id in ids {
+                self.release_when_flushed(id);
+            }
+        }
+        true
     }
 
     /// Draining: a connection the master refused is offered again soon.
