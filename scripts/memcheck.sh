@@ -24,7 +24,7 @@ TESTS=${MEMCHECK_TESTS:-"
     cluster::oversized_frame_closes_only_that_connection
     cluster::thousand_pipelined_requests_answered_in_order
     cluster::shared_policy_serves
-    restart::sigkill_of_the_old_master_mid_restart_keeps_moved_connections
+    restart::sigkill_of_the_old_master_mid_restart_keeps_every_connection
     restart::a_connection_that_cannot_move_is_cut_after_the_grace
     restart::failing_binaries_leave_the_old_generation_serving
     restart_faults::a_300_kb_read_ahead_of_a_1_mb_frame_survives_a_restart
@@ -82,7 +82,10 @@ cargo build --release -q
 # The wrapper is a sh script: the quotes keep the skip patterns unexpanded.
 # shellcheck disable=SC2086
 HANDOFF_WRAP="${VG[*]} --trace-children=yes '--trace-children-skip=*/sh,*/dash,*/bash,*/sleep' --xml=yes --xml-file=$OUT/it.%p.xml" \
-    cargo test --release --test it -q -- --exact --test-threads=2 $TESTS
+    cargo test --release --test it -q -- --exact --test-threads=2 $TESTS 2>&1 | tee "$OUT/it.log"
+# A renamed test would silently match nothing: every name must have run.
+ran=$(sed -n 's/^test result: ok\. \([0-9]*\) passed.*/\1/p' "$OUT/it.log" | tail -1)
+[ "${ran:-0}" -eq "$(echo $TESTS | wc -w)" ] || die "ran ${ran:-0} of the $(echo $TESTS | wc -w) tests named in MEMCHECK_TESTS"
 report it
 
 say "== memcheck 3/3: two nodes relaying, a worker killed, stopped cleanly"
