@@ -15,6 +15,7 @@
 #   MEMCHECK_TESTS="a b"   the integration tests of step 2 (exact names)
 #   MEMCHECK_SUPP=FILE     valgrind suppressions (default .ci/valgrind.supp, if present)
 source "$(dirname "$0")/bench-lib.sh"
+die() { say "memcheck: $*"; exit 1; }
 cd "$ROOT"
 command -v valgrind >/dev/null || die "valgrind is not installed (make memcheck installs it)"
 
@@ -83,6 +84,7 @@ cargo build --release -q
 # shellcheck disable=SC2086
 HANDOFF_WRAP="${VG[*]} --trace-children=yes '--trace-children-skip=*/sh,*/dash,*/bash,*/sleep' --xml=yes --xml-file=$OUT/it.%p.xml" \
     cargo test --release --test it -q -- --exact --test-threads=2 $TESTS 2>&1 | tee "$OUT/it.log"
+rm -f "$ROOT"/target/tmp/handoff-wrap-*.sh # the wrapper bin() wrote (its name hashes $OUT)
 # A renamed test would silently match nothing: every name must have run.
 ran=$(sed -n 's/^test result: ok\. \([0-9]*\) passed.*/\1/p' "$OUT/it.log" | tail -1)
 [ "${ran:-0}" -eq "$(echo $TESTS | wc -w)" ] || die "ran ${ran:-0} of the $(echo $TESTS | wc -w) tests named in MEMCHECK_TESTS"

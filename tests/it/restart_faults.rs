@@ -617,7 +617,12 @@ fn restart_into_ulimit_64(n: usize) {
     assert!(t.failed.is_empty(), "before the restart: {}", t.summary());
 
     let t0 = Instant::now();
-    let (st, out, err) = c.restart(&["--binary", wrapper.to_str().unwrap(), "--timeout", "5"]);
+    // Bounded well below RESTART_TIMEOUT: PREPARE takes at most --timeout
+    // (5 s), a move that cannot finish at most --grace (2 s).
+    let mut cmd = Command::new(bin());
+    cmd.arg("restart").arg("--dir").arg(&c.dir).arg("--binary").arg(&wrapper).args(["--timeout", "5"]);
+    let (st, out, err) = run_cmd(&mut cmd, Duration::from_secs(15));
+    let _ = c.try_status(Duration::from_secs(2)); // Drop learns the new master
     let took = t0.elapsed();
     let gen = if st.success() {
         let (gen, pid) = parse_restarted(&out);
