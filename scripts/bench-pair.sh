@@ -25,7 +25,7 @@ start_pair() {
     p=$(free_port pair)
     q=$((p + 1))
     dir=$BENCH_TMP/$impl-dir
-    mkdir -p "$dir"
+    mkdir -p -m 700 "$dir"
     for me in "$p" "$q"; do
         peer=$((me ^ 1))
         if [ "$impl" = handoff ]; then

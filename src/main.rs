@@ -124,8 +124,8 @@ struct MasterArgs {
     /// TCP port to listen on (0 picks a free one; see the ready line).
     #[arg(long)]
     port: u16,
-    /// Number of workers (default: number of CPUs).
-    #[arg(long)]
+    /// Number of workers, 1 to 1024 (default: number of CPUs).
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_workers)]
     workers: Option<usize>,
     /// Directory for the control socket (made 0700).
     #[arg(long)]
@@ -166,8 +166,8 @@ struct ClusterArgs {
     master: MasterArgs,
     #[arg(long, value_enum, default_value = "round-robin")]
     policy: cluster::Policy,
-    /// Seconds workers get to finish open requests on SIGTERM.
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds workers get to finish open requests on SIGTERM (0 to 86400).
+    #[arg(long, default_value_t = 5.0, allow_hyphen_values = true, value_parser = parse_secs)]
     grace: f64,
 }
 
@@ -181,8 +181,8 @@ struct NodeArgs {
     /// Other nodes: B=HOST:PORT[,C=HOST:PORT...].
     #[arg(long, default_value = "")]
     peers: String,
-    /// Seconds from connect to the end of the link handshake.
-    #[arg(long, default_value_t = 1.5)]
+    /// Seconds from connect to the end of the link handshake (0 to 86400).
+    #[arg(long, default_value_t = 1.5, allow_hyphen_values = true, value_parser = parse_secs)]
     connect_timeout: f64,
 }
 
@@ -202,8 +202,9 @@ struct RestartArgs {
     /// The new binary (default: the running master's own).
     #[arg(long)]
     binary: Option<PathBuf>,
-    /// Seconds the new master gets to take over before the restart is abandoned.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds the new master gets to take over before the restart is
+    /// abandoned (0.1 to 86400).
+    #[arg(long, default_value_t = 10.0, allow_hyphen_values = true, value_parser = parse_secs)]
     timeout: f64,
     /// Benchmark contrast: move only the listener and cut the old
     /// connections (a listener-only restart with zero drain time).
@@ -241,6 +242,26 @@ struct WorkerArgs {
     connect_timeout: f64,
 }
 
+/// Most workers a master runs (each is a process with its own channel).
+const MAX_WORKERS: usize = 1024;
+
+/// A duration in seconds: a finite number from 0 to one day.
+fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=86_400.0).contains(&v) {
+        return Err(format!("'{s}' is out of range: give 0 to 86400 seconds"));
+    }
+    Ok(v)
+}
+
+fn parse_workers(s: &str) -> Result<usize, String> {
+    let v: i64 = s.trim().parse().map_err(|_| format!("'{s}' is not a whole number"))?;
+    if !(1..=MAX_WORKERS as i64).contains(&v) {
+        return Err(format!("{v} workers: give 1 to {MAX_WORKERS}"));
+    }
+    Ok(v as usize)
+}
+
 fn parse_target(s: &str) -> Result<(String, usize), String> {
     let (n, w) = s.rsplit_once(':').ok_or("expected NODE:WORKER")?;
     Ok((n.to_string(), w.parse().map_err(|e| format!("{w}: {e}"))?))
@@ -259,11 +280,19 @@ fn main() -> ExitCode {
         Some(l) => vec!["--log-level".into(), l.to_string()],
         None => (0..cli.verbose).map(|_| "-v".to_string()).collect(),
     };
+    // One-shot commands print errors plainly; servers log them.
+    let one_shot = matches!(cli.cmd, Cmd::Status(_) | Cmd::Restart(_));
     let result = match cli.cmd {
         Cmd::Server(a) => {
+            if a.port == a.peer_port {
+                return fail(&format!("--port and --peer-port are both {}: a server cannot hand connections to itself", a.port));
+            }
             pair::server::run(&pair::server::Config { host: a.host, port: a.port, peer_port: a.peer_port, dir: a.dir })
         }
         Cmd::Pair(a) => {
+            if a.ports.0 == a.ports.1 {
+                return fail(&format!("--ports {0},{0}: the two servers need two different ports", a.ports.0));
+            }
             std::env::current_exe().and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args))
         }
         Cmd::Client(c) => return run_client(c),
@@ -275,7 +304,13 @@ fn main() -> ExitCode {
         }),
         Cmd::Restart(a) => {
             let timeout = std::time::Duration::from_secs_f64(a.timeout.max(0.1));
-            cluster::master::request_restart(&a.dir, a.binary.as_deref(), timeout, a.listeners_only).map(|v| {
+            // A relative --binary means relative to the caller, not to the
+            // master's working directory.
+            let binary = match a.binary.map(std::path::absolute).transpose() {
+                Ok(b) => b,
+                Err(e) => return fail(&format!("--binary: {e}")),
+            };
+            cluster::master::request_restart(&a.dir, binary.as_deref(), timeout, a.listeners_only).map(|v| {
                 println!("restarted: generation {} (pid {})", v["gen"], v["pid"]);
             })
         }
@@ -304,11 +339,18 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if one_shot => fail(&e.to_string()),
         Err(e) => {
             log::error!("{e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A command's error on stderr, exit 1.
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("handoff: error: {msg}");
+    ExitCode::FAILURE
 }
 
 /// Runs a load client, prints its summary line; exit 1 on any error.

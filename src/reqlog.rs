@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub struct RequestLog {
     out: BufWriter<File>,
     dirty: bool,
+    path: std::path::PathBuf,
 }
 
 impl RequestLog {
@@ -19,7 +20,14 @@ impl RequestLog {
             .append(true)
             .open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", path.display())))?;
-        Ok(RequestLog { out: BufWriter::with_capacity(64 * 1024, f), dirty: false })
+        Ok(RequestLog { out: BufWriter::with_capacity(64 * 1024, f), dirty: false, path: path.to_path_buf() })
+    }
+
+    /// Flushes, then opens the path again (after a log rotation).
+    pub fn reopen(&mut self) -> io::Result<()> {
+        self.flush();
+        *self = RequestLog::open(&self.path.clone())?;
+        Ok(())
     }
 
     pub fn record(&mut self, client: Option<SocketAddrV4>, len: usize) {

@@ -8,6 +8,43 @@ pub fn ignore_sigpipe() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
+/// Catchable signals whose default action kills the process and that have
+/// no meaning here: every server logs and ignores them, so no signal kills
+/// a process silently. (Synchronous faults such as SIGSEGV are not caught.)
+pub const IGNORED: [i32; 8] = [
+    libc::SIGALRM,
+    libc::SIGVTALRM,
+    libc::SIGPROF,
+    libc::SIGXCPU,
+    libc::SIGXFSZ,
+    libc::SIGIO,
+    libc::SIGPWR,
+    libc::SIGSTKFLT,
+];
+
+/// A signal's name, for log lines.
+pub fn name(sig: i32) -> String {
+    let n = match sig {
+        libc::SIGHUP => "HUP",
+        libc::SIGINT => "INT",
+        libc::SIGQUIT => "QUIT",
+        libc::SIGUSR1 => "USR1",
+        libc::SIGUSR2 => "USR2",
+        libc::SIGTERM => "TERM",
+        libc::SIGCHLD => "CHLD",
+        libc::SIGALRM => "ALRM",
+        libc::SIGVTALRM => "VTALRM",
+        libc::SIGPROF => "PROF",
+        libc::SIGXCPU => "XCPU",
+        libc::SIGXFSZ => "XFSZ",
+        libc::SIGIO => "IO",
+        libc::SIGPWR => "PWR",
+        libc::SIGSTKFLT => "STKFLT",
+        _ => return sig.to_string(),
+    };
+    format!("SIG{n}")
+}
+
 /// Prints the readiness line on stdout (tests and scripts wait for it).
 pub fn ready(line: &str) {
     let mut out = std::io::stdout().lock();

@@ -1,7 +1,6 @@
 //! Every raw socket syscall the project makes, each checked by [`cvt`].
 //! Descriptors come back as `OwnedFd` at once, so every failure path
 //! closes them.
-use std::ffi::CString;
 use std::io;
 use std::mem;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
@@ -199,6 +198,17 @@ pub fn accept(fd: RawFd) -> io::Result<Option<OwnedFd>> {
     Ok(Some(unsafe { OwnedFd::from_raw_fd(rc) }))
 }
 
+/// Whether `fd` is a socket of type SOCK_STREAM (TCP or Unix stream).
+pub fn is_stream_socket(fd: RawFd) -> bool {
+    let mut ty: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: ty/len are live out-parameters of the right size.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, &mut ty as *mut libc::c_int as *mut libc::c_void, &mut len)
+    };
+    rc == 0 && ty == libc::SOCK_STREAM
+}
+
 /// The (pid, uid) of the process at the other end of a Unix socket.
 pub fn peer_cred(fd: RawFd) -> io::Result<(i32, u32)> {
     // SAFETY: ucred is plain old data; len matches it.
@@ -262,21 +272,38 @@ pub fn raise_nofile() -> io::Result<u64> {
     Ok(lim.rlim_cur as u64)
 }
 
-/// `mkdir -m 0700` unless it exists; refuses a directory others can enter.
+/// `mkdir -m 0700` when missing. An existing one is never changed: it
+/// must be a directory of ours that nobody else can enter, or it is
+/// refused with the reason and the fix.
 pub fn private_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    match std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir) {
-        Ok(()) => {}
-        Err(e) => return Err(io::Error::new(e.kind(), format!("mkdir {}: {e}", dir.display()))),
+    let d = dir.display();
+    let md = match std::fs::metadata(dir) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .recursive(true)
+                .create(dir)
+                .map_err(|e| io::Error::new(e.kind(), format!("--dir {d}: cannot create it: {e}")))?;
+            std::fs::metadata(dir)?
+        }
+        Err(e) => return Err(io::Error::new(e.kind(), format!("--dir {d}: {e}"))),
+    };
+    let bad = |why: String| Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
+    if !md.is_dir() {
+        return bad(format!("--dir {d} exists and is not a directory"));
     }
-    let md = std::fs::metadata(dir)?;
     if md.uid() != euid() {
-        return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{} is not owned by us", dir.display())));
+        return bad(format!("--dir {d} belongs to uid {}, not to us (uid {}); use a directory of our own", md.uid(), euid()));
     }
     if md.mode() & 0o077 != 0 {
-        let c = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
-        // SAFETY: c is a valid NUL-terminated path.
-        cvt(unsafe { libc::chmod(c.as_ptr(), 0o700) }, "chmod")?;
+        return bad(format!(
+            "--dir {d} is open to other users (mode {:o}), who could reach the handoff sockets in it; \
+             give a directory of your own, for example {}, which is created 0700",
+            md.mode() & 0o777,
+            dir.join("handoff").display()
+        ));
     }
     Ok(())
 }

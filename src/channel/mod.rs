@@ -268,6 +268,14 @@ impl Channel {
         std::mem::take(&mut self.0.borrow_mut().acked_msgs)
     }
 
+    /// The peer's pid as the kernel saw it at connect time (SO_PEERCRED),
+    /// never what the peer says of itself.
+    pub fn peer_pid(&self) -> Option<u32> {
+        let i = self.0.borrow();
+        let fd = i.sock.as_ref()?.as_raw_fd();
+        crate::sock::peer_cred(fd).ok().map(|(pid, _)| pid as u32)
+    }
+
     /// Whether the channel is settled (see [`Channel::when_settled`]).
     pub fn is_settled(&self) -> bool {
         let i = self.0.borrow();
@@ -489,6 +497,15 @@ impl Inner {
             let why = if r.fd.is_some() { "unexpected descriptor" } else { "descriptor missing" };
             self.fail(Some(io::Error::new(io::ErrorKind::InvalidData, why)));
             return Err(Stop::Failed);
+        }
+        // A connection or listener must be a stream socket: a file, a pipe
+        // or a datagram socket is refused (and closed here).
+        if let Some(fd) = &r.fd {
+            if !crate::sock::is_stream_socket(fd.as_raw_fd()) {
+                let e = io::Error::new(io::ErrorKind::InvalidData, "the descriptor passed is not a stream socket");
+                self.fail(Some(e));
+                return Err(Stop::Failed);
+            }
         }
         let body = &self.buf[HEADER_LEN..r.len];
         match h.kind {

@@ -18,8 +18,14 @@ pub struct Client {
 impl Client {
     pub fn connect(dir: &Path) -> io::Result<Client> {
         let path = control_path(dir);
-        let fd = sock::unix_connect(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("no master in {}: {e}", dir.display())))?;
+        let fd = sock::unix_connect(&path).map_err(|e| {
+            let hint = if e.raw_os_error() == Some(libc::ECONNREFUSED) {
+                " (a stale socket: the master that made it is gone)"
+            } else {
+                ""
+            };
+            io::Error::new(e.kind(), format!("no master in {}: {e}{hint}", dir.display()))
+        })?;
         Ok(Client { fd, buf: vec![0; HEADER_LEN + MAX_BODY] })
     }
 

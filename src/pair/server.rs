@@ -113,9 +113,10 @@ pub fn run(cfg: &Config) -> io::Result<()> {
         let t = Event::new(&base, -1, Interest::Timer, move || with(&w, |s| s.flush_log()))?;
         t.add(Some(LOG_FLUSH))?;
         s.log_timer = Some(t);
-        for sig in [libc::SIGTERM, libc::SIGINT] {
+        let handled = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
+        for sig in handled.into_iter().chain(crate::signals::IGNORED) {
             let w = Rc::downgrade(&server);
-            let e = Event::new(&base, sig, Interest::Signal, move || with(&w, |s| s.shutdown(sig)))?;
+            let e = Event::new(&base, sig, Interest::Signal, move || with(&w, |s| s.on_signal(sig)))?;
             e.add(None)?;
             s.signals.push(e);
         }
@@ -444,8 +445,26 @@ impl Server {
         }
     }
 
+    /// TERM, INT, QUIT stop; USR1 reopens the request log; the rest are
+    /// logged and ignored (a pair server restarts by stopping one server at
+    /// a time: its peer serves alone meanwhile).
+    fn on_signal(&mut self, sig: i32) {
+        let name = crate::signals::name(sig);
+        match sig {
+            libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => self.shutdown(sig),
+            libc::SIGUSR1 => match self.log.reopen() {
+                Ok(()) => log::info!("{name}: request log reopened"),
+                Err(e) => log::error!("{name}: cannot reopen the request log: {e}"),
+            },
+            libc::SIGHUP | libc::SIGUSR2 => {
+                log::warn!("{name}: a pair server does not restart in place; ignored (stop it, its peer serves meanwhile)")
+            }
+            _ => log::warn!("{name} has no meaning here; ignored"),
+        }
+    }
+
     fn shutdown(&mut self, sig: i32) {
-        log::info!("signal {sig}: stopping (open connections: {})", self.conns.len());
+        log::info!("{}: stopping (open connections: {})", crate::signals::name(sig), self.conns.len());
         self.listeners.clear();
         self.conns.clear();
         if let Some(p) = self.peer.take() {

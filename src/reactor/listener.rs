@@ -3,7 +3,10 @@
 use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
+use std::rc::{Rc, Weak};
+use std::time::Duration;
 
 use super::{Base, Event, Interest};
 use crate::sock;
@@ -20,10 +23,22 @@ pub enum Endpoint {
 /// starve the rest of the loop.
 const ACCEPT_BATCH: usize = 64;
 
+/// How long accepting pauses after an accept error such as EMFILE (the
+/// connection stays in the kernel's backlog meanwhile), as nginx does.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 pub struct Listener {
-    event: Option<Event>,
+    state: Rc<State>,
     fd: Option<OwnedFd>,
     unlink: Option<PathBuf>,
+}
+
+/// What the accept callback and the backoff timer share with the owner.
+struct State {
+    event: RefCell<Option<Event>>,
+    backoff: RefCell<Option<Event>>,
+    /// Paused by the owner: the backoff timer must not resume it.
+    paused: Cell<bool>,
 }
 
 impl Listener {
@@ -39,35 +54,61 @@ impl Listener {
     }
 
     /// Accepts on an already listening socket (one passed over a restart,
-    /// or shared by several workers).
+    /// or shared by several workers). An accept error (EMFILE, ENFILE,
+    /// ENOBUFS...) pauses accepting for `ACCEPT_BACKOFF`, with one
+    /// rate-limited log line, instead of spinning on a full backlog.
     pub fn adopt(base: &Base, fd: OwnedFd, on_accept: impl Fn(OwnedFd) + 'static) -> io::Result<Listener> {
         let raw = fd.as_raw_fd();
+        let state =
+            Rc::new(State { event: RefCell::new(None), backoff: RefCell::new(None), paused: Cell::new(false) });
+        let w: Weak<State> = Rc::downgrade(&state);
         let event = Event::new(base, raw, Interest::Read, move || {
             for _ in 0..ACCEPT_BATCH {
                 match sock::accept(raw) {
                     Ok(Some(c)) => on_accept(c),
                     Ok(None) => break,
                     Err(e) => {
-                        // EMFILE and friends: the connection stays queued; say so and retry next round.
-                        log::warn!("{e}");
+                        crate::warn_limited!("{e}; accepting again in {ACCEPT_BACKOFF:?}");
+                        if let Some(s) = w.upgrade() {
+                            if let Some(ev) = s.event.borrow().as_ref() {
+                                ev.del();
+                            }
+                            if let Some(t) = s.backoff.borrow().as_ref() {
+                                let _ = t.add(Some(ACCEPT_BACKOFF));
+                            }
+                        }
                         break;
                     }
                 }
             }
         })?;
         event.add(None)?;
-        Ok(Listener { event: Some(event), fd: Some(fd), unlink: None })
+        let w: Weak<State> = Rc::downgrade(&state);
+        let backoff = Event::new(base, -1, Interest::Timer, move || {
+            if let Some(s) = w.upgrade() {
+                if !s.paused.get() {
+                    if let Some(ev) = s.event.borrow().as_ref() {
+                        let _ = ev.add(None);
+                    }
+                }
+            }
+        })?;
+        *state.event.borrow_mut() = Some(event);
+        *state.backoff.borrow_mut() = Some(backoff);
+        Ok(Listener { state, fd: Some(fd), unlink: None })
     }
 
     /// Stops accepting; the socket stays open (and keeps queueing).
     pub fn pause(&self) {
-        if let Some(e) = &self.event {
+        self.state.paused.set(true);
+        if let Some(e) = self.state.event.borrow().as_ref() {
             e.del();
         }
     }
 
     pub fn resume(&self) -> io::Result<()> {
-        match &self.event {
+        self.state.paused.set(false);
+        match self.state.event.borrow().as_ref() {
             Some(e) => e.add(None),
             None => Ok(()),
         }
@@ -101,7 +142,8 @@ impl AsFd for Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.event.take();
+        self.state.backoff.borrow_mut().take();
+        self.state.event.borrow_mut().take();
         if let Some(p) = self.unlink.take() {
             let _ = std::fs::remove_file(p);
         }

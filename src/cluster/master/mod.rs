@@ -143,6 +143,8 @@ struct Master {
     /// Control clients that are orphaned workers of the previous
     /// generation, handing us their connections.
     orphan_clients: std::collections::HashSet<u64>,
+    /// A stop signal that arrived during a takeover, acted on when it ends.
+    stop_after_takeover: Option<i32>,
 }
 
 fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
@@ -207,11 +209,21 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
             takeover_pending: predecessor.is_some(),
             moves: Vec::new(),
             orphan_clients: Default::default(),
+            stop_after_takeover: None,
         })
     });
     {
         let mut m = master.borrow_mut();
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGCHLD, libc::SIGUSR2] {
+        let handled = [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGQUIT,
+            libc::SIGHUP,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGCHLD,
+        ];
+        for sig in handled.into_iter().chain(crate::signals::IGNORED) {
             let w = Rc::downgrade(&master);
             let e = Event::new(&base, sig, Interest::Signal, move || with(&w, |m| m.on_signal(sig)))?;
             e.add(None)?;
@@ -538,14 +550,30 @@ impl Master {
         }
     }
 
+    /// nginx's meanings: TERM/INT stop (a second one: stop now), QUIT
+    /// graceful stop, HUP reload and USR2 upgrade (both: a restart with the
+    /// binary at the path we were started from), USR1 reopen logs.
     fn on_signal(&mut self, sig: i32) {
+        let name = crate::signals::name(sig);
         match sig {
             libc::SIGCHLD => {
                 self.reap_successor();
                 self.reap();
             }
-            libc::SIGUSR2 => self.begin_restart(None, restart::DEFAULT_TIMEOUT, None, false),
-            _ => self.shutdown(sig),
+            libc::SIGUSR2 | libc::SIGHUP => {
+                log::info!("{name}: restarting with {}", self.cfg.exe.display());
+                self.begin_restart(None, restart::DEFAULT_TIMEOUT, None, false)
+            }
+            libc::SIGUSR1 => log::info!("{name}: no log file to reopen (this process logs to stderr)"),
+            libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => {
+                if self.stopping && sig != libc::SIGQUIT {
+                    log::warn!("{name} again: stopping now");
+                    self.kill_stragglers();
+                } else {
+                    self.shutdown(sig);
+                }
+            }
+            _ => log::warn!("{name} has no meaning here; ignored"),
         }
     }
 
@@ -618,15 +646,30 @@ impl Master {
     }
 
     fn shutdown(&mut self, sig: i32) {
+        let name = crate::signals::name(sig);
         if self.stopping {
             return;
         }
-        if self.draining {
-            log::info!("signal {sig} during a restart: finishing the handover first");
+        if self.takeover_pending {
+            // We are the generation that will survive: stop once we serve.
+            log::info!("{name} while taking over: stopping once the takeover commits");
+            self.stop_after_takeover = Some(sig);
             return;
         }
+        if let Some(pid) = self.restart.as_ref().and_then(|r| r.successor_pid()) {
+            // The stop goes to whichever generation survives: the new one
+            // if the takeover commits, us if it aborts.
+            log::info!("{name} during a restart: passed on to the new master (pid {pid}); stopping here if it aborts");
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid as libc::pid_t, sig) };
+            self.stop_after_takeover = Some(sig);
+            return;
+        }
+        if self.restart.is_some() {
+            self.abort_restart(format!("{name}: stopping"));
+        }
         self.stopping = true;
-        log::info!("signal {sig}: stopping; workers get {:?} to finish", self.cfg.grace);
+        log::info!("{name}: stopping; workers get {:?} to finish", self.cfg.grace);
         self.listener = None;
         self.shared_fd = None;
         self.pending.clear();

@@ -61,6 +61,13 @@ pub(super) struct Outgoing {
     drain_timer: Option<Event>,
 }
 
+impl Outgoing {
+    /// The new master's pid once it has said hello (it may be stopped).
+    pub(super) fn successor_pid(&self) -> Option<u32> {
+        (self.phase != Phase::Prepare && self.pid != 0).then_some(self.pid)
+    }
+}
+
 impl Master {
     /// Starts the new generation (`binary`, or our own executable).
     pub(super) fn begin_restart(
@@ -176,6 +183,9 @@ impl Master {
             self.dispatch(m);
         }
         self.reply_restart(r.reply_to, json!({"ok": false, "reason": reason}));
+        if let Some(sig) = self.stop_after_takeover.take() {
+            self.shutdown(sig);
+        }
     }
 
     fn tell_workers(&self, kind: u16) {
@@ -259,7 +269,12 @@ impl Master {
             log::error!("takeover: the new master's channel broke");
             return;
         }
-        let pid = serde_json::from_slice::<Value>(body).ok().and_then(|v| v["pid"].as_u64()).unwrap_or(0) as u32;
+        // The kernel's word for who connected, not the HELLO's.
+        let pid = ch.peer_pid().unwrap_or(0);
+        let said = serde_json::from_slice::<Value>(body).ok().and_then(|v| v["pid"].as_u64()).unwrap_or(0);
+        if said != u64::from(pid) {
+            log::warn!("takeover: HELLO says pid {said}, the socket says pid {pid}");
+        }
         if self.restart.is_none() {
             // Started by hand (`handoff takeover`), not by us: still fine.
             self.restart = Some(Outgoing {
@@ -531,6 +546,9 @@ impl Master {
         log::info!("takeover {how}: generation {} serves {} moved connection(s)", self.cfg.gen, moves.len());
         for m in moves {
             self.dispatch(m);
+        }
+        if let Some(sig) = self.stop_after_takeover.take() {
+            self.shutdown(sig);
         }
     }
 }

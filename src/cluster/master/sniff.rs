@@ -15,8 +15,10 @@ use crate::proto::node::{self as node, Cmd, Parsed};
 use crate::reactor::{Conn, ConnEvent};
 use crate::sock;
 
-/// Bytes a manager reads before deciding (a CONNECT_REQ is far smaller).
-const SNIFF_LIMIT: usize = 64 * 1024;
+/// Bytes a manager reads before deciding: a link's first message
+/// (CONNECT_REQ, header included) must fit, far below the 1 MiB of other
+/// node messages; a larger one closes the link at once.
+pub const SNIFF_LIMIT: usize = 64 * 1024;
 
 pub(super) struct Sniffed {
     conn: Conn,
@@ -83,6 +85,15 @@ impl Master {
         if !node::is_node(s.conn.peek(4)) {
             self.hand_client(id, 0);
             return;
+        }
+        let head = s.conn.peek(avail.min(16));
+        if head.len() == 16 {
+            let body_len = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) as usize;
+            if body_len + 16 > SNIFF_LIMIT {
+                log::info!("node link: first message of {body_len} bytes exceeds the {SNIFF_LIMIT}-byte limit; closing");
+                self.sniffing.remove(&id);
+                return;
+            }
         }
         let parsed = node::parse(s.conn.peek(avail));
         match parsed {

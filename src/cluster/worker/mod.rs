@@ -166,9 +166,16 @@ pub fn run(cfg: Config) -> io::Result<()> {
         let e = Event::new(&base, libc::SIGTERM, Interest::Signal, move || with(&wk, |s| s.begin_shutdown()))?;
         e.add(None)?;
         w.signals.push(e);
-        let e = Event::new(&base, libc::SIGINT, Interest::Signal, || {})?;
-        e.add(None)?;
-        w.signals.push(e);
+        // The rest reach workers through their process group (a terminal's
+        // ^C or ^\, `kill -- -PGID`): the master acts on them and tells us.
+        let group = [libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
+        for sig in group.into_iter().chain(crate::signals::IGNORED) {
+            let e = Event::new(&base, sig, Interest::Signal, move || {
+                log::debug!("worker {index}: {} ignored (the master decides)", crate::signals::name(sig))
+            })?;
+            e.add(None)?;
+            w.signals.push(e);
+        }
     }
     log::debug!("worker {index} (pid {}) up", std::process::id());
     base.dispatch()?;
