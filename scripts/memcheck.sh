@@ -27,7 +27,7 @@ TESTS=${MEMCHECK_TESTS:-"
     cluster::shared_policy_serves
     restart::sigkill_of_the_old_master_mid_restart_keeps_every_connection
     restart::a_connection_that_cannot_move_is_cut_after_the_grace
-    restart::failing_binaries_leave_the_old_generation_serving
+    restart_faults::restart_of_a_node_is_refused_and_the_node_keeps_working
     restart_faults::a_300_kb_read_ahead_of_a_1_mb_frame_survives_a_restart
     restart_faults::after_every_successful_restart_the_port_serves_at_once
     pair::random_sizes_pipelined_then_eof
