@@ -3,6 +3,7 @@
 #   make run      pair demo: two servers, unary + stream clients, stop
 #   make test     cargo test (unit + integration) incl. the C client check
 #   make bench    every benchmark (bench-pair, bench-cluster, bench-nodes, bench-restart)
+#   make memcheck unit tests, some integration tests and two nodes under valgrind
 CARGO   ?= cargo
 CC      ?= cc
 CFLAGS  ?= -O2 -Wall -Wextra -std=c11 -D_GNU_SOURCE
@@ -10,15 +11,18 @@ BIN     := target/release/handoff
 # Debian packages the build needs: libevent (linked via pkg-config), libclang
 # (bindgen), a C compiler.
 DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make
+# What make memcheck needs on top.
+MEMCHECK_PKGS := valgrind
 
-.PHONY: all deps build run demo demo-nodes test bench bench-pair bench-cluster bench-nodes bench-restart clean
+.PHONY: all deps memcheck-deps build run demo demo-nodes test memcheck bench bench-pair bench-cluster bench-nodes bench-restart clean
 
 all: deps build
 
-# Installs missing Debian packages when root; otherwise prints the command.
-deps:
+# Installs the missing Debian packages among $(1) when root; otherwise
+# prints the command and fails.
+define apt_install
 	@missing=""; \
-	for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "make deps: installing$$missing"; \
@@ -28,6 +32,13 @@ deps:
 	    echo "run: sudo apt-get install -y$$missing" >&2; exit 1; \
 	  fi; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(DEB_PKGS))
+
+memcheck-deps:
+	$(call apt_install,$(MEMCHECK_PKGS))
 
 build: deps $(BIN) build/cclient
 
@@ -50,6 +61,11 @@ demo-nodes: build
 
 test: deps build/cclient
 	$(CARGO) test --release
+
+# Valgrind (memcheck) over the unit tests, a set of integration tests with
+# every handoff process under valgrind, and two nodes: 0 errors or it fails.
+memcheck: deps memcheck-deps
+	scripts/memcheck.sh
 
 bench: bench-pair bench-cluster bench-nodes bench-restart
 

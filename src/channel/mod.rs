@@ -246,7 +246,9 @@ impl Channel {
     /// acknowledged every connection we sent; or once the channel is gone.
     pub fn when_settled(&self, f: impl FnOnce() + 'static) {
         let mut i = self.0.borrow_mut();
-        if i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due && i.unacked.is_empty()) {
+        if i.sock.is_none()
+            || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due && i.unacked.is_empty())
+        {
             drop(i);
             f();
             return;
@@ -484,7 +486,9 @@ impl Inner {
         self.stats.msgs_received += 1;
         if r.fd_dropped && h.kind == KIND_CONN {
             // EMFILE here: refuse this one; the sender keeps it.
-            crate::warn_limited!("channel: a connection's descriptor could not be received (out of descriptors); refused");
+            crate::warn_limited!(
+                "channel: a connection's descriptor could not be received (out of descriptors); refused"
+            );
             self.partial.clear();
             self.nacks.push_back(h.id);
             return Ok(None);
@@ -643,7 +647,8 @@ fn deliver(inner: &Rc<RefCell<Inner>>) {
     }
     let callbacks = {
         let mut i = inner.borrow_mut();
-        let flushed = i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due && i.unacked.is_empty());
+        let flushed = i.sock.is_none()
+            || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due && i.unacked.is_empty());
         if flushed {
             std::mem::take(&mut i.flushed)
         } else {

@@ -191,7 +191,10 @@ impl Server {
                 // The peer left before our ACK reached it: a peer that dies
                 // cannot serve them, and one that stops closes its own copies.
                 if !orphans.is_empty() {
-                    log::warn!("handoff channel {id}: {} connection(s) arrived as the peer left; serving them", orphans.len());
+                    log::warn!(
+                        "handoff channel {id}: {} connection(s) arrived as the peer left; serving them",
+                        orphans.len()
+                    );
                 }
                 self.take_back(orphans);
             }

@@ -8,3 +8,4 @@ mod cluster;
 mod node;
 mod pair;
 mod restart;
+mod restart_faults;

@@ -264,25 +264,35 @@ fn binary_speaking_a_newer_channel_version_is_refused() {
 /// generation, is closed (it is lost with the old master: documented, not
 /// a guarantee the README makes).
 /// Requests of the client that never reads.
-const STUCK_PINGS: u64 = 100;
+pub(crate) const STUCK_PINGS: u64 = 100;
 
 /// A client that never reads: a small receive buffer, STUCK_PINGS x 100 KB
 /// pings (10 MB of replies, more than the kernel buffers hold). Returns
 /// once its worker stopped reading it (paused with replies unsent), with
 /// `idle` other connections already served.
-fn stuck_client(c: &Cluster, idle: usize) -> (Rpc, std::thread::JoinHandle<()>) {
+pub(crate) fn stuck_client(c: &Cluster, idle: usize) -> (Rpc, std::thread::JoinHandle<()>) {
+    stuck_client_with(c, idle, true)
+}
+
+/// `stuck_client`; without `small_rcvbuf` the receive buffer keeps the
+/// kernel's default, which holds a few hundred KB while the client does
+/// not read, and lets it read the 10 MB at full speed later (through a
+/// 4 KB buffer they take minutes).
+pub(crate) fn stuck_client_with(c: &Cluster, idle: usize, small_rcvbuf: bool) -> (Rpc, std::thread::JoinHandle<()>) {
     let stuck = c.connect();
     let rcvbuf: libc::c_int = 4096;
     // SAFETY: setsockopt on a socket we own, with an int of the right size.
-    unsafe {
-        use std::os::fd::AsRawFd;
-        libc::setsockopt(
-            stuck.s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &rcvbuf as *const _ as *const libc::c_void,
-            std::mem::size_of_val(&rcvbuf) as libc::socklen_t,
-        );
+    if small_rcvbuf {
+        unsafe {
+            use std::os::fd::AsRawFd;
+            libc::setsockopt(
+                stuck.s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                &rcvbuf as *const _ as *const libc::c_void,
+                std::mem::size_of_val(&rcvbuf) as libc::socklen_t,
+            );
+        }
     }
     let mut w = stuck.s.try_clone().unwrap();
     let big = json!("s".repeat(100_000));

@@ -26,8 +26,33 @@ pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
+/// The `handoff` binary the tests run. With `HANDOFF_WRAP` set (a
+/// command prefix, e.g. `valgrind --trace-children=yes ...`), a script
+/// that runs the binary under that prefix instead (`make memcheck`).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_handoff")
+    static WRAPPED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let real = env!("CARGO_BIN_EXE_handoff");
+    WRAPPED
+        .get_or_init(|| std::env::var("HANDOFF_WRAP").ok().filter(|w| !w.trim().is_empty()).map(|w| wrapper(&w, real)))
+        .as_deref()
+        .unwrap_or(real)
+}
+
+/// Writes (once per content) `exec WRAP REAL "$@"` as an executable
+/// script under the target's temp dir; returns its path.
+fn wrapper(wrap: &str, real: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::PermissionsExt;
+    let body = format!("#!/bin/sh\nexec {wrap} {real} \"$@\"\n");
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    body.hash(&mut h);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(format!("handoff-wrap-{:016x}.sh", h.finish()));
+    let tmp = dir.join(format!("handoff-wrap-{}.tmp", std::process::id()));
+    std::fs::write(&tmp, &body).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
+    std::fs::rename(&tmp, &path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
+    path.display().to_string()
 }
 
 // ---------------------------------------------------------------- processes

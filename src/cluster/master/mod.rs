@@ -917,7 +917,10 @@ impl Master {
             ChannelEvent::Msg(m) if m.kind == KIND_RESTART_REQ => self.on_restart_request(id, &m.body),
             ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_HELLO => self.on_takeover_hello(id, &m.body),
             ChannelEvent::Msg(m) if m.kind == KIND_ORPHAN_HELLO => {
-                log::warn!("a worker of the previous generation hands its connections over: {}", String::from_utf8_lossy(&m.body));
+                log::warn!(
+                    "a worker of the previous generation hands its connections over: {}",
+                    String::from_utf8_lossy(&m.body)
+                );
                 self.orphan_clients.insert(id);
             }
             // An orphaned old worker's connections (and its last stats).

@@ -599,7 +599,8 @@ pub fn request(dir: &Path, binary: Option<&Path>, timeout: Duration, listeners_o
     if v["ok"] != json!(true) {
         return Err(io::Error::other(format!("restart failed: {}", v["reason"].as_str().unwrap_or("unknown reason"))));
     }
-    let (host, port, gen) = (v["host"].as_str().unwrap_or("127.0.0.1"), v["port"].as_u64().unwrap_or(0), v["gen"].as_u64());
+    let (host, port, gen) =
+        (v["host"].as_str().unwrap_or("127.0.0.1"), v["port"].as_u64().unwrap_or(0), v["gen"].as_u64());
     match probe(host, port as u16) {
         Ok(g) if Some(g) == gen => Ok(v),
         Ok(g) => Err(io::Error::other(format!(
