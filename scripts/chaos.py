@@ -27,7 +27,7 @@ reply ok or a lost reply (its connection died, a later reply came first,
 no progress for --stall s, or the run ended). A lost connection is one the
 server closed or reset. A reply nobody asked for is a duplicate (of an
 answered request) or a mismatch; the client then closes and reconnects.
-Each loss is labelled with its cause: the latest fault (its span + 3 s)
+Each loss is labelled with its cause: the latest fault (its span + 5 s)
 between the time its connection was last known good (when its oldest
 request in flight went out, else 1 s before) and the time it went bad
 (noticed, or soon after that request was complete). It is *explained* only
@@ -35,11 +35,12 @@ if a process we SIGKILLed held the connection (its fd table is read while
 it is SIGSTOPped just before the kill) and:
   lost reply  the request was in flight at the kill: one per connection,
               or all of them if the connection died with the process;
-  lost conn   its in-flight request died with the process (the stream
-              lost its place), or nobody else held it and the process was
-              the old master (a worker's master and the new master's
-              predecessor keep copies: losing those connections is a bug);
-  mismatch    after an explained lost reply on the same connection.
+  lost conn   another process held it too (a worker's master; the new
+              master's predecessor until the takeover commits) and its
+              in-flight request died with the victim, so the stream lost its
+              place; or nobody else held it and the victim was the old
+              master (its generation takes what it alone holds);
+  mismatch    as a lost conn that another process held.
 Exit status 1 if any loss is unexplained, a finding was recorded (service
 down, restart status wrong) or the service is down at the end.
 """
@@ -66,7 +67,7 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 now = time.monotonic
 T0 = now()
-AFTER = 3.0  # a fault's effects may show up this long after it ended
+AFTER = 5.0  # a fault's effects may show up this long after it ended
 HOLD_BYTES = 7  # what a held connection sends before it waits
 FAULTS = "restart,restart-lowfd,kill-worker,kill-new-master,kill-old-master,stop-worker"
 
@@ -103,6 +104,9 @@ def options():
     p.add_argument("--keep", action="store_true", help="keep the temp dir (cluster log) even after a clean run")
     o = p.parse_args()
     o.seed = random.randrange(1 << 31) if o.seed < 0 else o.seed
+    unknown = {k.strip() for k in o.faults.split(",") if k.strip()} - set(FAULTS.split(","))
+    if unknown:
+        p.error(f"unknown fault(s) {', '.join(sorted(unknown))}; known: {FAULTS}")
     return o
 
 
@@ -134,7 +138,8 @@ def freeze(pid):
 def client_ports(pids, port):
     """The client ports of the connections to `port` whose server socket is
     in the fd table of one of `pids` (matched by socket inode); pids None:
-    of every connection to `port`, accepted or still in the listen queue."""
+    of every established connection to `port`, accepted or in the listen
+    queue."""
     inodes = set()
     for pid in pids or []:
         try:
@@ -152,8 +157,9 @@ def client_ports(pids, port):
     with open("/proc/net/tcp") as f:
         for line in f:
             _, loc, rem, rest = line.split(None, 3)  # rest: st queues tr retrnsmt uid timeout inode ...
-            if loc.endswith(local) and (pids is None or int(rest.split(None, 7)[6]) in inodes):
-                ports.add(int(rem[-4:], 16))
+            if loc.endswith(local) and rest.startswith("01 "):  # established
+                if pids is None or int(rest.split(None, 7)[6]) in inodes:
+                    ports.add(int(rem[-4:], 16))
     return ports
 
 
@@ -288,6 +294,13 @@ class Event:
     def name(self):
         return f"{self.label} (#{self.n} at {self.t0 - T0:.1f}s)"
 
+    def start(self):
+        """When it can begin to cause losses: a plain kill (which can only
+        take the connections it held), at the kill."""
+        if self.kind in ("kill-worker", "harness"):
+            return self.tk if self.tk is not None else float("inf")
+        return self.t0
+
 
 class Ledger:
     def __init__(self):
@@ -326,7 +339,8 @@ class Ledger:
             first = min(reqs, key=lambda r: r.t_first, default=None)
             a = first.t_first if first else t - 1
             b = min(t, first.t_sent + 0.5) if first and first.t_sent else t
-            near = [x for x in self.events if x.t0 - 0.5 <= b and (x.t1 or now()) + AFTER >= a]
+            near = [x for x in self.events if x.start() - 0.5 <= b and (x.t1 or now()) + AFTER >= a
+                    and (x.kind not in ("kill-worker", "harness") or c.port in x.held)]
             # A stopped worker delays; it takes nothing: blame it last.
             near = ([x for x in near if x.kind != "stop-worker"] or near or [None])[-1]
         orphan = next((k for k in kills if k.orphans_die and c.port not in k.others), None) if what == "conn" else None
@@ -336,8 +350,9 @@ class Ledger:
                 self.used.add((c.cid, k.n))
             self.count("reply", k, near)
             self.noticed[how] += 1
-        if what:
-            k = orphan or next((k for k in kills if (c.cid, k.n) in self.used and what != "dup"), None)
+        if what:  # rescued by another process, but out of step: its request in flight died
+            k = orphan or next((k for k in kills if (c.cid, k.n) in self.used and c.port in k.others
+                                and what != "dup"), None)
             self.count(what, k, near)
 
     def count(self, what, k, near):
@@ -386,6 +401,7 @@ class Load:
         self.timers, self.tick, self.rid, self.cids = [], itertools.count(), itertools.count(1), itertools.count(1)
         self.conns, self.stopping = {}, False
         self.ready = threading.Event()  # the initial connections are open
+        self.quiet = threading.Lock()  # held by the fault thread while it reads fd tables
 
     def at(self, delay, fn, *args):
         heapq.heappush(self.timers, (now() + delay, next(self.tick), fn, args))
@@ -598,6 +614,8 @@ class Load:
     def run(self, until, progress=None):
         last = now()
         while now() < until:
+            with self.quiet:  # wait out a snapshot: a stopped process waits for it too
+                pass
             t = now()
             while self.timers and self.timers[0][0] <= t:
                 _, _, fn, args = heapq.heappop(self.timers)
@@ -657,7 +675,12 @@ class Faults(threading.Thread):
         while not self.stop.wait(0.2):
             try:
                 if now() >= nxt and self.kinds:
-                    getattr(self, self.rng.choice(self.kinds).replace("-", "_"))()
+                    kind = self.rng.choice(self.kinds)
+                    if kind in ("kill-worker", "stop-worker"):
+                        getattr(self, kind.replace("-", "_"))()
+                    else:  # restart, restart-lowfd, kill-new-master, kill-old-master
+                        self.restart_with(kind, ["--binary", self.wrapper] if kind == "restart-lowfd" else [],
+                                          {"kill-new-master": "new", "kill-old-master": "old"}.get(kind))
                     nxt = now() + self.rng.uniform(self.o.fault_min, self.o.fault_max)
                 if now() >= check:
                     self.health()
@@ -686,9 +709,10 @@ class Faults(threading.Thread):
     def fresh(self, why):
         """Replaces the whole cluster; its connections die with it (a kill)."""
         e = self.led.event("harness", f"harness cluster restart ({why})")
-        for p in self.cl.procs():
-            freeze(p)
-        e.held, e.tk = client_ports(None, self.cl.port), now()
+        with self.load.quiet:
+            for p in self.cl.procs():
+                freeze(p)
+            e.held, e.tk = client_ports(None, self.cl.port), now()
         self.cl.kill_all()
         self.cl.start()
         e.t1 = now()
@@ -704,11 +728,12 @@ class Faults(threading.Thread):
             os.kill(pid, signal.SIGCONT)
             return False
         kids = self.cl.children(pid, "worker") if role == "master" else []
-        for k in kids:
-            freeze(k)
-        e.held = client_ports([pid] + kids, self.cl.port)
-        e.others = client_ports([p for p in self.cl.procs() if p != pid and p not in kids], self.cl.port)
-        e.tk = now()
+        with self.load.quiet:
+            for k in kids:
+                freeze(k)
+            e.held = client_ports([pid] + kids, self.cl.port)
+            e.others = client_ports([p for p in self.cl.procs() if p != pid and p not in kids], self.cl.port)
+            e.tk = now()
         e.frozen = f"stopped {(e.tk - t) * 1000:.0f} ms before"
         os.kill(pid, signal.SIGKILL)
         for k in kids:  # they die with their master (PR_SET_PDEATHSIG); never leave one stopped
@@ -741,18 +766,6 @@ class Faults(threading.Thread):
             e.t1 = now()
             say(f"#{e.n} {e.label} for {secs:.1f}s")
             self.tally["stop-worker"]["done"] += 1
-
-    def restart(self):
-        self.restart_with("restart", [])
-
-    def restart_lowfd(self):
-        self.restart_with("restart-lowfd", ["--binary", self.wrapper])
-
-    def kill_new_master(self):
-        self.restart_with("kill-new-master", [], victim="new")
-
-    def kill_old_master(self):
-        self.restart_with("kill-old-master", [], victim="old")
 
     def restart_with(self, kind, args, victim=None):
         """`handoff restart` (SIGKILLing the new or old master mid-takeover
@@ -789,7 +802,7 @@ class Faults(threading.Thread):
         if not st2:
             self.health(tries=1)  # the finding, and a fresh cluster
         elif kind == "restart-lowfd" and gen1 != gen0 and not self.raise_nofile():
-            time.sleep(1)  # let its consequences show, then back to a cluster with the normal limit
+            time.sleep(0.5)  # let its consequences show, then back to a cluster with the normal limit
             self.fresh(f"undo nofile={self.o.lowfd}")
 
     def mid_takeover(self, e, p, old, victim):
@@ -837,7 +850,7 @@ def report(o, led, faults, up, secs, tmp):
             print(f"{what}: {counts(c)}")
     head = f"{'lost conns':>10} {'lost replies':>12} {'mismatch':>8} {'dup':>5}"
     row = lambda c: f"{c['conn']:>10} {c['reply']:>12} {c['mismatch']:>8} {c['dup']:>5}"  # noqa: E731
-    print(f"\n{'cause (faults around the loss)':<50} {'explained':<9} {head}")
+    print(f"\n{'cause (the latest fault near the loss)':<50} {'explained':<9} {head}")
     for (ex, kinds), c in sorted(led.by_kind.items(), key=lambda kv: (not kv[0][0], -sum(kv[1].values()))):
         print(f"{kinds[:50]:<50} {'yes' if ex else 'NO':<9} {row(c)}")
     print(f"{'total':<60} {row(led.total)}\n{'unexplained':<60} {row(led.unexplained)}")
@@ -848,7 +861,8 @@ def report(o, led, faults, up, secs, tmp):
     if led.findings:
         print("\nfindings:\n" + "\n".join("  " + f for f in led.findings))
     n = sum(led.unexplained.values())
-    print(f"\nservice at the end: {'up' if up else 'DOWN'}; cluster log: {os.path.join(tmp, 'cluster.log')}")
+    status = "not checked (interrupted)" if up is None else "up" if up else "DOWN"
+    print(f"\nservice at the end: {status}; cluster log: {os.path.join(tmp, 'cluster.log')}")
     print(f"chaos: {n} unexplained loss(es)")
     return 1 if n or led.findings or not up else 0
 
@@ -902,7 +916,7 @@ def main():
         say(led.line())
     except KeyboardInterrupt:
         say("interrupted; stopping everything")
-        interrupted = True
+        interrupted, up = True, None
     finally:
         faults.stop.set()
         for c in list(load.conns.values()):
