@@ -775,9 +775,10 @@ class Faults(threading.Thread):
             return
         old, gen0 = st["pid"], st["gen"]
         e = self.led.event(kind, f"restart nofile={self.o.lowfd}" if kind == "restart-lowfd" else "restart")
+        before = (set(self.cl.children(old, "takeover")), self.ctl_inode())
         p = subprocess.Popen([self.o.bin, "restart", "--dir", self.cl.dir] + args,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        note = self.mid_takeover(e, p, old, victim) if victim else ""
+        note = self.mid_takeover(e, p, old, victim, before) if victim else ""
         try:
             err = p.communicate(timeout=120)[1]
         except subprocess.TimeoutExpired:
@@ -805,15 +806,26 @@ class Faults(threading.Thread):
             time.sleep(0.5)  # let its consequences show, then back to a cluster with the normal limit
             self.fresh(f"undo nofile={self.o.lowfd}")
 
-    def mid_takeover(self, e, p, old, victim):
-        """Waits for the new master (a `takeover` child of the old one) and a
-        random part of a restart's usual time, then SIGKILLs the victim."""
-        before, new, deadline = set(self.cl.children(old, "takeover")), None, now() + 10
-        while new is None and now() < deadline and p.poll() is None:
-            new = next((q for q in self.cl.children(old, "takeover") if q not in before), None)
+    def ctl_inode(self):
+        try:
+            return os.stat(os.path.join(self.cl.dir, "control.sock")).st_ino
+        except OSError:
+            return None
+
+    def mid_takeover(self, e, p, old, victim, before):
+        """Waits for the new master (a `takeover` child of the old one; to
+        kill the old one: until the new one has the listener, i.e. has
+        renamed its control socket over the old one's), then a random part
+        of a restart's usual time; then SIGKILLs the victim."""
+        kids, ino = before
+        new, deadline = None, now() + 10
+        while now() < deadline and p.poll() is None:
+            new = new or next((q for q in self.cl.children(old, "takeover") if q not in kids), None)
+            if new and (victim == "new" or self.ctl_inode() != ino):
+                break
             time.sleep(0.002)
-        if new is None:
-            return "no new master appeared; nothing killed"
+        else:
+            return "the takeover did not get that far; nothing killed"
         time.sleep(self.rng.choice([0, self.rng.uniform(0, self.took)]))
         pid = new if victim == "new" else old
         label, e.label = e.label, f"{victim} master SIGKILL pid {pid}"
