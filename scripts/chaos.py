@@ -27,10 +27,11 @@ reply ok or a lost reply (its connection died, a later reply came first,
 no progress for --stall s, or the run ended). A lost connection is one the
 server closed or reset. A reply nobody asked for is a duplicate (of an
 answered request) or a mismatch; the client then closes and reconnects.
-Each loss is labelled with its cause: the latest fault (its span + 5 s)
-between the time its connection was last known good (when its oldest
-request in flight went out, else 1 s before) and the time it went bad
-(noticed, or soon after that request was complete). It is *explained* only
+Each loss is labelled with its cause: a fault (its span + 5 s) between the
+time its connection was last known good (when its oldest request in flight
+went out, else 1 s before) and the time it went bad (noticed, or soon
+after that request was complete): the first one if the server balked at
+the request's completion, else the latest. It is *explained* only
 if a process we SIGKILLed held the connection (its fd table is read while
 it is SIGSTOPped just before the kill) and:
   lost reply  the request was in flight at the kill: one per connection,
@@ -333,16 +334,19 @@ class Ledger:
         with self.lock:
             kills = [e for e in reversed(self.events)
                      if e.tk is not None and c.t_connect <= e.tk <= t and c.port in e.held]
-            # The cause: the latest fault between the time the stream was last
-            # known good (its oldest request went out) and the time it went
-            # bad (noticed, or shortly after that request's last byte).
+            # The cause: a fault between the time the stream was last known
+            # good (its oldest request went out) and the time it went bad
+            # (noticed, or shortly after that request's last byte): the
+            # first one if the server balked at the request's completion
+            # (something it did while the request was held), else the latest.
             first = min(reqs, key=lambda r: r.t_first, default=None)
             a = first.t_first if first else t - 1
             b = min(t, first.t_sent + 0.5) if first and first.t_sent else t
             near = [x for x in self.events if x.start() - 0.5 <= b and (x.t1 or now()) + AFTER >= a
                     and (x.kind not in ("kill-worker", "harness") or c.port in x.held)]
             # A stopped worker delays; it takes nothing: blame it last.
-            near = ([x for x in near if x.kind != "stop-worker"] or near or [None])[-1]
+            near = [x for x in near if x.kind != "stop-worker"] or near or [None]
+            near = near[0] if first and first.t_sent and t - first.t_sent < 1 else near[-1]
         orphan = next((k for k in kills if k.orphans_die and c.port not in k.others), None) if what == "conn" else None
         for r in reqs:
             k = orphan or next((k for k in kills if (c.cid, k.n) not in self.used and r.t_first <= k.tk), None)
@@ -862,7 +866,7 @@ def report(o, led, faults, up, secs, tmp):
             print(f"{what}: {counts(c)}")
     head = f"{'lost conns':>10} {'lost replies':>12} {'mismatch':>8} {'dup':>5}"
     row = lambda c: f"{c['conn']:>10} {c['reply']:>12} {c['mismatch']:>8} {c['dup']:>5}"  # noqa: E731
-    print(f"\n{'cause (the latest fault near the loss)':<50} {'explained':<9} {head}")
+    print(f"\n{'cause (the fault near the loss)':<50} {'explained':<9} {head}")
     for (ex, kinds), c in sorted(led.by_kind.items(), key=lambda kv: (not kv[0][0], -sum(kv[1].values()))):
         print(f"{kinds[:50]:<50} {'yes' if ex else 'NO':<9} {row(c)}")
     print(f"{'total':<60} {row(led.total)}\n{'unexplained':<60} {row(led.unexplained)}")
