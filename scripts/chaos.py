@@ -126,12 +126,13 @@ def alive(pid):
 
 
 def freeze(pid):
-    """SIGSTOPs pid and waits until it is stopped: its fd table holds still."""
+    """SIGSTOPs pid and waits until it is stopped: its fd table holds still
+    (a process still inside execve stops only once the exec is done)."""
     try:
         os.kill(pid, signal.SIGSTOP)
     except ProcessLookupError:
         return
-    deadline = now() + 1
+    deadline = now() + 10
     while state(pid) not in (None, "T", "t", "Z", "X") and now() < deadline:
         time.sleep(0.002)
 
@@ -618,33 +619,33 @@ class Load:
     def run(self, until, progress=None):
         last = now()
         while now() < until:
-            with self.quiet:  # wait out a snapshot: a stopped process waits for it too
-                pass
-            t = now()
-            while self.timers and self.timers[0][0] <= t:
-                _, _, fn, args = heapq.heappop(self.timers)
-                fn(*args)
             timeout = min(0.1, max(0.0, self.timers[0][0] - now())) if self.timers else 0.1
-            for key, ev in self.sel.select(timeout):
-                c = key.data
-                if c.cid not in self.conns:
-                    continue
-                if c.port == 0:
-                    self.connected(c)
-                    continue
-                if ev & selectors.EVENT_READ:
-                    self.readable(c)
-                if ev & selectors.EVENT_WRITE and c.cid in self.conns:
-                    self.flush(c)
-            if now() - last >= 1:  # once a second: stalls, progress, the end of a drain
-                last = now()
-                for c in list(self.conns.values()):
-                    if c.waiting is not None and last - c.waiting > self.o.stall:
-                        self.abandon(c, f"no progress for {self.o.stall:g}s")
-                if progress:
-                    progress()
-                if self.stopping and not any(c.pending for c in self.conns.values()):
-                    return
+            ready = self.sel.select(timeout)
+            with self.quiet:  # a kill's snapshot and its accounting never interleave
+                t = now()
+                while self.timers and self.timers[0][0] <= t:
+                    _, _, fn, args = heapq.heappop(self.timers)
+                    fn(*args)
+                for key, ev in ready:
+                    c = key.data
+                    if c.cid not in self.conns:
+                        continue
+                    if c.port == 0:
+                        self.connected(c)
+                        continue
+                    if ev & selectors.EVENT_READ:
+                        self.readable(c)
+                    if ev & selectors.EVENT_WRITE and c.cid in self.conns:
+                        self.flush(c)
+                if now() - last >= 1:  # once a second: stalls, progress, the end of a drain
+                    last = now()
+                    for c in list(self.conns.values()):
+                        if c.waiting is not None and last - c.waiting > self.o.stall:
+                            self.abandon(c, f"no progress for {self.o.stall:g}s")
+                    if progress:
+                        progress()
+                    if self.stopping and not any(c.pending for c in self.conns.values()):
+                        return
 
     def finish(self, timeout):
         """No new requests; held ones complete now; every reply is awaited."""
@@ -724,7 +725,9 @@ class Faults(threading.Thread):
 
     def kill(self, e, pid, role, guard=None):
         """SIGSTOPs pid (and its workers if a master), reads which
-        connections they and the other processes hold, SIGKILLs pid.
+        connections each process holds, SIGKILLs pid. The victims are pid
+        and the workers that die with it (PR_SET_PDEATHSIG), if they do.
+        The load waits meanwhile, so no loss is judged on half a picture.
         Returns False (and lets pid go on) if guard() turned false."""
         t = now()
         freeze(pid)
@@ -735,13 +738,18 @@ class Faults(threading.Thread):
         with self.load.quiet:
             for k in kids:
                 freeze(k)
-            e.held = client_ports([pid] + kids, self.cl.port)
-            e.others = client_ports([p for p in self.cl.procs() if p != pid and p not in kids], self.cl.port)
+            ports = {q: client_ports([q], self.cl.port) for q in [pid] + kids}
+            rest = client_ports([p for p in self.cl.procs() if p not in ports], self.cl.port)
             e.tk = now()
+            os.kill(pid, signal.SIGKILL)
+            for k in kids:  # never leave one stopped
+                os.kill(k, signal.SIGCONT)
+            deadline = now() + 0.3
+            while any(map(alive, kids)) and now() < deadline:
+                time.sleep(0.005)
+            e.held = set().union(*(ports[q] for q in ports if q == pid or not alive(q)))
+            e.others = rest.union(*(ports[q] for q in kids if alive(q)))
         e.frozen = f"stopped {(e.tk - t) * 1000:.0f} ms before"
-        os.kill(pid, signal.SIGKILL)
-        for k in kids:  # they die with their master (PR_SET_PDEATHSIG); never leave one stopped
-            os.kill(k, signal.SIGCONT)
         return True
 
     def worker(self):
