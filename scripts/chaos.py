@@ -30,8 +30,9 @@ answered request) or a mismatch; the client then closes and reconnects.
 Each loss is labelled with its cause: a fault (its span + 5 s) between the
 time its connection was last known good (when its oldest request in flight
 went out, else 1 s before) and the time it went bad (noticed, or soon
-after that request was complete): the first one if the server balked at
-the request's completion, else the latest. It is *explained* only
+after that request was complete): a kill less than 1.5 s before it was
+noticed; else the first one if the server balked at the request's
+completion; else the latest. It is *explained* only
 if a process we SIGKILLed held the connection (its fd table is read while
 it is SIGSTOPped just before the kill) and:
   lost reply  the request was in flight at the kill: one per connection,
@@ -97,6 +98,7 @@ def options():
         ("fault-max", 6.0, "longest pause between faults, s"),
         ("faults", FAULTS, "faults to inject (comma list; repeat a name to weight it)"),
         ("lowfd", 64, "descriptor limit of restart-lowfd's new master"),
+        ("show", 10, "unexplained losses to print in detail as they happen"),
         ("stall", 20.0, "no progress this long on a waiting connection: its replies are lost, s"),
         ("bin", os.path.join(ROOT, "target/release/handoff"), "the handoff binary"),
     ]:
@@ -305,7 +307,7 @@ class Event:
 
 
 class Ledger:
-    def __init__(self):
+    def __init__(self, show):
         self.lock = threading.Lock()
         self.events, self.findings = [], []
         self.sent = self.ok = self.connects = self.refused = 0
@@ -316,6 +318,7 @@ class Ledger:
         self.noticed = collections.Counter()  # how lost replies were noticed
         self.ended = collections.Counter()  # how lost connections ended
         self.used = set()  # (connection, kill): its one explained request is spent
+        self.show, self.shown = show, 0  # unexplained incidents to print in detail
 
     def event(self, kind, label):
         with self.lock:
@@ -337,9 +340,10 @@ class Ledger:
                      if e.tk is not None and c.t_connect <= e.tk <= t and c.port in e.held]
             # The cause: a fault between the time the stream was last known
             # good (its oldest request went out) and the time it went bad
-            # (noticed, or shortly after that request's last byte): the
-            # first one if the server balked at the request's completion
-            # (something it did while the request was held), else the latest.
+            # (noticed, or shortly after that request's last byte): a kill
+            # just before it was noticed; else the first one if the server
+            # balked at the request's completion (something done while the
+            # request was held); else the latest.
             first = min(reqs, key=lambda r: r.t_first, default=None)
             a = first.t_first if first else t - 1
             b = min(t, first.t_sent + 0.5) if first and first.t_sent else t
@@ -347,26 +351,41 @@ class Ledger:
                     and (x.kind not in ("kill-worker", "harness") or c.port in x.held)]
             # A stopped worker delays; it takes nothing: blame it last.
             near = [x for x in near if x.kind != "stop-worker"] or near or [None]
-            near = near[0] if first and first.t_sent and t - first.t_sent < 1 else near[-1]
+            just = [x for x in near if x and x.tk is not None and x.tk <= t <= x.tk + 1.5]
+            near = (just[-1] if just else near[0] if first and first.t_sent and t - first.t_sent < 1
+                    else near[-1])
         orphan = next((k for k in kills if k.orphans_die and c.port not in k.others), None) if what == "conn" else None
+        unexplained = 0
         for r in reqs:
             k = orphan or next((k for k in kills if (c.cid, k.n) not in self.used and r.t_first <= k.tk), None)
             if k:
                 self.used.add((c.cid, k.n))
-            self.count("reply", k, near)
+            unexplained += self.count("reply", k, near)
             self.noticed[how] += 1
         if what:  # rescued by another process, but out of step: its request in flight died
             k = orphan or next((k for k in kills if (c.cid, k.n) in self.used and c.port in k.others
                                 and what != "dup"), None)
-            self.count(what, k, near)
+            unexplained += self.count(what, k, near)
+        if unexplained and self.shown < self.show:  # details of the first few, to chase them
+            self.shown += 1
+            rel = lambda x: f"{x - T0:.2f}s" if x is not None else "-"  # noqa: E731
+            say(f"unexplained: {c.kind} connection {c.cid} (client port {c.port}, opened {rel(c.t_connect)}): "
+                f"{what or 'replies'} noticed {rel(t)} ({how or what}); {len(reqs)} request(s) lost, the oldest "
+                f"sent {rel(first.t_first if first else None)}-{rel(first.t_sent if first else None)}; "
+                f"cause {near.name() if near else 'none'}; kills that held it: "
+                + (", ".join(f"#{k.n} at {rel(k.tk)}{'' if c.port in k.others else ' (alone)'}" for k in kills)
+                   or "none"))
 
     def count(self, what, k, near):
+        """Counts one loss; returns 1 if it is unexplained."""
         e = k or near
         self.by_kind[(k is not None, e.label.split(" pid")[0] if e else "no fault nearby")][what] += 1
-        if not k:
-            self.by_event[(e.n, e.name()) if e else (0, "no fault nearby")][what] += 1
-            self.unexplained[what] += 1
         self.total[what] += 1
+        if k:
+            return 0
+        self.by_event[(e.n, e.name()) if e else (0, "no fault nearby")][what] += 1
+        self.unexplained[what] += 1
+        return 1
 
     def line(self):
         t, u = self.total, self.unexplained
@@ -907,7 +926,7 @@ def main():
     signal.signal(signal.SIGTERM, on_term)
     rng = random.Random(o.seed)
     tmp = tempfile.mkdtemp(prefix="handoff-chaos.")
-    led, cl = Ledger(), Cluster(o, tmp)
+    led, cl = Ledger(o.show), Cluster(o, tmp)
     load = Load(o, cl, led, rng)
     faults = Faults(o, cl, led, random.Random(rng.random()), tmp, load)
     up, interrupted, start, last = False, False, now(), [now()]
