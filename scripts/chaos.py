@@ -30,9 +30,11 @@ answered request) or a mismatch; the client then closes and reconnects.
 Each loss is labelled with its cause: a fault (its span + 5 s) between the
 time its connection was last known good (when its oldest request in flight
 went out, else 1 s before) and the time it went bad (noticed, or soon
-after that request was complete): a kill less than 1.5 s before it was
-noticed; else the first one if the server balked at the request's
-completion; else the latest. It is *explained* only
+after that request was complete), among those that could touch it (open
+before the fault ended; a plain kill: held by the victim): a kill less
+than 1.5 s before it was noticed; else, if the server balked at the
+request's completion, the first fault at work while it was held; else the
+latest. It is *explained* only
 if a process we SIGKILLed held the connection (its fd table is read while
 it is SIGSTOPped just before the kill) and:
   lost reply  the request was in flight at the kill: one per connection,
@@ -298,6 +300,14 @@ class Event:
     def name(self):
         return f"{self.label} (#{self.n} at {self.t0 - T0:.1f}s)"
 
+    def touches(self, c):
+        """Whether it can have hurt connection c: c existed by its end (a
+        kill: held c), or it left a low-limit generation serving."""
+        if self.kind in ("kill-worker", "harness"):
+            return self.tk is not None and c.port in self.held and c.t_connect <= self.tk
+        end = self.tk if self.tk is not None else self.t1
+        return self.kind == "restart-lowfd" or end is None or c.t_connect <= end
+
     def start(self):
         """When it can begin to cause losses: a plain kill (which can only
         take the connections it held), at the kill."""
@@ -348,11 +358,12 @@ class Ledger:
             a = first.t_first if first else t - 1
             b = min(t, first.t_sent + 0.5) if first and first.t_sent else t
             near = [x for x in self.events if x.start() - 0.5 <= b and (x.t1 or now()) + AFTER >= a
-                    and (x.kind not in ("kill-worker", "harness") or c.port in x.held)]
+                    and x.touches(c)]
             # A stopped worker delays; it takes nothing: blame it last.
             near = [x for x in near if x.kind != "stop-worker"] or near or [None]
             just = [x for x in near if x and x.tk is not None and x.tk <= t <= x.tk + 1.5]
-            near = (just[-1] if just else near[0] if first and first.t_sent and t - first.t_sent < 1
+            held = [x for x in near if x and (x.t1 or now()) >= a]  # at work while the request was held
+            near = (just[-1] if just else (held or near)[0] if first and first.t_sent and t - first.t_sent < 1
                     else near[-1])
         orphan = next((k for k in kills if k.orphans_die and c.port not in k.others), None) if what == "conn" else None
         unexplained = 0
