@@ -34,9 +34,9 @@ after that request was complete), among those that could touch it (open
 before the fault ended; a plain kill: held by the victim): a kill less
 than 1.5 s before it was noticed; else, if the server balked at the
 request's completion, the first fault at work while it was held; else the
-latest. It is *explained* only
-if a process we SIGKILLed held the connection (its fd table is read while
-it is SIGSTOPped just before the kill) and:
+latest. It is *explained* only if a process we SIGKILLed held the
+connection (its fd table is read while it is SIGSTOPped just before the
+kill) and:
   lost reply  the request was in flight at the kill: one per connection,
               or all of them if the connection died with the process;
   lost conn   another process held it too (a worker's master; the new
