@@ -4,17 +4,22 @@
 #   make test     cargo test (unit + integration) incl. the C client check
 #   make bench    every benchmark (bench-pair, bench-cluster, bench-nodes, bench-restart)
 #   make memcheck unit tests, some integration tests and two nodes under valgrind
+#   make chaos    soak: load + restarts + kills, every request accounted for
+#                 (CHAOS_SECS=300; `make chaos-ci` is the 30 s form)
 CARGO   ?= cargo
 CC      ?= cc
 CFLAGS  ?= -O2 -Wall -Wextra -std=c11 -D_GNU_SOURCE
 BIN     := target/release/handoff
+# make chaos: seconds of load and faults; every other knob is a CHAOS_* env
+# var or a flag (scripts/chaos.py --help), e.g. make chaos CHAOS_HELD=8000.
+CHAOS_SECS ?= 300
 # Debian packages the build needs: libevent (linked via pkg-config), libclang
 # (bindgen), a C compiler.
 DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make
 # What make memcheck needs on top.
 MEMCHECK_PKGS := valgrind
 
-.PHONY: all deps memcheck-deps build run demo demo-nodes test memcheck bench bench-pair bench-cluster bench-nodes bench-restart clean
+.PHONY: all deps memcheck-deps build run demo demo-nodes test memcheck bench bench-pair bench-cluster bench-nodes bench-restart chaos chaos-ci clean
 
 all: deps build
 
@@ -80,6 +85,14 @@ bench-nodes: build
 
 bench-restart: build
 	scripts/bench-restart.sh
+
+# Exit status 1 on any unexplained lost connection/reply or finding.
+chaos: build
+	python3 scripts/chaos.py --secs $(CHAOS_SECS)
+
+# The short form for CI: 30 s, same load and faults.
+chaos-ci: build
+	python3 scripts/chaos.py --secs 30
 
 clean:
 	$(CARGO) clean

@@ -7,13 +7,19 @@
 #                     do to connections that outlive the drain)
 # reports failed requests, p99 and max latency; then the time one restart
 # takes with IDLE_CONNS (10000) idle connections moved, and whether all of
-# them survived. Prints a Markdown table.
+# them survived; then the scale row: one restart with SCALE_CONNS (10000)
+# connections each holding part of a request (bench/idle_conns.py
+# --partial) plus SCALE_PIPE (100) pipelining clients, the time to move them
+# all and the loss (target 0). Prints a Markdown table.
 source "$(dirname "$0")/bench-lib.sh"
 need_bin "$BIN"
 RESTARTS=${RESTARTS:-100}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 KA_REQS=${KA_REQS:-6000}
 SHORT_REQS=${SHORT_REQS:-1500}
+SCALE_CONNS=${SCALE_CONNS:-10000}
+SCALE_PIPE=${SCALE_PIPE:-100}
+SCALE_REQS=${SCALE_REQS:-3000}   # per pipelining client: long enough to span the restart
 
 hard=$(ulimit -Hn)
 [ "$hard" = unlimited ] && hard=1048576
@@ -96,6 +102,35 @@ closed=$(grep -c '^closed' "$BENCH_TMP/idle.out" || true)
 bg_forget_stop "$IPID"
 stop_cluster
 
+say "scale: one restart with $SCALE_CONNS connections holding a partial request + $SCALE_PIPE pipelining clients"
+start_cluster
+bg_start partial python3 "$ROOT/bench/idle_conns.py" "$PORT" "$SCALE_CONNS" --partial 7
+PPID_=$BG_PID
+wait_line partial "$PPID_" '^open' 120
+deadline=$((SECONDS + 30))
+until [ "$(open_now)" -ge "$SCALE_CONNS" ] || ((SECONDS >= deadline)); do sleep 0.1; done
+bg_start pipe "$BIN" client rpc --port "$PORT" --conns "$SCALE_PIPE" --requests "$SCALE_REQS"
+KP=$BG_PID
+sleep 0.5
+kill -0 "$KP" 2>/dev/null || say "bench: the pipelining clients ended before the restart began (raise SCALE_REQS)"
+t0=$(date +%s%N)
+"$BIN" restart --dir "$DIR" >/dev/null 2>>"$BENCH_TMP/restart.err" || say "bench: the scale restart failed: $(tail -n 1 "$BENCH_TMP/restart.err")"
+t1=$(date +%s%N)
+scale_ms=$(( (t1 - t0) / 1000000 ))
+scale_gen=$("$BIN" status --dir "$DIR" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["gen"])')
+kill -USR1 "$PPID_"   # every held request completes now; each must get its own reply
+wait_line partial "$PPID_" '^replies' 60
+scale_replies=$(grep '^replies' "$BENCH_TMP/partial.out")
+scale_closed=$(grep -c '^closed' "$BENCH_TMP/partial.out" || true)
+wait "$KP" || true
+pipe=$(grep '^rpc' "$BENCH_TMP/pipe.out" || echo "rpc errors=?")
+say "  restart ${scale_ms} ms (generation now $scale_gen); partial: $scale_replies, closed before: $scale_closed"
+say "  $pipe"
+bg_forget_stop "$PPID_" "$KP"
+stop_cluster
+scale_lost=$(( $(field "$scale_replies" lost) + $(field "$scale_replies" bad) ))
+pipe_errors=$(field "$pipe" errors)
+
 machine_line
 echo
 echo "| restart bench (2 workers; load: 50 keep-alive conns + 4 short-connection slots) | restarts | failed requests | keep-alive p99 / max us | short p99 / max us | keep-alive / short req/s |"
@@ -103,3 +138,10 @@ echo "|---|---:|---:|---:|---:|---:|"
 printf '%s\n' "${ROWS[@]}"
 echo
 echo "One restart moving $IDLE_CONNS idle connections: ${ms} ms (target < 1000 ms: $(verdict "$ms" '<=' 1000)); open on the new generation afterwards: $moved; closed by the server: $closed."
+echo
+echo "| scale restart (2 workers) | connections | restart ms | partial requests lost / wrong | pipelined requests failed | loss target 0 |"
+echo "|---|---:|---:|---:|---:|---|"
+printf '| %s partial requests + %s pipelining clients (gen %s after) | %s | %s | %s / %s | %s | %s |\n' \
+    "$SCALE_CONNS" "$SCALE_PIPE" "$scale_gen" "$((SCALE_CONNS + SCALE_PIPE))" "$scale_ms" \
+    "$(field "$scale_replies" lost)" "$(field "$scale_replies" bad)" "${pipe_errors:-?}" \
+    "$( [ "$scale_lost" = 0 ] && [ "${pipe_errors:-x}" = 0 ] && echo met || echo '**missed**')"
