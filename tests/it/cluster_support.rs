@@ -76,6 +76,17 @@ pub struct Cluster {
 impl Cluster {
     /// `handoff cluster --port 0 --workers N --dir D EXTRA...`
     pub fn start(workers: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_with(workers, extra, bin().as_ref(), |_| {})
+    }
+
+    /// `start`, running `program` (e.g. a copy of the binary) and letting
+    /// `setup` adjust the command (e.g. a `pre_exec` that sets a limit).
+    pub fn start_with(
+        workers: usize,
+        extra: &[&str],
+        program: &std::ffi::OsStr,
+        setup: impl FnOnce(&mut Command),
+    ) -> Cluster {
         let tmp = TempDir::new("cl");
         let dir = tmp.path().join("d");
         let mut args: Vec<String> =
@@ -83,13 +94,20 @@ impl Cluster {
         args.push("--dir".into());
         args.push(dir.display().to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
-        Cluster::launch("cluster", tmp, dir, workers, args)
+        let mut cmd = Command::new(program);
+        cmd.args(&args);
+        setup(&mut cmd);
+        Cluster::adopt("cluster", tmp, dir, workers, TestServer::start_cmd("cluster", cmd))
     }
 
     /// Starts `handoff ARGS` (a cluster or a node) in `dir` and checks its
     /// readiness line `ready port=P workers=N dir=D gen=1`.
     pub fn launch(name: &str, tmp: TempDir, dir: PathBuf, workers: usize, args: Vec<String>) -> Cluster {
-        let server = TestServer::start(name, &args);
+        Cluster::adopt(name, tmp, dir, workers, TestServer::start(name, &args))
+    }
+
+    /// Wraps a started master (readiness line seen) as in `launch`.
+    pub fn adopt(name: &str, tmp: TempDir, dir: PathBuf, workers: usize, server: TestServer) -> Cluster {
         let port: u16 = ready_field(&server.ready, "port")
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("{name}: no port in readiness line {:?}", server.ready));

@@ -80,7 +80,14 @@ impl TestServer {
         S: AsRef<OsStr>,
     {
         let mut cmd = Command::new(bin());
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args);
+        TestServer::spawn_cmd(name, cmd)
+    }
+
+    /// Starts `cmd` (its program and arguments set by the caller, e.g. a
+    /// copy of the binary, or with its own `pre_exec`) without waiting.
+    pub fn spawn_cmd(name: &str, mut cmd: Command) -> TestServer {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         // Own process group: Drop kills the whole group (the servers that
         // `handoff pair` starts included).
         cmd.process_group(0);
@@ -93,7 +100,7 @@ impl TestServer {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{name}: spawn {}: {e}", bin()));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{name}: spawn {:?}: {e}", cmd.get_program()));
         let (tx, rx) = mpsc::channel();
         let out = child.stdout.take().expect("piped stdout");
         let t1 = std::thread::spawn(move || {
@@ -134,7 +141,14 @@ impl TestServer {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut s = TestServer::spawn(name, args);
+        let mut cmd = Command::new(bin());
+        cmd.args(args);
+        TestServer::start_cmd(name, cmd)
+    }
+
+    /// `spawn_cmd`, then waits for the readiness line as `start` does.
+    pub fn start_cmd(name: &str, cmd: Command) -> TestServer {
+        let mut s = TestServer::spawn_cmd(name, cmd);
         if let Err(e) = s.wait_ready() {
             panic!("{name}: {e}\n--- stderr ---\n{}", s.stderr_text());
         }
