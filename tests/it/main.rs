@@ -5,6 +5,7 @@ mod cluster_support;
 mod support;
 
 mod cluster;
+mod faults;
 mod node;
 mod pair;
 mod restart;
