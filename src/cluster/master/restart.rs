@@ -169,11 +169,9 @@ impl Master {
             back.extend(s.take_acked());
         }
         if r.phase == Phase::Standby {
-            // The new generation served these after COMMIT: the bytes we
-            // copied are consumed. Only what it held in flight is lost.
-            for m in &mut back {
-                m.body.clear();
-            }
+            // Those that carried read-ahead were held unread over there
+            // until we leave: our copies are exact. The others it served;
+            // only what it held in flight is lost.
             log::error!("the new generation died right after committing");
         }
         if let Some(l) = &self.listener {
@@ -573,20 +571,31 @@ impl Master {
                     log::warn!("takeover: generation {} died before COMMIT; serving alone", self.cfg.gen - 1);
                     self.commit_takeover("alone");
                 }
-                log::info!("takeover complete: generation {} is gone", self.cfg.gen - 1);
+                // Until the old master is gone it can resume the connections
+                // that carried read-ahead, from its exact copies: only now
+                // are they read here.
+                let moves = std::mem::take(&mut self.moves);
+                log::info!(
+                    "takeover complete: generation {} is gone; serving {} moved connection(s) that carried read-ahead",
+                    self.cfg.gen - 1,
+                    moves.len()
+                );
                 self.predecessor = None;
+                for m in moves {
+                    self.dispatch(m);
+                }
             }
         }
     }
 
     /// A connection moved to us. One with no read-ahead is served at once:
     /// the old side's copy can resume it at any time (losing at most what
-    /// is in flight here). One carrying bytes waits unread until COMMIT, so
-    /// that the old side's copy of those bytes stays exact.
+    /// is in flight here). One carrying bytes waits unread until the old
+    /// master is gone, so that its copy of those bytes stays exact.
     pub(super) fn take_moved(&mut self, mut m: Msg) {
         m.flags &= !wire::FLAG_RELEASED;
         m.meta = 0;
-        if self.takeover_pending && !m.body.is_empty() {
+        if self.predecessor.is_some() && !m.body.is_empty() {
             self.moves.push(m);
         } else {
             self.dispatch(m);
@@ -605,11 +614,7 @@ impl Master {
             }
         }
         self.share_listener_with_all();
-        let moves = std::mem::take(&mut self.moves);
-        log::info!("takeover {how}: generation {} serves {} moved connection(s)", self.cfg.gen, moves.len());
-        for m in moves {
-            self.dispatch(m);
-        }
+        log::info!("takeover {how}: generation {} serves", self.cfg.gen);
         if let Some(sig) = self.stop_after_takeover.take() {
             self.shutdown(sig);
         }
