@@ -24,6 +24,9 @@ pub const KIND_STATUS_REPLY: u16 = KIND_USER + 3;
 pub const KIND_RESTART_REQ: u16 = KIND_USER + 4;
 /// old master -> `handoff restart`: `{"ok":bool,"reason"|"pid","gen"}`.
 pub const KIND_RESTART_REPLY: u16 = KIND_USER + 5;
+/// `handoff restart` -> old master: the new generation answered on the
+/// port; the old one may go (until then it stands by).
+pub const KIND_RESTART_PROBED: u16 = KIND_USER + 17;
 /// new master -> old master: `{"pid":n}`; answered by a LISTENER message
 /// (the listening socket, body = the cluster's config as JSON).
 pub const KIND_TAKEOVER_HELLO: u16 = KIND_USER + 6;

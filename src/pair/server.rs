@@ -18,6 +18,9 @@ use crate::sock;
 
 /// Most bytes read ahead on one connection; they travel with it.
 const READ_LIMIT: usize = 512;
+/// Serving alone: pause reading a connection while this much output is
+/// unsent (a client that sends without reading cannot grow our memory).
+const OUTPUT_LIMIT: usize = 256 * 1024;
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 const LOG_FLUSH: Duration = Duration::from_millis(200);
@@ -38,6 +41,9 @@ struct Slot {
     handing_off: bool,
     /// Close when the output is drained.
     closing: bool,
+    /// Serving alone, the client does not read: reading paused until the
+    /// output drains.
+    throttled: bool,
     client: Option<SocketAddrV4>,
 }
 
@@ -246,7 +252,7 @@ impl Server {
         match Conn::adopt(&self.base, fd, leftover, READ_LIMIT, handler) {
             Ok(conn) => {
                 log::trace!("connection {id} adopted with {} byte(s) read ahead", leftover.len());
-                self.conns.insert(id, Slot { conn, eof, handing_off: false, closing: false, client });
+                self.conns.insert(id, Slot { conn, eof, handing_off: false, closing: false, throttled: false, client });
                 Some(id)
             }
             Err(e) => {
@@ -271,6 +277,12 @@ impl Server {
                     self.hand_off(id);
                 } else if slot.closing {
                     self.conns.remove(&id);
+                } else if slot.throttled {
+                    if let Some(slot) = self.conns.get_mut(&id) {
+                        slot.throttled = false;
+                        slot.conn.resume_reading();
+                    }
+                    self.serve(id);
                 }
             }
             ConnEvent::Eof => {
@@ -295,7 +307,7 @@ impl Server {
             let Some(slot) = self.conns.get_mut(&id) else {
                 return;
             };
-            if slot.handing_off || slot.closing {
+            if slot.handing_off || slot.closing || slot.throttled {
                 return;
             }
             let avail = slot.conn.input_len();
@@ -312,6 +324,10 @@ impl Server {
                         Err(e) => {
                             log::debug!("connection {id}: write: {e}");
                             self.conns.remove(&id);
+                        }
+                        Ok(_) if !peer_up && slot.conn.output_len() > OUTPUT_LIMIT => {
+                            slot.throttled = true;
+                            slot.conn.pause_reading();
                         }
                         Ok(_) if !peer_up => continue,
                         Ok(true) => self.hand_off(id),

@@ -517,3 +517,18 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+/// Sets SO_RCVBUF (the kernel caps it at net.core.rmem_max).
+pub fn set_rcvbuf(r: &Rpc, bytes: libc::c_int) {
+    // SAFETY: setsockopt on our socket with an int of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&r.s),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &bytes as *const _ as *const libc::c_void,
+            std::mem::size_of_val(&bytes) as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+}

@@ -280,19 +280,8 @@ pub(crate) fn stuck_client(c: &Cluster, idle: usize) -> (Rpc, std::thread::JoinH
 /// 4 KB buffer they take minutes).
 pub(crate) fn stuck_client_with(c: &Cluster, idle: usize, small_rcvbuf: bool) -> (Rpc, std::thread::JoinHandle<()>) {
     let stuck = c.connect();
-    let rcvbuf: libc::c_int = 4096;
-    // SAFETY: setsockopt on a socket we own, with an int of the right size.
     if small_rcvbuf {
-        unsafe {
-            use std::os::fd::AsRawFd;
-            libc::setsockopt(
-                stuck.s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                &rcvbuf as *const _ as *const libc::c_void,
-                std::mem::size_of_val(&rcvbuf) as libc::socklen_t,
-            );
-        }
+        set_rcvbuf(&stuck, 4096);
     }
     let mut w = stuck.s.try_clone().unwrap();
     let big = json!("s".repeat(100_000));

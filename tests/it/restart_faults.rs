@@ -313,20 +313,6 @@ fn recv_before(r: &mut Rpc, deadline: Instant) -> Result<Option<Value>, String> 
     serde_json::from_slice(&buf[4..]).map(Some).map_err(|e| format!("reply is not JSON: {e}"))
 }
 
-/// Sets SO_RCVBUF (the kernel caps it at net.core.rmem_max).
-fn set_rcvbuf(r: &Rpc, bytes: libc::c_int) {
-    // SAFETY: setsockopt on our socket with an int of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            r.s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &bytes as *const _ as *const libc::c_void,
-            std::mem::size_of_val(&bytes) as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_RCVBUF: {}", io::Error::last_os_error());
-}
 
 /// Reads the stuck client's STUCK_PINGS replies of 100 KB pings (made by
 /// `stuck_client_with(.., false)`: a default receive buffer, read at full

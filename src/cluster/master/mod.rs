@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::{
-    control_path, Policy, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY,
+    control_path, Policy, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_RESTART_PROBED, KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY,
     KIND_STATUS_REQ, KIND_TAKEOVER_HELLO,
 };
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
@@ -915,6 +915,7 @@ impl Master {
     fn on_control(&mut self, id: u64, ev: ChannelEvent) {
         match ev {
             ChannelEvent::Msg(m) if m.kind == KIND_RESTART_REQ => self.on_restart_request(id, &m.body),
+            ChannelEvent::Msg(m) if m.kind == KIND_RESTART_PROBED => self.on_restart_probed(id),
             ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_HELLO => self.on_takeover_hello(id, &m.body),
             ChannelEvent::Msg(m) if m.kind == KIND_ORPHAN_HELLO => {
                 log::warn!(
@@ -942,6 +943,7 @@ impl Master {
             ChannelEvent::Refused(_) => {}
             ChannelEvent::Closed { reason, orphans, .. } => {
                 self.clients.remove(&id);
+                self.on_restart_probed(id);
                 if self.orphan_clients.remove(&id) {
                     log::info!("a worker of the previous generation is done handing over");
                     // It exited before our ACK reached it: ours.

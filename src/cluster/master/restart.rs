@@ -25,7 +25,7 @@ use crate::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::cluster::control::Client;
 use crate::cluster::control_path;
 use crate::cluster::{
-    Policy, KIND_DRAIN, KIND_RESTART_REPLY, KIND_RESTART_REQ, KIND_TAKEOVER_BEGUN, KIND_TAKEOVER_COMMIT,
+    Policy, KIND_DRAIN, KIND_RESTART_PROBED, KIND_RESTART_REPLY, KIND_RESTART_REQ, KIND_TAKEOVER_BEGUN, KIND_TAKEOVER_COMMIT,
     KIND_TAKEOVER_COMMITTED, KIND_TAKEOVER_ENDED, KIND_TAKEOVER_HELLO, KIND_TAKEOVER_READY,
 };
 use crate::reactor::{Event, Interest};
@@ -41,7 +41,14 @@ pub(super) enum Phase {
     Prepare,
     Move,
     Commit,
+    /// COMMITTED, until `handoff restart` has seen the new generation
+    /// answer: the old master keeps its listener and its copies, and
+    /// resumes if the new master dies meanwhile.
+    Standby,
 }
+
+/// Longest standby after COMMITTED (a restart client that never reports).
+const STANDBY_MAX: Duration = Duration::from_secs(15);
 
 /// A restart in progress, seen from the old master.
 pub(super) struct Outgoing {
@@ -123,7 +130,13 @@ impl Master {
     fn restart_deadline(&mut self, after: Duration, what: &'static str) {
         let w = self.me.clone();
         let t = Event::new(&self.base, -1, Interest::Timer, move || {
-            with(&w, |m| m.abort_restart(format!("{what} within {after:?}")))
+            with(&w, |m| {
+                if m.restart.as_ref().is_some_and(|r| r.phase == Phase::Standby) {
+                    m.finish_restart(); // committed; nobody came to check
+                } else {
+                    m.abort_restart(format!("{what} within {after:?}"))
+                }
+            })
         })
         .and_then(|t| t.add(Some(after)).map(|()| t));
         match t {
@@ -154,6 +167,17 @@ impl Master {
         if let Some(s) = self.successor.take() {
             back.extend(s.shutdown());
             back.extend(s.take_acked());
+        }
+        if r.phase == Phase::Standby {
+            // Those that carried read-ahead were held unread over there
+            // until we leave: our copies are exact. The others it served;
+            // only what it held in flight is lost.
+            log::error!("the new generation died right after committing");
+        }
+        if let Some(l) = &self.listener {
+            if let Err(e) = l.resume() {
+                log::error!("cannot accept again: {e}");
+            }
         }
         let moved = back.len();
         self.tell_workers(KIND_TAKEOVER_ENDED);
@@ -448,15 +472,47 @@ impl Master {
         self.restart_deadline(COMMIT_TIMEOUT, "the new master did not commit");
     }
 
-    /// COMMITTED: the new generation serves alone. Say so and leave.
+    /// COMMITTED: the new generation serves alone. Say so; stand by until
+    /// `handoff restart` has seen it answer (or leave at once if nobody
+    /// asked).
     fn committed(&mut self) {
-        let Some(r) = self.restart.take() else { return };
+        let Some(r) = self.restart.as_mut() else { return };
         let pid = r.child.as_ref().map_or(r.pid, Child::id);
-        log::info!("restart: generation {} committed; generation {} exits", self.cfg.gen + 1, self.cfg.gen);
-        self.reply_restart(
-            r.reply_to,
-            json!({"ok": true, "pid": pid, "gen": self.cfg.gen + 1, "host": self.cfg.host, "port": self.port}),
-        );
+        let reply_to = r.reply_to.filter(|id| self.clients.contains_key(id));
+        if reply_to.is_some() && r.phase == Phase::Commit {
+            r.phase = Phase::Standby;
+            log::info!("restart: generation {} committed; standing by until it answers", self.cfg.gen + 1);
+            if let Some(l) = &self.listener {
+                l.pause();
+            }
+            self.reply_restart(
+                reply_to,
+                json!({"ok": true, "pid": pid, "gen": self.cfg.gen + 1, "host": self.cfg.host, "port": self.port}),
+            );
+            self.restart_deadline(STANDBY_MAX, "the restart client did not report");
+            return;
+        }
+        self.finish_restart();
+    }
+
+    /// `handoff restart` saw the new generation answer (or went away).
+    pub(super) fn on_restart_probed(&mut self, client: u64) {
+        if self.restart.as_ref().is_some_and(|r| r.phase == Phase::Standby && r.reply_to == Some(client)) {
+            self.finish_restart();
+        }
+    }
+
+    /// The takeover is over: close our copies and leave.
+    fn finish_restart(&mut self) {
+        let Some(r) = self.restart.take() else { return };
+        log::info!("restart: generation {} serves; generation {} exits", self.cfg.gen + 1, self.cfg.gen);
+        if r.phase != Phase::Standby {
+            let pid = r.child.as_ref().map_or(r.pid, Child::id);
+            self.reply_restart(
+                r.reply_to,
+                json!({"ok": true, "pid": pid, "gen": self.cfg.gen + 1, "host": self.cfg.host, "port": self.port}),
+            );
+        }
         self.listener = None;
         self.shared_fd = None;
         // Our copies of what moved are closed; the new side owns them.
@@ -515,20 +571,31 @@ impl Master {
                     log::warn!("takeover: generation {} died before COMMIT; serving alone", self.cfg.gen - 1);
                     self.commit_takeover("alone");
                 }
-                log::info!("takeover complete: generation {} is gone", self.cfg.gen - 1);
+                // Until the old master is gone it can resume the connections
+                // that carried read-ahead, from its exact copies: only now
+                // are they read here.
+                let moves = std::mem::take(&mut self.moves);
+                log::info!(
+                    "takeover complete: generation {} is gone; serving {} moved connection(s) that carried read-ahead",
+                    self.cfg.gen - 1,
+                    moves.len()
+                );
                 self.predecessor = None;
+                for m in moves {
+                    self.dispatch(m);
+                }
             }
         }
     }
 
     /// A connection moved to us. One with no read-ahead is served at once:
     /// the old side's copy can resume it at any time (losing at most what
-    /// is in flight here). One carrying bytes waits unread until COMMIT, so
-    /// that the old side's copy of those bytes stays exact.
+    /// is in flight here). One carrying bytes waits unread until the old
+    /// master is gone, so that its copy of those bytes stays exact.
     pub(super) fn take_moved(&mut self, mut m: Msg) {
         m.flags &= !wire::FLAG_RELEASED;
         m.meta = 0;
-        if self.takeover_pending && !m.body.is_empty() {
+        if self.predecessor.is_some() && !m.body.is_empty() {
             self.moves.push(m);
         } else {
             self.dispatch(m);
@@ -547,11 +614,7 @@ impl Master {
             }
         }
         self.share_listener_with_all();
-        let moves = std::mem::take(&mut self.moves);
-        log::info!("takeover {how}: generation {} serves {} moved connection(s)", self.cfg.gen, moves.len());
-        for m in moves {
-            self.dispatch(m);
-        }
+        log::info!("takeover {how}: generation {} serves", self.cfg.gen);
         if let Some(sig) = self.stop_after_takeover.take() {
             self.shutdown(sig);
         }
@@ -602,7 +665,11 @@ pub fn request(dir: &Path, binary: Option<&Path>, timeout: Duration, listeners_o
     let (host, port, gen) =
         (v["host"].as_str().unwrap_or("127.0.0.1"), v["port"].as_u64().unwrap_or(0), v["gen"].as_u64());
     match probe(host, port as u16) {
-        Ok(g) if Some(g) == gen => Ok(v),
+        Ok(g) if Some(g) == gen => {
+            // The old generation stood by until now: it may go.
+            let _ = c.send(KIND_RESTART_PROBED, &[]);
+            Ok(v)
+        }
         Ok(g) => Err(io::Error::other(format!(
             "restart committed generation {}, but port {port} is answered by generation {g}",
             gen.unwrap_or(0)

@@ -99,6 +99,8 @@ struct Worker {
     /// A restart is under way: if the master dies, the connections go to
     /// the successor listening on the control socket.
     successor_known: bool,
+    /// Released connections the broken master channel gave straight back.
+    unsent: Vec<Msg>,
     /// How long an orphaned worker waits for clients that do not read.
     orphan_grace: Duration,
     orphan_timer: Option<Event>,
@@ -151,6 +153,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
             exit_superseded: Rc::default(),
             dir: cfg.dir,
             successor_known: false,
+            unsent: Vec::new(),
             orphan_grace: Duration::from_secs(5),
             orphan_timer: None,
             retry_timer: None,
@@ -222,9 +225,14 @@ impl Worker {
                     }
                 }
             }
-            ChannelEvent::Closed { reason, returned, .. } => {
+            ChannelEvent::Closed { reason, mut returned, .. } => {
+                returned.append(&mut self.unsent);
+                let n = returned.len();
                 if self.successor_known && self.hand_to_successor(returned) {
                     return;
+                }
+                if n > 0 {
+                    log::error!("worker {}: master gone; {n} released connection(s) close", self.index);
                 }
                 log::info!(
                     "worker {}: master channel closed ({}); exiting",
@@ -540,8 +548,10 @@ impl Worker {
         }
         let mut msg = Msg::conn(fd, leftover, flags);
         msg.meta = slot.master_id;
-        if self.master.send(msg).is_err() {
-            log::error!("worker {}: master channel gone; connection {id} is lost", self.index);
+        if let Err(back) = self.master.send(msg) {
+            // The channel just broke: its Closed event decides (a successor
+            // takes it, or it closes with us).
+            self.unsent.push(back);
         }
         if self.conns.is_empty() {
             self.quit();
