@@ -19,7 +19,7 @@ impl Client {
     pub fn connect(dir: &Path) -> io::Result<Client> {
         let path = control_path(dir);
         let fd = sock::unix_connect(&path).map_err(|e| {
-            let hint = if e.raw_os_error() == Some(libc::ECONNREFUSED) {
+            let hint = if e.kind() == io::ErrorKind::ConnectionRefused {
                 " (a stale socket: the master that made it is gone)"
             } else {
                 ""

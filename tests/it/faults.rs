@@ -957,7 +957,6 @@ fn status_and_restart_errors_are_plain() {
 
 /// The error on a stale control socket says the master is gone.
 #[test]
-#[ignore = "issue 10 item 13 pending: sock::unix_connect rewraps the error without its errno, so control.rs never adds the stale hint"]
 fn stale_control_socket_is_named() {
     let c = cluster_with_a_stale_control_socket();
     let d = c.dir.display().to_string();

@@ -153,6 +153,28 @@ impl Master {
     /// (and waited for: its workers die with it), then the old generation
     /// serves again everything it handed over, and keeps accepting.
     pub(super) fn abort_restart(&mut self, reason: String) {
+        if self.stop_after_takeover.is_some() && self.restart.as_ref().is_some_and(|r| r.phase == Phase::Standby) {
+            // The new generation committed and stopped as it was told to:
+            // nothing to resume; we stop too.
+            log::info!("restart: generation {} committed and stopped as asked", self.cfg.gen + 1);
+            if let Some(s) = self.successor.take() {
+                drop(s.take_acked());
+                s.shutdown();
+            }
+            if let Some(mut r) = self.restart.take() {
+                if let Some(c) = r.child.as_mut() {
+                    let _ = c.wait();
+                }
+            }
+            // The control path was the new master's: not ours to remove.
+            if let Some(c) = self.control.take() {
+                c.forget_path();
+            }
+            if let Some(sig) = self.stop_after_takeover.take() {
+                self.shutdown(sig);
+            }
+            return;
+        }
         let Some(mut r) = self.restart.take() else { return };
         let gen = self.cfg.gen;
         if let Some(c) = r.child.as_mut() {
