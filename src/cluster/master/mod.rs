@@ -178,6 +178,8 @@ struct Master {
     /// A stop signal that arrived during a takeover, acted on when it ends.
     stop_after_takeover: Option<i32>,
     heartbeat: Option<Event>,
+    /// A restart asked for while the previous generation was still leaving.
+    queued_restart: Option<(Option<PathBuf>, Duration, Option<u64>, bool)>,
     /// Accepting paused because no worker can serve.
     accept_paused: bool,
 }
@@ -246,6 +248,7 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
             orphan_clients: Default::default(),
             stop_after_takeover: None,
             heartbeat: None,
+            queued_restart: None,
             accept_paused: false,
         })
     });

@@ -84,6 +84,13 @@ impl Master {
         reply_to: Option<u64>,
         listeners_only: bool,
     ) {
+        if self.predecessor.is_some() && !self.takeover_pending && self.restart.is_none() && !self.stopping {
+            // Committed, but the old master is still on its way out: the
+            // restart starts as soon as it is gone.
+            log::info!("restart queued until generation {} has exited", self.cfg.gen - 1);
+            self.queued_restart = Some((binary, timeout, reply_to, listeners_only));
+            return;
+        }
         let refuse = if self.cfg.node.is_some() {
             Some("restart of a node is not supported yet: it would come back as a plain cluster; stop and start the node instead")
         } else if self.restart.is_some() {
@@ -605,6 +612,9 @@ impl Master {
                 self.predecessor = None;
                 for m in moves {
                     self.dispatch(m);
+                }
+                if let Some((binary, timeout, reply_to, listeners_only)) = self.queued_restart.take() {
+                    self.begin_restart(binary, timeout, reply_to, listeners_only);
                 }
             }
         }
