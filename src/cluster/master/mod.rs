@@ -36,6 +36,7 @@ const STABLE: Duration = Duration::from_secs(1);
 /// `HUNG_AFTER` gets no new connection until it answers again.
 const HEARTBEAT: Duration = Duration::from_millis(250);
 const HUNG_AFTER: Duration = Duration::from_secs(1);
+const STARTUP_GRACE: Duration = Duration::from_secs(5);
 pub use restart::{request as request_restart, takeover, DEFAULT_TIMEOUT as RESTART_TIMEOUT};
 
 #[derive(Debug, Clone)]
@@ -375,11 +376,16 @@ impl Master {
         slot.hung = false;
         slot.respawn_timer = None;
         self.share_listener(index);
+        self.flush_pending();
+        Ok(())
+    }
+
+    /// A worker became able to serve: the connections waiting go out.
+    fn flush_pending(&mut self) {
         let pending: Vec<(Option<usize>, Msg)> = self.pending.drain(..).collect();
         for (target, m) in pending {
             self.dispatch_to(target, m);
         }
-        Ok(())
     }
 
     /// Shared policy: gives worker `index` the listening socket.
@@ -540,6 +546,7 @@ impl Master {
             slot.hung = false;
             log::warn!("worker {index} (pid {}) answers again", slot.pid());
             self.update_accepting();
+            self.flush_pending();
         }
         match m.kind {
             KIND_PONG => {}
@@ -785,7 +792,8 @@ impl Master {
             let Some(ch) = &slot.channel else { continue };
             let _ = ch.send(Msg::control(KIND_PING, Vec::new()));
             let silent = slot.last_seen.elapsed();
-            if silent >= HUNG_AFTER && !slot.hung {
+            // A worker just started (or under valgrind) gets time to come up.
+            if silent >= HUNG_AFTER && !slot.hung && slot.started.elapsed() >= STARTUP_GRACE {
                 slot.hung = true;
                 changed = true;
                 log::warn!(
