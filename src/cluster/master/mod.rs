@@ -36,7 +36,6 @@ const STABLE: Duration = Duration::from_secs(1);
 /// `HUNG_AFTER` gets no new connection until it answers again.
 const HEARTBEAT: Duration = Duration::from_millis(250);
 const HUNG_AFTER: Duration = Duration::from_secs(1);
-const STARTUP_GRACE: Duration = Duration::from_secs(5);
 pub use restart::{request as request_restart, takeover, DEFAULT_TIMEOUT as RESTART_TIMEOUT};
 
 #[derive(Debug, Clone)]
@@ -115,6 +114,11 @@ impl Slot {
     /// restart.
     fn live(&self) -> bool {
         !self.retiring && !self.hung && self.channel.as_ref().is_some_and(Channel::is_open)
+    }
+
+    /// Running with its channel open (maybe hung or retiring).
+    fn up(&self) -> bool {
+        self.child.is_some() && self.channel.as_ref().is_some_and(Channel::is_open)
     }
 
     fn state(&self) -> &'static str {
@@ -792,8 +796,7 @@ impl Master {
             let Some(ch) = &slot.channel else { continue };
             let _ = ch.send(Msg::control(KIND_PING, Vec::new()));
             let silent = slot.last_seen.elapsed();
-            // A worker just started (or under valgrind) gets time to come up.
-            if silent >= HUNG_AFTER && !slot.hung && slot.started.elapsed() >= STARTUP_GRACE {
+            if silent >= HUNG_AFTER && !slot.hung {
                 slot.hung = true;
                 changed = true;
                 log::warn!(

@@ -575,7 +575,7 @@ impl Master {
         match ev {
             ChannelEvent::Msg(m) if m.kind == wire::KIND_CONN => self.take_moved(m),
             ChannelEvent::Msg(m) if m.kind == KIND_TAKEOVER_COMMIT => {
-                let down: Vec<usize> = self.slots.iter().filter(|s| !s.live()).map(|s| s.index).collect();
+                let down: Vec<usize> = self.slots.iter().filter(|s| !s.up()).map(|s| s.index).collect();
                 let Some(p) = &self.predecessor else { return };
                 if !down.is_empty() {
                     let reason = format!("worker(s) {down:?} of generation {} are not up", self.cfg.gen);
