@@ -401,6 +401,10 @@ fn inherited_fd(fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
 }
 
 fn node_config(name: &str, peers: &str, timeout: f64) -> std::io::Result<handoff::node::NodeConfig> {
+    if name.is_empty() || name.contains(['=', ',', ':']) || name.chars().any(char::is_whitespace) {
+        let why = format!("--name '{name}': a node name is non-empty, without '=', ',', ':' or spaces");
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, why));
+    }
     Ok(handoff::node::NodeConfig {
         name: name.to_string(),
         peers: handoff::node::parse_peers(peers)?,
