@@ -633,6 +633,16 @@ impl Inner {
     }
 }
 
+impl Drop for Inner {
+    /// Events leave epoll before the socket closes (fields drop in
+    /// declaration order, and `sock` comes first).
+    fn drop(&mut self) {
+        self.read_ev.take();
+        self.write_ev.take();
+        self.wake_ev.take();
+    }
+}
+
 /// Hands the owner what is ready, outside our borrow.
 fn deliver(inner: &Rc<RefCell<Inner>>) {
     loop {
