@@ -276,6 +276,19 @@ impl Channel {
         crate::sock::peer_cred(fd).ok().map(|(pid, _)| pid as u32)
     }
 
+    /// Stops reading (the peer's messages wait in the socket); sends go on.
+    pub fn pause_reading(&self) {
+        if let Some(ev) = &self.0.borrow().read_ev {
+            ev.del();
+        }
+    }
+
+    pub fn resume_reading(&self) {
+        if let Some(ev) = &self.0.borrow().read_ev {
+            let _ = ev.add(None);
+        }
+    }
+
     /// Whether the channel is settled (see [`Channel::when_settled`]).
     pub fn is_settled(&self) -> bool {
         let i = self.0.borrow();

@@ -183,6 +183,8 @@ struct Master {
     /// A stop signal that arrived during a takeover, acted on when it ends.
     stop_after_takeover: Option<i32>,
     heartbeat: Option<Event>,
+    /// Restart: worker channels not read while the successor catches up.
+    workers_paused: bool,
     /// A restart asked for while the previous generation was still leaving.
     queued_restart: Option<(Option<PathBuf>, Duration, Option<u64>, bool)>,
     /// Accepting paused because no worker can serve.
@@ -254,6 +256,7 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
             stop_after_takeover: None,
             heartbeat: None,
             queued_restart: None,
+            workers_paused: false,
             accept_paused: false,
         })
     });

@@ -47,6 +47,10 @@ pub(super) enum Phase {
     Standby,
 }
 
+/// Connections forwarded to the successor and not yet acknowledged by it,
+/// past which the old master stops reading its workers until it catches up.
+const FORWARD_WINDOW: usize = 256;
+
 /// Longest standby after COMMITTED (a restart client that never reports).
 const STANDBY_MAX: Duration = Duration::from_secs(15);
 
@@ -209,6 +213,7 @@ impl Master {
             }
         }
         let moved = back.len();
+        self.resume_workers();
         self.tell_workers(KIND_TAKEOVER_ENDED);
         // The new master had taken the control socket's path: take it back.
         if let Err(e) = self.bind_control(true) {
@@ -470,12 +475,38 @@ impl Master {
                     // The channel just broke: the abort that follows takes
                     // the rest back; this one is offered again after it.
                     self.retry_later(back);
+                    return;
+                }
+                // Backpressure: what we acknowledged to a worker and have
+                // not yet handed on dies with us; keep that window small by
+                // not reading the workers until the successor has caught up.
+                if s.in_flight() >= FORWARD_WINDOW && !self.workers_paused && !s.is_settled() {
+                    self.workers_paused = true;
+                    for slot in &self.slots {
+                        if let Some(c) = &slot.channel {
+                            c.pause_reading();
+                        }
+                    }
+                    let w = self.me.clone();
+                    s.when_settled(move || with(&w, |m| m.resume_workers()));
                 }
             }
             None => {
                 log::error!("restart: no successor for a connection; serving it here");
                 self.draining = false;
                 self.dispatch(msg);
+            }
+        }
+    }
+
+    fn resume_workers(&mut self) {
+        if !self.workers_paused {
+            return;
+        }
+        self.workers_paused = false;
+        for slot in &self.slots {
+            if let Some(c) = &slot.channel {
+                c.resume_reading();
             }
         }
     }
