@@ -163,21 +163,6 @@ fn open_many(port: u16, n: usize) -> Vec<TcpStream> {
         .collect()
 }
 
-/// Established connections to local port `port` (server ends) and the
-/// bytes unread in their receive queues, from /proc/net/tcp.
-fn server_side_unread(port: u16) -> (usize, u64) {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    let local = format!(":{port:04X}");
-    let (mut n, mut unread) = (0usize, 0u64);
-    for l in table.lines().skip(1) {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() > 4 && f[1].ends_with(&local) && f[3] == "01" {
-            n += 1;
-            unread += f[4].split_once(':').map_or(0, |(_, rx)| u64::from_str_radix(rx, 16).unwrap_or(0));
-        }
-    }
-    (n, unread)
-}
 
 /// A ping answered within `within` on a fresh connection: Ok(whoami) or
 /// what went wrong.

@@ -222,22 +222,6 @@ fn check_ping_then_gen(i: usize, k: usize, v: &Value, tag: &str, gen: Option<u64
     }
 }
 
-/// Established connections whose local port is `port` (the server ends)
-/// and the bytes in their receive queues, from /proc/net/tcp.
-fn server_side_unread(port: u16) -> (usize, u64) {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    let local = format!(":{port:04X}");
-    let (mut n, mut unread) = (0usize, 0u64);
-    for l in table.lines().skip(1) {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() > 4 && f[1].ends_with(&local) && f[3] == "01" {
-            n += 1;
-            let rx = f[4].split_once(':').map_or("0", |(_, rx)| rx);
-            unread += u64::from_str_radix(rx, 16).unwrap_or(0);
-        }
-    }
-    (n, unread)
-}
 
 /// Waits until at least `n` server-side connections of `port` exist and
 /// none has unread bytes in the kernel: every byte the clients sent sits
