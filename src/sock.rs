@@ -1,4 +1,4 @@
-//! Every raw socket syscall the project makes, each checked by [`cvt`].
+//! Every raw socket syscall the project makes, each checked by `cvt`.
 //! Descriptors come back as `OwnedFd` at once, so every failure path
 //! closes them.
 use std::io;

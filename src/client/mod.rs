@@ -2,7 +2,7 @@
 //!
 //! * [`pingpong`] — pair mode (`unary` / `stream`): 1-byte-length-prefixed
 //!   requests answered with `rsp from port: P\n`, ports must alternate.
-//! * [`rpc`] — cluster mode: u32-LE-length-prefixed JSON ping/pong.
+//! * [`rpc`](mod@rpc) — cluster mode: u32-LE-length-prefixed JSON ping/pong.
 //! * [`stats`] — latency histogram and the one-line [`Summary`].
 //!
 //! Everything uses std threads and blocking `std::net` sockets.
