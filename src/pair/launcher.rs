@@ -84,6 +84,8 @@ pub fn run(exe: &Path, ports: (u16, u16), dir: &Path, host: &str, log_args: &[St
     })?;
     chld.add(None)?;
     events.push(chld);
+    // A server that died before SIGCHLD was watched is reaped now.
+    Launcher::reap(&state);
     base.dispatch()?;
     drop(events);
     for m in state.borrow_mut().servers.iter_mut() {
