@@ -34,7 +34,7 @@ enum Cmd {
     /// Prints a running master's per-worker table.
     Status(StatusArgs),
     /// Hot restart: a new master takes over the listener and every live
-    /// connection; exits 0 when the old generation is gone.
+    /// connection; exits 0 once the new generation has committed and answered.
     Restart(RestartArgs),
     /// The new master of a restart (started by the old one).
     #[command(hide = true)]
