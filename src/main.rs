@@ -291,7 +291,10 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Server(a) => {
             if a.port == a.peer_port {
-                return fail(&format!("--port and --peer-port are both {}: a server cannot hand connections to itself", a.port));
+                return fail(&format!(
+                    "--port and --peer-port are both {}: a server cannot hand connections to itself",
+                    a.port
+                ));
             }
             pair::server::run(&pair::server::Config { host: a.host, port: a.port, peer_port: a.peer_port, dir: a.dir })
         }

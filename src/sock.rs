@@ -204,7 +204,13 @@ pub fn is_stream_socket(fd: RawFd) -> bool {
     let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: ty/len are live out-parameters of the right size.
     let rc = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, &mut ty as *mut libc::c_int as *mut libc::c_void, &mut len)
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            &mut ty as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
     };
     rc == 0 && ty == libc::SOCK_STREAM
 }
@@ -295,7 +301,11 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
         return bad(format!("--dir {d} exists and is not a directory"));
     }
     if md.uid() != euid() {
-        return bad(format!("--dir {d} belongs to uid {}, not to us (uid {}); use a directory of our own", md.uid(), euid()));
+        return bad(format!(
+            "--dir {d} belongs to uid {}, not to us (uid {}); use a directory of our own",
+            md.uid(),
+            euid()
+        ));
     }
     if md.mode() & 0o077 != 0 {
         return bad(format!(

@@ -473,7 +473,9 @@ impl Server {
                 Err(e) => log::error!("{name}: cannot reopen the request log: {e}"),
             },
             libc::SIGHUP | libc::SIGUSR2 => {
-                log::warn!("{name}: a pair server does not restart in place; ignored (stop it, its peer serves meanwhile)")
+                log::warn!(
+                    "{name}: a pair server does not restart in place; ignored (stop it, its peer serves meanwhile)"
+                )
             }
             _ => log::warn!("{name} has no meaning here; ignored"),
         }

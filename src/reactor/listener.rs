@@ -1,9 +1,9 @@
 //! `Listener`: accepts connections on a TCP or Unix listening socket and
 //! hands each new descriptor to a callback.
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
@@ -59,8 +59,7 @@ impl Listener {
     /// rate-limited log line, instead of spinning on a full backlog.
     pub fn adopt(base: &Base, fd: OwnedFd, on_accept: impl Fn(OwnedFd) + 'static) -> io::Result<Listener> {
         let raw = fd.as_raw_fd();
-        let state =
-            Rc::new(State { event: RefCell::new(None), backoff: RefCell::new(None), paused: Cell::new(false) });
+        let state = Rc::new(State { event: RefCell::new(None), backoff: RefCell::new(None), paused: Cell::new(false) });
         let w: Weak<State> = Rc::downgrade(&state);
         let event = Event::new(base, raw, Interest::Read, move || {
             for _ in 0..ACCEPT_BATCH {

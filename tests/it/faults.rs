@@ -163,7 +163,6 @@ fn open_many(port: u16, n: usize) -> Vec<TcpStream> {
         .collect()
 }
 
-
 /// A ping answered within `within` on a fresh connection: Ok(whoami) or
 /// what went wrong.
 fn ping_within(port: u16, within: Duration, tag: &Value) -> Result<Value, String> {

@@ -222,7 +222,6 @@ fn check_ping_then_gen(i: usize, k: usize, v: &Value, tag: &str, gen: Option<u64
     }
 }
 
-
 /// Waits until at least `n` server-side connections of `port` exist and
 /// none has unread bytes in the kernel: every byte the clients sent sits
 /// in a worker's input buffer (the read-ahead a restart must carry).
@@ -296,7 +295,6 @@ fn recv_before(r: &mut Rpc, deadline: Instant) -> Result<Option<Value>, String> 
     r.s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     serde_json::from_slice(&buf[4..]).map(Some).map_err(|e| format!("reply is not JSON: {e}"))
 }
-
 
 /// Reads the stuck client's STUCK_PINGS replies of 100 KB pings (made by
 /// `stuck_client_with(.., false)`: a default receive buffer, read at full

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::{
-    control_path, Policy, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_RESTART_PROBED, KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY,
-    KIND_STATUS_REQ, KIND_TAKEOVER_HELLO,
+    control_path, Policy, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_RESTART_PROBED, KIND_RESTART_REQ,
+    KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY, KIND_STATUS_REQ, KIND_TAKEOVER_HELLO,
 };
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::reactor::{Base, Endpoint, Event, Interest, Listener};
@@ -262,15 +262,8 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
     });
     {
         let mut m = master.borrow_mut();
-        let handled = [
-            libc::SIGTERM,
-            libc::SIGINT,
-            libc::SIGQUIT,
-            libc::SIGHUP,
-            libc::SIGUSR1,
-            libc::SIGUSR2,
-            libc::SIGCHLD,
-        ];
+        let handled =
+            [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2, libc::SIGCHLD];
         for sig in handled.into_iter().chain(crate::signals::IGNORED) {
             let w = Rc::downgrade(&master);
             let e = Event::new(&base, sig, Interest::Signal, move || with(&w, |m| m.on_signal(sig)))?;

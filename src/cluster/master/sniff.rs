@@ -90,7 +90,9 @@ impl Master {
         if head.len() == 16 {
             let body_len = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) as usize;
             if body_len + 16 > SNIFF_LIMIT {
-                log::info!("node link: first message of {body_len} bytes exceeds the {SNIFF_LIMIT}-byte limit; closing");
+                log::info!(
+                    "node link: first message of {body_len} bytes exceeds the {SNIFF_LIMIT}-byte limit; closing"
+                );
                 self.sniffing.remove(&id);
                 return;
             }

@@ -12,7 +12,8 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use super::{
-    control_path, KIND_DRAIN, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_SHUTDOWN, KIND_STATS, KIND_TAKEOVER_BEGUN, KIND_TAKEOVER_ENDED,
+    control_path, KIND_DRAIN, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_SHUTDOWN, KIND_STATS, KIND_TAKEOVER_BEGUN,
+    KIND_TAKEOVER_ENDED,
 };
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::proto::rpc::{self, Frame};
