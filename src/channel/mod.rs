@@ -73,12 +73,6 @@ impl Msg {
     pub fn control(kind: u16, body: Vec<u8>) -> Msg {
         Msg { kind, flags: 0, id: 0, body, fd: None, meta: 0 }
     }
-
-    /// A copy sharing the same open connection (a second descriptor).
-    pub fn try_clone(&self) -> io::Result<Msg> {
-        let fd = self.fd.as_ref().map(OwnedFd::try_clone).transpose()?;
-        Ok(Msg { kind: self.kind, flags: self.flags, id: self.id, body: self.body.clone(), fd, meta: self.meta })
-    }
 }
 
 /// What a channel reports to its owner.
@@ -139,6 +133,7 @@ struct Inner {
     /// Set when the channel must close; delivered from `wake_ev`.
     failure: Option<Option<io::Error>>,
     handler: Handler,
+    /// Callbacks waiting for the channel to settle.
     flushed: Vec<Box<dyn FnOnce()>>,
     /// Keep acknowledged CONNs (their descriptors) for the owner.
     keep_acked: bool,
@@ -246,9 +241,7 @@ impl Channel {
     /// acknowledged every connection we sent; or once the channel is gone.
     pub fn when_settled(&self, f: impl FnOnce() + 'static) {
         let mut i = self.0.borrow_mut();
-        if i.sock.is_none()
-            || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due && i.unacked.is_empty())
-        {
+        if i.settled() {
             drop(i);
             f();
             return;
@@ -292,7 +285,7 @@ impl Channel {
     /// Whether the channel is settled (see [`Channel::when_settled`]).
     pub fn is_settled(&self) -> bool {
         let i = self.0.borrow();
-        i.sock.is_none() || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due && i.unacked.is_empty())
+        i.settled()
     }
 
     /// Sends this channel's future events to another handler.
@@ -570,8 +563,15 @@ impl Inner {
         }
     }
 
+    /// Nothing queued, our ACKs written, every CONN we sent acknowledged
+    /// (or the channel gone): see [`Channel::when_settled`].
+    fn settled(&self) -> bool {
+        self.sock.is_none()
+            || (self.queue.is_empty() && self.nacks.is_empty() && self.acked >= self.ack_due && self.unacked.is_empty())
+    }
+
     fn wake_if_ready(&self) {
-        if !self.ready.is_empty() || !self.flushed.is_empty() && self.queue.is_empty() {
+        if !self.ready.is_empty() || !self.flushed.is_empty() && self.settled() {
             self.wake_if_ready_force();
         }
     }
@@ -670,9 +670,7 @@ fn deliver(inner: &Rc<RefCell<Inner>>) {
     }
     let callbacks = {
         let mut i = inner.borrow_mut();
-        let flushed = i.sock.is_none()
-            || (i.queue.is_empty() && i.nacks.is_empty() && i.acked >= i.ack_due && i.unacked.is_empty());
-        if flushed {
+        if i.settled() {
             std::mem::take(&mut i.flushed)
         } else {
             Vec::new()

@@ -214,7 +214,7 @@ impl Master {
         }
         let moved = back.len();
         self.resume_workers();
-        self.tell_workers(KIND_TAKEOVER_ENDED);
+        self.tell_workers(KIND_TAKEOVER_ENDED, &[]);
         // The new master had taken the control socket's path: take it back.
         if let Err(e) = self.bind_control(true) {
             log::error!("restart abort: cannot take back {}: {e}", control_path(&self.cfg.dir).display());
@@ -246,12 +246,17 @@ impl Master {
         }
     }
 
-    fn tell_workers(&self, kind: u16) {
+    fn tell_workers(&self, kind: u16, body: &[u8]) {
         for slot in &self.slots {
             if let Some(c) = &slot.channel {
-                let _ = c.send(Msg::control(kind, Vec::new()));
+                let _ = c.send(Msg::control(kind, body.to_vec()));
             }
         }
+    }
+
+    /// `handoff restart`'s verdict when the new generation committed.
+    fn success_reply(&self, pid: u32) -> Value {
+        json!({"ok": true, "pid": pid, "gen": self.cfg.gen + 1, "host": self.cfg.host, "port": self.port})
     }
 
     fn reply_restart(&mut self, to: Option<u64>, v: Value) {
@@ -351,11 +356,7 @@ impl Master {
         ch.set_keep_acked(true);
         // Should we die now, our workers hand their connections to it.
         let begun = json!({"grace": self.cfg.grace.as_secs_f64()}).to_string().into_bytes();
-        for slot in &self.slots {
-            if let Some(c) = &slot.channel {
-                let _ = c.send(Msg::control(KIND_TAKEOVER_BEGUN, begun.clone()));
-            }
-        }
+        self.tell_workers(KIND_TAKEOVER_BEGUN, &begun);
         let w = self.me.clone();
         ch.set_handler(move |ev| with(&w, |m| m.on_successor(ev)));
         self.successor = Some(ch);
@@ -545,10 +546,7 @@ impl Master {
             if let Some(l) = &self.listener {
                 l.pause();
             }
-            self.reply_restart(
-                reply_to,
-                json!({"ok": true, "pid": pid, "gen": self.cfg.gen + 1, "host": self.cfg.host, "port": self.port}),
-            );
+            self.reply_restart(reply_to, self.success_reply(pid));
             self.restart_deadline(STANDBY_MAX, "the restart client did not report");
             return;
         }
@@ -568,10 +566,7 @@ impl Master {
         log::info!("restart: generation {} serves; generation {} exits", self.cfg.gen + 1, self.cfg.gen);
         if r.phase != Phase::Standby {
             let pid = r.child.as_ref().map_or(r.pid, Child::id);
-            self.reply_restart(
-                r.reply_to,
-                json!({"ok": true, "pid": pid, "gen": self.cfg.gen + 1, "host": self.cfg.host, "port": self.port}),
-            );
+            self.reply_restart(r.reply_to, self.success_reply(pid));
         }
         self.listener = None;
         self.shared_fd = None;
