@@ -15,6 +15,7 @@ pub mod pair;
 pub mod proto;
 pub mod reactor;
 pub mod reqlog;
+pub mod service;
 pub mod signals;
 pub mod sock;
 pub mod sys;
