@@ -6,6 +6,7 @@
 //! (libevent), `channel` (the handoff channel), `proto` (framings), then
 //! one module per mode.
 pub mod channel;
+pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod fdpass;

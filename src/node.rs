@@ -22,18 +22,19 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// Arguments that give a worker the same config.
-    pub fn to_args(&self) -> Vec<String> {
-        let peers: Vec<String> = self.peers.iter().map(|(n, a)| format!("{n}={a}")).collect();
-        vec![
-            "--node".into(),
-            self.name.clone(),
-            "--peers".into(),
-            peers.join(","),
-            "--connect-timeout".into(),
-            self.connect_timeout.as_secs_f64().to_string(),
-        ]
+    /// Checks a node's name and parses its peers (`B=HOST:PORT,...`).
+    pub fn new(name: &str, peers: &str, connect_timeout: f64) -> io::Result<NodeConfig> {
+        if name.is_empty() || name.contains(['=', ',', ':']) || name.chars().any(char::is_whitespace) {
+            let why = format!("--name '{name}': a node name is non-empty, without '=', ',', ':' or spaces");
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        }
+        Ok(NodeConfig {
+            name: name.to_string(),
+            peers: parse_peers(peers)?,
+            connect_timeout: Duration::from_secs_f64(connect_timeout.max(0.001)),
+        })
     }
+}
 }
 
 /// Parses `B=HOST:PORT[,C=HOST:PORT...]`.
@@ -65,9 +66,9 @@ mod tests {
         assert!(parse_peers("B127.0.0.1:7001").is_err());
         assert!(parse_peers("B=127.0.0.1").is_err());
         assert!(parse_peers("=127.0.0.1:1").is_err());
-        let cfg = NodeConfig { name: "A".into(), peers: p, connect_timeout: Duration::from_millis(1500) };
-        let args = cfg.to_args();
-        assert_eq!(parse_peers(&args[3]).unwrap(), cfg.peers);
-        assert_eq!(args[5], "1.5");
+        let cfg = NodeConfig::new("A", "B=127.0.0.1:7001,C=127.0.0.1:7002", 1.5).unwrap();
+        assert_eq!(cfg.peers, p);
+        assert!(NodeConfig::new("A:B", "", 1.0).is_err());
+        assert!(NodeConfig::new("", "", 1.0).is_err());
     }
 }

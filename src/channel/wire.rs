@@ -10,7 +10,8 @@
 //!                       >= 16 mode-defined
 //!      8    4 flags     CONN: bit 0 = the client already sent EOF,
 //!                       bit 1 = a node link (node mode), bit 2 = released
-//!                       (worker -> master: meta is the master's id for it)
+//!                       (worker -> master: meta is the master's id for it),
+//!                       bit 3 = the body starts with session state
 //!     12    4 body_len  bytes after the header (<= MAX_BODY)
 //!     16    8 id        CONN: sender's sequence number; ACK: every CONN up to
 //!                       this id is taken; NACK: this CONN is refused (its
@@ -18,7 +19,9 @@
 //!     24    8 meta      CONN: the client's IPv4 address << 16 | its port, as the
 //!                       accepting process saw it (0: unknown), so that receivers
 //!                       need no getpeername
-//!     32    - body      CONN: bytes already read from the connection (read-ahead)
+//!     32    - body      CONN: bytes already read from the connection (read-ahead);
+//!                       with flag bit 3, first a u32 state length and that
+//!                       much state the service's session exported
 //! ```
 //! One header + body + at most one descriptor = one SOCK_SEQPACKET message.
 //! A body longer than [`MAX_BODY`] (a large read-ahead) travels as MORE
@@ -59,6 +62,35 @@ pub const FLAG_NODE_LINK: u32 = 2;
 /// CONN worker -> master: a connection the master handed this worker,
 /// given back between requests (restart); `meta` is the master's id for it.
 pub const FLAG_RELEASED: u32 = 4;
+/// CONN: the body is `u32 n, n bytes of session state, read-ahead`.
+pub const FLAG_STATE: u32 = 8;
+
+/// A CONN body carrying `state` (if any) before the read-ahead.
+pub fn join_state(state: &[u8], leftover: Vec<u8>) -> Vec<u8> {
+    if state.is_empty() {
+        return leftover;
+    }
+    let mut body = Vec::with_capacity(4 + state.len() + leftover.len());
+    body.extend_from_slice(&(state.len() as u32).to_le_bytes());
+    body.extend_from_slice(state);
+    body.extend_from_slice(&leftover);
+    body
+}
+
+/// Splits a [`FLAG_STATE`] CONN body into (state, read-ahead). A body too
+/// short for its state length is all read-ahead with no state.
+pub fn split_state(mut body: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+    let n = match body.get(..4) {
+        Some(b) => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize,
+        None => return (Vec::new(), body),
+    };
+    if body.len() < 4 + n {
+        return (Vec::new(), body);
+    }
+    let rest = body.split_off(4 + n);
+    body.drain(..4);
+    (body, rest)
+}
 
 /// Whether messages of `kind` must carry a descriptor (others must not).
 pub fn carries_fd(kind: u16) -> bool {
@@ -118,6 +150,17 @@ impl Header {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_travels_before_the_read_ahead() {
+        assert_eq!(join_state(b"", b"abc".to_vec()), b"abc");
+        let body = join_state(b"st", b"abc".to_vec());
+        assert_eq!(split_state(body), (b"st".to_vec(), b"abc".to_vec()));
+        assert_eq!(split_state(join_state(b"st", Vec::new())), (b"st".to_vec(), Vec::new()));
+        // Garbage: no state, everything read-ahead.
+        assert_eq!(split_state(vec![9, 0, 0, 0, 1]), (Vec::new(), vec![9, 0, 0, 0, 1]));
+        assert_eq!(split_state(vec![1]), (Vec::new(), vec![1]));
+    }
 
     fn msg(h: Header, body: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();

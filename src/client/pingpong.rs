@@ -14,7 +14,7 @@
 
 use super::stats::{ErrLog, Latency, Summary};
 use super::{connect, resolve, spawn, Gate};
-use crate::proto::pingpong as proto;
+use crate::service::pingpong::wire as proto;
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddr};

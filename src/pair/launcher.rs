@@ -10,18 +10,51 @@ use std::time::{Duration, Instant};
 
 use crate::reactor::{Base, Event, Interest};
 
-pub fn run(exe: &Path, ports: (u16, u16), dir: &Path, host: &str, log_args: &[String]) -> io::Result<()> {
+/// How one server of the pair is started: `EXE server ...`, with the
+/// service's options in `HANDOFF_OPTIONS`.
+#[derive(Clone)]
+struct ServerCmd {
+    exe: PathBuf,
+    dir: PathBuf,
+    host: String,
+    log_args: Vec<String>,
+    options: String,
+}
+
+impl ServerCmd {
+    fn command(&self, port: u16, peer: u16) -> Command {
+        let mut c = Command::new(&self.exe);
+        c.args(["server", "--port", &port.to_string(), "--peer-port", &peer.to_string(), "--host", &self.host])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.log_args)
+            .env("HANDOFF_OPTIONS", &self.options);
+        c
+    }
+}
+
+/// Runs both servers of a pair until SIGINT/SIGTERM/SIGQUIT, starting
+/// again one that dies.
+pub fn run(
+    exe: &Path,
+    ports: (u16, u16),
+    dir: &Path,
+    host: &str,
+    log_args: &[String],
+    options: &serde_json::Value,
+) -> io::Result<()> {
+    let cmd = ServerCmd {
+        exe: exe.to_path_buf(),
+        dir: dir.to_path_buf(),
+        host: host.to_string(),
+        log_args: log_args.to_vec(),
+        options: options.to_string(),
+    };
     let base = Base::new()?;
     let mut children = Vec::new();
     let mut outs = Vec::new();
     for (me, peer) in [(ports.0, ports.1), (ports.1, ports.0)] {
-        let mut child = Command::new(exe)
-            .args(["server", "--port", &me.to_string(), "--peer-port", &peer.to_string(), "--host", host])
-            .arg("--dir")
-            .arg(dir)
-            .args(log_args)
-            .stdout(Stdio::piped())
-            .spawn()?;
+        let mut child = cmd.command(me, peer).stdout(Stdio::piped()).spawn()?;
         let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
         let line = next_line(&mut out);
         if !line.starts_with("ready") {
@@ -62,10 +95,7 @@ pub fn run(exe: &Path, ports: (u16, u16), dir: &Path, host: &str, log_args: &[St
         .collect();
     let state = Rc::new(RefCell::new(Launcher {
         base: base.clone(),
-        exe: exe.to_path_buf(),
-        dir: dir.to_path_buf(),
-        host: host.to_string(),
-        log_args: log_args.to_vec(),
+        cmd,
         servers,
         stopping: false,
     }));
@@ -109,10 +139,7 @@ struct Managed {
 
 struct Launcher {
     base: Base,
-    exe: PathBuf,
-    dir: PathBuf,
-    host: String,
-    log_args: Vec<String>,
+    cmd: ServerCmd,
     servers: Vec<Managed>,
     stopping: bool,
 }
@@ -187,13 +214,7 @@ impl Launcher {
             return;
         }
         let (port, peer) = (l.servers[i].port, l.servers[i].peer);
-        let spawned = Command::new(&l.exe)
-            .args(["server", "--port", &port.to_string(), "--peer-port", &peer.to_string(), "--host", &l.host])
-            .arg("--dir")
-            .arg(&l.dir)
-            .args(&l.log_args)
-            .stdout(Stdio::null())
-            .spawn();
+        let spawned = l.cmd.command(port, peer).stdout(Stdio::null()).spawn();
         let m = &mut l.servers[i];
         m.started = Instant::now();
         m.timer = None;

@@ -1,6 +1,7 @@
-//! One pair-mode server: answers one request on a connection, then hands
-//! the connection (descriptor + read-ahead) to its peer over the handoff
-//! channel; serves alone while the peer is away.
+//! One pair-mode server of a [`Service`]: answers one request on a
+//! connection, then hands the connection (descriptor, read-ahead, session
+//! state) to its peer over the handoff channel; serves alone while the
+//! peer is away.
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
@@ -11,13 +12,11 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use crate::channel::{wire, Channel, ChannelEvent, Msg};
-use crate::proto::pingpong;
 use crate::reactor::{Base, Conn, ConnEvent, Endpoint, Event, Interest, Listener};
 use crate::reqlog::RequestLog;
+use crate::service::{Cx, Place, Service, Session};
 use crate::sock;
 
-/// Most bytes read ahead on one connection; they travel with it.
-const READ_LIMIT: usize = 512;
 /// Serving alone: pause reading a connection while this much output is
 /// unsent (a client that sends without reading cannot grow our memory).
 const OUTPUT_LIMIT: usize = 256 * 1024;
@@ -33,8 +32,9 @@ pub struct Config {
     pub dir: PathBuf,
 }
 
-struct Slot {
+struct Slot<T> {
     conn: Conn,
+    session: T,
     /// The client sent EOF: serve what is buffered, then close.
     eof: bool,
     /// A response is still flushing; hand off when drained.
@@ -47,12 +47,13 @@ struct Slot {
     client: Option<SocketAddrV4>,
 }
 
-struct Server {
+struct Server<P: Service> {
     base: Base,
-    me: Weak<RefCell<Server>>,
-    response: Vec<u8>,
+    me: Weak<RefCell<Server<P>>>,
+    service: P,
+    read_limit: usize,
     peer_path: PathBuf,
-    conns: HashMap<u64, Slot>,
+    conns: HashMap<u64, Slot<P::Session>>,
     next_id: u64,
     peer: Option<Channel>,
     peer_warned: bool,
@@ -69,8 +70,8 @@ struct Server {
     handed: u64,
 }
 
-/// Runs a server until SIGTERM/SIGINT.
-pub fn run(cfg: &Config) -> io::Result<()> {
+/// Runs a server of service `P` until SIGTERM/SIGINT.
+pub fn run<P: Service>(cfg: &Config, options: &P::Options) -> io::Result<()> {
     let nofile = sock::raise_nofile()?;
     log::debug!("RLIMIT_NOFILE {nofile}");
     crate::signals::ignore_sigpipe();
@@ -84,11 +85,13 @@ pub fn run(cfg: &Config) -> io::Result<()> {
     sock::claim_unix_path(&sock_path)?;
     let log = RequestLog::open(&cfg.dir.join(format!("{port}.log")))?;
 
+    let service = P::new(options, &Place::Pair { port, pid: std::process::id() })?;
     let server = Rc::new_cyclic(|me| {
         RefCell::new(Server {
             base: base.clone(),
             me: me.clone(),
-            response: pingpong::response(port),
+            read_limit: service.read_limit(),
+            service,
             peer_path: cfg.dir.join(format!("{}.sock", cfg.peer_port)),
             conns: HashMap::new(),
             next_id: 1,
@@ -138,17 +141,17 @@ pub fn run(cfg: &Config) -> io::Result<()> {
 }
 
 /// Runs `f` on the server if it still exists.
-fn with(w: &Weak<RefCell<Server>>, f: impl FnOnce(&mut Server)) {
+fn with<P: Service>(w: &Weak<RefCell<Server<P>>>, f: impl FnOnce(&mut Server<P>)) {
     if let Some(s) = w.upgrade() {
         f(&mut s.borrow_mut());
     }
 }
 
-impl Server {
+impl<P: Service> Server<P> {
     fn accept_client(&mut self, fd: OwnedFd) {
         let _ = sock::set_nodelay(fd.as_raw_fd());
         let client = sock::peer_addr(fd.as_raw_fd());
-        self.adopt(fd, Vec::new(), false, client);
+        self.adopt(fd, Vec::new(), Vec::new(), false, client);
     }
 
     fn accept_channel(&mut self, fd: OwnedFd) {
@@ -178,10 +181,7 @@ impl Server {
 
     fn on_inbound(&mut self, id: u64, ev: ChannelEvent) {
         match ev {
-            ChannelEvent::Msg(m) if m.kind == wire::KIND_CONN => {
-                let fd = m.fd.expect("channel checks CONN carries a descriptor");
-                self.adopt(fd, m.body, m.flags & wire::FLAG_EOF != 0, Msg::unpack_addr(m.meta));
-            }
+            ChannelEvent::Msg(m) if m.kind == wire::KIND_CONN => self.take_back(vec![m]),
             ChannelEvent::Msg(m) => {
                 log::warn!("handoff channel {id}: unexpected message kind {}", m.kind)
             }
@@ -210,31 +210,41 @@ impl Server {
     /// Starts serving a connection, first from `leftover`.
     /// `client` is the client's address (for the request log), carried
     /// along with the connection so no receiver needs a getpeername.
-    fn adopt(&mut self, fd: OwnedFd, mut leftover: Vec<u8>, eof: bool, client: Option<SocketAddrV4>) {
+    fn adopt(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: Vec<u8>, eof: bool, client: Option<SocketAddrV4>) {
+        let mut session = self.service.open(&state);
         // Fast path: the read-ahead holds a whole request and the peer is
         // up: answer and pass the connection on without a bufferevent.
-        if let Some(n) = pingpong::request_len(&leftover).filter(|_| self.peer_up()) {
-            let sent = match sock::send_now(fd.as_raw_fd(), &self.response) {
-                Ok(k) => k,
-                Err(e) => {
-                    log::debug!("connection: write: {e}");
-                    return;
+        if !leftover.is_empty() && self.peer_up() {
+            let mut out = Vec::new();
+            let mut cx = Cx::new(&mut out, 0, OUTPUT_LIMIT).with_budget(Some(1)).with_eof(eof);
+            let used = session.serve(&leftover, &mut cx).min(leftover.len());
+            let (answered, lengths, clean) = (cx.answered, std::mem::take(&mut cx.lengths), !(cx.close || cx.abort));
+            if answered == 1 && clean && cx.relays.is_empty() {
+                let sent = match sock::send_now(fd.as_raw_fd(), &out) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        log::debug!("connection: write: {e}");
+                        return;
+                    }
+                };
+                self.record(client, &lengths);
+                let rest = leftover[used..].to_vec();
+                if sent == out.len() {
+                    let state = session.export();
+                    self.send_conn(fd, rest, &state, eof, client);
+                } else if let Some(id) = self.new_slot(fd, session, &rest, eof, client) {
+                    // The socket took part of the response: the rest first.
+                    let slot = self.conns.get_mut(&id).expect("just inserted");
+                    slot.conn.write(&out[sent..]);
+                    slot.handing_off = true;
                 }
-            };
-            self.log.record(client, n - 1);
-            self.served += 1;
-            leftover.drain(..n);
-            if sent == self.response.len() {
-                self.send_conn(fd, leftover, eof, client);
-            } else if let Some(id) = self.new_slot(fd, &leftover, eof, client) {
-                // The socket took part of the response: the rest first.
-                let slot = self.conns.get_mut(&id).expect("just inserted");
-                slot.conn.write(&self.response[sent..]);
-                slot.handing_off = true;
+                return;
             }
-            return;
+            // Not one clean request: serve it on a bufferevent, below (the
+            // session has not consumed anything we keep).
+            session = self.service.open(&state);
         }
-        let Some(id) = self.new_slot(fd, &leftover, eof, client) else { return };
+        let Some(id) = self.new_slot(fd, session, &leftover, eof, client) else { return };
         self.serve(id);
         if let Some(s) = self.conns.get(&id) {
             if !(s.eof || s.handing_off || s.closing) {
@@ -244,15 +254,23 @@ impl Server {
     }
 
     /// Puts a connection on a bufferevent (not reading yet).
-    fn new_slot(&mut self, fd: OwnedFd, leftover: &[u8], eof: bool, client: Option<SocketAddrV4>) -> Option<u64> {
+    fn new_slot(
+        &mut self,
+        fd: OwnedFd,
+        session: P::Session,
+        leftover: &[u8],
+        eof: bool,
+        client: Option<SocketAddrV4>,
+    ) -> Option<u64> {
         let id = self.next_id;
         self.next_id += 1;
         let w = self.me.clone();
         let handler = Rc::new(move |ev| with(&w, |s| s.on_conn(id, ev)));
-        match Conn::adopt(&self.base, fd, leftover, READ_LIMIT, handler) {
+        match Conn::adopt(&self.base, fd, leftover, self.read_limit, handler) {
             Ok(conn) => {
                 log::trace!("connection {id} adopted with {} byte(s) read ahead", leftover.len());
-                self.conns.insert(id, Slot { conn, eof, handing_off: false, closing: false, throttled: false, client });
+                let slot = Slot { conn, session, eof, handing_off: false, closing: false, throttled: false, client };
+                self.conns.insert(id, slot);
                 Some(id)
             }
             Err(e) => {
@@ -260,6 +278,13 @@ impl Server {
                 None
             }
         }
+    }
+
+    fn record(&mut self, client: Option<SocketAddrV4>, lengths: &[usize]) {
+        for &len in lengths {
+            self.log.record(client, len);
+        }
+        self.served += lengths.len() as u64;
     }
 
     fn peer_up(&self) -> bool {
@@ -299,54 +324,52 @@ impl Server {
         }
     }
 
-    /// Answers buffered requests: one, then hand off; all of them while
-    /// the peer is away. On EOF, closes after the last complete request.
+    /// Runs the session on the buffered input: one request, then hand
+    /// off; every request while the peer is away. On EOF, closes once no
+    /// complete request is left.
     fn serve(&mut self, id: u64) {
-        loop {
-            let peer_up = self.peer_up();
-            let Some(slot) = self.conns.get_mut(&id) else {
-                return;
-            };
-            if slot.handing_off || slot.closing || slot.throttled {
-                return;
+        let peer_up = self.peer_up();
+        let Some(slot) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if slot.handing_off || slot.closing || slot.throttled {
+            return;
+        }
+        let avail = slot.conn.input_len();
+        let mut out = Vec::new();
+        let budget = peer_up.then_some(1);
+        let mut cx = Cx::new(&mut out, slot.conn.output_len(), OUTPUT_LIMIT).with_budget(budget).with_eof(slot.eof);
+        let used = slot.session.serve(slot.conn.peek(avail), &mut cx).min(avail);
+        let (lengths, close, abort, more) = (std::mem::take(&mut cx.lengths), cx.close, cx.abort, cx.more());
+        slot.conn.consume(used);
+        let client = slot.client;
+        if abort {
+            self.conns.remove(&id);
+            self.record(client, &lengths);
+            return;
+        }
+        // The response must be in the kernel before the descriptor leaves.
+        let flushed = if out.is_empty() { Ok(slot.conn.output_len() == 0) } else { slot.conn.write_now(&out) };
+        let answered = !lengths.is_empty();
+        self.record(client, &lengths);
+        let Some(slot) = self.conns.get_mut(&id) else { return };
+        match flushed {
+            Err(e) => {
+                log::debug!("connection {id}: write: {e}");
+                self.conns.remove(&id);
             }
-            let avail = slot.conn.input_len();
-            let head = slot.conn.peek(avail.min(1)).first().copied();
-            let need = head.map(|n| n as usize + 1);
-            match need {
-                Some(n) if n <= avail => {
-                    slot.conn.consume(n);
-                    // The response must be in the kernel before the descriptor leaves.
-                    let flushed = slot.conn.write_now(&self.response);
-                    self.log.record(slot.client, n - 1);
-                    self.served += 1;
-                    match flushed {
-                        Err(e) => {
-                            log::debug!("connection {id}: write: {e}");
-                            self.conns.remove(&id);
-                        }
-                        Ok(_) if !peer_up && slot.conn.output_len() > OUTPUT_LIMIT => {
-                            slot.throttled = true;
-                            slot.conn.pause_reading();
-                        }
-                        Ok(_) if !peer_up => continue,
-                        Ok(true) => self.hand_off(id),
-                        Ok(false) => {
-                            slot.handing_off = true;
-                            slot.conn.pause_reading();
-                        }
-                    }
-                    return;
-                }
-                _ => {
-                    if slot.eof {
-                        if avail > 0 {
-                            log::info!("connection {id}: truncated request ({avail} bytes) before EOF; closing");
-                        }
-                        self.close_when_flushed(id);
-                    }
-                    return;
-                }
+            Ok(_) if close => self.close_when_flushed(id),
+            Ok(_) if !more && !peer_up => {
+                // Serving alone and over the output limit: wait for the drain.
+                slot.throttled = true;
+                slot.conn.pause_reading();
+            }
+            Ok(_) if slot.eof && (!answered || !peer_up) => self.close_when_flushed(id),
+            Ok(_) if !answered || !peer_up => {}
+            Ok(true) => self.hand_off(id),
+            Ok(false) => {
+                slot.handing_off = true;
+                slot.conn.pause_reading();
             }
         }
     }
@@ -365,12 +388,17 @@ impl Server {
     /// Moves the connection to the peer; on failure keeps serving it.
     fn hand_off(&mut self, id: u64) {
         let Some(slot) = self.conns.remove(&id) else { return };
+        let state = slot.session.export();
         let (fd, leftover) = slot.conn.detach();
-        self.send_conn(fd, leftover, slot.eof, slot.client);
+        self.send_conn(fd, leftover, &state, slot.eof, slot.client);
     }
 
-    fn send_conn(&mut self, fd: OwnedFd, leftover: Vec<u8>, eof: bool, client: Option<SocketAddrV4>) {
-        let mut msg = Msg::conn(fd, leftover, if eof { wire::FLAG_EOF } else { 0 });
+    fn send_conn(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: &[u8], eof: bool, client: Option<SocketAddrV4>) {
+        let mut flags = if eof { wire::FLAG_EOF } else { 0 };
+        if !state.is_empty() {
+            flags |= wire::FLAG_STATE;
+        }
+        let mut msg = Msg::conn(fd, wire::join_state(state, leftover), flags);
         msg.meta = client.map_or(0, Msg::pack_addr);
         let Some(peer) = self.peer.as_ref() else {
             self.take_back(vec![msg]);
@@ -383,12 +411,13 @@ impl Server {
         }
     }
 
-    /// Serves again connections the peer never took.
+    /// Serves connections that arrived, or that the peer never took.
     fn take_back(&mut self, msgs: Vec<Msg>) {
         for m in msgs {
-            if let Some(fd) = m.fd {
-                self.adopt(fd, m.body, m.flags & wire::FLAG_EOF != 0, Msg::unpack_addr(m.meta));
-            }
+            let Some(fd) = m.fd else { continue };
+            let (state, leftover) =
+                if m.flags & wire::FLAG_STATE != 0 { wire::split_state(m.body) } else { (Vec::new(), m.body) };
+            self.adopt(fd, leftover, state, m.flags & wire::FLAG_EOF != 0, Msg::unpack_addr(m.meta));
         }
     }
 

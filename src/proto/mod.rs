@@ -1,4 +1,2 @@
-//! Framings spoken on client connections.
+//! Framings of the topologies' own links.
 pub mod node;
-pub mod pingpong;
-pub mod rpc;

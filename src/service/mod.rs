@@ -60,7 +60,9 @@ use std::io;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-mod cx;
+pub(crate) mod cx;
+pub mod pingpong;
+pub mod rpc;
 
 pub use cx::{Cx, Ticket};
 

@@ -397,7 +397,7 @@ impl Rpc {
 
 /// One frame: u32 LE length + JSON.
 pub fn frame(v: &Value) -> Vec<u8> {
-    handoff::proto::rpc::encode(v)
+    handoff::service::rpc::wire::encode(v)
 }
 
 /// One frame with an arbitrary body.

@@ -45,10 +45,15 @@ pub struct Config {
     pub workers: usize,
     pub dir: PathBuf,
     pub policy: Policy,
-    pub max_frame: usize,
+    /// The service's options (JSON), passed on to every worker.
+    pub options: serde_json::Value,
     pub grace: Duration,
-    /// The binary the workers run (`handoff worker ...`).
+    /// The binary the workers run (`EXE worker`), and the one a restart
+    /// starts by default.
     pub exe: PathBuf,
+    /// `--worker-cmd`: a program run as each worker instead (a C worker
+    /// on libhandoff); it learns everything from its environment.
+    pub worker_cmd: Option<PathBuf>,
     /// `-v`/`--log-level` passed on to workers.
     pub log_args: Vec<String>,
     /// Generation: 1 for a fresh start, +1 at each restart.
@@ -334,14 +339,16 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
 impl Master {
     fn spawn(&mut self, index: usize) -> io::Result<()> {
         let (mine, theirs) = sock::seqpacket_pair()?;
-        let mut cmd = Command::new(&self.cfg.exe);
-        cmd.args(["worker", "--index", &index.to_string(), "--max-frame", &self.cfg.max_frame.to_string()]);
-        cmd.args(["--gen", &self.cfg.gen.to_string(), "--channel-fd", "3"]);
-        cmd.arg("--dir").arg(&self.cfg.dir);
-        if let Some(n) = &self.cfg.node {
-            cmd.args(n.to_args());
-        }
-        cmd.args(&self.cfg.log_args);
+        let mut cmd = match &self.cfg.worker_cmd {
+            Some(path) => Command::new(path),
+            None => {
+                let mut c = Command::new(&self.cfg.exe);
+                c.arg("worker").args(&self.cfg.log_args);
+                c
+            }
+        };
+        let c = &self.cfg;
+        crate::cluster::worker::env::set(&mut cmd, index, c.gen, &c.dir, &c.options, c.node.as_ref());
         let raw = theirs.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and only
         // makes async-signal-safe calls (dup2, fcntl) on descriptors it owns.

@@ -11,7 +11,7 @@
 //! itself seen the new generation answer on the port. A new master whose
 //! predecessor dies before COMMIT is alone: it commits by itself.
 use clap::ValueEnum;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -316,7 +316,8 @@ impl Master {
             "port": self.port,
             "workers": self.cfg.workers,
             "policy": self.cfg.policy.name(),
-            "max_frame": self.cfg.max_frame,
+            "options": self.cfg.options,
+            "worker_cmd": self.cfg.worker_cmd,
             "grace": self.cfg.grace.as_secs_f64(),
             "gen": self.cfg.gen,
             "hang_timeout": self.cfg.hang_timeout.map(|d| d.as_secs_f64()),
@@ -695,7 +696,8 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
         workers: v["workers"].as_u64().ok_or_else(|| bad("workers"))? as usize,
         dir: dir.to_path_buf(),
         policy: Policy::from_str(v["policy"].as_str().unwrap_or(""), false).map_err(|_| bad("policy"))?,
-        max_frame: v["max_frame"].as_u64().ok_or_else(|| bad("max_frame"))? as usize,
+        options: v["options"].clone(),
+        worker_cmd: v["worker_cmd"].as_str().map(PathBuf::from),
         grace: Duration::from_secs_f64(v["grace"].as_f64().unwrap_or(5.0)),
         exe,
         log_args,
@@ -707,8 +709,8 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
 }
 
 /// `handoff restart --dir D`: asks the master for a restart and waits for
-/// the verdict: COMMITTED, then a whoami on the port answered by the new
-/// generation. Returns the reply (`ok` true).
+/// the verdict: COMMITTED, then the new generation's status answered on
+/// the control socket and a connection taken on the port. Returns the reply (`ok` true).
 pub fn request(dir: &Path, binary: Option<&Path>, timeout: Duration, listeners_only: bool) -> io::Result<Value> {
     let mut c = Client::connect(dir)?;
     let body = json!({"binary": binary.map(|b| b.display().to_string()), "timeout": timeout.as_secs_f64(),
@@ -722,7 +724,7 @@ pub fn request(dir: &Path, binary: Option<&Path>, timeout: Duration, listeners_o
     }
     let (host, port, gen) =
         (v["host"].as_str().unwrap_or("127.0.0.1"), v["port"].as_u64().unwrap_or(0), v["gen"].as_u64());
-    match probe(host, port as u16) {
+    match probe(dir, host, port as u16) {
         Ok(g) if Some(g) == gen => {
             // The old generation stood by until now: it may go.
             let _ = c.send(KIND_RESTART_PROBED, &[]);
@@ -736,19 +738,16 @@ pub fn request(dir: &Path, binary: Option<&Path>, timeout: Duration, listeners_o
     }
 }
 
-/// One whoami on the service port; returns the generation that answered.
-fn probe(host: &str, port: u16) -> io::Result<u64> {
+/// Whatever the service speaks: the control socket must be answered by
+/// generation `gen` with a worker that can serve, and the port must take
+/// a connection. Returns the generation that answered.
+fn probe(dir: &Path, host: &str, port: u16) -> io::Result<u64> {
+    let v = super::super::status::fetch(dir, Duration::from_secs(5))?;
+    let gen = v["gen"].as_u64().ok_or_else(|| io::Error::other(format!("unexpected status reply: {v}")))?;
+    if v["accepting"] != json!(true) {
+        return Err(io::Error::other(format!("generation {gen} has no worker that can serve")));
+    }
     let addr = crate::sock::resolve_v4(host, port)?;
-    let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let req = br#"{"in":"whoami"}"#;
-    let mut frame = (req.len() as u32).to_le_bytes().to_vec();
-    frame.extend_from_slice(req);
-    s.write_all(&frame)?;
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len)?;
-    let mut body = vec![0u8; u32::from_le_bytes(len).min(1 << 20) as usize];
-    s.read_exact(&mut body)?;
-    let v: Value = serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    v["result"]["gen"].as_u64().ok_or_else(|| io::Error::other(format!("unexpected whoami reply: {v}")))
+    TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    Ok(gen)
 }

@@ -16,9 +16,10 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::{with, Kind, Worker};
+use crate::cluster::worker::link::Handed;
+use crate::service::{RelayAnswer, Service, Ticket};
 use crate::node::NodeConfig;
 use crate::proto::node::{self as wire, Cmd, Parsed};
-use crate::proto::rpc;
 use crate::reactor::{Event, Interest};
 use crate::sock;
 
@@ -48,6 +49,7 @@ impl State {
 struct Relay {
     client: u64,
     reply_seq: u64,
+    ticket: Ticket,
     /// The message, as the client's JSON text (relayed untouched).
     msg: String,
 }
@@ -120,24 +122,23 @@ impl Node {
     }
 }
 
-impl Worker {
+impl<S: Service> Worker<S> {
     fn node(&mut self) -> &mut Node {
         self.node.as_mut().expect("links exist only in node mode")
     }
 
-    /// `{"in":"relay","params":{"node":B,"worker":1,"msg":X}}` from client
-    /// connection `client`, its reply number `reply_seq`; `msg` is X's JSON text.
-    pub(super) fn relay(&mut self, client: u64, reply_seq: u64, node: String, worker: usize, msg: String) {
+    /// A session's relay of `msg` (JSON text) to `worker` of `node`, from
+    /// client connection `client`, its reply number `reply_seq`.
+    pub(super) fn relay(&mut self, client: u64, reply_seq: u64, ticket: Ticket, node: String, worker: usize, msg: String) {
         let key: Key = (node, worker);
-        let relay = Relay { client, reply_seq, msg };
+        let relay = Relay { client, reply_seq, ticket, msg };
         if !self.node().cfg.peers.contains_key(&key.0) {
-            self.complete_value(client, reply_seq, &rpc::error(&format!("unknown node {}", key.0)));
+            self.relay_done(client, reply_seq, ticket, Err(&format!("unknown node {}", key.0)));
             return;
         }
         if !self.node().links.contains_key(&key) {
             if let Err(why) = self.open_link(&key) {
-                let e = rpc::error(&format!("node {} unreachable: {why}", key.0));
-                self.complete_value(client, reply_seq, &e);
+                self.relay_done(client, reply_seq, ticket, Err(&format!("node {} unreachable: {why}", key.0)));
                 return;
             }
         }
@@ -156,7 +157,8 @@ impl Worker {
         };
         self.node().counters.entry(key.clone()).or_default().connects += 1;
         let fd = sock::tcp_connect(addr).map_err(|e| e.to_string())?;
-        let conn = self.adopt(fd, &[], 0, Kind::LinkOut(key.clone())).ok_or("worker is stopping")?;
+        let h = Handed { fd, leftover: Vec::new(), state: Vec::new(), master_id: 0, eof: false, node_link: true };
+        let conn = self.adopt(h, Kind::LinkOut(key.clone())).ok_or("worker is stopping")?;
         // Written once the connect completes (the bufferevent waits for EV_WRITE).
         let hello = wire::encode(Cmd::ConnectReq, 0, &json!({"node": name, "worker": me, "to": key.1}));
         if let Some(slot) = self.conns.get(&conn) {
@@ -201,12 +203,12 @@ impl Worker {
         } else {
             log::debug!("worker {}: link to {}:{} closed ({why})", self.index, key.0, key.1);
         }
-        let reason = rpc::error(&format!("node {} unreachable: {why}", key.0));
+        let reason = format!("node {} unreachable: {why}", key.0);
         let mut relays: Vec<Relay> = link.queue;
         relays.extend(link.inflight.into_values());
         relays.sort_by_key(|r| (r.client, r.reply_seq));
         for r in relays {
-            self.complete_value(r.client, r.reply_seq, &reason);
+            self.relay_done(r.client, r.reply_seq, r.ticket, Err(&reason));
         }
     }
 
@@ -298,7 +300,7 @@ impl Worker {
                 self.close_because(id, "link closed by the far end");
             }
         }
-        self.stats_changed(false);
+        self.master.stats_changed();
     }
 
     /// A link someone opened to us.
@@ -353,22 +355,13 @@ impl Worker {
                 let ack: Ack = wire::body(cmd, body)?;
                 let Some(r) = link.inflight.remove(&seq) else { return Err(format!("ACK for unknown seq {seq}")) };
                 self.node().counters.entry(key.clone()).or_default().acked += 1;
-                let node = serde_json::to_string(&key.0).expect("a string serialises");
-                let reply = format!(
-                    r#"{{"out":"relayed","result":{{"node":{node},"worker":{},"pid":{},"msg":{}}}}}"#,
-                    key.1,
-                    ack.pid,
-                    ack.msg.get()
-                );
-                let mut frame = Vec::with_capacity(reply.len() + 4);
-                rpc::frame_raw(reply.as_bytes(), &mut frame);
-                self.complete(r.client, r.reply_seq, frame);
+                self.relay_done(r.client, r.reply_seq, r.ticket, Ok(RelayAnswer { pid: ack.pid, msg: ack.msg.get() }));
             }
             (Cmd::Error, State::Up) => {
                 let v: Value = wire::body(cmd, body)?;
                 let Some(r) = link.inflight.remove(&seq) else { return Err(format!("ERROR for unknown seq {seq}")) };
-                let e = rpc::error(&format!("node {}: {}", key.0, v["reason"].as_str().unwrap_or("error")));
-                self.complete_value(r.client, r.reply_seq, &e);
+                let e = format!("node {}: {}", key.0, v["reason"].as_str().unwrap_or("error"));
+                self.relay_done(r.client, r.reply_seq, r.ticket, Err(&e));
             }
             (cmd, state) => return Err(format!("unexpected {cmd:?} in state {}", state.name())),
         }

@@ -1,7 +1,7 @@
-//! A cluster worker: takes connections from the master's channel (or
-//! accepts on the shared listener) and answers the rpc protocol. It tells
-//! the master which connections it closed (in the coalesced stats
-//! message), so the master can release its rescue copies.
+//! A cluster (or node) worker serving a [`Service`]: takes connections
+//! from the master's channel (or accepts on the shared listener), runs a
+//! session on each, releases them between requests when the master asks
+//! (restart), and reports closes so the master drops its rescue copies.
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -9,44 +9,26 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
-
-use super::{
-    control_path, KIND_DRAIN, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_SHUTDOWN, KIND_STATS, KIND_TAKEOVER_BEGUN,
-    KIND_TAKEOVER_ENDED,
-};
-use crate::channel::{wire, Channel, ChannelEvent, Msg};
-use crate::proto::rpc::{self, Frame};
 use crate::reactor::{Base, Conn, ConnEvent, Event, Interest, Listener};
+use crate::service::{cx::RelayReq, Cx, Place, RelayAnswer, Service, Session, Ticket};
 use crate::sock;
 
+pub mod env;
+pub mod link;
 mod links;
+
+pub use env::WorkerEnv;
+use link::{Handed, MasterLink, Order};
 
 /// Pause reading a connection while this much output is unsent.
 const OUTPUT_LIMIT: usize = 1 << 20;
 /// Draining: how soon a connection the master refused is offered again.
 const RETRY_RELEASE: Duration = Duration::from_millis(100);
-/// Longest delay of a counters-only stats message.
-const STATS_EVERY: Duration = Duration::from_millis(100);
-
-#[derive(Debug)]
-pub struct Config {
-    /// Node mode (`handoff node`); `None` for a plain cluster.
-    pub node: Option<crate::node::NodeConfig>,
-    pub index: usize,
-    /// The cluster's generation (restarts), shown by whoami.
-    pub gen: u64,
-    pub max_frame: usize,
-    /// The worker's end of the master socketpair.
-    pub channel: OwnedFd,
-    /// The cluster's directory (a successor's control socket).
-    pub dir: Option<std::path::PathBuf>,
-}
 
 /// What a connection is to this worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
-    /// A client speaking the rpc protocol.
+    /// A client, served by a session.
     Client,
     /// Node mode: a link another node's worker opened to us.
     LinkIn,
@@ -54,116 +36,114 @@ enum Kind {
     LinkOut(links::Key),
 }
 
-struct Slot {
+/// One connection this worker owns.
+struct Served<T> {
     conn: Conn,
     kind: Kind,
-    /// Client replies in request order; `None` while a relay is out.
+    /// The service's session (clients only).
+    session: Option<T>,
+    /// Output in request order behind a relay still out (`None`: waiting).
     replies: VecDeque<Option<Vec<u8>>>,
     /// Request number of `replies[0]`.
     reply_head: u64,
+    next_ticket: u64,
     /// The master's id for this connection (0: accepted here).
     master_id: u64,
     eof: bool,
+    /// The session asked to close once the replies are out.
+    close_after: bool,
     closing: bool,
     throttled: bool,
-    /// Draining: release to the master once the output is flushed.
+    /// Draining: release to the master once between requests.
     releasing: bool,
 }
 
-struct Worker {
+impl<T> Served<T> {
+    /// Every request consumed is answered and the answers are flushed.
+    fn between_requests(&self) -> bool {
+        self.replies.is_empty() && self.conn.output_len() == 0
+    }
+}
+
+struct Worker<S: Service> {
     base: Base,
-    me: Weak<RefCell<Worker>>,
+    me: Weak<RefCell<Worker<S>>>,
     index: usize,
-    max_frame: usize,
-    identity: Map<String, Value>,
-    /// The whoami reply's JSON, made once.
-    whoami: Vec<u8>,
-    master: Channel,
-    conns: HashMap<u64, Slot>,
+    service: S,
+    read_limit: usize,
+    master: MasterLink,
+    conns: HashMap<u64, Served<S::Session>>,
     next_id: u64,
     listener: Option<Listener>,
-    stats_timer: Option<Event>,
     stopping: bool,
     /// Restart: hand every connection back between requests, then exit.
     draining: bool,
     served: u64,
-    /// Master ids of connections closed since the last stats message.
-    closed: Vec<u64>,
     signals: Vec<Event>,
     /// Node mode: this node's name, its peers, and the links to them.
     node: Option<links::Node>,
-    /// Exiting once the channel is flushed.
-    quitting: bool,
-    /// Set when a pending exit waits on a channel that was replaced.
-    exit_superseded: Rc<std::cell::Cell<bool>>,
-    dir: Option<std::path::PathBuf>,
-    /// A restart is under way: if the master dies, the connections go to
-    /// the successor listening on the control socket.
-    successor_known: bool,
-    /// Released connections the broken master channel gave straight back.
-    unsent: Vec<Msg>,
-    /// How long an orphaned worker waits for clients that do not read.
-    orphan_grace: Duration,
     orphan_timer: Option<Event>,
     /// Draining: offers refused connections again.
     retry_timer: Option<Event>,
 }
 
-fn with(w: &Weak<RefCell<Worker>>, f: impl FnOnce(&mut Worker)) {
+fn with<S: Service>(w: &Weak<RefCell<Worker<S>>>, f: impl FnOnce(&mut Worker<S>)) {
     if let Some(s) = w.upgrade() {
         f(&mut s.borrow_mut());
     }
 }
 
-pub fn run(cfg: Config) -> io::Result<()> {
+/// Runs a worker of service `S` as its master's environment describes.
+pub fn run<S: Service>(env: WorkerEnv) -> io::Result<()> {
     crate::signals::ignore_sigpipe();
     crate::signals::die_with_parent(true)?;
     sock::raise_nofile()?;
     let base = Base::new()?;
-    let index = cfg.index;
-    let mut identity =
-        json!({"worker": index, "pid": std::process::id(), "gen": cfg.gen}).as_object().cloned().unwrap_or_default();
-    if let Some(n) = &cfg.node {
-        identity.insert("node".into(), Value::String(n.name.clone()));
-    }
-    let node = cfg.node.map(|n| links::Node::new(n, index));
-    let worker = Rc::new_cyclic(|me: &Weak<RefCell<Worker>>| {
-        let w = me.clone();
-        let master = Channel::new(&base, cfg.channel, move |ev| with(&w, |s| s.on_master(ev)))
-            .expect("channel on the master socket");
+    let index = env.index;
+    let options: S::Options = serde_json::from_value(env.options.clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("HANDOFF_OPTIONS: {e}")))?;
+    let place =
+        Place::Worker { index, pid: std::process::id(), gen: env.gen, node: env.node.as_ref().map(|n| n.name.clone()) };
+    let service = S::new(&options, &place)?;
+    let node = env.node.map(|n| links::Node::new(n, index));
+    let worker = Rc::new_cyclic(|me: &Weak<RefCell<Worker<S>>>| {
+        let (w, ws) = (me.clone(), me.clone());
+        let master = MasterLink::new(
+            &base,
+            env.channel,
+            index,
+            env.dir,
+            move |ev| {
+                // A message may arrive while the worker is borrowed (never:
+                // the channel calls back from the loop only).
+                if let Some(order) = w.upgrade().and_then(|s| s.borrow_mut().master.on_event(ev)) {
+                    with(&w, |s| s.obey(order));
+                }
+            },
+            move || with(&ws, |s| s.send_stats()),
+        )
+        .expect("channel on the master socket");
         RefCell::new(Worker {
             base: base.clone(),
             me: me.clone(),
             index,
-            max_frame: cfg.max_frame,
-            whoami: serde_json::to_vec(&rpc::respond(Ok(("whoami".into(), Map::new())), &identity))
-                .expect("a Value always serialises"),
-            identity,
+            read_limit: service.read_limit(),
+            service,
             master,
             conns: HashMap::new(),
             next_id: 1,
             listener: None,
-            stats_timer: None,
             stopping: false,
             draining: false,
             served: 0,
-            closed: Vec::new(),
             signals: Vec::new(),
             node,
-            quitting: false,
-            exit_superseded: Rc::default(),
-            dir: cfg.dir,
-            successor_known: false,
-            unsent: Vec::new(),
-            orphan_grace: Duration::from_secs(5),
             orphan_timer: None,
             retry_timer: None,
         })
     });
     {
         let mut w = worker.borrow_mut();
-        let wk = Rc::downgrade(&worker);
-        w.stats_timer = Some(Event::new(&base, -1, Interest::Timer, move || with(&wk, |s| s.send_stats()))?);
         // SIGTERM from outside acts like the master's SHUTDOWN; SIGINT (a
         // terminal's ^C reaching the whole group) is left to the master.
         let wk = Rc::downgrade(&worker);
@@ -187,59 +167,23 @@ pub fn run(cfg: Config) -> io::Result<()> {
     Ok(())
 }
 
-impl Worker {
-    fn on_master(&mut self, ev: ChannelEvent) {
-        match ev {
-            ChannelEvent::Msg(m) => match m.kind {
-                wire::KIND_CONN => {
-                    let fd = m.fd.expect("channel checks CONN carries a descriptor");
-                    let kind = if m.flags & wire::FLAG_NODE_LINK != 0 { Kind::LinkIn } else { Kind::Client };
-                    self.adopt(fd, &m.body, m.id, kind);
-                }
-                wire::KIND_LISTENER => self.share_listener(m.fd.expect("channel checks LISTENER carries a descriptor")),
-                KIND_SHUTDOWN => self.begin_shutdown(),
-                KIND_DRAIN => self.begin_drain(),
-                KIND_TAKEOVER_BEGUN => {
-                    let v: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
-                    self.orphan_grace = Duration::from_secs_f64(v["grace"].as_f64().unwrap_or(5.0).clamp(0.0, 3600.0));
-                    self.successor_begun(true)
-                }
-                KIND_TAKEOVER_ENDED => self.successor_begun(false),
-                KIND_PING => {
-                    let _ = self.master.send(Msg::control(KIND_PONG, Vec::new()));
-                }
-                k => log::warn!("worker {}: unexpected message kind {k} from master", self.index),
-            },
-            // The master had no descriptor to spare for a connection we
-            // accepted (shared policy): serve it, and offer it again later
-            // if we are draining.
-            ChannelEvent::Refused(m) => {
-                let Some(fd) = m.fd else { return };
-                let eof = m.flags & wire::FLAG_EOF != 0;
-                let master_id = if m.flags & wire::FLAG_RELEASED != 0 { m.meta } else { 0 };
-                if let Some(id) = self.adopt(fd, &m.body, master_id, Kind::Client) {
-                    if let Some(slot) = self.conns.get_mut(&id) {
-                        slot.eof |= eof;
-                    }
-                    if self.draining {
-                        self.retry_release_later();
-                    }
+impl<S: Service> Worker<S> {
+    fn obey(&mut self, order: Order) {
+        match order {
+            Order::Conn(h) => {
+                let kind = if h.node_link { Kind::LinkIn } else { Kind::Client };
+                self.adopt(h, kind);
+            }
+            Order::Refused(h) => {
+                if self.adopt(h, Kind::Client).is_some() && self.draining {
+                    self.retry_release_later();
                 }
             }
-            ChannelEvent::Closed { reason, mut returned, .. } => {
-                returned.append(&mut self.unsent);
-                let n = returned.len();
-                if self.successor_known && self.hand_to_successor(returned) {
-                    return;
-                }
-                if n > 0 {
-                    log::error!("worker {}: master gone; {n} released connection(s) close", self.index);
-                }
-                log::info!(
-                    "worker {}: master channel closed ({}); exiting",
-                    self.index,
-                    reason.map_or("EOF".into(), |e| e.to_string())
-                );
+            Order::Listener(fd) => self.share_listener(fd),
+            Order::Shutdown => self.begin_shutdown(),
+            Order::Drain => self.begin_drain(),
+            Order::Orphaned => self.orphaned(),
+            Order::Lost => {
                 self.conns.clear();
                 self.quit();
             }
@@ -251,7 +195,9 @@ impl Worker {
         match Listener::adopt(&self.base, fd, move |c| {
             with(&w, |s| {
                 let _ = sock::set_nodelay(c.as_raw_fd());
-                s.adopt(c, &[], 0, Kind::Client);
+                let h =
+                    Handed { fd: c, leftover: Vec::new(), state: Vec::new(), master_id: 0, eof: false, node_link: false };
+                s.adopt(h, Kind::Client);
             })
         }) {
             Ok(l) => self.listener = Some(l),
@@ -259,7 +205,7 @@ impl Worker {
         }
     }
 
-    fn adopt(&mut self, fd: OwnedFd, leftover: &[u8], master_id: u64, kind: Kind) -> Option<u64> {
+    fn adopt(&mut self, h: Handed, kind: Kind) -> Option<u64> {
         if self.stopping {
             // The master stopped sending before SHUTDOWN; nothing should come.
             log::warn!("worker {}: connection arrived while stopping; closing it", self.index);
@@ -268,35 +214,40 @@ impl Worker {
         let id = self.next_id;
         self.next_id += 1;
         let w = self.me.clone();
-        let read_limit = self.max_frame + 4 + 64 * 1024;
-        match Conn::adopt(&self.base, fd, leftover, read_limit, Rc::new(move |ev| with(&w, |s| s.on_conn(id, ev)))) {
-            Ok(conn) => {
-                let slot = Slot {
-                    conn,
-                    kind,
-                    replies: VecDeque::new(),
-                    reply_head: 0,
-                    master_id,
-                    eof: false,
-                    closing: false,
-                    throttled: false,
-                    releasing: false,
-                };
-                self.conns.insert(id, slot);
-                self.stats_changed(false);
-                self.serve(id);
-                if let Some(s) = self.conns.get(&id) {
-                    if !(s.eof || s.closing || s.throttled || s.releasing) {
-                        s.conn.resume_reading();
-                    }
+        let conn =
+            match Conn::adopt(&self.base, h.fd, &h.leftover, self.read_limit, Rc::new(move |ev| with(&w, |s| s.on_conn(id, ev)))) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::error!("worker {}: cannot adopt connection: {e}", self.index);
+                    return None;
                 }
-                Some(id)
-            }
-            Err(e) => {
-                log::error!("worker {}: cannot adopt connection: {e}", self.index);
-                None
+            };
+        let session = (kind == Kind::Client).then(|| self.service.open(&h.state));
+        self.conns.insert(
+            id,
+            Served {
+                conn,
+                kind,
+                session,
+                replies: VecDeque::new(),
+                reply_head: 0,
+                next_ticket: 0,
+                master_id: h.master_id,
+                eof: h.eof,
+                close_after: false,
+                closing: false,
+                throttled: false,
+                releasing: false,
+            },
+        );
+        self.master.stats_changed();
+        self.serve(id);
+        if let Some(s) = self.conns.get(&id) {
+            if !(s.eof || s.closing || s.throttled || s.releasing || s.close_after) {
+                s.conn.resume_reading();
             }
         }
+        Some(id)
     }
 
     fn on_conn(&mut self, id: u64, ev: ConnEvent) {
@@ -310,7 +261,7 @@ impl Worker {
                     self.close(id);
                 } else if slot.releasing {
                     // Replies are out: the connection moves now.
-                    self.release(id);
+                    self.release_when_flushed(id);
                 } else if slot.throttled {
                     slot.throttled = false;
                     slot.conn.resume_reading();
@@ -340,112 +291,91 @@ impl Worker {
         }
     }
 
-    /// Answers every complete request in the input, in order; the replies
-    /// of one batch leave in one write. Relays (node mode) answer later;
-    /// replies behind them wait their turn.
+    /// Runs the session on the buffered input; its output leaves in one
+    /// write, except what waits behind a relay (node mode).
     fn serve_client(&mut self, id: u64) {
+        let node_mode = self.node.is_some();
         let Some(slot) = self.conns.get_mut(&id) else { return };
-        if slot.closing || slot.releasing {
+        if slot.closing || slot.releasing || slot.close_after {
             return;
         }
-        let node_mode = self.node.is_some();
-        let mut relays = Vec::new();
+        let Some(session) = slot.session.as_mut() else { return };
         let mut out = Vec::new();
-        let mut close = false;
-        loop {
-            let avail = slot.conn.input_len();
-            match rpc::frame(slot.conn.peek(avail.min(4)), avail, self.max_frame) {
-                Frame::Complete { body } => {
-                    let frame = &slot.conn.peek(4 + body)[4..];
-                    let relay = if node_mode { rpc::parse_relay(frame) } else { None };
-                    if let Some(r) = relay {
-                        let seq = slot.reply_head + slot.replies.len() as u64;
-                        relays.push((seq, r.node.into_owned(), r.worker, r.msg.get().to_string()));
-                        slot.replies.push_back(None);
-                        slot.conn.consume(4 + body);
-                        self.served += 1;
-                        continue;
-                    }
-                    // In order behind a pending relay, or on the fast path.
-                    let fast = slot.replies.is_empty() && rpc::answer_fast(frame, &self.whoami, &mut out);
-                    let req = if fast { None } else { Some(rpc::parse(frame)) };
-                    slot.conn.consume(4 + body);
-                    self.served += 1;
-                    match req {
-                        None => {}
-                        Some(Ok((kind, _))) if node_mode && kind == "relay" => {
-                            let e = rpc::error("relay: params must be {\"node\":name,\"worker\":index,\"msg\":value}");
-                            if slot.replies.is_empty() {
-                                rpc::encode_into(&e, &mut out);
-                            } else {
-                                slot.replies.push_back(Some(rpc::encode(&e)));
-                            }
-                        }
-                        Some(req) => {
-                            let reply = rpc::respond(req, &self.identity);
-                            if slot.replies.is_empty() {
-                                rpc::encode_into(&reply, &mut out);
-                            } else {
-                                slot.replies.push_back(Some(rpc::encode(&reply)));
-                            }
-                        }
-                    }
-                    if out.len() + slot.conn.output_len() > OUTPUT_LIMIT {
-                        slot.throttled = true;
-                        slot.conn.pause_reading();
-                        break;
-                    }
-                }
-                Frame::TooLarge { len } => {
-                    log::info!(
-                        "worker {}: connection {id}: frame of {len} bytes exceeds --max-frame {}; closing",
-                        self.index,
-                        self.max_frame
-                    );
-                    out.clear();
-                    close = true;
-                    break;
-                }
-                Frame::Incomplete => {
-                    if slot.eof && avail > 0 {
-                        log::info!(
-                            "worker {}: connection {id}: truncated frame ({avail} bytes) before EOF; closing",
-                            self.index
-                        );
-                    }
-                    break;
-                }
-            }
+        let avail = slot.conn.input_len();
+        let mut cx = Cx::new(&mut out, slot.conn.output_len(), OUTPUT_LIMIT).with_eof(slot.eof);
+        if node_mode {
+            cx = cx.with_relays(slot.next_ticket);
         }
-        if close {
+        let used = session.serve(slot.conn.peek(avail), &mut cx);
+        let (answered, close, abort, relays) = (cx.answered, cx.close, cx.abort, std::mem::take(&mut cx.relays));
+        let more = cx.more();
+        slot.conn.consume(used.min(avail));
+        self.served += answered as u64;
+        if abort {
             self.close(id);
             return;
         }
-        if !out.is_empty() {
-            if let Err(e) = slot.conn.write_now(&out) {
+        slot.next_ticket += relays.len() as u64;
+        let mut pending = Vec::new();
+        let mut at = 0;
+        let mut direct = Vec::new();
+        for RelayReq { at: end, ticket, node, worker, msg } in relays {
+            let seg = out[at..end].to_vec();
+            at = end;
+            if slot.replies.is_empty() {
+                direct.extend(seg);
+            } else if !seg.is_empty() {
+                slot.replies.push_back(Some(seg));
+            }
+            let seq = slot.reply_head + slot.replies.len() as u64;
+            slot.replies.push_back(None);
+            pending.push((seq, ticket, node, worker, msg));
+        }
+        if slot.replies.is_empty() {
+            direct.extend_from_slice(&out[at..]);
+        } else if at < out.len() {
+            slot.replies.push_back(Some(out[at..].to_vec()));
+        }
+        if !direct.is_empty() {
+            if let Err(e) = slot.conn.write_now(&direct) {
                 log::debug!("worker {}: connection {id}: write: {e}", self.index);
                 self.close(id);
                 return;
             }
         }
+        if !more && !close && slot.conn.output_len() > 0 {
+            // Over the output limit (the client does not read): serve the
+            // rest once the output drains.
+            slot.throttled = true;
+            slot.conn.pause_reading();
+        }
+        if close {
+            slot.close_after = true;
+            slot.conn.pause_reading();
+        }
         let waiting = !slot.replies.is_empty();
         if self.draining {
             self.release_when_flushed(id);
-        } else if (slot.eof || self.stopping) && !waiting {
+        } else if (slot.eof || self.stopping || close) && !waiting {
             self.close_when_flushed(id);
         }
-        for (seq, node, worker, msg) in relays {
-            self.relay(id, seq, node, worker, msg);
+        for (seq, ticket, node, worker, msg) in pending {
+            self.relay(id, seq, ticket, node, worker, msg);
         }
-        self.stats_changed(false);
+        self.master.stats_changed();
     }
 
-    fn complete_value(&mut self, id: u64, seq: u64, reply: &Value) {
-        self.complete(id, seq, rpc::encode(reply));
+    /// A relay's answer came (or it failed): the session writes its
+    /// response, which goes out with every ready one behind it.
+    fn relay_done(&mut self, id: u64, seq: u64, ticket: Ticket, answer: Result<RelayAnswer<'_>, &str>) {
+        let Some(slot) = self.conns.get_mut(&id) else { return };
+        let Some(session) = slot.session.as_mut() else { return };
+        let mut frame = Vec::new();
+        session.relayed(ticket, answer, &mut frame);
+        self.complete(id, seq, frame);
     }
 
-    /// A deferred reply (a whole frame) is ready: send it and every ready
-    /// one behind it.
+    /// A deferred reply is ready: send it and every ready one behind it.
     fn complete(&mut self, id: u64, seq: u64, frame: Vec<u8>) {
         let Some(slot) = self.conns.get_mut(&id) else { return };
         let Some(i) = seq.checked_sub(slot.reply_head).map(|i| i as usize) else { return };
@@ -465,8 +395,15 @@ impl Worker {
                 return;
             }
         }
-        if slot.replies.is_empty() && (slot.eof || self.stopping) {
-            self.close_when_flushed(id);
+        if slot.replies.is_empty() {
+            if slot.releasing || self.draining {
+                self.release_when_flushed(id);
+            } else if slot.eof || self.stopping || slot.close_after {
+                self.close_when_flushed(id);
+            } else {
+                // Requests that arrived behind the relay.
+                self.serve(id);
+            }
         }
     }
 
@@ -494,10 +431,7 @@ impl Worker {
                 self.link_lost(key, why);
             }
             sock::shutdown_both(slot.conn.raw_fd());
-            if slot.master_id != 0 {
-                self.closed.push(slot.master_id);
-            }
-            self.stats_changed(true);
+            self.master.closed(slot.master_id);
         }
         if self.stopping && self.conns.is_empty() {
             self.quit();
@@ -505,7 +439,7 @@ impl Worker {
     }
 
     /// Restart: every connection goes back to the master (which passes it
-    /// to the new generation) as soon as its responses are flushed; the
+    /// to the new generation) as soon as it is between requests; the
     /// bytes of a request still arriving travel with it.
     fn begin_drain(&mut self) {
         if self.draining || self.stopping {
@@ -514,6 +448,10 @@ impl Worker {
         self.draining = true;
         self.listener = None;
         log::debug!("worker {}: draining {} connection(s) to the next generation", self.index, self.conns.len());
+        self.release_all();
+    }
+
+    fn release_all(&mut self) {
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
             self.release_when_flushed(id);
@@ -528,7 +466,7 @@ impl Worker {
         if slot.closing {
             return;
         }
-        if slot.conn.output_len() == 0 {
+        if slot.between_requests() {
             self.release(id);
         } else {
             slot.releasing = true;
@@ -536,49 +474,21 @@ impl Worker {
         }
     }
 
-    /// Lets go of a connection: it goes back to the master whole (CONN,
-    /// descriptor and read-ahead), kept here until the master's ACK, so it
-    /// survives the master's death. One the master handed us is marked
-    /// released, with the master's id for it in `meta`.
+    /// Lets go of a connection: descriptor, read-ahead and session state
+    /// go back to the master.
     fn release(&mut self, id: u64) {
         let Some(slot) = self.conns.remove(&id) else { return };
-        let mut flags = if slot.eof { wire::FLAG_EOF } else { 0 };
+        let state = slot.session.as_ref().map(Session::export).unwrap_or_default();
         let (fd, leftover) = slot.conn.detach();
-        if slot.master_id != 0 {
-            flags |= wire::FLAG_RELEASED;
-        }
-        let mut msg = Msg::conn(fd, leftover, flags);
-        msg.meta = slot.master_id;
-        if let Err(back) = self.master.send(msg) {
-            // The channel just broke: its Closed event decides (a successor
-            // takes it, or it closes with us).
-            self.unsent.push(back);
-        }
+        self.master.release(fd, leftover, &state, slot.master_id, slot.eof);
         if self.conns.is_empty() {
             self.quit();
         }
     }
 
-    /// Stats go to the master coalesced: at the end of this loop round
-    /// when a connection closed (the master then drops its copy), within
-    /// `STATS_EVERY` when only counters moved.
-    fn stats_changed(&mut self, closed: bool) {
-        if let Some(t) = &self.stats_timer {
-            if closed || !self.closed.is_empty() {
-                let _ = t.add(Some(Duration::ZERO));
-            } else if !t.pending() {
-                let _ = t.add(Some(STATS_EVERY));
-            }
-        }
-    }
-
     fn send_stats(&mut self) {
-        let closed = std::mem::take(&mut self.closed);
-        let mut body = json!({"open": self.conns.len(), "served": self.served, "closed": closed});
-        if let Some(n) = &self.node {
-            body["links"] = n.table();
-        }
-        let _ = self.master.send(Msg::control(KIND_STATS, body.to_string().into_bytes()));
+        let links = self.node.as_ref().map(links::Node::table);
+        self.master.send_stats(self.conns.len(), self.served, links);
     }
 
     /// Stops taking connections, finishes the requests it has (a
@@ -593,7 +503,7 @@ impl Worker {
         log::debug!("worker {}: shutting down with {} open connection(s)", self.index, self.conns.len());
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
-            let idle = self.conns.get(&id).is_some_and(|s| s.conn.input_len() == 0);
+            let idle = self.conns.get(&id).is_some_and(|s| s.conn.input_len() == 0 && s.replies.is_empty());
             if idle {
                 self.close_when_flushed(id);
             }
@@ -604,76 +514,29 @@ impl Worker {
     }
 
     fn quit(&mut self) {
-        if self.quitting {
+        if self.master.is_quitting() {
             return;
         }
-        self.quitting = true;
         self.send_stats();
         self.signals.clear();
-        self.stats_timer = None;
         self.listener = None;
         self.retry_timer = None;
-        // Leave once every message (connections, the last stats) is in
-        // the kernel: the master reads them all, even after we are gone.
-        let base = self.base.clone();
-        let superseded = self.exit_superseded.clone();
-        self.master.when_settled(move || {
-            if !superseded.get() {
-                base.exit(None)
-            }
-        });
+        self.master.quit();
     }
 
-    /// A takeover began (`true`: a successor listens on the control
-    /// socket) or was aborted (`false`). While it runs, this worker does
-    /// not die with its master: it hands its connections to the successor.
-    fn successor_begun(&mut self, begun: bool) {
-        if self.dir.is_none() {
-            return;
-        }
-        self.successor_known = begun;
-        if let Err(e) = crate::signals::die_with_parent(!begun) {
-            log::error!("worker {}: prctl: {e}", self.index);
-        }
-    }
-
-    /// Our master died during a restart: every connection (those it never
-    /// acknowledged included) goes to the new master, through its control
-    /// socket, between requests as in a drain. False if it cannot be reached.
-    fn hand_to_successor(&mut self, returned: Vec<Msg>) -> bool {
-        self.successor_known = false; // once: if this one dies too, give up
-        let Some(dir) = self.dir.clone() else { return false };
-        let w = self.me.clone();
-        let ch = crate::sock::unix_connect(&control_path(&dir))
-            .and_then(|fd| Channel::new(&self.base, fd, move |ev| with(&w, |s| s.on_master(ev))));
-        let ch = match ch {
-            Ok(ch) => ch,
-            Err(e) => {
-                log::error!("worker {}: master died mid-restart and its successor is unreachable: {e}", self.index);
-                return false;
-            }
-        };
-        log::warn!(
-            "worker {}: master died mid-restart; handing {} connection(s) to the new master",
-            self.index,
-            self.conns.len() + returned.len()
-        );
-        let hello = json!({"worker": self.index, "pid": std::process::id()}).to_string().into_bytes();
-        let _ = ch.send(Msg::control(KIND_ORPHAN_HELLO, hello));
-        for m in returned.into_iter().filter(|m| m.kind == wire::KIND_CONN) {
-            let _ = ch.send(m);
-        }
-        self.master = ch;
-        // No master will cut clients that never read: we do, after --grace.
+    /// Our master died mid-restart and the link now reaches its
+    /// successor: every connection moves there between requests; no
+    /// master will cut clients that never read, so we do, after the grace.
+    fn orphaned(&mut self) {
+        let grace = self.master.orphan_grace;
         let w = self.me.clone();
         let t = Event::new(&self.base, -1, Interest::Timer, move || {
             with(&w, |s| {
                 if !s.conns.is_empty() {
                     log::warn!(
-                        "worker {}: {} connection(s) could not move within {:?} (clients not reading); cutting them",
+                        "worker {}: {} connection(s) could not move within {grace:?} (clients not reading); cutting them",
                         s.index,
                         s.conns.len(),
-                        s.orphan_grace
                     );
                 }
                 let ids: Vec<u64> = s.conns.keys().copied().collect();
@@ -683,25 +546,14 @@ impl Worker {
                 s.quit();
             })
         });
-        match t.and_then(|t| t.add(Some(self.orphan_grace)).map(|()| t)) {
+        match t.and_then(|t| t.add(Some(grace)).map(|()| t)) {
             Ok(t) => self.orphan_timer = Some(t),
             Err(e) => log::error!("worker {}: grace timer: {e}", self.index),
         }
-        if self.quitting {
-            // The exit waited on the dead channel: wait on this one.
-            self.exit_superseded.set(true);
-            self.exit_superseded = Rc::default();
-            self.quitting = false;
-            self.quit();
-        } else if !self.draining {
-            self.begin_drain();
-        } else {
-            let ids: Vec<u64> = self.conns.keys().copied().collect();
-            for id in ids {
-                self.release_when_flushed(id);
-            }
-        }
-        true
+        self.draining = true;
+        self.stopping = false;
+        self.listener = None;
+        self.release_all();
     }
 
     /// Draining: a connection the master refused is offered again soon.
@@ -710,14 +562,7 @@ impl Worker {
             return;
         }
         let w = self.me.clone();
-        let t = Event::new(&self.base, -1, Interest::Timer, move || {
-            with(&w, |s| {
-                let ids: Vec<u64> = s.conns.keys().copied().collect();
-                for id in ids {
-                    s.release_when_flushed(id);
-                }
-            })
-        });
+        let t = Event::new(&self.base, -1, Interest::Timer, move || with(&w, |s| s.release_all()));
         match t.and_then(|t| t.add(Some(RETRY_RELEASE)).map(|()| t)) {
             Ok(t) => self.retry_timer = Some(t),
             Err(e) => log::error!("worker {}: retry timer: {e}", self.index),

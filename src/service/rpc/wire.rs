@@ -1,11 +1,5 @@
-//! Cluster mode's framing (seed 001): u32 little-endian length, then that
-//! many bytes of JSON.
-//!
-//! ```text
-//! {"in":"ping","params":X}  -> {"out":"pong","result":X}
-//! {"in":"whoami"}           -> {"out":"whoami","result":{"worker":I,"pid":N,...}}
-//! anything else             -> {"out":"error","result":"<reason>"}
-//! ```
+//! Rpc framing: frames, the fast ping/whoami path, requests and replies
+//! (the load clients use it too).
 use std::borrow::Cow;
 
 use serde::Deserialize;

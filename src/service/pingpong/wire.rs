@@ -1,7 +1,4 @@
-//! Pair mode's framing (seed 000).
-//!
-//! Request: 1 byte unsigned length N (0..=255), then N bytes.
-//! Response: ASCII `rsp from port: P\n`, P the answering server's port.
+//! Pingpong framing: encode requests, parse responses (the load clients use it too).
 
 /// Total size (1 + N) of the request at the front of `buf`, or `None`
 /// while it is incomplete. Every byte string is a valid prefix: there is

@@ -1,0 +1,364 @@
+//! The command line every service binary shares: `BIN cluster|server|pair|
+//! node|restart|status ...` with the same flags and wire formats as
+//! `handoff` itself, which is this command line built with the built-in
+//! services (pingpong for pair mode, rpc for cluster and node mode).
+//!
+//! ```no_run
+//! use handoff::service::rpc::Rpc;
+//!
+//! fn main() -> std::process::ExitCode {
+//!     // `mybin cluster --port 8080 --dir /tmp/mybin --max-frame 4096`
+//!     handoff::cli::main::<Rpc>("mybin")
+//! }
+//! ```
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, FromArgMatches, Parser, Subcommand};
+use log::LevelFilter;
+use serde_json::Value;
+
+use crate::cluster;
+use crate::pair;
+use crate::service::Service;
+
+/// Runs the whole command line with one service for every mode.
+pub fn main<S: Service>(name: &'static str) -> ExitCode {
+    main_with::<S, S, NoExtra>(name)
+}
+
+/// Runs the whole command line: service `P` in pair mode (`server`,
+/// `pair`), service `C` in cluster and node mode, and the binary's own
+/// extra subcommands `X` (use [`NoExtra`] for none).
+pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCode {
+    let cmd = Cli::<P::Options, C::Options, X>::command_for(name);
+    let cli = match Cli::<P::Options, C::Options, X>::from_arg_matches(&cmd.get_matches()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    crate::logging::init(cli.verbose, cli.log_level);
+    let log_args: Vec<String> = match cli.log_level {
+        Some(l) => vec!["--log-level".into(), l.to_string()],
+        None => (0..cli.verbose).map(|_| "-v".to_string()).collect(),
+    };
+    // One-shot commands print errors plainly; servers log them.
+    let one_shot = matches!(cli.cmd, Cmd::Status(_) | Cmd::Restart(_));
+    let result = match cli.cmd {
+        Cmd::Extra(x) => return x.run(),
+        Cmd::Server(With { args: a, options }) => {
+            if a.port == a.peer_port {
+                return fail(&format!(
+                    "--port and --peer-port are both {}: a server cannot hand connections to itself",
+                    a.port
+                ));
+            }
+            // Servers started by `pair` get the launcher's options.
+            let options = match std::env::var("HANDOFF_OPTIONS") {
+                Ok(s) => match serde_json::from_str(&s) {
+                    Ok(o) => o,
+                    Err(e) => return fail(&format!("HANDOFF_OPTIONS: {e}")),
+                },
+                Err(_) => options,
+            };
+            let cfg = pair::server::Config { host: a.host, port: a.port, peer_port: a.peer_port, dir: a.dir };
+            pair::server::run::<P>(&cfg, &options)
+        }
+        Cmd::Pair(With { args: a, options }) => {
+            if a.ports.0 == a.ports.1 {
+                return fail(&format!("--ports {0},{0}: the two servers need two different ports", a.ports.0));
+            }
+            let options = to_json(&options);
+            std::env::current_exe()
+                .and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args, &options))
+        }
+        Cmd::Cluster(With { args: a, options }) => {
+            let worker_cmd = match a.worker_cmd.map(std::path::absolute).transpose() {
+                Ok(w) => w,
+                Err(e) => return fail(&format!("--worker-cmd: {e}")),
+            };
+            a.master.config(a.policy, a.grace, log_args).and_then(|mut cfg| {
+                cfg.options = to_json(&options);
+                cfg.worker_cmd = worker_cmd;
+                cluster::master::run(cfg)
+            })
+        }
+        Cmd::Node(With { args: a, options }) => {
+            crate::node::NodeConfig::new(&a.name, &a.peers, a.connect_timeout).and_then(|node| {
+                let mut cfg = a.master.config(cluster::Policy::RoundRobin, 5.0, log_args)?;
+                cfg.options = to_json(&options);
+                cfg.node = Some(node);
+                cluster::master::run(cfg)
+            })
+        }
+        Cmd::Restart(a) => {
+            let timeout = std::time::Duration::from_secs_f64(a.timeout.max(0.1));
+            // A relative --binary means relative to the caller, not to the
+            // master's working directory.
+            let binary = match a.binary.map(std::path::absolute).transpose() {
+                Ok(b) => b,
+                Err(e) => return fail(&format!("--binary: {e}")),
+            };
+            cluster::master::request_restart(&a.dir, binary.as_deref(), timeout, a.listeners_only).map(|v| {
+                println!("restarted: generation {} (pid {})", v["gen"], v["pid"]);
+            })
+        }
+        Cmd::Takeover(a) => std::env::current_exe().and_then(|exe| cluster::master::takeover(&a.dir, exe, log_args)),
+        Cmd::Status(a) => cluster::status::fetch(&a.dir, std::time::Duration::from_secs(3)).map(|v| {
+            if a.json {
+                println!("{v}");
+            } else {
+                print!("{}", cluster::status::render(&v));
+            }
+        }),
+        Cmd::Worker => cluster::worker::WorkerEnv::read().and_then(cluster::worker::run::<C>),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if one_shot => fail(&e.to_string()),
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A binary's own subcommands, next to the shared ones (`handoff client`).
+pub trait Extra: Subcommand {
+    /// Runs the subcommand; its exit status is the process's.
+    fn run(self) -> ExitCode;
+}
+
+/// No extra subcommands.
+#[derive(Subcommand, Debug)]
+pub enum NoExtra {}
+
+impl Extra for NoExtra {
+    fn run(self) -> ExitCode {
+        match self {}
+    }
+}
+
+fn to_json<O: serde::Serialize>(o: &O) -> Value {
+    serde_json::to_value(o).unwrap_or(Value::Null)
+}
+
+/// A command's error on stderr, exit 1.
+pub fn fail(msg: &str) -> ExitCode {
+    eprintln!("handoff: error: {msg}");
+    ExitCode::FAILURE
+}
+
+#[derive(Parser)]
+#[command(version, about = "Move live TCP connections between processes (SCM_RIGHTS)")]
+struct Cli<PO: Args, CO: Args, X: Subcommand> {
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Log level: off, error, warn, info, debug, trace (overrides -v).
+    #[arg(long, global = true, value_name = "L")]
+    log_level: Option<LevelFilter>,
+    #[command(subcommand)]
+    cmd: Cmd<PO, CO, X>,
+}
+
+impl<PO: Args, CO: Args, X: Subcommand> Cli<PO, CO, X> {
+    fn command_for(name: &'static str) -> clap::Command {
+        use clap::CommandFactory;
+        Self::command().name(name).bin_name(name)
+    }
+}
+
+/// A mode's own flags and the service's.
+#[derive(Args)]
+struct With<A: Args, O: Args> {
+    #[command(flatten)]
+    args: A,
+    #[command(flatten)]
+    options: O,
+}
+
+#[derive(Subcommand)]
+enum Cmd<PO: Args, CO: Args, X: Subcommand> {
+    /// One pair-mode server: answers a request, hands the connection to its peer.
+    Server(With<ServerArgs, PO>),
+    /// Runs both servers of a pair (two processes) until SIGINT/SIGTERM.
+    Pair(With<PairArgs, PO>),
+    /// Cluster master: accepts and hands each connection to a prefork worker.
+    Cluster(With<ClusterArgs, CO>),
+    /// A node (manager + workers) whose workers relay to other nodes' workers.
+    Node(With<NodeArgs, CO>),
+    /// Prints a running master's per-worker table.
+    Status(StatusArgs),
+    /// Hot restart: a new master takes over the listener and every live
+    /// connection; exits 0 once the new generation has committed and answered.
+    Restart(RestartArgs),
+    /// The new master of a restart (started by the old one).
+    #[command(hide = true)]
+    Takeover(TakeoverArgs),
+    /// A cluster worker (started by the master, which sets its environment).
+    #[command(hide = true)]
+    Worker,
+    #[command(flatten)]
+    Extra(X),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// TCP port to listen on (0 picks a free one; see the ready line).
+    #[arg(long)]
+    port: u16,
+    /// The peer server's port; its handoff socket is DIR/PEER_PORT.sock.
+    #[arg(long)]
+    peer_port: u16,
+    /// Directory for the handoff sockets and request logs (made 0700).
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+}
+
+#[derive(Args)]
+struct PairArgs {
+    /// The two ports, comma separated.
+    #[arg(long, default_value = "7000,7001", value_parser = parse_ports)]
+    ports: (u16, u16),
+    #[arg(long, default_value = "run")]
+    dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+}
+
+/// What a cluster master and a node manager both take.
+#[derive(Args)]
+struct MasterArgs {
+    /// TCP port to listen on (0 picks a free one; see the ready line).
+    #[arg(long)]
+    port: u16,
+    /// Number of workers, 1 to 1024 (default: number of CPUs).
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_workers)]
+    workers: Option<usize>,
+    /// Directory for the control socket (made 0700).
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Kill and respawn a worker that has not answered the master's
+    /// heartbeat for this many seconds (default: only stop giving it
+    /// connections while it is silent).
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_secs)]
+    hang_timeout: Option<f64>,
+}
+
+impl MasterArgs {
+    fn config(
+        self,
+        policy: cluster::Policy,
+        grace: f64,
+        log_args: Vec<String>,
+    ) -> std::io::Result<cluster::master::Config> {
+        Ok(cluster::master::Config {
+            host: self.host,
+            port: self.port,
+            workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            dir: self.dir,
+            policy,
+            options: serde_json::Value::Null,
+            worker_cmd: None,
+            grace: std::time::Duration::from_secs_f64(grace.max(0.0)),
+            exe: std::env::current_exe()?,
+            log_args,
+            gen: 1,
+            node: None,
+            hang_timeout: self.hang_timeout.map(std::time::Duration::from_secs_f64),
+        })
+    }
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    #[command(flatten)]
+    master: MasterArgs,
+    #[arg(long, value_enum, default_value = "round-robin")]
+    policy: cluster::Policy,
+    /// Seconds workers get to finish open requests on SIGTERM (0 to 86400).
+    #[arg(long, default_value_t = 5.0, allow_hyphen_values = true, value_parser = parse_secs)]
+    grace: f64,
+    /// Run this program as each worker instead of this binary (a C worker
+    /// on libhandoff; it reads its channel from the environment).
+    #[arg(long, value_name = "PATH")]
+    worker_cmd: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// This node's name.
+    #[arg(long)]
+    name: String,
+    #[command(flatten)]
+    master: MasterArgs,
+    /// Other nodes: B=HOST:PORT[,C=HOST:PORT...].
+    #[arg(long, default_value = "")]
+    peers: String,
+    /// Seconds from connect to the end of the link handshake (0 to 86400).
+    #[arg(long, default_value_t = 1.5, allow_hyphen_values = true, value_parser = parse_secs)]
+    connect_timeout: f64,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RestartArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    /// The new binary (default: the running master's own).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Seconds the new master gets to take over before the restart is
+    /// abandoned (0.1 to 86400).
+    #[arg(long, default_value_t = 10.0, allow_hyphen_values = true, value_parser = parse_secs)]
+    timeout: f64,
+    /// Benchmark contrast: move only the listener and cut the old
+    /// connections (a listener-only restart with zero drain time).
+    #[arg(long)]
+    listeners_only: bool,
+}
+
+#[derive(Args)]
+struct TakeoverArgs {
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+/// Most workers a master runs (each is a process with its own channel).
+const MAX_WORKERS: usize = 1024;
+
+/// A duration in seconds: a finite number from 0 to one day.
+fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=86_400.0).contains(&v) {
+        return Err(format!("'{s}' is out of range: give 0 to 86400 seconds"));
+    }
+    Ok(v)
+}
+
+fn parse_workers(s: &str) -> Result<usize, String> {
+    let v: i64 = s.trim().parse().map_err(|_| format!("'{s}' is not a whole number"))?;
+    if !(1..=MAX_WORKERS as i64).contains(&v) {
+        return Err(format!("{v} workers: give 1 to {MAX_WORKERS}"));
+    }
+    Ok(v as usize)
+}
+
+fn parse_ports(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once(',').ok_or("expected two ports: P,Q")?;
+    let p = |x: &str| x.trim().parse::<u16>().map_err(|e| format!("{x}: {e}"));
+    Ok((p(a)?, p(b)?))
+}
+

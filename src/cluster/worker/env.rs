@@ -1,0 +1,109 @@
+//! How a master tells a worker process who it is: environment variables,
+//! the same for Rust workers (`handoff worker`) and `--worker-cmd`
+//! programs (C workers read them through `libhandoff`).
+//!
+//! | variable | value |
+//! |---|---|
+//! | `HANDOFF_CHANNEL_FD` | the inherited master channel (SOCK_SEQPACKET), 3 |
+//! | `HANDOFF_WORKER_INDEX` | the worker's index, 0-based |
+//! | `HANDOFF_GEN` | the cluster's generation (1, then +1 per restart) |
+//! | `HANDOFF_DIR` | the cluster's directory (a successor's control socket) |
+//! | `HANDOFF_OPTIONS` | the service's options as one JSON object |
+//! | `HANDOFF_OPT_<NAME>` | each option alone (`--max-frame` -> `HANDOFF_OPT_MAX_FRAME`) |
+//! | `HANDOFF_NODE`, `HANDOFF_NODE_PEERS`, `HANDOFF_NODE_CONNECT_TIMEOUT` | node mode only |
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::node::NodeConfig;
+
+/// The descriptor number the channel gets in the worker.
+pub const CHANNEL_FD: i32 = 3;
+
+/// What a worker learns from its environment.
+#[derive(Debug)]
+pub struct WorkerEnv {
+    pub channel: OwnedFd,
+    pub index: usize,
+    pub gen: u64,
+    pub dir: Option<PathBuf>,
+    pub options: Value,
+    pub node: Option<NodeConfig>,
+}
+
+/// Sets a worker's environment on `cmd` (the channel itself is put on
+/// descriptor [`CHANNEL_FD`] by the spawner).
+pub fn set(cmd: &mut Command, index: usize, gen: u64, dir: &std::path::Path, options: &Value, node: Option<&NodeConfig>) {
+    cmd.env("HANDOFF_CHANNEL_FD", CHANNEL_FD.to_string())
+        .env("HANDOFF_WORKER_INDEX", index.to_string())
+        .env("HANDOFF_GEN", gen.to_string())
+        .env("HANDOFF_DIR", dir)
+        .env("HANDOFF_OPTIONS", options.to_string());
+    if let Value::Object(m) = options {
+        for (k, v) in m {
+            let name = format!("HANDOFF_OPT_{}", k.to_ascii_uppercase().replace('-', "_"));
+            match v {
+                Value::String(s) => cmd.env(name, s),
+                v => cmd.env(name, v.to_string()),
+            };
+        }
+    }
+    if let Some(n) = node {
+        let peers: Vec<String> = n.peers.iter().map(|(n, a)| format!("{n}={a}")).collect();
+        cmd.env("HANDOFF_NODE", &n.name)
+            .env("HANDOFF_NODE_PEERS", peers.join(","))
+            .env("HANDOFF_NODE_CONNECT_TIMEOUT", n.connect_timeout.as_secs_f64().to_string());
+    }
+}
+
+fn var(name: &str) -> io::Result<String> {
+    std::env::var(name).map_err(|_| {
+        io::Error::new(io::ErrorKind::NotFound, format!("{name} is not set: a worker is started by its master"))
+    })
+}
+
+fn number<T: std::str::FromStr>(name: &str) -> io::Result<T> {
+    let v = var(name)?;
+    v.trim().parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{name}={v:?} is not a number")))
+}
+
+impl WorkerEnv {
+    /// Reads the environment and takes the inherited channel.
+    pub fn read() -> io::Result<WorkerEnv> {
+        let fd: i32 = number("HANDOFF_CHANNEL_FD")?;
+        // SAFETY: fcntl(F_GETFD) only checks that the descriptor is open.
+        if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(io::Error::other(format!("HANDOFF_CHANNEL_FD={fd} is not an inherited descriptor")));
+        }
+        let node = match std::env::var("HANDOFF_NODE") {
+            Ok(name) => Some(NodeConfig::new(
+                &name,
+                &std::env::var("HANDOFF_NODE_PEERS").unwrap_or_default(),
+                number("HANDOFF_NODE_CONNECT_TIMEOUT").unwrap_or(1.5),
+            )?),
+            Err(_) => None,
+        };
+        let options = match std::env::var("HANDOFF_OPTIONS") {
+            Ok(s) => serde_json::from_str(&s)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("HANDOFF_OPTIONS: {e}")))?,
+            Err(_) => Value::Object(Default::default()),
+        };
+        let env = WorkerEnv {
+            // SAFETY: the master set this descriptor up for this process
+            // alone; nothing else here refers to it, and it is taken once
+            // (the variable is removed below).
+            channel: unsafe { OwnedFd::from_raw_fd(fd) },
+            index: number("HANDOFF_WORKER_INDEX")?,
+            gen: number("HANDOFF_GEN").unwrap_or(1),
+            dir: std::env::var_os("HANDOFF_DIR").map(PathBuf::from),
+            options,
+            node,
+        };
+        // SAFETY: called at start-up, before any other thread exists.
+        unsafe { std::env::remove_var("HANDOFF_CHANNEL_FD") };
+        Ok(env)
+    }
+}
