@@ -35,7 +35,6 @@ impl NodeConfig {
         })
     }
 }
-}
 
 /// Parses `B=HOST:PORT[,C=HOST:PORT...]`.
 pub fn parse_peers(s: &str) -> io::Result<BTreeMap<String, SocketAddrV4>> {
