@@ -6,13 +6,16 @@ use std::time::Duration;
 
 use libevent_sys as ev;
 
-struct Inner(NonNull<ev::event_base>);
+/// The base, and whether it is ours to free.
+struct Inner(NonNull<ev::event_base>, bool);
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // SAFETY: every Event/Conn/Listener holds a Base clone, so when the
-        // last clone goes nothing is registered on the base any more.
-        unsafe { ev::event_base_free(self.0.as_ptr()) };
+        if self.1 {
+            // SAFETY: every Event/Conn/Listener holds a Base clone, so when
+            // the last clone goes nothing is registered on the base any more.
+            unsafe { ev::event_base_free(self.0.as_ptr()) };
+        }
     }
 }
 
@@ -38,8 +41,18 @@ impl Base {
             b
         };
         NonNull::new(raw)
-            .map(|p| Base(Rc::new(Inner(p))))
+            .map(|p| Base(Rc::new(Inner(p, true))))
             .ok_or_else(|| io::Error::other("event_base_new_with_config failed"))
+    }
+
+    /// Wraps a base someone else created and frees (a C program's, for
+    /// `libhandoff`). `None` for a null pointer.
+    ///
+    /// # Safety
+    /// `raw` must be a live `event_base` that outlives every clone of the
+    /// returned `Base` and everything registered through it.
+    pub unsafe fn from_foreign(raw: *mut ev::event_base) -> Option<Base> {
+        NonNull::new(raw).map(|p| Base(Rc::new(Inner(p, false))))
     }
 
     pub(crate) fn as_ptr(&self) -> *mut ev::event_base {

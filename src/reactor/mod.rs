@@ -22,6 +22,9 @@ pub use conn::{Conn, ConnEvent};
 pub use event::{Event, Interest};
 pub use listener::{Endpoint, Listener};
 
+/// libevent's `struct event_base`, for [`Base::from_foreign`].
+pub type RawBase = ev::event_base;
+
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -42,7 +45,11 @@ fn guard(f: impl FnOnce()) {
             p.borrow_mut().get_or_insert(payload);
         });
         let base = RUNNING.with(|b| b.get());
-        if !base.is_null() {
+        if base.is_null() {
+            // A foreign loop (libhandoff's C caller): nothing will resume
+            // the panic, so say it here.
+            log::error!("internal error in a handoff callback (caught; see the log above)");
+        } else {
             // SAFETY: RUNNING is set only while Base::dispatch runs this base.
             unsafe { ev::event_base_loopbreak(base) };
         }
