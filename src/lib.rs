@@ -1,22 +1,16 @@
 //! handoff: move live TCP connections between processes by passing their
-//! descriptors over Unix-domain sockets (SCM_RIGHTS).
+//! descriptors over Unix-domain sockets (SCM_RIGHTS), and serve any
+//! protocol on the topologies built from that: pair, cluster, node and
+//! hot restart.
 //!
-//! Layers, bottom up: `sys` (bindgen output for `csrc/`), `sock` (raw
-//! socket syscalls), `fdpass` (safe descriptor passing), `reactor`
-//! (libevent), `channel` (the handoff channel), `proto` (framings), then
-//! one module per mode.
-pub mod channel;
+//! Start at [`service`] (write a protocol) and [`cli`] (give it the whole
+//! command line). The layers, bottom up:
+//! - [`core`]: descriptor passing, the libevent reactor, the handoff
+//!   channel;
+//! - [`topology`]: pair, cluster (master and workers), node, restart;
+//! - [`service`]: the protocols (pingpong, rpc; `examples/http.rs`).
 pub mod cli;
 pub mod client;
-pub mod cluster;
-pub mod fdpass;
-pub mod logging;
-pub mod node;
-pub mod pair;
-pub mod proto;
-pub mod reactor;
-pub mod reqlog;
+pub mod core;
 pub mod service;
-pub mod signals;
-pub mod sock;
-pub mod sys;
+pub mod topology;

@@ -1,5 +1,5 @@
 //! libhandoff: the C API in `csrc/handoff.h`, on the same worker machinery
-//! as Rust workers ([`handoff::cluster::worker::link::MasterLink`]).
+//! as Rust workers ([`handoff::topology::cluster::worker::link::MasterLink`]).
 //!
 //! Every exported function catches panics and returns a code; callbacks
 //! into C are made with no Rust borrow held, so C may call back into the
@@ -12,9 +12,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use handoff::cluster::worker::link::{Handed, MasterLink, Order};
-use handoff::cluster::worker::WorkerEnv;
-use handoff::reactor::{Base, Event, Interest, Listener, RawBase};
+use handoff::topology::cluster::worker::link::{Handed, MasterLink, Order};
+use handoff::topology::cluster::worker::WorkerEnv;
+use handoff::core::reactor::{Base, Event, Interest, Listener, RawBase};
 
 pub const HANDOFF_EINVAL: c_int = -1;
 pub const HANDOFF_ENOENV: c_int = -2;
@@ -248,7 +248,7 @@ fn guarded(f: impl FnOnce() -> c_int) -> c_int {
 
 fn logging_from_env() {
     let level = std::env::var("HANDOFF_LOG_LEVEL").ok().and_then(|l| l.parse().ok());
-    handoff::logging::init(0, level.or(Some(log::LevelFilter::Info)));
+    handoff::core::logging::init(0, level.or(Some(log::LevelFilter::Info)));
 }
 
 /// # Safety
@@ -273,7 +273,7 @@ pub unsafe extern "C" fn handoff_worker_new(
         // SAFETY: the caller promises `base` outlives the worker.
         let Some(base) = (unsafe { Base::from_foreign(base) }) else { return HANDOFF_EINVAL };
         logging_from_env();
-        handoff::signals::ignore_sigpipe();
+        handoff::core::signals::ignore_sigpipe();
         let env = match WorkerEnv::read() {
             Ok(e) => e,
             Err(e) => {
@@ -281,7 +281,7 @@ pub unsafe extern "C" fn handoff_worker_new(
                 return if e.kind() == std::io::ErrorKind::NotFound { HANDOFF_ENOENV } else { HANDOFF_EIO };
             }
         };
-        if let Err(e) = handoff::signals::die_with_parent(true) {
+        if let Err(e) = handoff::core::signals::die_with_parent(true) {
             log::error!("libhandoff: prctl: {e}");
             return HANDOFF_EIO;
         }

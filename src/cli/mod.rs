@@ -18,8 +18,8 @@ use clap::{Args, FromArgMatches, Parser, Subcommand};
 use log::LevelFilter;
 use serde_json::Value;
 
-use crate::cluster;
-use crate::pair;
+use crate::topology::cluster;
+use crate::topology::pair;
 use crate::service::Service;
 
 /// Runs the whole command line with one service for every mode.
@@ -36,7 +36,7 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    crate::logging::init(cli.verbose, cli.log_level);
+    crate::core::logging::init(cli.verbose, cli.log_level);
     let log_args: Vec<String> = match cli.log_level {
         Some(l) => vec!["--log-level".into(), l.to_string()],
         None => (0..cli.verbose).map(|_| "-v".to_string()).collect(),
@@ -83,7 +83,7 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
             })
         }
         Cmd::Node(With { args: a, options }) => {
-            crate::node::NodeConfig::new(&a.name, &a.peers, a.connect_timeout).and_then(|node| {
+            crate::topology::node::NodeConfig::new(&a.name, &a.peers, a.connect_timeout).and_then(|node| {
                 let mut cfg = a.master.config(cluster::Policy::RoundRobin, 5.0, log_args)?;
                 cfg.options = to_json(&options);
                 cfg.node = Some(node);

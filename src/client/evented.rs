@@ -12,7 +12,7 @@ use std::time::Instant;
 use super::rpc::{check_relayed, check_reply, params, ping_frame, relay_frame, RpcError, MAX_REPLY};
 use super::stats::{ErrLog, Latency};
 use super::{CONNECT_TIMEOUT, IO_TIMEOUT};
-use crate::reactor::{Base, Conn, ConnEvent};
+use crate::core::reactor::{Base, Conn, ConnEvent};
 
 /// What the run produced.
 pub struct Outcome {

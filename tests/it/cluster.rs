@@ -150,7 +150,7 @@ fn thousand_pipelined_requests_answered_in_order() {
 #[test]
 fn two_thousand_idle_connections_then_each_sends_a_request() {
     const N: usize = 2000;
-    let limit = handoff::sock::raise_nofile().expect("raise RLIMIT_NOFILE");
+    let limit = handoff::core::sock::raise_nofile().expect("raise RLIMIT_NOFILE");
     assert!(limit >= 2 * N as u64 + 100, "RLIMIT_NOFILE hard limit {limit} too low for {N} connections");
     let c = Cluster::start(2, &[]);
     let mut conns: Vec<Rpc> = (0..N).map(|_| c.connect()).collect();

@@ -130,7 +130,7 @@ impl Cluster {
     }
 
     pub fn try_status(&self, timeout: Duration) -> io::Result<Value> {
-        let v = handoff::cluster::status::fetch(&self.dir, timeout)?;
+        let v = handoff::topology::cluster::status::fetch(&self.dir, timeout)?;
         self.remember(&v);
         Ok(v)
     }

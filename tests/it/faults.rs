@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use handoff::cluster::control_path;
+use handoff::topology::cluster::control_path;
 
 use crate::cluster_support::*;
 use crate::restart::stuck_client_with;
@@ -974,10 +974,10 @@ fn closed_by_peer(fd: &OwnedFd, timeout: Duration) -> bool {
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || handoff::sock::wait_readable(fd, left).is_err() {
+        if left.is_zero() || handoff::core::sock::wait_readable(fd, left).is_err() {
             return false;
         }
-        match handoff::fdpass::recv(fd.as_fd(), &mut buf) {
+        match handoff::core::fdpass::recv(fd.as_fd(), &mut buf) {
             Ok(r) if r.len == 0 && r.fd.is_none() => return true,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -1009,9 +1009,9 @@ fn a_conn_carrying_a_pipe_or_a_file_is_refused_without_a_leak() {
     for i in 0..50u64 {
         let (r, _w) = pipe();
         let passed: OwnedFd = if i % 2 == 0 { r } else { file.try_clone().unwrap().into() };
-        let ch = handoff::sock::unix_connect(&sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+        let ch = handoff::core::sock::unix_connect(&sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
         let msg = channel_msg(1, i + 1, b"");
-        handoff::fdpass::send(ch.as_fd(), Some(passed.as_fd()), &msg).expect("send a CONN");
+        handoff::core::fdpass::send(ch.as_fd(), Some(passed.as_fd()), &msg).expect("send a CONN");
         drop(passed);
         if !closed_by_peer(&ch, Duration::from_secs(2)) {
             not_closed += 1;
@@ -1039,8 +1039,8 @@ fn a_fake_takeover_hello_does_not_block_restarts_for_long() {
     let c = Cluster::start(2, &[]);
     let mut kept = c.connect();
     kept.ping(&json!("before"));
-    let hello = handoff::cluster::control::Client::connect(&c.dir).expect("connect control.sock");
-    let kind = handoff::cluster::KIND_TAKEOVER_HELLO;
+    let hello = handoff::topology::cluster::control::Client::connect(&c.dir).expect("connect control.sock");
+    let kind = handoff::topology::cluster::KIND_TAKEOVER_HELLO;
     assert_eq!(kind, 22, "README: 22 TAKEOVER_HELLO");
     let me = std::process::id();
     hello.send(kind, json!({"pid": me}).to_string().as_bytes()).expect("send HELLO");

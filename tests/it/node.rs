@@ -372,7 +372,7 @@ fn idle_link_to_a_respawned_worker_is_rebuilt_without_a_failed_relay() {
 
 #[test]
 fn garbage_on_the_manager_port_is_closed_and_the_node_keeps_serving() {
-    use handoff::proto::node::{encode, Cmd};
+    use handoff::topology::node::wire::{encode, Cmd};
     let nodes = start_nodes(&["A", "B"], 2, &[]);
     let b = &nodes[1];
     let connect_req = encode(Cmd::ConnectReq, 0, &json!({"node": "A", "worker": 0, "to": 1}));

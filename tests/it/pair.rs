@@ -321,7 +321,7 @@ fn reset_client_does_not_break_the_next_request() {
 
 #[test]
 fn two_thousand_idle_connections() {
-    let nofile = handoff::sock::raise_nofile().expect("raise RLIMIT_NOFILE");
+    let nofile = handoff::core::sock::raise_nofile().expect("raise RLIMIT_NOFILE");
     assert!(nofile >= 2500, "RLIMIT_NOFILE {nofile} is too low for 2000 idle connections");
     let pair = Pair::start();
     // Half of them on each server; they send nothing.

@@ -463,7 +463,7 @@ fn control_socket_refuses_a_stranger_uid() {
     }
     use std::os::unix::fs::PermissionsExt;
     let c = Cluster::start(2, &[]);
-    let sock = handoff::cluster::control_path(&c.dir);
+    let sock = handoff::topology::cluster::control_path(&c.dir);
     let mode = std::fs::metadata(&c.dir).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "the control directory is private");
 

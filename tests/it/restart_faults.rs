@@ -24,7 +24,7 @@ use crate::support::*;
 /// Raises this test process's RLIMIT_NOFILE soft limit to the hard limit
 /// (setrlimit) and checks that `need` descriptors fit.
 fn raise_nofile(need: usize) {
-    let limit = handoff::sock::raise_nofile().expect("raise RLIMIT_NOFILE");
+    let limit = handoff::core::sock::raise_nofile().expect("raise RLIMIT_NOFILE");
     assert!(limit >= need as u64, "RLIMIT_NOFILE hard limit {limit} too low: this test needs {need} descriptors");
 }
 

@@ -11,11 +11,11 @@ use std::path::PathBuf;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use crate::channel::{wire, Channel, ChannelEvent, Msg};
-use crate::reactor::{Base, Conn, ConnEvent, Endpoint, Event, Interest, Listener};
-use crate::reqlog::RequestLog;
+use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
+use crate::core::reactor::{Base, Conn, ConnEvent, Endpoint, Event, Interest, Listener};
+use crate::topology::pair::reqlog::RequestLog;
 use crate::service::{Cx, Place, Service, Session};
-use crate::sock;
+use crate::core::sock;
 
 /// Serving alone: pause reading a connection while this much output is
 /// unsent (a client that sends without reading cannot grow our memory).
@@ -74,7 +74,7 @@ struct Server<P: Service> {
 pub fn run<P: Service>(cfg: &Config, options: &P::Options) -> io::Result<()> {
     let nofile = sock::raise_nofile()?;
     log::debug!("RLIMIT_NOFILE {nofile}");
-    crate::signals::ignore_sigpipe();
+    crate::core::signals::ignore_sigpipe();
     sock::private_dir(&cfg.dir)?;
     let base = Base::new()?;
 
@@ -123,7 +123,7 @@ pub fn run<P: Service>(cfg: &Config, options: &P::Options) -> io::Result<()> {
         t.add(Some(LOG_FLUSH))?;
         s.log_timer = Some(t);
         let handled = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
-        for sig in handled.into_iter().chain(crate::signals::IGNORED) {
+        for sig in handled.into_iter().chain(crate::core::signals::IGNORED) {
             let w = Rc::downgrade(&server);
             let e = Event::new(&base, sig, Interest::Signal, move || with(&w, |s| s.on_signal(sig)))?;
             e.add(None)?;
@@ -131,7 +131,7 @@ pub fn run<P: Service>(cfg: &Config, options: &P::Options) -> io::Result<()> {
         }
     }
     log::info!("serving on {}:{port}, handoff socket {}", addr.ip(), sock_path.display());
-    crate::signals::ready(&format!("ready port={port} sock={}", sock_path.display()));
+    crate::core::signals::ready(&format!("ready port={port} sock={}", sock_path.display()));
     // After the ready line: a `linked peer=...` line follows when the peer is reached.
     server.borrow_mut().connect_peer();
     base.dispatch()?;
@@ -433,7 +433,7 @@ impl<P: Service> Server<P> {
             Ok(ch) => {
                 if !self.linked_once {
                     log::info!("linked to peer {}", self.peer_path.display());
-                    crate::signals::ready(&format!("linked peer={}", self.peer_path.display()));
+                    crate::core::signals::ready(&format!("linked peer={}", self.peer_path.display()));
                     self.linked_once = true;
                 } else if self.peer_warned {
                     log::warn!("peer {} is back; handing off again", self.peer_path.display());
@@ -494,7 +494,7 @@ impl<P: Service> Server<P> {
     /// logged and ignored (a pair server restarts by stopping one server at
     /// a time: its peer serves alone meanwhile).
     fn on_signal(&mut self, sig: i32) {
-        let name = crate::signals::name(sig);
+        let name = crate::core::signals::name(sig);
         match sig {
             libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => self.shutdown(sig),
             libc::SIGUSR1 => match self.log.reopen() {
@@ -511,7 +511,7 @@ impl<P: Service> Server<P> {
     }
 
     fn shutdown(&mut self, sig: i32) {
-        log::info!("{}: stopping (open connections: {})", crate::signals::name(sig), self.conns.len());
+        log::info!("{}: stopping (open connections: {})", crate::core::signals::name(sig), self.conns.len());
         self.listeners.clear();
         self.conns.clear();
         if let Some(p) = self.peer.take() {

@@ -9,15 +9,16 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use crate::reactor::{Base, Conn, ConnEvent, Event, Interest, Listener};
+use crate::core::reactor::{Base, Conn, ConnEvent, Event, Interest, Listener};
 use crate::service::{cx::RelayReq, Cx, Place, RelayAnswer, Service, Session, Ticket};
-use crate::sock;
+use crate::core::sock;
 
 pub mod env;
 pub mod link;
-mod links;
+
 
 pub use env::WorkerEnv;
+use crate::topology::node::links;
 use link::{Handed, MasterLink, Order};
 
 /// Pause reading a connection while this much output is unsent.
@@ -27,7 +28,7 @@ const RETRY_RELEASE: Duration = Duration::from_millis(100);
 
 /// What a connection is to this worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     /// A client, served by a session.
     Client,
     /// Node mode: a link another node's worker opened to us.
@@ -37,25 +38,25 @@ enum Kind {
 }
 
 /// One connection this worker owns.
-struct Served<T> {
-    conn: Conn,
-    kind: Kind,
+pub(crate) struct Served<T> {
+    pub(crate) conn: Conn,
+    pub(crate) kind: Kind,
     /// The service's session (clients only).
-    session: Option<T>,
+    pub(crate) session: Option<T>,
     /// Output in request order behind a relay still out (`None`: waiting).
-    replies: VecDeque<Option<Vec<u8>>>,
+    pub(crate) replies: VecDeque<Option<Vec<u8>>>,
     /// Request number of `replies[0]`.
-    reply_head: u64,
-    next_ticket: u64,
+    pub(crate) reply_head: u64,
+    pub(crate) next_ticket: u64,
     /// The master's id for this connection (0: accepted here).
-    master_id: u64,
-    eof: bool,
+    pub(crate) master_id: u64,
+    pub(crate) eof: bool,
     /// The session asked to close once the replies are out.
-    close_after: bool,
-    closing: bool,
-    throttled: bool,
+    pub(crate) close_after: bool,
+    pub(crate) closing: bool,
+    pub(crate) throttled: bool,
     /// Draining: release to the master once between requests.
-    releasing: bool,
+    pub(crate) releasing: bool,
 }
 
 impl<T> Served<T> {
@@ -65,29 +66,29 @@ impl<T> Served<T> {
     }
 }
 
-struct Worker<S: Service> {
-    base: Base,
-    me: Weak<RefCell<Worker<S>>>,
-    index: usize,
-    service: S,
-    read_limit: usize,
-    master: MasterLink,
-    conns: HashMap<u64, Served<S::Session>>,
-    next_id: u64,
-    listener: Option<Listener>,
-    stopping: bool,
+pub(crate) struct Worker<S: Service> {
+    pub(crate) base: Base,
+    pub(crate) me: Weak<RefCell<Worker<S>>>,
+    pub(crate) index: usize,
+    pub(crate) service: S,
+    pub(crate) read_limit: usize,
+    pub(crate) master: MasterLink,
+    pub(crate) conns: HashMap<u64, Served<S::Session>>,
+    pub(crate) next_id: u64,
+    pub(crate) listener: Option<Listener>,
+    pub(crate) stopping: bool,
     /// Restart: hand every connection back between requests, then exit.
-    draining: bool,
-    served: u64,
-    signals: Vec<Event>,
+    pub(crate) draining: bool,
+    pub(crate) served: u64,
+    pub(crate) signals: Vec<Event>,
     /// Node mode: this node's name, its peers, and the links to them.
-    node: Option<links::Node>,
-    orphan_timer: Option<Event>,
+    pub(crate) node: Option<links::Node>,
+    pub(crate) orphan_timer: Option<Event>,
     /// Draining: offers refused connections again.
-    retry_timer: Option<Event>,
+    pub(crate) retry_timer: Option<Event>,
 }
 
-fn with<S: Service>(w: &Weak<RefCell<Worker<S>>>, f: impl FnOnce(&mut Worker<S>)) {
+pub(crate) fn with<S: Service>(w: &Weak<RefCell<Worker<S>>>, f: impl FnOnce(&mut Worker<S>)) {
     if let Some(s) = w.upgrade() {
         f(&mut s.borrow_mut());
     }
@@ -95,8 +96,8 @@ fn with<S: Service>(w: &Weak<RefCell<Worker<S>>>, f: impl FnOnce(&mut Worker<S>)
 
 /// Runs a worker of service `S` as its master's environment describes.
 pub fn run<S: Service>(env: WorkerEnv) -> io::Result<()> {
-    crate::signals::ignore_sigpipe();
-    crate::signals::die_with_parent(true)?;
+    crate::core::signals::ignore_sigpipe();
+    crate::core::signals::die_with_parent(true)?;
     sock::raise_nofile()?;
     let base = Base::new()?;
     let index = env.index;
@@ -153,9 +154,9 @@ pub fn run<S: Service>(env: WorkerEnv) -> io::Result<()> {
         // The rest reach workers through their process group (a terminal's
         // ^C or ^\, `kill -- -PGID`): the master acts on them and tells us.
         let group = [libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
-        for sig in group.into_iter().chain(crate::signals::IGNORED) {
+        for sig in group.into_iter().chain(crate::core::signals::IGNORED) {
             let e = Event::new(&base, sig, Interest::Signal, move || {
-                log::debug!("worker {index}: {} ignored (the master decides)", crate::signals::name(sig))
+                log::debug!("worker {index}: {} ignored (the master decides)", crate::core::signals::name(sig))
             })?;
             e.add(None)?;
             w.signals.push(e);
@@ -205,7 +206,7 @@ impl<S: Service> Worker<S> {
         }
     }
 
-    fn adopt(&mut self, h: Handed, kind: Kind) -> Option<u64> {
+    pub(crate) fn adopt(&mut self, h: Handed, kind: Kind) -> Option<u64> {
         if self.stopping {
             // The master stopped sending before SHUTDOWN; nothing should come.
             log::warn!("worker {}: connection arrived while stopping; closing it", self.index);
@@ -367,7 +368,7 @@ impl<S: Service> Worker<S> {
 
     /// A relay's answer came (or it failed): the session writes its
     /// response, which goes out with every ready one behind it.
-    fn relay_done(&mut self, id: u64, seq: u64, ticket: Ticket, answer: Result<RelayAnswer<'_>, &str>) {
+    pub(crate) fn relay_done(&mut self, id: u64, seq: u64, ticket: Ticket, answer: Result<RelayAnswer<'_>, &str>) {
         let Some(slot) = self.conns.get_mut(&id) else { return };
         let Some(session) = slot.session.as_mut() else { return };
         let mut frame = Vec::new();
@@ -425,7 +426,7 @@ impl<S: Service> Worker<S> {
     /// Closes a connection for good: shut down first, because the master
     /// still holds a descriptor to it (to rescue it should we die). A
     /// lost link fails the relays waiting on it with `why`.
-    fn close_because(&mut self, id: u64, why: &str) {
+    pub(crate) fn close_because(&mut self, id: u64, why: &str) {
         if let Some(slot) = self.conns.remove(&id) {
             if let Kind::LinkOut(key) = &slot.kind {
                 self.link_lost(key, why);

@@ -1,5 +1,5 @@
 use super::*;
-use crate::sock;
+use crate::core::sock;
 use std::cell::{Cell, RefCell};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;

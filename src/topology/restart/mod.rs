@@ -20,15 +20,15 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{with, Config, Master};
-use crate::channel::{wire, Channel, ChannelEvent, Msg};
-use crate::cluster::control::Client;
-use crate::cluster::control_path;
-use crate::cluster::{
+use crate::topology::cluster::master::{with, Config, Master};
+use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
+use crate::topology::cluster::control::Client;
+use crate::topology::cluster::control_path;
+use crate::topology::cluster::{
     Policy, KIND_DRAIN, KIND_RESTART_PROBED, KIND_RESTART_REPLY, KIND_RESTART_REQ, KIND_TAKEOVER_BEGUN,
     KIND_TAKEOVER_COMMIT, KIND_TAKEOVER_COMMITTED, KIND_TAKEOVER_ENDED, KIND_TAKEOVER_HELLO, KIND_TAKEOVER_READY,
 };
-use crate::reactor::{Event, Interest};
+use crate::core::reactor::{Event, Interest};
 
 /// How long the new master may take to connect and say READY by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,7 +55,7 @@ const FORWARD_WINDOW: usize = 256;
 const STANDBY_MAX: Duration = Duration::from_secs(15);
 
 /// A restart in progress, seen from the old master.
-pub(super) struct Outgoing {
+pub(crate) struct Outgoing {
     child: Option<Child>,
     /// The new master's pid (from its HELLO).
     pid: u32,
@@ -74,14 +74,14 @@ pub(super) struct Outgoing {
 
 impl Outgoing {
     /// The new master's pid once it has said hello (it may be stopped).
-    pub(super) fn successor_pid(&self) -> Option<u32> {
+    pub(crate) fn successor_pid(&self) -> Option<u32> {
         (self.phase != Phase::Prepare && self.pid != 0).then_some(self.pid)
     }
 }
 
 impl Master {
     /// Starts the new generation (`binary`, or our own executable).
-    pub(super) fn begin_restart(
+    pub(crate) fn begin_restart(
         &mut self,
         binary: Option<PathBuf>,
         timeout: Duration,
@@ -163,7 +163,7 @@ impl Master {
     /// ABORT: the new generation failed before COMMITTED. It is killed
     /// (and waited for: its workers die with it), then the old generation
     /// serves again everything it handed over, and keeps accepting.
-    pub(super) fn abort_restart(&mut self, reason: String) {
+    pub(crate) fn abort_restart(&mut self, reason: String) {
         if self.stop_after_takeover.is_some() && self.restart.as_ref().is_some_and(|r| r.phase == Phase::Standby) {
             // The new generation committed and stopped as it was told to:
             // nothing to resume; we stop too.
@@ -266,7 +266,7 @@ impl Master {
     }
 
     /// SIGCHLD for the new master: before COMMITTED, the restart failed.
-    pub(super) fn reap_successor(&mut self) {
+    pub(crate) fn reap_successor(&mut self) {
         let Some(r) = self.restart.as_mut() else { return };
         let Some(child) = r.child.as_mut() else { return };
         if let Ok(Some(status)) = child.try_wait() {
@@ -276,7 +276,7 @@ impl Master {
     }
 
     /// `handoff restart` asked (over the control socket).
-    pub(super) fn on_restart_request(&mut self, client: u64, body: &[u8]) {
+    pub(crate) fn on_restart_request(&mut self, client: u64, body: &[u8]) {
         let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let binary = v["binary"].as_str().map(PathBuf::from);
         let timeout = v["timeout"].as_f64().map_or(DEFAULT_TIMEOUT, |s| Duration::from_secs_f64(s.clamp(0.1, 3600.0)));
@@ -285,7 +285,7 @@ impl Master {
     }
 
     /// A new master said hello: give it the listening socket and config.
-    pub(super) fn on_takeover_hello(&mut self, client: u64, body: &[u8]) {
+    pub(crate) fn on_takeover_hello(&mut self, client: u64, body: &[u8]) {
         let Some(ch) = self.clients.remove(&client) else { return };
         let busy = if self.stopping {
             Some("stopping")
@@ -470,7 +470,7 @@ impl Master {
     }
 
     /// Gives a connection to the successor.
-    pub(super) fn forward(&mut self, msg: Msg) {
+    pub(crate) fn forward(&mut self, msg: Msg) {
         match &self.successor {
             Some(s) => {
                 if let Err(back) = s.send(msg) {
@@ -555,7 +555,7 @@ impl Master {
     }
 
     /// `handoff restart` saw the new generation answer (or went away).
-    pub(super) fn on_restart_probed(&mut self, client: u64) {
+    pub(crate) fn on_restart_probed(&mut self, client: u64) {
         if self.restart.as_ref().is_some_and(|r| r.phase == Phase::Standby && r.reply_to == Some(client)) {
             self.finish_restart();
         }
@@ -590,7 +590,7 @@ impl Master {
     }
 
     /// New side: the predecessor's channel delivers connections.
-    pub(super) fn attach_predecessor(&mut self, fd: OwnedFd) -> io::Result<()> {
+    pub(crate) fn attach_predecessor(&mut self, fd: OwnedFd) -> io::Result<()> {
         let w = self.me.clone();
         let ch = Channel::new(&self.base, fd, move |ev| with(&w, |m| m.on_predecessor(ev)))?;
         let _ = ch.send(Msg::control(KIND_TAKEOVER_READY, Vec::new()));
@@ -651,7 +651,7 @@ impl Master {
     /// the old side's copy can resume it at any time (losing at most what
     /// is in flight here). One carrying bytes waits unread until the old
     /// master is gone, so that its copy of those bytes stays exact.
-    pub(super) fn take_moved(&mut self, mut m: Msg) {
+    pub(crate) fn take_moved(&mut self, mut m: Msg) {
         m.flags &= !wire::FLAG_RELEASED;
         m.meta = 0;
         if self.predecessor.is_some() && !m.body.is_empty() {
@@ -705,7 +705,7 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
         node: None,
         hang_timeout: v["hang_timeout"].as_f64().map(Duration::from_secs_f64),
     };
-    super::serve(cfg, fd, Some(c.into_fd()))
+    crate::topology::cluster::master::run_on(cfg, fd, Some(c.into_fd()))
 }
 
 /// `handoff restart --dir D`: asks the master for a restart and waits for
@@ -742,12 +742,12 @@ pub fn request(dir: &Path, binary: Option<&Path>, timeout: Duration, listeners_o
 /// generation `gen` with a worker that can serve, and the port must take
 /// a connection. Returns the generation that answered.
 fn probe(dir: &Path, host: &str, port: u16) -> io::Result<u64> {
-    let v = super::super::status::fetch(dir, Duration::from_secs(5))?;
+    let v = crate::topology::cluster::status::fetch(dir, Duration::from_secs(5))?;
     let gen = v["gen"].as_u64().ok_or_else(|| io::Error::other(format!("unexpected status reply: {v}")))?;
     if v["accepting"] != json!(true) {
         return Err(io::Error::other(format!("generation {gen} has no worker that can serve")));
     }
-    let addr = crate::sock::resolve_v4(host, port)?;
+    let addr = crate::core::sock::resolve_v4(host, port)?;
     TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
     Ok(gen)
 }

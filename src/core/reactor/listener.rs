@@ -9,7 +9,7 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use super::{Base, Event, Interest};
-use crate::sock;
+use crate::core::sock;
 
 /// Where a listener listens.
 #[derive(Clone, Debug)]

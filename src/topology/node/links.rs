@@ -15,13 +15,13 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use super::{with, Kind, Worker};
-use crate::cluster::worker::link::Handed;
+use crate::topology::cluster::worker::{with, Kind, Worker};
+use crate::topology::cluster::worker::link::Handed;
 use crate::service::{RelayAnswer, Service, Ticket};
-use crate::node::NodeConfig;
-use crate::proto::node::{self as wire, Cmd, Parsed};
-use crate::reactor::{Event, Interest};
-use crate::sock;
+use crate::topology::node::NodeConfig;
+use crate::topology::node::wire::{self as wire, Cmd, Parsed};
+use crate::core::reactor::{Event, Interest};
+use crate::core::sock;
 
 /// A link's far end: (node, worker).
 pub type Key = (String, usize);
@@ -129,7 +129,7 @@ impl<S: Service> Worker<S> {
 
     /// A session's relay of `msg` (JSON text) to `worker` of `node`, from
     /// client connection `client`, its reply number `reply_seq`.
-    pub(super) fn relay(&mut self, client: u64, reply_seq: u64, ticket: Ticket, node: String, worker: usize, msg: String) {
+    pub(crate) fn relay(&mut self, client: u64, reply_seq: u64, ticket: Ticket, node: String, worker: usize, msg: String) {
         let key: Key = (node, worker);
         let relay = Relay { client, reply_seq, ticket, msg };
         if !self.node().cfg.peers.contains_key(&key.0) {
@@ -194,7 +194,7 @@ impl<S: Service> Worker<S> {
     }
 
     /// The link's connection is gone: every relay on it fails.
-    pub(super) fn link_lost(&mut self, key: &Key, why: &str) {
+    pub(crate) fn link_lost(&mut self, key: &Key, why: &str) {
         let Some(link) = self.node().links.remove(key) else { return };
         let failed = link.queue.len() + link.inflight.len();
         self.node().counters.entry(key.clone()).or_default().failures += 1;
@@ -254,7 +254,7 @@ impl<S: Service> Worker<S> {
     }
 
     /// Reads node-protocol messages on a link connection.
-    pub(super) fn serve_link(&mut self, id: u64) {
+    pub(crate) fn serve_link(&mut self, id: u64) {
         let mut msgs = Vec::new();
         let (kind, eof) = {
             let Some(slot) = self.conns.get_mut(&id) else { return };

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::control_path;
-use crate::channel::wire::{version, Header, HEADER_LEN, MAX_BODY};
-use crate::{fdpass, sock};
+use crate::core::channel::wire::{version, Header, HEADER_LEN, MAX_BODY};
+use crate::core::{fdpass, sock};
 
 pub struct Client {
     fd: OwnedFd,

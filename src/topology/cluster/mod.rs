@@ -2,7 +2,7 @@
 //! connection and hands it to one of N prefork workers over a socketpair;
 //! workers are respawned in their slot when they die.
 //!
-//! Master <-> worker messages ride the handoff channel (`crate::channel`):
+//! Master <-> worker messages ride the handoff channel (`crate::core::channel`):
 //! CONN (a client connection), LISTENER (shared policy), and the kinds
 //! below, whose bodies are JSON.
 pub mod control;
@@ -10,7 +10,7 @@ pub mod master;
 pub mod status;
 pub mod worker;
 
-use crate::channel::wire::KIND_USER;
+use crate::core::channel::wire::KIND_USER;
 
 /// worker -> master: `{"open":n,"served":n,"closed":n}` (coalesced).
 pub const KIND_STATS: u16 = KIND_USER;

@@ -9,25 +9,25 @@ use std::rc::Rc;
 
 use serde_json::json;
 
-use super::{with, Master};
-use crate::channel::{wire, Msg};
-use crate::proto::node::{self as node, Cmd, Parsed};
-use crate::reactor::{Conn, ConnEvent};
-use crate::sock;
+use crate::topology::cluster::master::{with, Master};
+use crate::core::channel::{wire, Msg};
+use crate::topology::node::wire::{self as node, Cmd, Parsed};
+use crate::core::reactor::{Conn, ConnEvent};
+use crate::core::sock;
 
 /// Bytes a manager reads before deciding: a link's first message
 /// (CONNECT_REQ, header included) must fit, far below the 1 MiB of other
 /// node messages; a larger one closes the link at once.
 pub const SNIFF_LIMIT: usize = 64 * 1024;
 
-pub(super) struct Sniffed {
+pub(crate) struct Sniffed {
     conn: Conn,
     /// After the reply is flushed: hand to this worker (or close if None).
     then: Option<Option<usize>>,
 }
 
 impl Master {
-    pub(super) fn sniff(&mut self, fd: OwnedFd) {
+    pub(crate) fn sniff(&mut self, fd: OwnedFd) {
         let _ = sock::set_nodelay(fd.as_raw_fd());
         let id = self.next_client;
         self.next_client += 1;
@@ -154,7 +154,7 @@ impl Master {
         self.dispatch_to(Some(target), Msg::conn(fd, leftover, wire::FLAG_NODE_LINK));
     }
 
-    pub(super) fn node_name(&self) -> &str {
+    pub(crate) fn node_name(&self) -> &str {
         self.cfg.node.as_ref().map_or("", |n| n.name.as_str())
     }
 }

@@ -18,7 +18,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::node::NodeConfig;
+use crate::topology::node::NodeConfig;
 
 /// The descriptor number the channel gets in the worker.
 pub const CHANNEL_FD: i32 = 3;

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::reactor::{Base, Event, Interest};
+use crate::core::reactor::{Base, Event, Interest};
 
 /// How one server of the pair is started: `EXE server ...`, with the
 /// service's options in `HANDOFF_OPTIONS`.
@@ -79,7 +79,7 @@ pub fn run(
             return Err(io::Error::other(format!("server on port {port} did not link to its peer")));
         }
     }
-    crate::signals::ready(&format!("ready ports={},{} dir={}", ports.0, ports.1, dir.display()));
+    crate::core::signals::ready(&format!("ready ports={},{} dir={}", ports.0, ports.1, dir.display()));
 
     let servers: Vec<Managed> = children
         .into_iter()

@@ -37,8 +37,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use crate::fdpass;
-use crate::reactor::{Base, Event, Interest};
+use crate::core::fdpass;
+use crate::core::reactor::{Base, Event, Interest};
 use wire::{version, Header, HEADER_LEN, KIND_ACK, KIND_CONN, KIND_MORE, KIND_NACK, MAX_BODY, MAX_JOINED};
 
 /// One channel message.
@@ -153,7 +153,7 @@ const READ_BATCH: usize = 64;
 impl Channel {
     /// Drives `sock` (a connected, non-blocking SOCK_SEQPACKET socket).
     pub fn new(base: &Base, sock: OwnedFd, handler: impl Fn(ChannelEvent) + 'static) -> io::Result<Channel> {
-        crate::sock::set_sndbuf(sock.as_raw_fd(), 1 << 20);
+        crate::core::sock::set_sndbuf(sock.as_raw_fd(), 1 << 20);
         let raw = sock.as_raw_fd();
         let inner = Rc::new(RefCell::new(Inner {
             sock: Some(sock),
@@ -266,7 +266,7 @@ impl Channel {
     pub fn peer_pid(&self) -> Option<u32> {
         let i = self.0.borrow();
         let fd = i.sock.as_ref()?.as_raw_fd();
-        crate::sock::peer_cred(fd).ok().map(|(pid, _)| pid as u32)
+        crate::core::sock::peer_cred(fd).ok().map(|(pid, _)| pid as u32)
     }
 
     /// Stops reading (the peer's messages wait in the socket); sends go on.
@@ -507,7 +507,7 @@ impl Inner {
         // A connection or listener must be a stream socket: a file, a pipe
         // or a datagram socket is refused (and closed here).
         if let Some(fd) = &r.fd {
-            if !crate::sock::is_stream_socket(fd.as_raw_fd()) {
+            if !crate::core::sock::is_stream_socket(fd.as_raw_fd()) {
                 let e = io::Error::new(io::ErrorKind::InvalidData, "the descriptor passed is not a stream socket");
                 self.fail(Some(e));
                 return Err(Stop::Failed);

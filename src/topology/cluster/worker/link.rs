@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::channel::{wire, Channel, ChannelEvent, Msg};
-use crate::cluster::{
+use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
+use crate::topology::cluster::{
     control_path, KIND_DRAIN, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_SHUTDOWN, KIND_STATS, KIND_TAKEOVER_BEGUN,
     KIND_TAKEOVER_ENDED,
 };
-use crate::reactor::{Base, Event, Interest};
+use crate::core::reactor::{Base, Event, Interest};
 
 /// Longest delay of a counters-only stats message.
 const STATS_EVERY: Duration = Duration::from_millis(100);
@@ -242,7 +242,7 @@ impl MasterLink {
             return;
         }
         self.successor_known = begun;
-        if let Err(e) = crate::signals::die_with_parent(!begun) {
+        if let Err(e) = crate::core::signals::die_with_parent(!begun) {
             log::error!("worker {}: prctl: {e}", self.index);
         }
     }
@@ -254,7 +254,7 @@ impl MasterLink {
         self.successor_known = false; // once: if this one dies too, give up
         let Some(dir) = self.dir.clone() else { return false };
         let h = self.handler.clone();
-        let ch = crate::sock::unix_connect(&control_path(&dir))
+        let ch = crate::core::sock::unix_connect(&control_path(&dir))
             .and_then(|fd| Channel::new(&self.base, fd, move |ev| h(ev)));
         let ch = match ch {
             Ok(ch) => ch,

@@ -189,7 +189,7 @@ impl Conn {
     pub fn write_now(&self, data: &[u8]) -> io::Result<bool> {
         let mut sent = 0;
         if self.output_len() == 0 {
-            sent = crate::sock::send_now(self.raw_fd(), data)?;
+            sent = crate::core::sock::send_now(self.raw_fd(), data)?;
         }
         if sent < data.len() {
             self.write(&data[sent..]);

@@ -3,7 +3,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-use crate::sys;
+use crate::core::sys;
 
 /// Sends `payload` and, if given, a duplicate reference to `fd` in one
 /// message. The caller keeps its `fd` (close it once the receiver owns
@@ -53,7 +53,7 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sock;
+    use crate::core::sock;
     use std::io::{Read, Write};
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;

@@ -16,12 +16,12 @@ use super::{
     control_path, Policy, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_RESTART_PROBED, KIND_RESTART_REQ,
     KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY, KIND_STATUS_REQ, KIND_TAKEOVER_HELLO,
 };
-use crate::channel::{wire, Channel, ChannelEvent, Msg};
-use crate::reactor::{Base, Endpoint, Event, Interest, Listener};
-use crate::sock;
+use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
+use crate::core::reactor::{Base, Endpoint, Event, Interest, Listener};
+use crate::core::sock;
 
-mod restart;
-mod sniff;
+
+
 
 /// How soon a connection a receiver refused is offered again.
 const RETRY_REFUSED: Duration = Duration::from_millis(100);
@@ -36,7 +36,7 @@ const STABLE: Duration = Duration::from_secs(1);
 /// `HUNG_AFTER` gets no new connection until it answers again.
 const HEARTBEAT: Duration = Duration::from_millis(250);
 const HUNG_AFTER: Duration = Duration::from_secs(1);
-pub use restart::{request as request_restart, takeover, DEFAULT_TIMEOUT as RESTART_TIMEOUT};
+pub use crate::topology::restart::{request as request_restart, takeover, DEFAULT_TIMEOUT as RESTART_TIMEOUT};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -59,7 +59,7 @@ pub struct Config {
     /// Generation: 1 for a fresh start, +1 at each restart.
     pub gen: u64,
     /// Node mode (`handoff node`): the manager of one node.
-    pub node: Option<crate::node::NodeConfig>,
+    pub node: Option<crate::topology::node::NodeConfig>,
     /// Kill and respawn a worker that has not answered for this long.
     pub hang_timeout: Option<Duration>,
 }
@@ -67,46 +67,46 @@ pub struct Config {
 /// The master's copy of a connection a worker serves: the descriptor it
 /// sent, kept by the worker's channel after the ACK (`set_keep_acked`), so
 /// a handoff costs no dup. `None` until the ACK is absorbed.
-struct Held {
-    fd: Option<OwnedFd>,
+pub(crate) struct Held {
+    pub(crate) fd: Option<OwnedFd>,
     /// A node link, bound to its worker: closed, not moved, if it dies.
-    link: bool,
+    pub(crate) link: bool,
 }
 
 /// One worker slot: its index is stable, its process is replaced.
-struct Slot {
-    index: usize,
-    child: Option<Child>,
-    channel: Option<Channel>,
+pub(crate) struct Slot {
+    pub(crate) index: usize,
+    pub(crate) child: Option<Child>,
+    pub(crate) channel: Option<Channel>,
     /// Bumped at each spawn; events of an older channel are ignored.
-    incarnation: u64,
+    pub(crate) incarnation: u64,
     /// Connections handed to this slot, all incarnations.
-    handed: u64,
+    pub(crate) handed: u64,
     /// A copy of every connection this incarnation holds, by channel id,
     /// until the worker reports it closed: if the worker dies, these go
     /// to another worker instead of being lost.
-    held: HashMap<u64, Held>,
+    pub(crate) held: HashMap<u64, Held>,
     /// Served by this incarnation, as the worker reports.
-    served: u64,
+    pub(crate) served: u64,
     /// Served by earlier incarnations.
-    served_before: u64,
+    pub(crate) served_before: u64,
     /// Node mode: the worker's link table, as it last reported.
-    links: Value,
-    respawns: u64,
-    started: Instant,
+    pub(crate) links: Value,
+    pub(crate) respawns: u64,
+    pub(crate) started: Instant,
     /// Connections the worker sent as its channel died; ours once it is
     /// reaped.
-    orphans: Vec<Msg>,
+    pub(crate) orphans: Vec<Msg>,
     /// Draining after a restart was aborted: serves no new connections,
     /// respawned when it exits.
-    retiring: bool,
+    pub(crate) retiring: bool,
     /// The next respawn's delay (zero: at once).
-    backoff: Duration,
-    respawn_timer: Option<Event>,
+    pub(crate) backoff: Duration,
+    pub(crate) respawn_timer: Option<Event>,
     /// The last message from the worker (any message: it is alive).
-    last_seen: Instant,
+    pub(crate) last_seen: Instant,
     /// Silent for `HUNG_AFTER`: gets no new connection.
-    hung: bool,
+    pub(crate) hung: bool,
 }
 
 impl Slot {
@@ -122,7 +122,7 @@ impl Slot {
     }
 
     /// Running with its channel open (maybe hung or retiring).
-    fn up(&self) -> bool {
+    pub(crate) fn up(&self) -> bool {
         self.child.is_some() && self.channel.as_ref().is_some_and(Channel::is_open)
     }
 
@@ -143,60 +143,60 @@ impl Slot {
     }
 }
 
-struct Master {
-    base: Base,
-    me: Weak<RefCell<Master>>,
-    cfg: Config,
-    port: u16,
-    listener: Option<Listener>,
+pub(crate) struct Master {
+    pub(crate) base: Base,
+    pub(crate) me: Weak<RefCell<Master>>,
+    pub(crate) cfg: Config,
+    pub(crate) port: u16,
+    pub(crate) listener: Option<Listener>,
     /// The listening socket itself, for the shared policy's workers.
-    shared_fd: Option<OwnedFd>,
-    slots: Vec<Slot>,
-    next: usize,
+    pub(crate) shared_fd: Option<OwnedFd>,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) next: usize,
     /// Connections waiting for a live worker (or for that one worker).
-    pending: VecDeque<(Option<usize>, Msg)>,
+    pub(crate) pending: VecDeque<(Option<usize>, Msg)>,
     /// Node mode: new connections whose first frame is not read yet.
-    sniffing: HashMap<u64, sniff::Sniffed>,
-    control: Option<Listener>,
-    clients: HashMap<u64, Channel>,
-    next_client: u64,
-    signals: Vec<Event>,
-    grace_timer: Option<Event>,
-    stopping: bool,
-    started: SystemTime,
+    pub(crate) sniffing: HashMap<u64, crate::topology::node::manager::Sniffed>,
+    pub(crate) control: Option<Listener>,
+    pub(crate) clients: HashMap<u64, Channel>,
+    pub(crate) next_client: u64,
+    pub(crate) signals: Vec<Event>,
+    pub(crate) grace_timer: Option<Event>,
+    pub(crate) stopping: bool,
+    pub(crate) started: SystemTime,
     /// A restart this master runs as the old generation.
-    restart: Option<restart::Outgoing>,
+    pub(crate) restart: Option<crate::topology::restart::Outgoing>,
     /// The control channel of the new generation taking over from us.
-    successor: Option<Channel>,
+    pub(crate) successor: Option<Channel>,
     /// The control channel of the old generation handing over to us.
-    predecessor: Option<Channel>,
+    pub(crate) predecessor: Option<Channel>,
     /// Handing every connection to the successor (restart after READY).
-    draining: bool,
-    done_timer: Option<Event>,
+    pub(crate) draining: bool,
+    pub(crate) done_timer: Option<Event>,
     /// Connections a receiver refused (out of descriptors), offered again
     /// by `retry_timer`.
-    refused: Vec<Msg>,
-    retry_timer: Option<Event>,
+    pub(crate) refused: Vec<Msg>,
+    pub(crate) retry_timer: Option<Event>,
     /// New side of a takeover until COMMIT: accepts nothing, serves
     /// nothing that moved (the old side can still resume it).
-    takeover_pending: bool,
+    pub(crate) takeover_pending: bool,
     /// Connections moved to us, held unread until COMMIT.
-    moves: Vec<Msg>,
+    pub(crate) moves: Vec<Msg>,
     /// Control clients that are orphaned workers of the previous
     /// generation, handing us their connections.
-    orphan_clients: std::collections::HashSet<u64>,
+    pub(crate) orphan_clients: std::collections::HashSet<u64>,
     /// A stop signal that arrived during a takeover, acted on when it ends.
-    stop_after_takeover: Option<i32>,
-    heartbeat: Option<Event>,
+    pub(crate) stop_after_takeover: Option<i32>,
+    pub(crate) heartbeat: Option<Event>,
     /// Restart: worker channels not read while the successor catches up.
-    workers_paused: bool,
+    pub(crate) workers_paused: bool,
     /// A restart asked for while the previous generation was still leaving.
-    queued_restart: Option<(Option<PathBuf>, Duration, Option<u64>, bool)>,
+    pub(crate) queued_restart: Option<(Option<PathBuf>, Duration, Option<u64>, bool)>,
     /// Accepting paused because no worker can serve.
-    accept_paused: bool,
+    pub(crate) accept_paused: bool,
 }
 
-fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
+pub(crate) fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
     if let Some(s) = w.upgrade() {
         f(&mut s.borrow_mut());
     }
@@ -211,14 +211,14 @@ pub fn run(cfg: Config) -> io::Result<()> {
     sock::claim_unix_path(&control_path(&cfg.dir))?;
     let addr = sock::resolve_v4(&cfg.host, cfg.port)?;
     let listen_fd = sock::tcp_listen(addr)?;
-    serve(cfg, listen_fd, None)
+    run_on(cfg, listen_fd, None)
 }
 
 /// Runs a master on an already listening socket. `predecessor` is the
 /// control channel of the master this one replaces (restart), which
 /// goes on handing it connections.
-pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd>) -> io::Result<()> {
-    crate::signals::ignore_sigpipe();
+pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd>) -> io::Result<()> {
+    crate::core::signals::ignore_sigpipe();
     sock::raise_nofile()?;
     let base = Base::new()?;
     let addr = sock::local_addr(listen_fd.as_raw_fd())?;
@@ -269,7 +269,7 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
         let mut m = master.borrow_mut();
         let handled =
             [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2, libc::SIGCHLD];
-        for sig in handled.into_iter().chain(crate::signals::IGNORED) {
+        for sig in handled.into_iter().chain(crate::core::signals::IGNORED) {
             let w = Rc::downgrade(&master);
             let e = Event::new(&base, sig, Interest::Signal, move || with(&w, |m| m.on_signal(sig)))?;
             e.add(None)?;
@@ -325,7 +325,7 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
         cfg.workers,
         cfg.policy.name()
     );
-    crate::signals::ready(&format!(
+    crate::core::signals::ready(&format!(
         "ready port={port} workers={} dir={} gen={}",
         cfg.workers,
         cfg.dir.display(),
@@ -337,7 +337,7 @@ pub(super) fn serve(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd
 }
 
 impl Master {
-    fn spawn(&mut self, index: usize) -> io::Result<()> {
+    pub(crate) fn spawn(&mut self, index: usize) -> io::Result<()> {
         let (mine, theirs) = sock::seqpacket_pair()?;
         let mut cmd = match &self.cfg.worker_cmd {
             Some(path) => Command::new(path),
@@ -348,7 +348,7 @@ impl Master {
             }
         };
         let c = &self.cfg;
-        crate::cluster::worker::env::set(&mut cmd, index, c.gen, &c.dir, &c.options, c.node.as_ref());
+        crate::topology::cluster::worker::env::set(&mut cmd, index, c.gen, &c.dir, &c.options, c.node.as_ref());
         let raw = theirs.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and only
         // makes async-signal-safe calls (dup2, fcntl) on descriptors it owns.
@@ -416,7 +416,7 @@ impl Master {
         }
     }
 
-    fn share_listener_with_all(&mut self) {
+    pub(crate) fn share_listener_with_all(&mut self) {
         for i in 0..self.slots.len() {
             self.share_listener(i);
         }
@@ -453,12 +453,12 @@ impl Master {
 
     /// Hands a connection to a worker, keeping a copy until the worker
     /// closes it; keeps it pending if no worker is live.
-    fn dispatch(&mut self, msg: Msg) {
+    pub(crate) fn dispatch(&mut self, msg: Msg) {
         self.dispatch_to(None, msg)
     }
 
     /// As `dispatch`, to worker `target` if given (node links).
-    fn dispatch_to(&mut self, target: Option<usize>, mut msg: Msg) {
+    pub(crate) fn dispatch_to(&mut self, target: Option<usize>, mut msg: Msg) {
         if self.draining {
             self.forward(msg);
             return;
@@ -580,7 +580,7 @@ impl Master {
 
     /// A connection nobody could take now (out of descriptors) is offered
     /// again after a pause.
-    pub(super) fn retry_later(&mut self, m: Msg) {
+    pub(crate) fn retry_later(&mut self, m: Msg) {
         self.refused.push(m);
         if self.retry_timer.as_ref().is_some_and(Event::pending) {
             return;
@@ -627,7 +627,7 @@ impl Master {
     /// graceful stop, HUP reload and USR2 upgrade (both: a restart with the
     /// binary at the path we were started from), USR1 reopen logs.
     fn on_signal(&mut self, sig: i32) {
-        let name = crate::signals::name(sig);
+        let name = crate::core::signals::name(sig);
         match sig {
             libc::SIGCHLD => {
                 self.reap_successor();
@@ -635,7 +635,7 @@ impl Master {
             }
             libc::SIGUSR2 | libc::SIGHUP => {
                 log::info!("{name}: restarting with {}", self.cfg.exe.display());
-                self.begin_restart(None, restart::DEFAULT_TIMEOUT, None, false)
+                self.begin_restart(None, crate::topology::restart::DEFAULT_TIMEOUT, None, false)
             }
             libc::SIGUSR1 => log::info!("{name}: no log file to reopen (this process logs to stderr)"),
             libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => {
@@ -829,8 +829,8 @@ impl Master {
         }
     }
 
-    fn shutdown(&mut self, sig: i32) {
-        let name = crate::signals::name(sig);
+    pub(crate) fn shutdown(&mut self, sig: i32) {
+        let name = crate::core::signals::name(sig);
         if self.stopping {
             return;
         }
@@ -891,7 +891,7 @@ impl Master {
     /// current socket and renames over it, so that `handoff status` always
     /// finds a live master (a successor taking over, or an old master
     /// taking its place back after an aborted restart).
-    fn bind_control(&mut self, replace: bool) -> io::Result<()> {
+    pub(crate) fn bind_control(&mut self, replace: bool) -> io::Result<()> {
         let ctl = control_path(&self.cfg.dir);
         let w = self.me.clone();
         let on_ctl = move |fd| with(&w, |m| m.accept_control(fd));

@@ -1,14 +1,18 @@
 //! Node mode (seed 002, kimserver): nodes of manager + workers; a worker
 //! reaches a worker on another node through that node's manager, which
-//! hands it the link. The manager is the cluster master (`cluster::master`)
-//! with a first-frame sniff; the workers are cluster workers with links
-//! (`cluster::worker::links`); the wire format is `proto::node`.
+//! hands it the link. The manager is the cluster master with a
+//! first-frame sniff ([`manager`]); the workers are cluster workers with
+//! links to other nodes ([`links`]); the wire format is [`wire`].
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
-use crate::sock;
+use crate::core::sock;
+
+pub(crate) mod links;
+pub(crate) mod manager;
+pub mod wire;
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {

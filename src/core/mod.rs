@@ -1,0 +1,11 @@
+//! The core every topology stands on: descriptor passing ([`fdpass`]),
+//! one libevent loop per process ([`reactor`]), and the handoff channel
+//! that moves connections with their read-ahead and one owner at a time
+//! ([`channel`]).
+pub mod channel;
+pub mod fdpass;
+pub mod logging;
+pub mod reactor;
+pub mod signals;
+pub mod sock;
+pub mod sys;

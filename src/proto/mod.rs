@@ -1,2 +1,0 @@
-//! Framings of the topologies' own links.
-pub mod node;
