@@ -49,29 +49,45 @@ pub struct Msg {
     pub id: u64,
     pub body: Vec<u8>,
     pub fd: Option<OwnedFd>,
-    /// CONN: the client's address (`wire` header `meta`), 0 if unknown.
-    pub meta: u64,
+    /// CONN: the header's `tag`, whose meaning depends on the flags: see
+    /// [`Msg::client`] and [`Msg::master_id`]. 0: none.
+    pub tag: u64,
 }
 
 impl Msg {
-    /// The client address as `meta` carries it.
-    pub fn pack_addr(a: std::net::SocketAddrV4) -> u64 {
-        (u64::from(u32::from(*a.ip())) << 16) | u64::from(a.port())
+    /// Pair mode: the client's IPv4 address and port, as the accepting
+    /// server saw it (for the request log, without a getpeername).
+    pub fn client(&self) -> Option<std::net::SocketAddrV4> {
+        let t = self.tag;
+        (t != 0).then(|| std::net::SocketAddrV4::new(((t >> 16) as u32).into(), t as u16))
     }
 
-    /// The client address from `meta` (None when 0).
-    pub fn unpack_addr(meta: u64) -> Option<std::net::SocketAddrV4> {
-        (meta != 0).then(|| std::net::SocketAddrV4::new(((meta >> 16) as u32).into(), meta as u16))
+    /// Sets [`Msg::client`].
+    pub fn with_client(mut self, a: Option<std::net::SocketAddrV4>) -> Msg {
+        self.tag = a.map_or(0, |a| (u64::from(u32::from(*a.ip())) << 16) | u64::from(a.port()));
+        self
+    }
+
+    /// A CONN a worker gives back ([`wire::FLAG_RELEASED`]): the master's
+    /// id for it, from when the master handed it over.
+    pub fn master_id(&self) -> u64 {
+        self.tag
+    }
+
+    /// Sets [`Msg::master_id`].
+    pub fn with_master_id(mut self, id: u64) -> Msg {
+        self.tag = id;
+        self
     }
 
     /// A connection handoff: its descriptor plus the bytes already read.
     pub fn conn(fd: OwnedFd, leftover: Vec<u8>, flags: u32) -> Msg {
-        Msg { kind: KIND_CONN, flags, id: 0, body: leftover, fd: Some(fd), meta: 0 }
+        Msg { kind: KIND_CONN, flags, id: 0, body: leftover, fd: Some(fd), tag: 0 }
     }
 
     /// A mode-defined control message (kind >= `wire::KIND_USER`).
     pub fn control(kind: u16, body: Vec<u8>) -> Msg {
-        Msg { kind, flags: 0, id: 0, body, fd: None, meta: 0 }
+        Msg { kind, flags: 0, id: 0, body, fd: None, tag: 0 }
     }
 }
 
@@ -367,8 +383,8 @@ impl Inner {
         fdpass::send(sock.as_fd(), fd.map(|f| f.as_fd()), &out).map(drop)
     }
 
-    fn header(kind: u16, flags: u32, id: u64, meta: u64, body_len: usize) -> Header {
-        Header { version: version(), kind, flags, body_len: body_len as u32, id, meta }
+    fn header(kind: u16, flags: u32, id: u64, tag: u64, body_len: usize) -> Header {
+        Header { version: version(), kind, flags, body_len: body_len as u32, id, tag }
     }
 
     /// Writes NACKs, the due ACK, then the queue, until EAGAIN (Ok) or a
@@ -427,7 +443,7 @@ impl Inner {
                 continue;
             }
             let body = &msg.body[self.chunk_off..];
-            self.write_raw(Self::header(msg.kind, msg.flags, msg.id, msg.meta, body.len()), msg.fd.as_ref(), body)?;
+            self.write_raw(Self::header(msg.kind, msg.flags, msg.id, msg.tag, body.len()), msg.fd.as_ref(), body)?;
             self.chunk_off = 0;
             let msg = self.queue.pop_front().expect("front exists");
             self.stats.msgs_sent += 1;
@@ -549,7 +565,7 @@ impl Inner {
                     self.stats.conns_received += 1;
                     self.ack_due = self.ack_due.max(h.id);
                 }
-                Ok(Some(Msg { kind, flags: h.flags, id: h.id, body: full, fd: r.fd, meta: h.meta }))
+                Ok(Some(Msg { kind, flags: h.flags, id: h.id, body: full, fd: r.fd, tag: h.tag }))
             }
         }
     }

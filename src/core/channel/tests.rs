@@ -127,7 +127,7 @@ fn malformed_message_closes_the_channel_with_a_reason() {
 #[test]
 fn newer_version_is_refused() {
     let mut m = Vec::new();
-    Header { version: wire::VERSION + 1, kind: wire::KIND_USER, flags: 0, body_len: 0, id: 0, meta: 0 }.encode(&mut m);
+    Header { version: wire::VERSION + 1, kind: wire::KIND_USER, flags: 0, body_len: 0, id: 0, tag: 0 }.encode(&mut m);
     let why = close_reason(&m).unwrap();
     assert!(why.contains("v2"), "{why}");
 }
@@ -135,7 +135,7 @@ fn newer_version_is_refused() {
 /// Raw channel message bytes (header + body), as a peer would write them.
 fn raw(kind: u16, id: u64, body: &[u8]) -> Vec<u8> {
     let mut m = Vec::new();
-    Header { version: wire::VERSION, kind, flags: 0, body_len: body.len() as u32, id, meta: 0 }.encode(&mut m);
+    Header { version: wire::VERSION, kind, flags: 0, body_len: body.len() as u32, id, tag: 0 }.encode(&mut m);
     m.extend_from_slice(body);
     m
 }

@@ -10,15 +10,16 @@
 //!                       >= 16 mode-defined
 //!      8    4 flags     CONN: bit 0 = the client already sent EOF,
 //!                       bit 1 = a node link (node mode), bit 2 = released
-//!                       (worker -> master: meta is the master's id for it),
+//!                       (worker -> master: tag is the master's id for it),
 //!                       bit 3 = the body starts with session state
 //!     12    4 body_len  bytes after the header (<= MAX_BODY)
 //!     16    8 id        CONN: sender's sequence number; ACK: every CONN up to
 //!                       this id is taken; NACK: this CONN is refused (its
 //!                       descriptor could not be received), the sender keeps it
-//!     24    8 meta      CONN: the client's IPv4 address << 16 | its port, as the
-//!                       accepting process saw it (0: unknown), so that receivers
-//!                       need no getpeername
+//!     24    8 tag       CONN, pair mode: the client's IPv4 address << 16 | its
+//!                       port, as the accepting server saw it (0: unknown), so
+//!                       that receivers need no getpeername; CONN released:
+//!                       the master's id for it
 //!     32    - body      CONN: bytes already read from the connection (read-ahead);
 //!                       with flag bit 3, first a u32 state length and that
 //!                       much state the service's session exported
@@ -60,7 +61,7 @@ pub const FLAG_EOF: u32 = 1;
 /// CONN: the connection is a node link (node mode), not a client.
 pub const FLAG_NODE_LINK: u32 = 2;
 /// CONN worker -> master: a connection the master handed this worker,
-/// given back between requests (restart); `meta` is the master's id for it.
+/// given back between requests (restart); `tag` is the master's id for it.
 pub const FLAG_RELEASED: u32 = 4;
 /// CONN: the body is `u32 n, n bytes of session state, read-ahead`.
 pub const FLAG_STATE: u32 = 8;
@@ -104,7 +105,7 @@ pub struct Header {
     pub flags: u32,
     pub body_len: u32,
     pub id: u64,
-    pub meta: u64,
+    pub tag: u64,
 }
 
 impl Header {
@@ -115,7 +116,7 @@ impl Header {
         out.extend_from_slice(&self.flags.to_le_bytes());
         out.extend_from_slice(&self.body_len.to_le_bytes());
         out.extend_from_slice(&self.id.to_le_bytes());
-        out.extend_from_slice(&self.meta.to_le_bytes());
+        out.extend_from_slice(&self.tag.to_le_bytes());
     }
 
     /// Parses and validates a whole message (header + body).
@@ -135,7 +136,7 @@ impl Header {
             flags: u32_at(8),
             body_len: u32_at(12),
             id: u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes")),
-            meta: u64::from_le_bytes(msg[24..32].try_into().expect("8 bytes")),
+            tag: u64::from_le_bytes(msg[24..32].try_into().expect("8 bytes")),
         };
         if h.version != version() {
             return Err(bad(format!("peer speaks handoff channel v{}, this side v{}", h.version, version())));
@@ -171,7 +172,7 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let h = Header { version: VERSION, kind: KIND_CONN, flags: FLAG_EOF, body_len: 3, id: 42, meta: 7 << 16 | 9 };
+        let h = Header { version: VERSION, kind: KIND_CONN, flags: FLAG_EOF, body_len: 3, id: 42, tag: 7 << 16 | 9 };
         let m = msg(h, b"abc");
         assert_eq!(m.len(), HEADER_LEN + 3);
         assert_eq!(Header::decode(&m).unwrap(), h);
@@ -179,7 +180,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        let h = Header { version: VERSION, kind: KIND_ACK, flags: 0, body_len: 0, id: 1, meta: 0 };
+        let h = Header { version: VERSION, kind: KIND_ACK, flags: 0, body_len: 0, id: 1, tag: 0 };
         let good = msg(h, b"");
         assert!(Header::decode(&good[..10]).is_err());
         let mut m = good.clone();

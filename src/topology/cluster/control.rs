@@ -31,7 +31,7 @@ impl Client {
 
     pub fn send(&self, kind: u16, body: &[u8]) -> io::Result<()> {
         let mut msg = Vec::with_capacity(HEADER_LEN + body.len());
-        Header { version: version(), kind, flags: 0, body_len: body.len() as u32, id: 0, meta: 0 }.encode(&mut msg);
+        Header { version: version(), kind, flags: 0, body_len: body.len() as u32, id: 0, tag: 0 }.encode(&mut msg);
         msg.extend_from_slice(body);
         fdpass::send(self.fd.as_fd(), None, &msg).map(drop)
     }

@@ -145,13 +145,13 @@ impl Master {
     fn hand_client(&mut self, id: u64, flags: u32) {
         let Some(s) = self.sniffing.remove(&id) else { return };
         let (fd, leftover) = s.conn.detach();
-        self.dispatch_to(None, Msg::conn(fd, leftover, flags));
+        self.assign_to(None, Msg::conn(fd, leftover, flags));
     }
 
     fn hand_link(&mut self, id: u64, target: usize) {
         let Some(s) = self.sniffing.remove(&id) else { return };
         let (fd, leftover) = s.conn.detach();
-        self.dispatch_to(Some(target), Msg::conn(fd, leftover, wire::FLAG_NODE_LINK));
+        self.assign_to(Some(target), Msg::conn(fd, leftover, wire::FLAG_NODE_LINK));
     }
 
     pub(crate) fn node_name(&self) -> &str {

@@ -32,7 +32,7 @@ pub struct Config {
     pub dir: PathBuf,
 }
 
-struct Slot<T> {
+struct Served<T> {
     conn: Conn,
     session: T,
     /// The client sent EOF: serve what is buffered, then close.
@@ -53,7 +53,7 @@ struct Server<P: Service> {
     service: P,
     read_limit: usize,
     peer_path: PathBuf,
-    conns: HashMap<u64, Slot<P::Session>>,
+    conns: HashMap<u64, Served<P::Session>>,
     next_id: u64,
     peer: Option<Channel>,
     peer_warned: bool,
@@ -151,7 +151,7 @@ impl<P: Service> Server<P> {
     fn accept_client(&mut self, fd: OwnedFd) {
         let _ = sock::set_nodelay(fd.as_raw_fd());
         let client = sock::peer_addr(fd.as_raw_fd());
-        self.adopt(fd, Vec::new(), Vec::new(), false, client);
+        self.open_conn(fd, Vec::new(), Vec::new(), false, client);
     }
 
     fn accept_channel(&mut self, fd: OwnedFd) {
@@ -210,7 +210,7 @@ impl<P: Service> Server<P> {
     /// Starts serving a connection, first from `leftover`.
     /// `client` is the client's address (for the request log), carried
     /// along with the connection so no receiver needs a getpeername.
-    fn adopt(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: Vec<u8>, eof: bool, client: Option<SocketAddrV4>) {
+    fn open_conn(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: Vec<u8>, eof: bool, client: Option<SocketAddrV4>) {
         let mut session = self.service.open(&state);
         // Fast path: the read-ahead holds a whole request and the peer is
         // up: answer and pass the connection on without a bufferevent.
@@ -269,7 +269,7 @@ impl<P: Service> Server<P> {
         match Conn::adopt(&self.base, fd, leftover, self.read_limit, handler) {
             Ok(conn) => {
                 log::trace!("connection {id} adopted with {} byte(s) read ahead", leftover.len());
-                let slot = Slot { conn, session, eof, handing_off: false, closing: false, throttled: false, client };
+                let slot = Served { conn, session, eof, handing_off: false, closing: false, throttled: false, client };
                 self.conns.insert(id, slot);
                 Some(id)
             }
@@ -398,8 +398,7 @@ impl<P: Service> Server<P> {
         if !state.is_empty() {
             flags |= wire::FLAG_STATE;
         }
-        let mut msg = Msg::conn(fd, wire::join_state(state, leftover), flags);
-        msg.meta = client.map_or(0, Msg::pack_addr);
+        let msg = Msg::conn(fd, wire::join_state(state, leftover), flags).with_client(client);
         let Some(peer) = self.peer.as_ref() else {
             self.take_back(vec![msg]);
             return;
@@ -414,10 +413,11 @@ impl<P: Service> Server<P> {
     /// Serves connections that arrived, or that the peer never took.
     fn take_back(&mut self, msgs: Vec<Msg>) {
         for m in msgs {
+            let client = m.client();
             let Some(fd) = m.fd else { continue };
             let (state, leftover) =
                 if m.flags & wire::FLAG_STATE != 0 { wire::split_state(m.body) } else { (Vec::new(), m.body) };
-            self.adopt(fd, leftover, state, m.flags & wire::FLAG_EOF != 0, Msg::unpack_addr(m.meta));
+            self.open_conn(fd, leftover, state, m.flags & wire::FLAG_EOF != 0, client);
         }
     }
 

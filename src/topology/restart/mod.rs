@@ -238,7 +238,7 @@ impl Master {
         );
         back.append(&mut self.refused);
         for m in back {
-            self.dispatch(m);
+            self.assign(m);
         }
         self.reply_restart(r.reply_to, json!({"ok": false, "reason": reason}));
         if let Some(sig) = self.stop_after_takeover.take() {
@@ -328,7 +328,7 @@ impl Master {
             id: 0,
             body: cfg.to_string().into_bytes(),
             fd: Some(fd),
-            meta: 0,
+            tag: 0,
         };
         if ch.send(msg).is_err() {
             log::error!("takeover: the new master's channel broke");
@@ -496,7 +496,7 @@ impl Master {
             None => {
                 log::error!("restart: no successor for a connection; serving it here");
                 self.draining = false;
-                self.dispatch(msg);
+                self.assign(msg);
             }
         }
     }
@@ -638,7 +638,7 @@ impl Master {
                 );
                 self.predecessor = None;
                 for m in moves {
-                    self.dispatch(m);
+                    self.assign(m);
                 }
                 if let Some((binary, timeout, reply_to, listeners_only)) = self.queued_restart.take() {
                     self.begin_restart(binary, timeout, reply_to, listeners_only);
@@ -653,11 +653,11 @@ impl Master {
     /// master is gone, so that its copy of those bytes stays exact.
     pub(crate) fn take_moved(&mut self, mut m: Msg) {
         m.flags &= !wire::FLAG_RELEASED;
-        m.meta = 0;
+        m.tag = 0;
         if self.predecessor.is_some() && !m.body.is_empty() {
             self.moves.push(m);
         } else {
-            self.dispatch(m);
+            self.assign(m);
         }
     }
 

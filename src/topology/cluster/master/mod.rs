@@ -74,7 +74,7 @@ pub(crate) struct Held {
 }
 
 /// One worker slot: its index is stable, its process is replaced.
-pub(crate) struct Slot {
+pub(crate) struct WorkerSlot {
     pub(crate) index: usize,
     pub(crate) child: Option<Child>,
     pub(crate) channel: Option<Channel>,
@@ -109,7 +109,7 @@ pub(crate) struct Slot {
     pub(crate) hung: bool,
 }
 
-impl Slot {
+impl WorkerSlot {
     /// Open connections, counting those still in flight to the worker.
     fn open(&self) -> u64 {
         self.held.len() as u64
@@ -151,7 +151,7 @@ pub(crate) struct Master {
     pub(crate) listener: Option<Listener>,
     /// The listening socket itself, for the shared policy's workers.
     pub(crate) shared_fd: Option<OwnedFd>,
-    pub(crate) slots: Vec<Slot>,
+    pub(crate) slots: Vec<WorkerSlot>,
     pub(crate) next: usize,
     /// Connections waiting for a live worker (or for that one worker).
     pub(crate) pending: VecDeque<(Option<usize>, Msg)>,
@@ -276,7 +276,7 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
             m.signals.push(e);
         }
         for index in 0..cfg.workers {
-            m.slots.push(Slot {
+            m.slots.push(WorkerSlot {
                 index,
                 child: None,
                 channel: None,
@@ -391,7 +391,7 @@ impl Master {
     fn flush_pending(&mut self) {
         let pending: Vec<(Option<usize>, Msg)> = self.pending.drain(..).collect();
         for (target, m) in pending {
-            self.dispatch_to(target, m);
+            self.assign_to(target, m);
         }
     }
 
@@ -409,7 +409,7 @@ impl Master {
                     id: 0,
                     body: Vec::new(),
                     fd: Some(dup),
-                    meta: 0,
+                    tag: 0,
                 });
             }
             Err(e) => log::error!("worker {index}: cannot share the listener: {e}"),
@@ -428,7 +428,7 @@ impl Master {
             return;
         }
         let _ = sock::set_nodelay(fd.as_raw_fd());
-        self.dispatch(Msg::conn(fd, Vec::new(), 0));
+        self.assign(Msg::conn(fd, Vec::new(), 0));
     }
 
     /// Picks a live worker by policy.
@@ -453,12 +453,12 @@ impl Master {
 
     /// Hands a connection to a worker, keeping a copy until the worker
     /// closes it; keeps it pending if no worker is live.
-    pub(crate) fn dispatch(&mut self, msg: Msg) {
-        self.dispatch_to(None, msg)
+    pub(crate) fn assign(&mut self, msg: Msg) {
+        self.assign_to(None, msg)
     }
 
-    /// As `dispatch`, to worker `target` if given (node links).
-    pub(crate) fn dispatch_to(&mut self, target: Option<usize>, mut msg: Msg) {
+    /// As `assign`, to worker `target` if given (node links).
+    pub(crate) fn assign_to(&mut self, target: Option<usize>, mut msg: Msg) {
         if self.draining {
             self.forward(msg);
             return;
@@ -573,7 +573,7 @@ impl Master {
             // A connection we handed the worker, given back (restart).
             wire::KIND_CONN if m.flags & wire::FLAG_RELEASED != 0 => self.on_release(index, m),
             // Shared policy: a connection the worker accepted itself.
-            wire::KIND_CONN => self.dispatch(m),
+            wire::KIND_CONN => self.assign(m),
             k => log::warn!("worker {index}: unexpected message kind {k}"),
         }
     }
@@ -590,7 +590,7 @@ impl Master {
             with(&w, |m| {
                 let again = std::mem::take(&mut m.refused);
                 for msg in again {
-                    m.dispatch(msg);
+                    m.assign(msg);
                 }
             })
         });
@@ -604,12 +604,12 @@ impl Master {
     /// the bytes the worker had read.
     fn on_release(&mut self, index: usize, mut m: Msg) {
         // Our copy is closed: the descriptor that came back replaces it.
-        if self.slots[index].held.remove(&m.meta).is_none() {
-            log::warn!("worker {index}: released connection {} was not handed to it", m.meta);
+        if self.slots[index].held.remove(&m.master_id()).is_none() {
+            log::warn!("worker {index}: released connection {} was not handed to it", m.master_id());
         }
         m.flags &= !wire::FLAG_RELEASED;
-        m.meta = 0;
-        self.dispatch(m);
+        m.tag = 0;
+        self.assign(m);
     }
 
     /// A worker died: its client connections go to another worker (or
@@ -618,7 +618,7 @@ impl Master {
     fn rescue(&mut self, held: Vec<Held>) {
         for h in held {
             if let (false, Some(fd)) = (h.link, h.fd) {
-                self.dispatch(Msg::conn(fd, Vec::new(), 0));
+                self.assign(Msg::conn(fd, Vec::new(), 0));
             }
         }
     }
@@ -777,7 +777,7 @@ impl Master {
         if self.takeover_pending || self.stopping {
             return;
         }
-        let can_serve = self.slots.iter().any(Slot::live);
+        let can_serve = self.slots.iter().any(WorkerSlot::live);
         if !can_serve && !self.accept_paused {
             log::error!("no worker can serve: not accepting until one is up (clients wait in the backlog)");
             l.pause();

@@ -171,11 +171,10 @@ impl MasterLink {
         if master_id != 0 {
             flags |= wire::FLAG_RELEASED;
         }
-        let mut msg = Msg::conn(fd, wire::join_state(state, leftover), flags);
         if !state.is_empty() {
-            msg.flags |= wire::FLAG_STATE;
+            flags |= wire::FLAG_STATE;
         }
-        msg.meta = master_id;
+        let msg = Msg::conn(fd, wire::join_state(state, leftover), flags).with_master_id(master_id);
         if let Err(back) = self.channel.send(msg) {
             // The channel just broke: its Closed event decides (a successor
             // takes it, or it closes with us).
@@ -282,8 +281,15 @@ impl MasterLink {
 }
 
 /// A CONN message as a connection to serve: one from the master is known
-/// by the master's message id, one given back by its `meta`.
+/// by the master's message id, one given back by its `tag`.
 fn handed(m: Msg, from_master: bool) -> Handed {
+    let master_id = if from_master {
+        m.id
+    } else if m.flags & wire::FLAG_RELEASED != 0 {
+        m.master_id()
+    } else {
+        0
+    };
     let fd = m.fd.expect("channel checks CONN carries a descriptor");
     let (state, leftover) =
         if m.flags & wire::FLAG_STATE != 0 { wire::split_state(m.body) } else { (Vec::new(), m.body) };
@@ -291,13 +297,7 @@ fn handed(m: Msg, from_master: bool) -> Handed {
         fd,
         leftover,
         state,
-        master_id: if from_master {
-            m.id
-        } else if m.flags & wire::FLAG_RELEASED != 0 {
-            m.meta
-        } else {
-            0
-        },
+        master_id,
         eof: m.flags & wire::FLAG_EOF != 0,
         node_link: m.flags & wire::FLAG_NODE_LINK != 0,
     }

@@ -173,10 +173,10 @@ impl<S: Service> Worker<S> {
         match order {
             Order::Conn(h) => {
                 let kind = if h.node_link { Kind::LinkIn } else { Kind::Client };
-                self.adopt(h, kind);
+                self.open_conn(h, kind);
             }
             Order::Refused(h) => {
-                if self.adopt(h, Kind::Client).is_some() && self.draining {
+                if self.open_conn(h, Kind::Client).is_some() && self.draining {
                     self.retry_release_later();
                 }
             }
@@ -198,7 +198,7 @@ impl<S: Service> Worker<S> {
                 let _ = sock::set_nodelay(c.as_raw_fd());
                 let h =
                     Handed { fd: c, leftover: Vec::new(), state: Vec::new(), master_id: 0, eof: false, node_link: false };
-                s.adopt(h, Kind::Client);
+                s.open_conn(h, Kind::Client);
             })
         }) {
             Ok(l) => self.listener = Some(l),
@@ -206,7 +206,7 @@ impl<S: Service> Worker<S> {
         }
     }
 
-    pub(crate) fn adopt(&mut self, h: Handed, kind: Kind) -> Option<u64> {
+    pub(crate) fn open_conn(&mut self, h: Handed, kind: Kind) -> Option<u64> {
         if self.stopping {
             // The master stopped sending before SHUTDOWN; nothing should come.
             log::warn!("worker {}: connection arrived while stopping; closing it", self.index);
