@@ -17,16 +17,6 @@ mod tests;
 
 use service::Http;
 
-// TODO(cli): drop this `cfg` and the stand-in below once `handoff::cli`
-// lands; until then the real main is parsed but not compiled.
-#[cfg(any())]
 fn main() -> std::process::ExitCode {
     handoff::cli::main::<Http>("http")
-}
-
-#[cfg(not(any()))]
-fn main() -> std::process::ExitCode {
-    let _ = <Http as handoff::service::Service>::new;
-    eprintln!("http: needs handoff::cli, which has not landed yet");
-    std::process::ExitCode::FAILURE
 }

@@ -6,6 +6,7 @@ mod support;
 
 mod cluster;
 mod faults;
+mod http;
 mod node;
 mod pair;
 mod restart;
