@@ -20,11 +20,17 @@ pub fn http_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("HANDOFF_HTTP_BIN") {
         return p.into();
     }
+    example_bin("http")
+}
+
+/// An example binary: `target/<profile>/examples/NAME`, next to the
+/// profile directory of this test binary.
+pub fn example_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/it-HASH
     let profile = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    let p = profile.join("examples").join("http");
-    assert!(p.exists(), "{} is missing: cargo build --release --example http", p.display());
+    let p = profile.join("examples").join(name);
+    assert!(p.exists(), "{} is missing: cargo build --release --examples", p.display());
     p
 }
 

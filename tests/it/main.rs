@@ -11,3 +11,4 @@ mod node;
 mod pair;
 mod restart;
 mod restart_faults;
+mod service;
