@@ -1,4 +1,5 @@
 //! handoff: move live TCP connections between processes by passing their
+#![warn(missing_docs)]
 //! descriptors over Unix-domain sockets (SCM_RIGHTS), and serve any
 //! protocol on the topologies built from that: pair, cluster, node and
 //! hot restart.

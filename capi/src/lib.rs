@@ -273,7 +273,6 @@ pub unsafe extern "C" fn handoff_worker_new(
         // SAFETY: the caller promises `base` outlives the worker.
         let Some(base) = (unsafe { Base::from_foreign(base) }) else { return HANDOFF_EINVAL };
         logging_from_env();
-        handoff::core::signals::ignore_sigpipe();
         let env = match WorkerEnv::read() {
             Ok(e) => e,
             Err(e) => {
@@ -281,8 +280,8 @@ pub unsafe extern "C" fn handoff_worker_new(
                 return if e.kind() == std::io::ErrorKind::NotFound { HANDOFF_ENOENV } else { HANDOFF_EIO };
             }
         };
-        if let Err(e) = handoff::core::signals::die_with_parent(true) {
-            log::error!("libhandoff: prctl: {e}");
+        if let Err(e) = handoff::topology::cluster::worker::prepare_process() {
+            log::error!("libhandoff: {e}");
             return HANDOFF_EIO;
         }
         let (index, gen, channel, dir) = (env.index, env.gen, env.channel, env.dir);

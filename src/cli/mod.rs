@@ -143,7 +143,7 @@ fn to_json<O: serde::Serialize>(o: &O) -> Value {
 }
 
 /// A command's error on stderr, exit 1.
-pub fn fail(msg: &str) -> ExitCode {
+fn fail(msg: &str) -> ExitCode {
     eprintln!("handoff: error: {msg}");
     ExitCode::FAILURE
 }

@@ -6,6 +6,7 @@ pub mod channel;
 pub mod fdpass;
 pub mod logging;
 pub mod reactor;
-pub mod signals;
+pub(crate) mod signals;
+#[doc(hidden)] // socket syscalls; public for the integration tests only
 pub mod sock;
-pub mod sys;
+mod sys;

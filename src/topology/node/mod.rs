@@ -1,8 +1,8 @@
 //! Node mode (seed 002, kimserver): nodes of manager + workers; a worker
 //! reaches a worker on another node through that node's manager, which
 //! hands it the link. The manager is the cluster master with a
-//! first-frame sniff ([`manager`]); the workers are cluster workers with
-//! links to other nodes ([`links`]); the wire format is [`wire`].
+//! first-frame sniff (`manager.rs`); the workers are cluster workers with
+//! links to other nodes (`links.rs`); the wire format is [`wire`].
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddrV4;

@@ -94,11 +94,19 @@ pub(crate) fn with<S: Service>(w: &Weak<RefCell<Worker<S>>>, f: impl FnOnce(&mut
     }
 }
 
-/// Runs a worker of service `S` as its master's environment describes.
-pub fn run<S: Service>(env: WorkerEnv) -> io::Result<()> {
+/// Sets up a worker process: writes to closed sockets fail with EPIPE
+/// instead of killing it, it dies with its master (until a restart says
+/// otherwise), and it may open as many descriptors as the hard limit allows.
+pub fn prepare_process() -> io::Result<()> {
     crate::core::signals::ignore_sigpipe();
     crate::core::signals::die_with_parent(true)?;
     sock::raise_nofile()?;
+    Ok(())
+}
+
+/// Runs a worker of service `S` as its master's environment describes.
+pub fn run<S: Service>(env: WorkerEnv) -> io::Result<()> {
+    prepare_process()?;
     let base = Base::new()?;
     let index = env.index;
     let options: S::Options = serde_json::from_value(env.options.clone())
