@@ -9,6 +9,7 @@ mod faults;
 mod http;
 mod node;
 mod pair;
+mod readme;
 mod restart;
 mod restart_faults;
 mod service;
