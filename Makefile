@@ -1,5 +1,5 @@
 # handoff — build, run, test, bench.
-#   make          release binary + C client (installs system packages first)
+#   make          release binary, examples, C client (installs system packages first)
 #   make run      pair demo: two servers, unary + stream clients, stop
 #   make test     cargo test (unit + integration) incl. the C client check
 #   make bench    every benchmark (bench-pair, bench-cluster, bench-nodes, bench-restart)
@@ -47,8 +47,9 @@ memcheck-deps:
 
 build: deps $(BIN) build/cclient
 
+# The handoff binary and the examples (target/release/examples/{http,shout}).
 $(BIN): FORCE
-	$(CARGO) build --release
+	$(CARGO) build --release --bins --examples
 
 build/cclient: csrc/cclient.c
 	@mkdir -p build
