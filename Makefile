@@ -14,8 +14,8 @@ BIN     := target/release/handoff
 # var or a flag (scripts/chaos.py --help), e.g. make chaos CHAOS_HELD=8000.
 CHAOS_SECS ?= 300
 # Debian packages the build needs: libevent (linked via pkg-config), libclang
-# (bindgen), a C compiler.
-DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make
+# (bindgen), a C compiler; curl for the http tests.
+DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make curl
 # What make memcheck needs on top.
 MEMCHECK_PKGS := valgrind
 
