@@ -33,6 +33,11 @@ TESTS=${MEMCHECK_TESTS:-"
     pair::random_sizes_pipelined_then_eof
     pair::garbage_and_reset_clients_do_not_hurt
     pair::pair_launcher_runs_and_stops_both
+    http::http_pipelining_and_chunked_bodies
+    http::http_refusals_400_413_431_501_then_close
+    http::http_restart_under_keepalive_load_fails_no_request
+    service::shout_cluster_restart_moves_a_partial_line_and_the_session_state
+    service::shout_pair_hands_the_count_over_on_every_hop
 "}
 SUPP=${MEMCHECK_SUPP:-.ci/valgrind.supp}
 # --xml=yes turns leak checking back on; the two leak-kind options keep it off.
@@ -79,7 +84,7 @@ unit=$(sed -n 's/.*Executable unittests src\/lib.rs (\(.*\))$/\1/p' "$OUT/build.
 report unit
 
 say "== memcheck 2/3: integration tests, every handoff process under valgrind"
-cargo build --release -q
+cargo build --release -q --bins --examples
 # The wrapper is a sh script: the quotes keep the skip patterns unexpanded.
 # shellcheck disable=SC2086
 HANDOFF_WRAP="${VG[*]} --trace-children=yes '--trace-children-skip=*/sh,*/dash,*/bash,*/sleep' --xml=yes --xml-file=$OUT/it.%p.xml" \

@@ -31,7 +31,7 @@ pub fn example_bin(name: &str) -> PathBuf {
     let profile = exe.parent().and_then(Path::parent).expect("target/<profile>");
     let p = profile.join("examples").join(name);
     assert!(p.exists(), "{} is missing: cargo build --release --examples", p.display());
-    p
+    crate::support::wrapped(&p)
 }
 
 /// `http cluster --port 0 --workers 2 --dir D EXTRA...`

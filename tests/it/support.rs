@@ -38,6 +38,15 @@ pub fn bin() -> &'static str {
         .unwrap_or(real)
 }
 
+/// `real`, or with `HANDOFF_WRAP` set, a script running it under that
+/// prefix (as [`bin`] does; the example binaries use it too).
+pub fn wrapped(real: &Path) -> std::path::PathBuf {
+    match std::env::var("HANDOFF_WRAP").ok().filter(|w| !w.trim().is_empty()) {
+        Some(w) => wrapper(&w, &real.display().to_string()).into(),
+        None => real.to_path_buf(),
+    }
+}
+
 /// Writes (once per content) `exec WRAP REAL "$@"` as an executable
 /// script under the target's temp dir; returns its path.
 fn wrapper(wrap: &str, real: &str) -> String {
