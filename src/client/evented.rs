@@ -18,8 +18,8 @@ use crate::core::reactor::{Base, Conn, ConnEvent};
 pub struct Outcome {
     /// Replies that passed the check.
     pub ok: u64,
-    /// Requests without a correct reply (all of a connection's requests
-    /// when it could not connect; the rest of them when it broke).
+    /// Requests without a correct reply: one per wrong reply, all of a
+    /// connection's when it could not connect, the rest when it broke.
     pub errors: u64,
     /// Round trip of each correct reply, from the request's write to the
     /// whole reply.
