@@ -29,7 +29,36 @@ pub fn main<S: Service>(name: &'static str) -> ExitCode {
 
 /// Runs the whole command line: service `P` in pair mode (`server`,
 /// `pair`), service `C` in cluster and node mode, and the binary's own
-/// extra subcommands `X` (use [`NoExtra`] for none).
+/// extra subcommands `X` (use [`NoExtra`] for none). `name` is the
+/// program's name in `--help` and usage lines. Returns the exit status:
+/// 0, or 1 after an error (logged by servers, printed by `status` and
+/// `restart`), or what an extra subcommand returns. `--help`, `--version`
+/// and command-line errors exit at once through clap (0, or 2).
+///
+/// ```no_run
+/// use std::process::ExitCode;
+/// use handoff::cli::{self, Extra};
+/// use handoff::service::{pingpong::PingPong, rpc::Rpc};
+///
+/// #[derive(clap::Subcommand)]
+/// enum Tools {
+///     /// Says hello (`mybin hello`).
+///     Hello,
+/// }
+///
+/// impl Extra for Tools {
+///     fn run(self) -> ExitCode {
+///         match self {
+///             Tools::Hello => println!("hello"),
+///         }
+///         ExitCode::SUCCESS
+///     }
+/// }
+///
+/// fn main() -> ExitCode {
+///     cli::main_with::<PingPong, Rpc, Tools>("mybin")
+/// }
+/// ```
 pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCode {
     let cmd = Cli::<P::Options, C::Options, X>::command_for(name);
     let cli = match Cli::<P::Options, C::Options, X>::from_arg_matches(&cmd.get_matches()) {

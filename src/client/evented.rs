@@ -16,9 +16,16 @@ use crate::core::reactor::{Base, Conn, ConnEvent};
 
 /// What the run produced.
 pub struct Outcome {
+    /// Replies that passed the check.
     pub ok: u64,
+    /// Requests without a correct reply: one per wrong reply, all of a
+    /// connection's when it could not connect, the rest when it broke.
     pub errors: u64,
+    /// Round trip of each correct reply, from the request's write to the
+    /// whole reply.
     pub lat: Latency,
+    /// Seconds from the first request sent (every connection is made
+    /// before) to the last reply.
     pub secs: f64,
 }
 

@@ -24,8 +24,11 @@ use std::time::Instant;
 /// Options for `unary` / `stream`.
 #[derive(Debug, Clone)]
 pub struct PingPongOpts {
+    /// The server's host name or address.
     pub host: String,
+    /// The server's TCP port.
     pub port: u16,
+    /// Connections, each on its own thread.
     pub conns: usize,
     /// Requests per connection.
     pub requests: usize,
@@ -79,6 +82,18 @@ pub fn build_request(size: usize, seed: usize) -> Vec<u8> {
 /// Records the ports seen on connections; the verdict (`check=` label and
 /// number of breaks) is computed once all connections are merged, because
 /// whether the xor rule applies depends on the two ports seen overall.
+///
+/// ```
+/// use handoff::client::pingpong::PortTrack;
+///
+/// let mut t = PortTrack::default();
+/// t.new_conn();
+/// for port in [7000, 7001, 7000, 7000] {
+///     t.push(port);
+/// }
+/// let v = t.verdict();
+/// assert_eq!((v.check.as_str(), v.breaks, v.total), ("xor(7000,7001)", 1, 4));
+/// ```
 #[derive(Default, Debug, Clone)]
 pub struct PortTrack {
     /// Port of the first response of each connection -> count.
@@ -93,6 +108,8 @@ pub struct PortTrack {
 pub struct Verdict {
     /// `xor(a,b)`, `alternate(a,b)`, `alternate(a,-)` (one port seen) or `none`.
     pub check: String,
+    /// Responses that broke the check (a foreign port, or one that does
+    /// not alternate).
     pub breaks: u64,
     /// Responses recorded.
     pub total: u64,
@@ -113,6 +130,8 @@ impl PortTrack {
         self.last = Some(port);
     }
 
+    /// Adds the counts of `o` (another connection's tracker, typically
+    /// from another thread). Which connection is current does not change.
     pub fn merge(&mut self, o: &PortTrack) {
         for (&p, &n) in &o.first {
             *self.first.entry(p).or_default() += n;

@@ -26,8 +26,12 @@ use std::time::Instant;
 /// Options for `rpc`.
 #[derive(Debug, Clone)]
 pub struct RpcOpts {
+    /// The server's host name or address.
     pub host: String,
+    /// The server's TCP port.
     pub port: u16,
+    /// Keep-alive connections (all on one event loop), or with `short`
+    /// connection slots (one thread each).
     pub conns: usize,
     /// Requests per connection (per connection slot with `short`).
     pub requests: usize,

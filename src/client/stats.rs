@@ -20,6 +20,7 @@ impl Default for Latency {
 }
 
 impl Latency {
+    /// An empty recorder: 1 µs to 60 s, 3 significant digits.
     pub fn new() -> Self {
         Latency { h: Histogram::new_with_bounds(1, MAX_US, 3).expect("histogram bounds") }
     }
@@ -30,15 +31,18 @@ impl Latency {
         self.h.saturating_record(us);
     }
 
+    /// Adds every sample of `other` (e.g. another thread's recorder).
     pub fn merge(&mut self, other: &Latency) {
         // Same bounds on both sides, so this cannot fail.
         let _ = self.h.add(&other.h);
     }
 
+    /// Samples recorded.
     pub fn len(&self) -> u64 {
         self.h.len()
     }
 
+    /// Whether no sample was recorded.
     pub fn is_empty(&self) -> bool {
         self.h.is_empty()
     }
@@ -52,6 +56,7 @@ impl Latency {
         }
     }
 
+    /// Largest sample in µs; 0 when empty.
     pub fn max_us(&self) -> u64 {
         if self.h.is_empty() {
             0
@@ -60,6 +65,7 @@ impl Latency {
         }
     }
 
+    /// Mean in µs; 0.0 when empty.
     pub fn mean_us(&self) -> f64 {
         if self.h.is_empty() {
             0.0
@@ -76,6 +82,8 @@ pub struct ErrLog {
 }
 
 impl ErrLog {
+    /// Logs the first `limit` details, then one "suppressed" line, then
+    /// only counts. `const`, so it can be a `static`.
     pub const fn new(limit: u64) -> Self {
         ErrLog { seen: AtomicU64::new(0), limit }
     }
@@ -101,6 +109,7 @@ impl ErrLog {
 pub struct Summary {
     /// "unary", "stream" or "rpc".
     pub mode: &'static str,
+    /// Connections (connection slots with `short`).
     pub conns: usize,
     /// Requests per connection (per connection slot with `short`).
     pub requests: usize,
@@ -114,11 +123,18 @@ pub struct Summary {
     pub breaks: u64,
     /// e.g. `xor(7000,7001)` / `alternate(7000,7002)`; empty for rpc.
     pub check: String,
+    /// Wall time of the run in seconds (connections are made before the
+    /// clock starts, except with `short`).
     pub secs: f64,
+    /// Median latency in µs (0 without samples, as for every latency).
     pub p50_us: u64,
+    /// 99th percentile latency in µs.
     pub p99_us: u64,
+    /// 99.9th percentile latency in µs.
     pub p999_us: u64,
+    /// Largest latency in µs.
     pub max_us: u64,
+    /// Mean latency in µs.
     pub mean_us: f64,
 }
 

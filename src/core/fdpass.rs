@@ -1,5 +1,34 @@
 //! Safe Rust over `csrc/fdpass.c`: one descriptor plus payload bytes per
 //! message, descriptors in and out as `OwnedFd`, errors as `io::Error`.
+//!
+//! The handoff channel ([`crate::core::channel`]) is built on these two
+//! calls; use them directly to pass a descriptor over any Unix-domain
+//! socket. Moving a connection to another process:
+//!
+//! ```
+//! use std::io::{Read, Write};
+//! use std::os::fd::AsFd;
+//! use std::os::unix::net::{UnixDatagram, UnixStream};
+//! use handoff::core::fdpass;
+//!
+//! // Any AF_UNIX socket carries descriptors; the project uses
+//! // SOCK_SEQPACKET (one call, one message), as datagrams are here.
+//! let (a, b) = UnixDatagram::pair()?;
+//! let (mut client, conn) = UnixStream::pair()?; // the connection to move
+//!
+//! fdpass::send(a.as_fd(), Some(conn.as_fd()), b"read-ahead")?;
+//! drop(conn); // the message holds its own reference: closing ours is safe
+//!
+//! let mut buf = [0u8; 64];
+//! let r = fdpass::recv(b.as_fd(), &mut buf)?;
+//! assert_eq!(&buf[..r.len], b"read-ahead");
+//! let mut moved = UnixStream::from(r.fd.expect("the message carried one"));
+//! client.write_all(b"hi")?;
+//! let mut got = [0u8; 2];
+//! moved.read_exact(&mut got)?;
+//! assert_eq!(&got, b"hi");
+//! # Ok::<(), std::io::Error>(())
+//! ```
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
@@ -24,6 +53,9 @@ pub fn send(sock: BorrowedFd<'_>, fd: Option<BorrowedFd<'_>>, payload: &[u8]) ->
 pub struct Received {
     /// Payload length in the caller's buffer; 0 with `fd: None` is EOF.
     pub len: usize,
+    /// The descriptor the message carried, now installed in this process
+    /// (close-on-exec set) and owned by the caller. `None` when the message
+    /// carried none, or when the kernel dropped it (see `fd_dropped`).
     pub fd: Option<OwnedFd>,
     /// The message carried a descriptor that the kernel could not install
     /// here (MSG_CTRUNC, e.g. EMFILE): the payload is valid, the sender

@@ -105,6 +105,50 @@ pub trait Session: 'static {
     /// State that travels with the connection when it moves, handed to
     /// [`Service::open`] in the next process. Called only between
     /// requests. Keep it small; default: nothing.
+    ///
+    /// ```
+    /// use handoff::service::{Cx, NoOptions, Place, Service, Session};
+    ///
+    /// /// Numbers the lines of a connection, wherever it is served.
+    /// struct Counter;
+    /// struct Count(u64);
+    ///
+    /// impl Service for Counter {
+    ///     type Options = NoOptions;
+    ///     type Session = Count;
+    ///     fn new(_: &NoOptions, _: &Place) -> std::io::Result<Counter> {
+    ///         Ok(Counter)
+    ///     }
+    ///     fn open(&mut self, state: &[u8]) -> Count {
+    ///         Count(state.try_into().map_or(0, u64::from_le_bytes))
+    ///     }
+    /// }
+    ///
+    /// impl Session for Count {
+    ///     fn serve(&mut self, input: &[u8], cx: &mut Cx<'_>) -> usize {
+    ///         let mut used = 0;
+    ///         while cx.more() {
+    ///             let Some(n) = input[used..].iter().position(|&b| b == b'\n') else { break };
+    ///             self.0 += 1;
+    ///             cx.write(format!("{}\n", self.0).as_bytes());
+    ///             cx.answered(n + 1);
+    ///             used += n + 1;
+    ///         }
+    ///         used
+    ///     }
+    ///     fn export(&self) -> Vec<u8> {
+    ///         self.0.to_le_bytes().to_vec()
+    ///     }
+    /// }
+    ///
+    /// let mut out = Vec::new();
+    /// let mut here = Counter.open(&[]); // a new connection
+    /// here.serve(b"a\nb\n", &mut Cx::standalone(&mut out));
+    /// let state = here.export(); // the connection moves, between requests
+    /// let mut there = Counter.open(&state); // in the next process
+    /// there.serve(b"c\n", &mut Cx::standalone(&mut out));
+    /// assert_eq!(out, b"1\n2\n3\n");
+    /// ```
     fn export(&self) -> Vec<u8> {
         Vec::new()
     }
@@ -131,9 +175,24 @@ pub struct RelayAnswer<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Place {
     /// A pair server listening on `port`.
-    Pair { port: u16, pid: u32 },
+    Pair {
+        /// The TCP port clients connect to (the real one with `--port 0`).
+        port: u16,
+        /// This server's process id.
+        pid: u32,
+    },
     /// Cluster (or node) worker `index` of generation `gen`.
-    Worker { index: usize, pid: u32, gen: u64, node: Option<String> },
+    Worker {
+        /// The worker's slot, 0 to `--workers` - 1; a respawned worker
+        /// keeps its slot.
+        index: usize,
+        /// This worker's process id (a respawned worker has a new one).
+        pid: u32,
+        /// The cluster's generation: 1, then +1 at each restart.
+        gen: u64,
+        /// Node mode: this node's name (`--name`); `None` in a cluster.
+        node: Option<String>,
+    },
     /// Neither: a session driven by hand (doctests, unit tests).
     Test,
 }

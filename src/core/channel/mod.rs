@@ -28,6 +28,54 @@
 //!   every message it managed to send is delivered, CONNs included.
 //!
 //! Malformed input closes the channel, never the process.
+//!
+//! Moving a connection, with both ends in one process for the example
+//! (normally each end is in its own process):
+//!
+//! ```
+//! use std::cell::RefCell;
+//! use std::io::{Read, Write};
+//! use std::os::fd::OwnedFd;
+//! use std::os::unix::net::UnixStream;
+//! use std::rc::Rc;
+//! use handoff::core::channel::{Channel, ChannelEvent, Msg};
+//! use handoff::core::reactor::Base;
+//! # use handoff::core::sock::seqpacket_pair;
+//!
+//! let base = Base::new()?;
+//! // A connected, non-blocking SOCK_SEQPACKET pair (socketpair(2), or a
+//! // connection to a Unix listener).
+//! let (a, b) = seqpacket_pair()?;
+//! let sender = Channel::new(&base, a, |_ev| {})?;
+//! let got = Rc::new(RefCell::new(None));
+//! let (g, stop) = (got.clone(), base.clone());
+//! let _receiver = Channel::new(&base, b, move |ev| {
+//!     if let ChannelEvent::Msg(m) = ev {
+//!         *g.borrow_mut() = Some(m); // acknowledged: ours from now on
+//!         stop.exit(None);
+//!     }
+//! })?;
+//!
+//! let (mut client, conn) = UnixStream::pair()?;
+//! let msg = Msg::conn(OwnedFd::from(conn), b"read-ahead".to_vec(), 0);
+//! let id = sender.send(msg).expect("the channel is open");
+//! base.dispatch()?; // until the receiver has it
+//! let m = got.borrow_mut().take().expect("delivered");
+//! assert_eq!((m.id, &m.body[..]), (id, &b"read-ahead"[..]));
+//!
+//! // The sender closes its copy once the ACK is in.
+//! let stop = base.clone();
+//! sender.when_settled(move || stop.exit(None));
+//! base.dispatch()?;
+//! assert_eq!(sender.stats().conns_acked, 1);
+//!
+//! let mut moved = UnixStream::from(m.fd.expect("a CONN carries its descriptor"));
+//! client.write_all(b"hi")?;
+//! let mut buf = [0u8; 2];
+//! moved.read_exact(&mut buf)?;
+//! assert_eq!(&buf, b"hi");
+//! # Ok::<(), std::io::Error>(())
+//! ```
 pub mod wire;
 
 use std::cell::RefCell;
@@ -44,10 +92,28 @@ use wire::{version, Header, HEADER_LEN, KIND_ACK, KIND_CONN, KIND_MORE, KIND_NAC
 /// One channel message.
 #[derive(Debug)]
 pub struct Msg {
+    /// [`wire::KIND_CONN`], [`wire::KIND_LISTENER`], or a mode's own kind
+    /// (>= [`wire::KIND_USER`]). ACK, NACK and MORE are the channel's own
+    /// and never reach the owner.
     pub kind: u16,
+    /// CONN: `wire::FLAG_*` bits ([`wire::FLAG_EOF`], [`wire::FLAG_STATE`],
+    /// ...); 0 for other kinds.
     pub flags: u32,
+    /// CONN: the sender's sequence number (from 1), set by
+    /// [`Channel::send`], which returns it; what the peer's ACK refers to.
+    /// Other kinds: sent as given (0 from [`Msg::control`]).
     pub id: u64,
+    /// CONN: the bytes already read from the connection (after the session
+    /// state with [`wire::FLAG_STATE`]: see [`wire::split_state`]). Other
+    /// kinds: the mode's payload (JSON for the cluster kinds). Any length
+    /// up to [`wire::MAX_JOINED`]; bodies over [`wire::MAX_BODY`] travel in
+    /// MORE chunks.
     pub body: Vec<u8>,
+    /// CONN and LISTENER: the descriptor (a stream socket: the receiver
+    /// refuses anything else), owned by the message: dropping the `Msg`
+    /// closes it. A sent CONN's descriptor stays in the channel until the
+    /// peer's ACK, then is closed (or kept: [`Channel::set_keep_acked`]).
+    /// `None` for the other kinds.
     pub fd: Option<OwnedFd>,
     /// CONN: the header's `tag`, whose meaning depends on the flags: see
     /// [`Msg::client`] and [`Msg::master_id`]. 0: none.
@@ -103,17 +169,34 @@ pub enum ChannelEvent {
     /// owner serves them again. `orphans` are connections the peer sent
     /// whose ACK could not be written: ours if the peer died, the peer's
     /// if it closed on purpose (see the module docs).
-    Closed { reason: Option<io::Error>, returned: Vec<Msg>, orphans: Vec<Msg> },
+    Closed {
+        /// `None` on a clean EOF; otherwise the socket error, or why the
+        /// peer's input was refused (malformed, another channel version).
+        reason: Option<io::Error>,
+        /// CONNs we sent that the peer never took (queued, unacknowledged
+        /// or refused): ours again, descriptor and read-ahead included.
+        returned: Vec<Msg>,
+        /// CONNs the peer sent whose ACK could not be written.
+        orphans: Vec<Msg>,
+    },
 }
 
-/// Counters for status reports.
+/// Counters for status reports, since the channel was made.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
+    /// CONNs written to the socket.
     pub conns_sent: u64,
+    /// CONNs the peer acknowledged (the peer's from then on).
     pub conns_acked: u64,
+    /// CONNs the peer refused with a NACK (given back as
+    /// [`ChannelEvent::Refused`]).
     pub conns_refused: u64,
+    /// CONNs received with their descriptor (those we refused excluded).
     pub conns_received: u64,
+    /// The owner's messages written whole (ACKs, NACKs and MORE chunks not
+    /// counted).
     pub msgs_sent: u64,
+    /// Every message read, ACKs, NACKs and MORE chunks included.
     pub msgs_received: u64,
 }
 
@@ -292,6 +375,7 @@ impl Channel {
         }
     }
 
+    /// Reads again after [`Channel::pause_reading`].
     pub fn resume_reading(&self) {
         if let Some(ev) = &self.0.borrow().read_ev {
             let _ = ev.add(None);
@@ -309,6 +393,7 @@ impl Channel {
         self.0.borrow_mut().handler = Rc::new(handler);
     }
 
+    /// A copy of the counters so far.
     pub fn stats(&self) -> Stats {
         self.0.borrow().stats
     }

@@ -30,7 +30,9 @@
 //! rest; the receiver joins them (at most [`MAX_JOINED`] bytes).
 use std::io;
 
+/// The first 4 bytes of every message.
 pub const MAGIC: [u8; 4] = *b"HOFF";
+/// The channel version this code speaks; [`version()`] is the one in use.
 pub const VERSION: u16 = 1;
 
 /// The version this process speaks: [`VERSION`], unless the environment
@@ -40,13 +42,18 @@ pub fn version() -> u16 {
     static V: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
     *V.get_or_init(|| std::env::var("HANDOFF_CHANNEL_VERSION").ok().and_then(|v| v.parse().ok()).unwrap_or(VERSION))
 }
+/// Header size in bytes; the body starts at this offset.
 pub const HEADER_LEN: usize = 32;
 /// Largest body; a SEQPACKET message must fit the socket's send buffer.
 pub const MAX_BODY: usize = 128 * 1024;
 /// Largest body after joining MORE chunks.
 pub const MAX_JOINED: usize = 64 << 20;
 
+/// A connection: its descriptor, and its read-ahead as the body. The
+/// receiver answers with an ACK (or a NACK).
 pub const KIND_CONN: u16 = 1;
+/// Every CONN up to the header's `id` is taken (now the receiver's); no
+/// body, no descriptor.
 pub const KIND_ACK: u16 = 2;
 /// A listening socket (descriptor attached); no acknowledgement.
 pub const KIND_LISTENER: u16 = 3;
@@ -57,6 +64,7 @@ pub const KIND_NACK: u16 = 5;
 /// First kind number left to the modes.
 pub const KIND_USER: u16 = 16;
 
+/// CONN: the client had already sent EOF (no more input will come).
 pub const FLAG_EOF: u32 = 1;
 /// CONN: the connection is a node link (node mode), not a client.
 pub const FLAG_NODE_LINK: u32 = 2;
@@ -98,17 +106,44 @@ pub fn carries_fd(kind: u16) -> bool {
     kind == KIND_CONN || kind == KIND_LISTENER
 }
 
+/// The [`HEADER_LEN`]-byte header of every channel message, decoded (the
+/// layout is in the module docs). [`super::Channel`] writes and reads it;
+/// so does the blocking control-socket client (`handoff status`,
+/// `handoff restart`, a new master taking over).
+///
+/// ```
+/// use handoff::core::channel::wire::{version, Header, HEADER_LEN, KIND_USER};
+///
+/// let h = Header { version: version(), kind: KIND_USER, flags: 0, body_len: 2, id: 0, tag: 0 };
+/// let mut msg = Vec::new();
+/// h.encode(&mut msg);
+/// msg.extend_from_slice(b"{}");
+/// assert_eq!(msg.len(), HEADER_LEN + 2);
+/// assert_eq!(Header::decode(&msg)?, h);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The sender's channel version ([`version()`]); the receiver refuses
+    /// any other than its own.
     pub version: u16,
+    /// `KIND_*`: what the message is.
     pub kind: u16,
+    /// CONN: `FLAG_*` bits; 0 otherwise.
     pub flags: u32,
+    /// Body bytes after the header, at most [`MAX_BODY`].
     pub body_len: u32,
+    /// CONN: the sender's sequence number; ACK: every CONN up to this one
+    /// is taken; NACK: the one CONN refused; 0 otherwise.
     pub id: u64,
+    /// CONN: the client's address in pair mode, or the master's id for a
+    /// released connection ([`FLAG_RELEASED`]); 0 otherwise.
     pub tag: u64,
 }
 
 impl Header {
+    /// Appends the header's [`HEADER_LEN`] bytes to `out`; the caller
+    /// appends the `body_len` body bytes after them. Nothing is checked.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&self.version.to_le_bytes());

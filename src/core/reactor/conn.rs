@@ -33,6 +33,47 @@ pub enum ConnEvent {
 
 type Handler = Rc<dyn Fn(ConnEvent)>;
 
+/// A connected byte stream (TCP or Unix stream socket) on a libevent
+/// bufferevent: input buffered up to a limit, output queued, and every
+/// [`ConnEvent`] to one handler. Made by [`Conn::adopt`].
+///
+/// The `Conn` owns its descriptor: dropping it frees the bufferevent, then
+/// closes the descriptor (unsent output is lost); [`Conn::detach`] gives
+/// the descriptor back with the unread input instead, e.g. to pass the
+/// connection to another process.
+///
+/// ```
+/// use std::io::{Read, Write};
+/// use std::os::fd::OwnedFd;
+/// use std::os::unix::net::UnixStream;
+/// use std::rc::Rc;
+/// use handoff::core::reactor::{Base, Conn, ConnEvent};
+///
+/// let base = Base::new()?;
+/// let (mut client, ours) = UnixStream::pair()?;
+/// ours.set_nonblocking(true)?;
+/// let b = base.clone();
+/// let on_event = Rc::new(move |ev| {
+///     if ev == ConnEvent::Read {
+///         b.exit(None);
+///     }
+/// });
+/// // "hel": bytes a previous owner already read from this connection.
+/// let conn = Conn::adopt(&base, OwnedFd::from(ours), b"hel", 64 * 1024, on_event)?;
+/// assert_eq!(conn.peek(3), b"hel"); // there at once, without a Read event
+/// conn.resume_reading();
+/// client.write_all(b"lo")?;
+/// base.dispatch()?; // until the Read event
+/// assert_eq!(conn.peek(5), b"hello");
+/// assert!(conn.write_now(b"hi")?); // all in the kernel
+/// let (fd, unread) = conn.detach();
+/// assert_eq!(unread, b"hello");
+/// let mut reply = [0u8; 2];
+/// client.read_exact(&mut reply)?;
+/// assert_eq!(&reply, b"hi");
+/// # drop(fd);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct Conn {
     bev: Option<NonNull<ev::bufferevent>>,
     fd: Option<OwnedFd>,
@@ -124,6 +165,9 @@ impl Conn {
         unsafe { ev::bufferevent_get_output(self.bev()) }
     }
 
+    /// The descriptor's number, for syscalls that only look at it
+    /// (`getpeername`, `setsockopt`). The `Conn` keeps owning it: never
+    /// close it or use it after the `Conn` is gone.
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
     }
@@ -198,11 +242,17 @@ impl Conn {
         Ok(true)
     }
 
+    /// Stops reading: new bytes wait in the kernel and no `Read` event
+    /// comes until [`Conn::resume_reading`] (back-pressure on a client
+    /// that does not read its responses; a connection about to move).
     pub fn pause_reading(&self) {
         // SAFETY: bev is live.
         unsafe { ev::bufferevent_disable(self.bev(), ev::EV_READ as c_short) };
     }
 
+    /// Starts (or restarts) reading into the input buffer, up to the
+    /// `read_limit` given to [`Conn::adopt`]; a `Read` event follows each
+    /// arrival. A new `Conn` reads nothing until this is called.
     pub fn resume_reading(&self) {
         // SAFETY: bev is live.
         unsafe { ev::bufferevent_enable(self.bev(), ev::EV_READ as c_short) };

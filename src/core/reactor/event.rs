@@ -13,7 +13,11 @@ use super::Base;
 /// What an [`Event`] waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Interest {
+    /// The descriptor is readable. Persistent: fires at every readiness
+    /// until [`Event::del`].
     Read,
+    /// The descriptor is writable. One-shot: fires once per
+    /// [`Event::add`].
     Write,
     /// A timer: no descriptor.
     Timer,

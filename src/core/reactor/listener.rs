@@ -14,6 +14,8 @@ use crate::core::sock;
 /// Where a listener listens.
 #[derive(Clone, Debug)]
 pub enum Endpoint {
+    /// A TCP socket on this IPv4 address (SO_REUSEADDR, backlog 4096).
+    /// Port 0 picks a free port: see [`Listener::local_addr`].
     Tcp(SocketAddrV4),
     /// A SOCK_SEQPACKET socket at this path (removed when the listener drops).
     Unix(PathBuf),
@@ -27,6 +29,33 @@ const ACCEPT_BATCH: usize = 64;
 /// connection stays in the kernel's backlog meanwhile), as nginx does.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// A listening socket registered on a [`Base`]: each accepted connection
+/// (non-blocking, close-on-exec) goes to the callback as an `OwnedFd`,
+/// which the callback then owns (to serve, pass on or drop). At most 64
+/// connections are accepted per wake-up; an accept error (EMFILE...)
+/// pauses accepting for 100 ms while the kernel keeps queueing.
+///
+/// The listener owns the listening descriptor and closes it when dropped;
+/// a Unix endpoint's socket file is removed then too (see
+/// [`Listener::with_path`] and [`Listener::forget_path`]).
+///
+/// ```
+/// use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+/// use handoff::core::reactor::{Base, Endpoint, Listener};
+///
+/// let base = Base::new()?;
+/// let b = base.clone();
+/// let ep = Endpoint::Tcp(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+/// let listener = Listener::bind(&base, &ep, move |conn| {
+///     // `conn` is ours: serve it (`Conn::adopt`), pass it on, or drop it.
+///     drop(conn);
+///     b.exit(None);
+/// })?;
+/// let port = listener.local_addr()?.port(); // the free port picked
+/// let _client = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+/// base.dispatch()?; // until the callback has run
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct Listener {
     state: Rc<State>,
     fd: Option<OwnedFd>,
@@ -105,6 +134,7 @@ impl Listener {
         }
     }
 
+    /// Accepts again after [`Listener::pause`].
     pub fn resume(&self) -> io::Result<()> {
         self.state.paused.set(false);
         match self.state.event.borrow().as_ref() {
@@ -113,10 +143,15 @@ impl Listener {
         }
     }
 
+    /// The IPv4 address a TCP listener is bound to (with the real port
+    /// after binding port 0). Meaningless for a Unix endpoint.
     pub fn local_addr(&self) -> io::Result<SocketAddrV4> {
         sock::local_addr(self.raw_fd())
     }
 
+    /// The listening descriptor's number (also available as [`AsFd`]).
+    /// The listener keeps owning it: never close it or use it after the
+    /// listener is gone.
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
     }

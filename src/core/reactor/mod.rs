@@ -11,6 +11,22 @@
 //!   call, so a callback may drop the very object that invoked it;
 //! - a panic in a callback never unwinds into C: it is caught, the loop is
 //!   broken, and the panic resumes when [`Base::dispatch`] returns.
+//!
+//! A timer that ends the loop:
+//!
+//! ```
+//! use std::time::Duration;
+//! use handoff::core::reactor::{Base, Event, Interest};
+//!
+//! let base = Base::new()?;
+//! let b = base.clone();
+//! let timer = Event::new(&base, -1, Interest::Timer, move || b.exit(None))?;
+//! timer.add(Some(Duration::from_millis(10)))?;
+//! assert!(timer.pending());
+//! base.dispatch()?; // returns once the timer has fired
+//! assert!(!timer.pending());
+//! # Ok::<(), std::io::Error>(())
+//! ```
 
 mod base;
 mod conn;

@@ -15,13 +15,30 @@ pub enum Frame {
     /// Not enough bytes yet.
     Incomplete,
     /// A whole frame: `4 + body` bytes; the body starts at offset 4.
-    Complete { body: usize },
+    Complete {
+        /// The body's length in bytes (the JSON after the length prefix).
+        body: usize,
+    },
     /// The announced length exceeds the limit: close the connection.
-    TooLarge { len: usize },
+    TooLarge {
+        /// The body length the frame announced, in bytes.
+        len: usize,
+    },
 }
 
-/// Looks at the front of `buf` (at least its first 4 bytes, when present)
-/// knowing `avail` bytes are buffered in all.
+/// Looks at the front of the input: `head` is its first bytes (at least
+/// 4, when that many are buffered), `avail` how many are buffered in all,
+/// `max` the largest body allowed (`--max-frame`).
+///
+/// ```
+/// use handoff::service::rpc::wire::{encode, frame, Frame};
+/// use serde_json::json;
+///
+/// let f = encode(&json!({"in": "ping", "params": 1}));
+/// assert_eq!(frame(&f, f.len(), 1 << 20), Frame::Complete { body: f.len() - 4 });
+/// assert_eq!(frame(&f[..4], 4, 1 << 20), Frame::Incomplete);
+/// assert_eq!(frame(&f, f.len(), 8), Frame::TooLarge { len: f.len() - 4 });
+/// ```
 pub fn frame(head: &[u8], avail: usize, max: usize) -> Frame {
     if head.len() < 4 {
         return Frame::Incomplete;
@@ -91,9 +108,12 @@ pub fn answer_fast(body: &[u8], whoami_reply: &[u8], out: &mut Vec<u8>) -> bool 
 /// A relay request (node mode), borrowed from its frame; `msg` stays raw.
 #[derive(Deserialize)]
 pub struct Relay<'a> {
+    /// The far node's name.
     #[serde(borrow)]
     pub node: Cow<'a, str>,
+    /// The far worker's index on that node.
     pub worker: usize,
+    /// The message to relay, any JSON value, as its raw text.
     #[serde(borrow)]
     pub msg: &'a RawValue,
 }

@@ -51,6 +51,7 @@ pub const KIND_TAKEOVER_ENDED: u16 = KIND_USER + 13;
 pub const KIND_ORPHAN_HELLO: u16 = KIND_USER + 14;
 /// master -> worker: heartbeat; answered at once by PONG (worker -> master).
 pub const KIND_PING: u16 = KIND_USER + 15;
+/// worker -> master: the heartbeat's answer to a PING (empty body).
 pub const KIND_PONG: u16 = KIND_USER + 16;
 
 /// How the master picks a worker for a new connection.
@@ -65,6 +66,8 @@ pub enum Policy {
 }
 
 impl Policy {
+    /// The `--policy` value (`round-robin`, `least-conn`, `shared`), as
+    /// logs and `handoff status` show it.
     pub fn name(self) -> &'static str {
         match self {
             Policy::RoundRobin => "round-robin",

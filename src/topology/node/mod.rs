@@ -14,6 +14,9 @@ pub(crate) mod links;
 pub(crate) mod manager;
 pub mod wire;
 
+/// One node's identity and peers (`--name`, `--peers`,
+/// `--connect-timeout`): the manager runs with it (as the master's
+/// `Config::node`), and its workers get it through their environment.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// This node's name.

@@ -21,20 +21,40 @@
 //! `{"reason":..}`.
 use serde_json::Value;
 
+/// The first 4 bytes of every message.
 pub const MAGIC: [u8; 4] = *b"HNOD";
+/// The protocol version this code speaks; a message of any other is
+/// malformed.
 pub const VERSION: u8 = 1;
+/// Header size in bytes; the body follows.
 pub const HEADER_LEN: usize = 16;
+/// Largest body in bytes (1 MiB).
 pub const MAX_BODY: usize = 1 << 20;
 
+/// A message's command (header byte 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Cmd {
+    /// Link opener -> far node's manager, first message:
+    /// `{"node","worker","to"}` (who opens, and the far worker wanted).
     ConnectReq = 1,
+    /// Manager -> link opener: `{"ok":true}`, then the link is handed to
+    /// worker `to`; or `{"ok":false,"reason"}`, then the link closes.
     ConnectResp = 2,
+    /// Link opener -> far worker: `{"node","worker","pid"}`.
     TellReq = 3,
+    /// Far worker -> link opener: `{"node","worker","pid"}`; the link is
+    /// up.
     TellResp = 4,
+    /// Link opener -> far worker: one relay, `{"msg":X}`, under its own
+    /// sequence number.
     Data = 5,
+    /// Far worker -> link opener: the answer to the DATA of the same seq,
+    /// `{"pid","msg":X}`.
     Ack = 6,
+    /// Far worker -> link opener: the DATA of the same seq failed,
+    /// `{"reason"}` (understood by the opener; this implementation's
+    /// workers answer every DATA with ACK).
     Error = 7,
 }
 
@@ -61,13 +81,19 @@ pub fn is_node(head: &[u8]) -> bool {
 /// What is at the front of a buffer.
 #[derive(Debug, PartialEq)]
 pub enum Parsed<'a> {
+    /// Not a whole message yet (and no sign of a bad one): read more.
     Incomplete,
     /// One message of `len` bytes in all; `body` is its JSON text, which
     /// the receiver parses into what the command carries ([`body`]).
     Message {
+        /// The command.
         cmd: Cmd,
+        /// DATA, ACK, ERROR: the relay's sequence number; 0 in the
+        /// handshake.
         seq: u32,
+        /// The body (JSON text), borrowed from the buffer.
         body: &'a [u8],
+        /// Header and body: the bytes to consume.
         len: usize,
     },
     /// Malformed: close the link, with this reason in the log.
@@ -120,6 +146,17 @@ pub fn encode_raw_into(cmd: Cmd, seq: u32, body: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(body);
 }
 
+/// One message in a new buffer (see [`encode_into`]).
+///
+/// ```
+/// use handoff::topology::node::wire::{encode, parse, Cmd, Parsed};
+/// use serde_json::json;
+///
+/// let m = encode(Cmd::Data, 7, &json!({"msg": [1, 2]}));
+/// assert_eq!(parse(&m[..10]), Parsed::Incomplete);
+/// let Parsed::Message { cmd, seq, body, len } = parse(&m) else { panic!("whole") };
+/// assert_eq!((cmd, seq, body, len), (Cmd::Data, 7, &br#"{"msg":[1,2]}"#[..], m.len()));
+/// ```
 pub fn encode(cmd: Cmd, seq: u32, body: &Value) -> Vec<u8> {
     let mut v = Vec::new();
     encode_into(cmd, seq, body, &mut v);

@@ -24,11 +24,21 @@ const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 const LOG_FLUSH: Duration = Duration::from_millis(200);
 
+/// One pair server's settings (`handoff server`), for [`run`].
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Address to bind (`--host`): an IPv4 address or a name resolved to
+    /// one.
     pub host: String,
+    /// TCP port for clients; 0 picks a free one (the `ready` line says
+    /// which, and names the handoff socket after it).
     pub port: u16,
+    /// The peer server's port: connections are handed to
+    /// `dir/PEER_PORT.sock`.
     pub peer_port: u16,
+    /// Directory of the handoff sockets (`PORT.sock`) and request logs
+    /// (`PORT.log`): made 0700 when missing; an existing one must be ours
+    /// and closed to other users.
     pub dir: PathBuf,
 }
 

@@ -38,15 +38,30 @@ const HEARTBEAT: Duration = Duration::from_millis(250);
 const HUNG_AFTER: Duration = Duration::from_secs(1);
 pub use crate::topology::restart::{request as request_restart, takeover, DEFAULT_TIMEOUT as RESTART_TIMEOUT};
 
+/// What a cluster master (or node manager) runs with: made by the command
+/// line (`cluster`, `node`) for [`run`], and by a restart's new master from
+/// what the old one sends.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Address to bind (`--host`): an IPv4 address or a name resolved to
+    /// one.
     pub host: String,
+    /// TCP port to listen on; 0 picks a free one (the `ready` line says
+    /// which).
     pub port: u16,
+    /// Worker processes (slots), at least 1 (the command line takes 1 to
+    /// 1024).
     pub workers: usize,
+    /// The cluster's directory, home of `control.sock`: made 0700 when
+    /// missing; an existing one must be ours and closed to other users.
     pub dir: PathBuf,
+    /// How new connections reach workers.
     pub policy: Policy,
     /// The service's options (JSON), passed on to every worker.
     pub options: serde_json::Value,
+    /// On a stop, how long workers get to finish open requests before they
+    /// are killed; in a restart, how long the connections get to move
+    /// (`--grace`, default 5 s).
     pub grace: Duration,
     /// The binary the workers run (`EXE worker`), and the one a restart
     /// starts by default.

@@ -24,18 +24,60 @@ use crate::topology::node::NodeConfig;
 pub const CHANNEL_FD: i32 = 3;
 
 /// What a worker learns from its environment.
+///
+/// A worker binary of its own (run by the master with `--worker-cmd`)
+/// starts so:
+///
+/// ```no_run
+/// use handoff::service::rpc::Rpc;
+/// use handoff::topology::cluster::worker::{self, WorkerEnv};
+///
+/// fn main() -> std::io::Result<()> {
+///     // Only a master's child has the environment (and descriptor 3).
+///     worker::run::<Rpc>(WorkerEnv::read()?)
+/// }
+/// ```
 #[derive(Debug)]
 pub struct WorkerEnv {
+    /// The master channel (`HANDOFF_CHANNEL_FD`): a connected SOCK_SEQPACKET
+    /// socket inherited as descriptor [`CHANNEL_FD`], owned by this value
+    /// from [`WorkerEnv::read`] on; [`super::run`] hands it to
+    /// [`MasterLink::new`](super::link::MasterLink::new).
     pub channel: OwnedFd,
+    /// `HANDOFF_WORKER_INDEX`: the worker's slot, 0-based, kept across
+    /// respawns.
     pub index: usize,
+    /// `HANDOFF_GEN`: the cluster's generation (1 when unset).
     pub gen: u64,
+    /// `HANDOFF_DIR`: the cluster's directory, where a successor's control
+    /// socket is found during a restart; `None` when unset.
     pub dir: Option<PathBuf>,
+    /// `HANDOFF_OPTIONS`: the service's options as a JSON object (empty
+    /// when unset).
     pub options: Value,
+    /// Node mode (`HANDOFF_NODE` set): this node's name, its peers and the
+    /// link connect timeout.
     pub node: Option<NodeConfig>,
 }
 
 /// Sets a worker's environment on `cmd` (the channel itself is put on
-/// descriptor [`CHANNEL_FD`] by the spawner).
+/// descriptor [`CHANNEL_FD`] by the spawner). The master calls it before
+/// each spawn; `dir` is the cluster's directory, `options` the service's
+/// options as JSON.
+///
+/// ```
+/// use std::ffi::OsStr;
+/// use std::process::Command;
+/// use handoff::topology::cluster::worker::env;
+///
+/// let mut cmd = Command::new("my-worker");
+/// let options = serde_json::json!({"max_frame": 4096});
+/// env::set(&mut cmd, 2, 1, "/tmp/mycluster".as_ref(), &options, None);
+/// let var = |name: &str| cmd.get_envs().find(|(k, _)| *k == name).and_then(|(_, v)| v);
+/// assert_eq!(var("HANDOFF_WORKER_INDEX"), Some(OsStr::new("2")));
+/// assert_eq!(var("HANDOFF_CHANNEL_FD"), Some(OsStr::new("3")));
+/// assert_eq!(var("HANDOFF_OPT_MAX_FRAME"), Some(OsStr::new("4096")));
+/// ```
 pub fn set(cmd: &mut Command, index: usize, gen: u64, dir: &std::path::Path, options: &Value, node: Option<&NodeConfig>) {
     cmd.env("HANDOFF_CHANNEL_FD", CHANNEL_FD.to_string())
         .env("HANDOFF_WORKER_INDEX", index.to_string())
@@ -71,7 +113,17 @@ fn number<T: std::str::FromStr>(name: &str) -> io::Result<T> {
 }
 
 impl WorkerEnv {
-    /// Reads the environment and takes the inherited channel.
+    /// Reads the environment and takes the inherited channel; call it
+    /// once, at start-up, before any other thread exists (it removes
+    /// `HANDOFF_CHANNEL_FD`, so a second call fails). Outside a worker it
+    /// fails with `NotFound`:
+    ///
+    /// ```
+    /// use handoff::topology::cluster::worker::WorkerEnv;
+    ///
+    /// let e = WorkerEnv::read().unwrap_err();
+    /// assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    /// ```
     pub fn read() -> io::Result<WorkerEnv> {
         let fd: i32 = number("HANDOFF_CHANNEL_FD")?;
         // SAFETY: fcntl(F_GETFD) only checks that the descriptor is open.

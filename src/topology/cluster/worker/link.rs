@@ -3,6 +3,46 @@
 //! `libhandoff`): it turns the master's messages into [`Order`]s, sends
 //! released connections and closes back, coalesces stats, and, when the
 //! master dies during a restart, reconnects to its successor.
+//!
+//! A worker taking a connection from its master (played here by a plain
+//! [`Channel`] in the same process):
+//!
+//! ```
+//! use std::cell::RefCell;
+//! use std::os::fd::OwnedFd;
+//! use std::os::unix::net::UnixStream;
+//! use std::rc::Rc;
+//! use handoff::core::channel::{Channel, Msg};
+//! use handoff::core::reactor::Base;
+//! use handoff::topology::cluster::worker::link::{MasterLink, Order};
+//! # use handoff::core::sock::seqpacket_pair;
+//!
+//! let base = Base::new()?;
+//! // A worker inherits its end (see `env`); here both ends are ours.
+//! let (master_end, worker_end) = seqpacket_pair()?;
+//! let master = Channel::new(&base, master_end, |_ev| {})?;
+//!
+//! let link: Rc<RefCell<Option<MasterLink>>> = Rc::default();
+//! let orders = Rc::new(RefCell::new(Vec::new()));
+//! let (l, o, stop) = (Rc::downgrade(&link), orders.clone(), base.clone());
+//! let on_event = move |ev| {
+//!     let Some(link) = l.upgrade() else { return };
+//!     let order = link.borrow_mut().as_mut().and_then(|link| link.on_event(ev));
+//!     if let Some(order) = order {
+//!         o.borrow_mut().push(order);
+//!         stop.exit(None);
+//!     }
+//! };
+//! *link.borrow_mut() = Some(MasterLink::new(&base, worker_end, 0, None, on_event, || {})?);
+//!
+//! let (_client, conn) = UnixStream::pair()?;
+//! master.send(Msg::conn(OwnedFd::from(conn), b"GET".to_vec(), 0)).expect("open");
+//! base.dispatch()?; // until the worker has an order
+//! let Some(Order::Conn(handed)) = orders.borrow_mut().pop() else { panic!("a connection") };
+//! assert_eq!(handed.leftover, b"GET");
+//! assert_eq!(handed.master_id, 1); // report it with `closed` when done
+//! # Ok::<(), std::io::Error>(())
+//! ```
 use std::cell::Cell;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -24,6 +64,8 @@ const STATS_EVERY: Duration = Duration::from_millis(100);
 
 /// A connection the master handed over (or gave back).
 pub struct Handed {
+    /// The connection's socket, now the worker's to serve (e.g. with
+    /// `Conn::adopt`), to give back ([`MasterLink::release`]) or to close.
     pub fd: OwnedFd,
     /// Bytes read ahead by its previous owner.
     pub leftover: Vec<u8>,
@@ -229,6 +271,8 @@ impl MasterLink {
         });
     }
 
+    /// Whether [`MasterLink::quit`] was called (the loop ends once the
+    /// channel has settled).
     pub fn is_quitting(&self) -> bool {
         self.quitting
     }
