@@ -7,7 +7,7 @@
 //!
 //! Everything uses std threads and blocking `std::net` sockets.
 
-pub mod evented;
+pub(crate) mod evented;
 pub mod pingpong;
 pub mod rpc;
 pub mod stats;
