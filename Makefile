@@ -1,5 +1,7 @@
 # handoff — build, run, test, bench.
-#   make          release binary, examples, C client (installs system packages first)
+#   make          release binary, examples, C client, libhandoff
+#                 (build/libhandoff.{a,so}) and the C example workers
+#                 (installs system packages first)
 #   make run      pair demo: two servers, unary + stream clients, stop
 #   make test     cargo test (unit + integration) incl. the C client check
 #   make bench    every benchmark (bench-pair, bench-cluster, bench-nodes, bench-restart)
@@ -10,6 +12,9 @@ CARGO   ?= cargo
 CC      ?= cc
 CFLAGS  ?= -O2 -Wall -Wextra -std=c11 -D_GNU_SOURCE
 BIN     := target/release/handoff
+# libhandoff and the C workers on it (examples/c/).
+C_ARTIFACTS := build/libhandoff.a build/libhandoff.so build/rpc_worker build/echo_worker build/echo_worker_so
+C_LDLIBS = $(shell pkg-config --libs libevent) -lpthread -ldl -lm
 # make chaos: seconds of load and faults; every other knob is a CHAOS_* env
 # var or a flag (scripts/chaos.py --help), e.g. make chaos CHAOS_HELD=8000.
 CHAOS_SECS ?= 300
@@ -45,7 +50,7 @@ deps:
 memcheck-deps:
 	$(call apt_install,$(MEMCHECK_PKGS))
 
-build: deps $(BIN) build/cclient
+build: deps $(BIN) build/cclient $(C_ARTIFACTS)
 
 # The handoff binary and the examples (target/release/examples/{http,shout}).
 $(BIN): FORCE
@@ -54,6 +59,26 @@ $(BIN): FORCE
 build/cclient: csrc/cclient.c
 	@mkdir -p build
 	$(CC) $(CFLAGS) -pthread -o $@ $<
+
+# libhandoff (capi/, the C API of csrc/handoff.h) as build/libhandoff.{a,so};
+# copied only when cargo rebuilt them, replaced atomically (a running
+# worker may have the .so mapped).
+build/libhandoff.a: FORCE
+	$(CARGO) build --release -p handoff-c
+	@mkdir -p build
+	@cmp -s target/release/libhandoff_c.a $@ || { cp target/release/libhandoff_c.a $@.tmp && mv -f $@.tmp $@; }
+
+build/libhandoff.so: build/libhandoff.a
+	@cmp -s target/release/libhandoff_c.so $@ || { cp target/release/libhandoff_c.so $@.tmp && mv -f $@.tmp $@; }
+
+# The C example workers, linked statically against libhandoff (they run
+# without LD_LIBRARY_PATH); echo_worker_so checks the shared library
+# (found next to it through its rpath).
+build/rpc_worker build/echo_worker: build/%: examples/c/%.c csrc/handoff.h build/libhandoff.a
+	$(CC) $(CFLAGS) -Icsrc -o $@ $< build/libhandoff.a $(C_LDLIBS)
+
+build/echo_worker_so: examples/c/echo_worker.c csrc/handoff.h build/libhandoff.so
+	$(CC) $(CFLAGS) -Icsrc -o $@ $< -Lbuild -lhandoff -Wl,-rpath,'$$ORIGIN' $(C_LDLIBS)
 
 build/pair_epoll: bench/pair_epoll.c
 	@mkdir -p build
@@ -65,7 +90,7 @@ run demo: build
 demo-nodes: build
 	scripts/demo-nodes.sh
 
-test: deps build/cclient
+test: deps build/cclient $(C_ARTIFACTS)
 	$(CARGO) test --release
 
 # Valgrind (memcheck) over the unit tests, a set of integration tests with
