@@ -58,7 +58,9 @@ static void on_conn(handoff_worker *w, uint64_t id, int fd, const void *readahea
     if (conns) conns->pprev = &c->next;
     conns = c;
     bufferevent_setcb(c->bev, on_read, on_flushed, on_event, c);
+    evbuffer_unfreeze(bufferevent_get_input(c->bev), 0); /* a bufferevent's input is frozen at the end */
     evbuffer_add(bufferevent_get_input(c->bev), readahead, len);
+    evbuffer_freeze(bufferevent_get_input(c->bev), 0);
     bufferevent_enable(c->bev, EV_READ);
     on_read(c->bev, c);
 }

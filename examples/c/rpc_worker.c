@@ -662,7 +662,13 @@ static void on_conn(handoff_worker *w, uint64_t id, int fd, const void *readahea
     srv->conns = c;
     bufferevent_setcb(bev, read_cb, write_cb, event_cb, c);
     bufferevent_setwatermark(bev, EV_READ, 0, srv->max_frame + 4 + READ_SLACK);
-    if (len && evbuffer_add(bufferevent_get_input(bev), readahead, len) < 0) {
+    /* The read-ahead goes first. (A socket bufferevent keeps the end of
+     * its input frozen: only its own reads may add there.) */
+    struct evbuffer *in = bufferevent_get_input(bev);
+    evbuffer_unfreeze(in, 0);
+    int added = evbuffer_add(in, readahead, len);
+    evbuffer_freeze(in, 0);
+    if (added < 0) {
         note("out of memory; closing connection %llu", (unsigned long long)id);
         close_conn(c, 1);
         return;
