@@ -12,9 +12,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
+use handoff::core::reactor::{Base, Event, Interest, Listener, RawBase};
 use handoff::topology::cluster::worker::link::{Handed, MasterLink, Order};
 use handoff::topology::cluster::worker::WorkerEnv;
-use handoff::core::reactor::{Base, Event, Interest, Listener, RawBase};
 
 pub const HANDOFF_EINVAL: c_int = -1;
 pub const HANDOFF_ENOENV: c_int = -2;
@@ -29,9 +29,8 @@ const RETRY_RELEASE: Duration = Duration::from_millis(100);
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Callbacks {
-    pub on_conn: Option<
-        unsafe extern "C" fn(*mut Worker, u64, c_int, *const c_void, usize, *const c_void, usize, *mut c_void),
-    >,
+    pub on_conn:
+        Option<unsafe extern "C" fn(*mut Worker, u64, c_int, *const c_void, usize, *const c_void, usize, *mut c_void)>,
     pub on_drain: Option<unsafe extern "C" fn(*mut Worker, *mut c_void)>,
     pub on_shutdown: Option<unsafe extern "C" fn(*mut Worker, *mut c_void)>,
     pub on_lost: Option<unsafe extern "C" fn(*mut Worker, *mut c_void)>,
@@ -60,6 +59,8 @@ struct State {
     stopping: bool,
     lost: bool,
     timers: Vec<Event>,
+    /// Draining: offers refused connections again (one timer at a time).
+    retry: Option<Event>,
 }
 
 /// A call into C, made after every borrow is released.
@@ -91,7 +92,16 @@ fn perform(s: &Rc<RefCell<State>>, calls: Vec<Call>) {
                     if let Some(f) = cb.on_conn {
                         use std::os::fd::IntoRawFd;
                         let fd = fd.into_raw_fd();
-                        f(handle, id, fd, leftover.as_ptr().cast(), leftover.len(), state.as_ptr().cast(), state.len(), arg)
+                        f(
+                            handle,
+                            id,
+                            fd,
+                            leftover.as_ptr().cast(),
+                            leftover.len(),
+                            state.as_ptr().cast(),
+                            state.len(),
+                            arg,
+                        )
                     }
                 }
                 Call::Drain => {
@@ -123,14 +133,16 @@ impl State {
             Order::Conn(h) => self.adopt(h).into_iter().collect(),
             Order::Refused(h) => {
                 let call = self.adopt(h);
-                if self.draining {
-                    self.after(me, RETRY_RELEASE, |s| if s.draining { vec![Call::Drain] } else { Vec::new() });
+                if self.draining && !self.retry.as_ref().is_some_and(Event::pending) {
+                    self.retry =
+                        self.after(me, RETRY_RELEASE, |s| if s.draining { vec![Call::Drain] } else { Vec::new() });
                 }
                 call.into_iter().collect()
             }
             Order::Listener(fd) => {
                 let w = me.clone();
                 match Listener::adopt(&self.base, fd, move |c| {
+                    set_nodelay(&c);
                     with(&w, |s| {
                         let h = Handed {
                             fd: c,
@@ -166,7 +178,7 @@ impl State {
             }
             Order::Orphaned => {
                 let grace = self.link.as_ref().map_or(Duration::from_secs(5), |l| l.orphan_grace);
-                self.after(me, grace, move |s| {
+                let cut = self.after(me, grace, move |s| {
                     if s.conns.is_empty() {
                         return Vec::new();
                     }
@@ -179,6 +191,7 @@ impl State {
                     s.lost = true;
                     vec![Call::Lost]
                 });
+                self.timers.extend(cut);
                 self.stopping = false;
                 let first = !self.draining;
                 self.draining = true;
@@ -212,13 +225,21 @@ impl State {
         Some(Call::Conn { id, fd: h.fd, leftover: h.leftover, state: h.state })
     }
 
-    /// Runs `f` after `d` (once).
-    fn after(&mut self, me: &Weak<RefCell<State>>, d: Duration, f: impl Fn(&mut State) -> Vec<Call> + 'static) {
+    /// A timer that runs `f` after `d` (once), to keep.
+    fn after(
+        &mut self,
+        me: &Weak<RefCell<State>>,
+        d: Duration,
+        f: impl Fn(&mut State) -> Vec<Call> + 'static,
+    ) -> Option<Event> {
         let w = me.clone();
         match Event::new(&self.base, -1, Interest::Timer, move || with(&w, &f)).and_then(|t| t.add(Some(d)).map(|()| t))
         {
-            Ok(t) => self.timers.push(t),
-            Err(e) => log::error!("worker {}: timer: {e}", self.index),
+            Ok(t) => Some(t),
+            Err(e) => {
+                log::error!("worker {}: timer: {e}", self.index);
+                None
+            }
         }
     }
 
@@ -236,6 +257,23 @@ impl State {
             }
         }
     }
+}
+
+/// TCP_NODELAY on a connection accepted here, as the master sets it on the
+/// ones it hands out (replies are small and go out at once).
+fn set_nodelay(fd: &OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let one: c_int = 1;
+    // SAFETY: setsockopt on a descriptor we own, with an int of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const c_int).cast(),
+            std::mem::size_of::<c_int>() as libc::socklen_t,
+        )
+    };
 }
 
 /// Runs `f`, turning a panic into `HANDOFF_EPANIC`.
@@ -301,6 +339,7 @@ pub unsafe extern "C" fn handoff_worker_new(
             stopping: false,
             lost: false,
             timers: Vec::new(),
+            retry: None,
         }));
         let (w, ws) = (Rc::downgrade(&state), Rc::downgrade(&state));
         let link = MasterLink::new(
@@ -460,6 +499,7 @@ pub unsafe extern "C" fn handoff_worker_free(w: *mut Worker) {
         let w = unsafe { Box::from_raw(w) };
         let mut g = w.state.borrow_mut();
         g.timers.clear();
+        g.retry = None;
         g.listener = None;
         g.link = None;
     }));
