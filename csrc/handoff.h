@@ -19,6 +19,8 @@
  * the thread that runs the base.
  *
  * Link: -lhandoff -levent (and -lpthread -ldl -lm with libhandoff.a).
+ * Examples: examples/c/echo_worker.c (the smallest), examples/c/rpc_worker.c
+ * (the rpc service); `make` builds them into build/.
  */
 #ifndef HANDOFF_H
 #define HANDOFF_H
@@ -43,10 +45,14 @@ typedef struct handoff_worker handoff_worker;
 typedef struct handoff_callbacks {
     /* A connection to serve. `fd` is yours now (non-blocking). `readahead`
      * (`len` bytes) was read from it by its previous owner: process it
-     * before what you read next. `state` (`state_len` bytes) is what the
-     * previous owner passed to handoff_release (empty for a new client).
-     * Both buffers are valid during the call only. `id` names the
-     * connection in handoff_release/handoff_closed. Required. */
+     * before what you read next. (With a bufferevent, put it in the input
+     * buffer, whose end a socket bufferevent keeps frozen:
+     * evbuffer_unfreeze(in, 0); evbuffer_add(in, readahead, len);
+     * evbuffer_freeze(in, 0). A plain evbuffer_add fails there.) `state`
+     * (`state_len` bytes) is what the previous owner passed to
+     * handoff_release (empty for a new client). Both buffers are valid
+     * during the call only. `id` names the connection in
+     * handoff_release/handoff_closed. Required. */
     void (*on_conn)(handoff_worker *w, uint64_t id, int fd, const void *readahead, size_t len,
                     const void *state, size_t state_len, void *arg);
     /* Restart (or rebalance): give every connection back with
@@ -64,6 +70,8 @@ typedef struct handoff_callbacks {
 } handoff_callbacks;
 
 /* Reads the environment, takes the channel and registers it on `base`.
+ * Also: SIGPIPE is ignored, the process dies with its master
+ * (PR_SET_PDEATHSIG), and RLIMIT_NOFILE is raised to its hard limit.
  * `cb` is copied; `arg` is passed to every callback. On success *out is a
  * worker to free with handoff_worker_free() after the loop exits. */
 int handoff_worker_new(struct event_base *base, const handoff_callbacks *cb, void *arg, handoff_worker **out);
@@ -77,12 +85,20 @@ uint64_t handoff_worker_gen(const handoff_worker *w);
  * and not consumed (`unconsumed`, `len`: a partial request), and the state
  * to hand the next owner's on_conn (may be NULL/0). The library owns `fd`
  * from now on, on success and on error alike; stop using it (do not close
- * it; if it sits in a bufferevent, free that first, without
- * BEV_OPT_CLOSE_ON_FREE). */
+ * it). If it sits in a bufferevent, copy the input out, then
+ * bufferevent_disable(bev, EV_READ | EV_WRITE) and free it (without
+ * BEV_OPT_CLOSE_ON_FREE) before this call: the descriptor lives on in
+ * another process, so its events must leave epoll while it is still open
+ * here, and bufferevent_free alone, called from the bufferevent's own
+ * callback, removes them only after the callback returns. */
 int handoff_release(handoff_worker *w, uint64_t id, int fd, const void *unconsumed, size_t len, const void *state,
                     size_t state_len);
 
-/* Reports that you closed connection `id` (call after close(fd)). */
+/* Reports that you closed connection `id` (call after close(fd)). The
+ * master keeps a copy of each descriptor it handed over until it hears of
+ * the close, so end the TCP connection yourself first:
+ * shutdown(fd, SHUT_RDWR), then close(fd) (events out of epoll before, as
+ * for handoff_release). */
 int handoff_closed(handoff_worker *w, uint64_t id);
 
 /* Counts `n` requests served (shown by `handoff status`). */
