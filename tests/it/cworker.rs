@@ -529,6 +529,8 @@ fn echo_worker_linked_against_the_shared_library_serves() {
 #[ignore = "slow, needs valgrind: cargo test --release --test it cworker -- --ignored"]
 fn rpc_worker_under_valgrind_has_no_memcheck_error() {
     let worker = rpc_worker();
+    let vg = std::process::Command::new("valgrind").arg("--version").output();
+    assert!(vg.is_ok_and(|o| o.status.success()), "valgrind is not installed: `make memcheck-deps` installs it");
     let tmp = TempDir::new("cvg");
     let logs = tmp.path().join("vg");
     std::fs::create_dir_all(&logs).unwrap();
@@ -536,7 +538,8 @@ fn rpc_worker_under_valgrind_has_no_memcheck_error() {
     script(
         &wrapper,
         &format!(
-            "#!/bin/sh\nexec valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
+            "#!/bin/sh\nexec valgrind -q --error-exitcode=99 --leak-check=full --show-leak-kinds=definite,indirect,possible \
+             --errors-for-leak-kinds=definite,indirect,possible \
              --track-fds=no --log-file={}/w.%p.log {} \"$@\"\n",
             logs.display(),
             worker.display()
