@@ -1,5 +1,5 @@
-/* echo_worker.c - the smallest libhandoff worker: echoes each line back. A
- * restart moves its connections between lines (a partial line goes along).
+/* echo_worker.c - the smallest libhandoff worker: echoes lines. A restart moves its connections
+ * between lines, a partial line along. (Allocation failures are not handled, for brevity.)
  *   handoff cluster --port 0 --dir D --worker-cmd build/echo_worker */
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,16 +14,15 @@ struct conn { handoff_worker *w; uint64_t id; int fd, eof; struct bufferevent *b
 static struct conn *conns;
 static int draining, stopping;
 
-/* Gives the connection back (`release`: with its partial line) or closes it. */
-static void done(struct conn *c, int release) {
+static void done(struct conn *c, int release) { /* gives it back (with its partial line) or closes it */
     struct evbuffer *rest = evbuffer_new();
     evbuffer_add_buffer(rest, bufferevent_get_input(c->bev));
-    bufferevent_disable(c->bev, EV_READ | EV_WRITE); /* out of epoll before the fd leaves */
+    bufferevent_disable(c->bev, EV_READ | EV_WRITE); /* out of epoll while the fd is ours */
     bufferevent_free(c->bev);
     if (release) {
         handoff_release(c->w, c->id, c->fd, evbuffer_pullup(rest, -1), evbuffer_get_length(rest), NULL, 0);
-    } else {
-        shutdown(c->fd, SHUT_RDWR); /* the master holds a copy until it hears of the close */
+    } else { /* the master holds a copy of fd until it hears of the close: shut down */
+        shutdown(c->fd, SHUT_RDWR);
         close(c->fd);
         handoff_closed(c->w, c->id);
     }
@@ -31,13 +30,13 @@ static void done(struct conn *c, int release) {
     if ((*c->pprev = c->next)) c->next->pprev = c->pprev;
     free(c);
 }
+static int flushed(struct conn *c) { return !evbuffer_get_length(bufferevent_get_output(c->bev)); }
 static void on_read(struct bufferevent *bev, void *arg) {
-    struct conn *c = arg;
     size_t n;
     for (char *line; (line = evbuffer_readln(bufferevent_get_input(bev), &n, EVBUFFER_EOL_LF)); free(line)) {
         bufferevent_write(bev, line, n);
         bufferevent_write(bev, "\n", 1);
-        handoff_served(c->w, 1);
+        handoff_served(((struct conn *)arg)->w, 1);
     }
 }
 static void on_flushed(struct bufferevent *bev, void *arg) { /* between lines */
@@ -47,33 +46,34 @@ static void on_flushed(struct bufferevent *bev, void *arg) { /* between lines */
 }
 static void on_event(struct bufferevent *bev, short what, void *arg) { /* EOF or error */
     struct conn *c = arg;
+    (void)bev;
     c->eof = 1;
-    if ((what & BEV_EVENT_ERROR) || !evbuffer_get_length(bufferevent_get_output(bev))) done(c, 0);
+    if ((what & BEV_EVENT_ERROR) || flushed(c)) done(c, 0);
 }
 static void on_conn(handoff_worker *w, uint64_t id, int fd, const void *readahead, size_t len, const void *state,
-                    size_t state_len, void *arg) {
-    struct conn *c = calloc(1, sizeof *c);
-    (void)state, (void)state_len, (void)arg;
-    *c = (struct conn){w, id, fd, 0, bufferevent_socket_new(arg, fd, 0), conns, &conns};
+                    size_t state_len, void *base) {
+    struct conn *c = malloc(sizeof *c);
+    (void)state, (void)state_len;
+    *c = (struct conn){w, id, fd, 0, bufferevent_socket_new(base, fd, 0), conns, &conns};
     if (conns) conns->pprev = &c->next;
     conns = c;
+    struct evbuffer *in = bufferevent_get_input(c->bev); /* read-ahead first (the input's end is frozen) */
+    evbuffer_unfreeze(in, 0);
+    evbuffer_add(in, readahead, len);
+    evbuffer_freeze(in, 0);
     bufferevent_setcb(c->bev, on_read, on_flushed, on_event, c);
-    evbuffer_unfreeze(bufferevent_get_input(c->bev), 0); /* a bufferevent's input is frozen at the end */
-    evbuffer_add(bufferevent_get_input(c->bev), readahead, len);
-    evbuffer_freeze(bufferevent_get_input(c->bev), 0);
     bufferevent_enable(c->bev, EV_READ);
     on_read(c->bev, c);
 }
-/* Restart (draining) or stop: every connection with its output flushed goes now, the rest once flushed. */
-static void finish(struct conn *c, int release) {
-    for (struct conn *next; c; c = next) {
+static void finish(int release) { /* the flushed ones now, the others from on_flushed */
+    for (struct conn *c = conns, *next; c; c = next) {
         next = c->next;
-        if (!evbuffer_get_length(bufferevent_get_output(c->bev))) done(c, release);
+        if (flushed(c)) done(c, release);
     }
 }
-static void on_drain(handoff_worker *w, void *arg) { (void)w, (void)arg; draining = 1, stopping = 0; finish(conns, 1); }
-static void on_shutdown(handoff_worker *w, void *arg) { (void)w, (void)arg; stopping = 1; finish(conns, 0); }
-static void on_lost(handoff_worker *w, void *arg) { (void)w, (void)arg; while (conns) done(conns, 0); }
+static void on_drain(handoff_worker *w, void *a) { (void)w, (void)a; draining = 1, stopping = 0; finish(1); }
+static void on_shutdown(handoff_worker *w, void *a) { (void)w, (void)a; stopping = 1; finish(0); }
+static void on_lost(handoff_worker *w, void *a) { (void)w, (void)a; while (conns) done(conns, 0); }
 
 int main(void) {
     struct event_base *base = event_base_new();
