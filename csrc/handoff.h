@@ -71,7 +71,10 @@ typedef struct handoff_callbacks {
 
 /* Reads the environment, takes the channel and registers it on `base`.
  * Also: SIGPIPE is ignored, the process dies with its master
- * (PR_SET_PDEATHSIG), and RLIMIT_NOFILE is raised to its hard limit.
+ * (PR_SET_PDEATHSIG), RLIMIT_NOFILE is raised to its hard limit, and
+ * HANDOFF_CHANNEL_FD is removed from the environment (unsetenv: call this
+ * before starting other threads). HANDOFF_LOG_LEVEL (error, warn, info,
+ * debug, trace; default info) sets what the library logs on stderr.
  * `cb` is copied; `arg` is passed to every callback. On success *out is a
  * worker to free with handoff_worker_free() after the loop exits. */
 int handoff_worker_new(struct event_base *base, const handoff_callbacks *cb, void *arg, handoff_worker **out);
@@ -104,8 +107,9 @@ int handoff_closed(handoff_worker *w, uint64_t id);
 /* Counts `n` requests served (shown by `handoff status`). */
 int handoff_served(handoff_worker *w, uint64_t n);
 
-/* Frees the worker (after the loop exits, or to give up early: the
- * master then rescues the connections it handed over). NULL is a no-op. */
+/* Frees the worker (after the loop exits, or to give up early, even from
+ * a callback: the master then rescues the connections it handed over;
+ * no callback comes after). NULL is a no-op. */
 void handoff_worker_free(handoff_worker *w);
 
 /* A static description of a HANDOFF_E* code. */

@@ -84,6 +84,12 @@ fn perform(s: &Rc<RefCell<State>>, calls: Vec<Call>) {
             let st = s.borrow();
             (st.cb, st.arg, st.handle)
         };
+        if handle.is_null() {
+            // A callback freed the worker (handoff_worker_free): nothing
+            // more goes to C. A connection not handed over closes here;
+            // the master, which holds a copy, rescues it.
+            continue;
+        }
         // SAFETY: the callbacks are the C caller's, called with the
         // pointers it gave us and buffers valid for the call's duration.
         unsafe {
@@ -498,6 +504,9 @@ pub unsafe extern "C" fn handoff_worker_free(w: *mut Worker) {
         // SAFETY: a handle from handoff_worker_new, given back once.
         let w = unsafe { Box::from_raw(w) };
         let mut g = w.state.borrow_mut();
+        // Inside a callback, `perform` may still hold the state: it must
+        // not pass the freed handle on.
+        g.handle = std::ptr::null_mut();
         g.timers.clear();
         g.retry = None;
         g.listener = None;
