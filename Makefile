@@ -4,6 +4,7 @@
 #                 (installs system packages first)
 #   make run      pair demo: two servers, unary + stream clients, stop
 #   make test     cargo test (unit + integration) incl. the C client check
+#                 and the C workers (tests/it/cworker.rs)
 #   make bench    every benchmark (bench-pair, bench-cluster, bench-nodes, bench-restart)
 #   make memcheck unit tests, some integration tests and two nodes under valgrind
 #   make chaos    soak: load + restarts + kills, every request accounted for
