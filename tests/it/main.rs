@@ -5,6 +5,7 @@ mod cluster_support;
 mod support;
 
 mod cluster;
+mod cworker;
 mod faults;
 mod http;
 mod node;
