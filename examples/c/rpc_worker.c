@@ -751,8 +751,7 @@ int main(int argc, char **argv) {
     const char *limit = flag ? flag : env;
     srv.max_frame = DEFAULT_MAX_FRAME;
     if (limit && parse_size(limit, &srv.max_frame) < 0) {
-        fprintf(stderr, "rpc_worker: %s %s is not a byte count\n", flag ? "--max-frame" : "HANDOFF_OPT_MAX_FRAME=",
-                limit);
+        fprintf(stderr, "rpc_worker: %s%s: not a byte count\n", flag ? "--max-frame " : "HANDOFF_OPT_MAX_FRAME=", limit);
         return 2;
     }
     /* Group signals (a terminal's ^C, kill -- -PGID) are the master's to
