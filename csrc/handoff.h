@@ -71,10 +71,11 @@ typedef struct handoff_callbacks {
 
 /* Reads the environment, takes the channel and registers it on `base`.
  * Also: SIGPIPE is ignored, the process dies with its master
- * (PR_SET_PDEATHSIG), RLIMIT_NOFILE is raised to its hard limit, and
- * HANDOFF_CHANNEL_FD is removed from the environment (unsetenv: call this
- * before starting other threads). HANDOFF_LOG_LEVEL (error, warn, info,
- * debug, trace; default info) sets what the library logs on stderr.
+ * (PR_SET_PDEATHSIG), RLIMIT_NOFILE is raised to its hard limit, and the
+ * channel is made close-on-exec (the environment is left unchanged). The
+ * channel can be taken once per process. HANDOFF_LOG_LEVEL (off, error,
+ * warn, info, debug, trace; the master sets its own) sets what the
+ * library logs on stderr.
  * `cb` is copied; `arg` is passed to every callback. On success *out is a
  * worker to free with handoff_worker_free() after the loop exits. */
 int handoff_worker_new(struct event_base *base, const handoff_callbacks *cb, void *arg, handoff_worker **out);

@@ -83,7 +83,8 @@ pub fn set(cmd: &mut Command, index: usize, gen: u64, dir: &std::path::Path, opt
         .env("HANDOFF_WORKER_INDEX", index.to_string())
         .env("HANDOFF_GEN", gen.to_string())
         .env("HANDOFF_DIR", dir)
-        .env("HANDOFF_OPTIONS", options.to_string());
+        .env("HANDOFF_OPTIONS", options.to_string())
+        .env("HANDOFF_LOG_LEVEL", log::max_level().to_string().to_ascii_lowercase());
     if let Value::Object(m) = options {
         for (k, v) in m {
             let name = format!("HANDOFF_OPT_{}", k.to_ascii_uppercase().replace('-', "_"));
@@ -143,10 +144,16 @@ impl WorkerEnv {
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("HANDOFF_OPTIONS: {e}")))?,
             Err(_) => Value::Object(Default::default()),
         };
+        // Taken at most once per process: a second OwnedFd on the same
+        // descriptor would close it twice.
+        static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(io::Error::other("the master channel was already taken by this process"));
+        }
         let env = WorkerEnv {
             // SAFETY: the master set this descriptor up for this process
-            // alone; nothing else here refers to it, and it is taken once
-            // (the variable is removed below).
+            // alone; nothing else here refers to it, and TAKEN makes this
+            // the only OwnedFd made from it.
             channel: unsafe { OwnedFd::from_raw_fd(fd) },
             index: number("HANDOFF_WORKER_INDEX")?,
             gen: number("HANDOFF_GEN").unwrap_or(1),
@@ -154,8 +161,13 @@ impl WorkerEnv {
             options,
             node,
         };
-        // SAFETY: called at start-up, before any other thread exists.
-        unsafe { std::env::remove_var("HANDOFF_CHANNEL_FD") };
+        // The channel is this process's alone: children it starts do not
+        // inherit it. (The environment is left as it is: a C program may
+        // already run threads, and changing it would race with them.)
+        // SAFETY: F_SETFD on a descriptor this process owns.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(env)
     }
 }
