@@ -108,6 +108,30 @@ int handoff_closed(handoff_worker *w, uint64_t id);
 /* Counts `n` requests served (shown by `handoff status`). */
 int handoff_served(handoff_worker *w, uint64_t n);
 
+/* Bufferevent helpers: most workers serve connections on bufferevents,
+ * and these get the two libevent details right.
+ *
+ * handoff_bufferevent_new: a socket bufferevent on `fd` (made without
+ * BEV_OPT_CLOSE_ON_FREE: the descriptor stays under handoff's rules) whose
+ * input already holds the read-ahead, ready for bufferevent_setcb/enable.
+ * (A socket bufferevent keeps the end of its input frozen; a plain
+ * evbuffer_add of the read-ahead would fail.) NULL on error.
+ *
+ * handoff_release_bufferevent: gives connection `id` back from its
+ * bufferevent: disables and frees `bev`, then handoff_release() with its
+ * descriptor and its unread input. Call it between requests, with the
+ * output flushed.
+ *
+ * handoff_close_bufferevent: closes connection `id`: disables and frees
+ * `bev`, shuts the descriptor down and closes it, then handoff_closed().
+ *
+ * Both free `bev` whatever they return; do not use it again. */
+struct bufferevent;
+struct bufferevent *handoff_bufferevent_new(struct event_base *base, int fd, const void *readahead, size_t len);
+int handoff_release_bufferevent(handoff_worker *w, uint64_t id, struct bufferevent *bev, const void *state,
+                                size_t state_len);
+int handoff_close_bufferevent(handoff_worker *w, uint64_t id, struct bufferevent *bev);
+
 /* Frees the worker (after the loop exits, or to give up early, even from
  * a callback: the master then rescues the connections it handed over;
  * no callback comes after). NULL is a no-op. */

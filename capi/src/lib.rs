@@ -12,6 +12,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
+mod bev;
+
 use handoff::core::reactor::{Base, Event, Interest, Listener, RawBase};
 use handoff::topology::cluster::worker::link::{Handed, MasterLink, Order};
 use handoff::topology::cluster::worker::WorkerEnv;

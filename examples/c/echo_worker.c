@@ -1,30 +1,18 @@
 /* echo_worker.c - the smallest libhandoff worker: echoes lines. A restart moves each connection
  * between lines, with its partial line. (Allocation failures are not handled, for brevity.) */
 #include <stdlib.h>
-#include <sys/socket.h>
-#include <unistd.h>
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 #include "handoff.h"
 
-struct conn { handoff_worker *w; uint64_t id; int fd, eof; struct bufferevent *bev; struct conn *next, **pprev; };
+struct conn { handoff_worker *w; uint64_t id; int eof; struct bufferevent *bev; struct conn *next, **pprev; };
 static struct conn *conns;
 static int draining, stopping;
 
 static void done(struct conn *c) { /* between lines: give it back (a restart) or close it */
-    struct evbuffer *rest = evbuffer_new();
-    evbuffer_add_buffer(rest, bufferevent_get_input(c->bev));
-    bufferevent_disable(c->bev, EV_READ | EV_WRITE); /* out of epoll while the fd is ours */
-    bufferevent_free(c->bev);
-    if (draining && !c->eof) {
-        handoff_release(c->w, c->id, c->fd, evbuffer_pullup(rest, -1), evbuffer_get_length(rest), NULL, 0);
-    } else { /* the master keeps a copy of fd until it hears of the close: shut down first */
-        shutdown(c->fd, SHUT_RDWR);
-        close(c->fd);
-        handoff_closed(c->w, c->id);
-    }
-    evbuffer_free(rest);
+    if (draining && !c->eof) handoff_release_bufferevent(c->w, c->id, c->bev, NULL, 0);
+    else handoff_close_bufferevent(c->w, c->id, c->bev);
     if ((*c->pprev = c->next)) c->next->pprev = c->pprev;
     free(c);
 }
@@ -47,15 +35,11 @@ static void on_event(struct bufferevent *bev, short what, void *c) { /* EOF or e
 static void on_conn(handoff_worker *w, uint64_t id, int fd, const void *ahead, size_t len, const void *state,
                     size_t state_len, void *base) {
     struct conn *c = malloc(sizeof *c);
-    *c = (struct conn){w, id, fd, 0, bufferevent_socket_new(base, fd, 0), conns, &conns};
+    *c = (struct conn){w, id, 0, handoff_bufferevent_new(base, fd, ahead, len), conns, &conns};
     if ((conns = c)->next) c->next->pprev = &c->next;
-    struct evbuffer *in = bufferevent_get_input(c->bev);
-    evbuffer_unfreeze(in, 0); /* the read-ahead first (a bufferevent's input is frozen at the end) */
-    evbuffer_add(in, ahead, len);
-    evbuffer_freeze(in, 0);
     bufferevent_setcb(c->bev, on_read, on_flushed, on_event, c);
     bufferevent_enable(c->bev, EV_READ);
-    on_read(c->bev, c);
+    on_read(c->bev, c); /* the read-ahead first */
 }
 static void finish_flushed(void) { /* the others go from on_flushed */
     for (struct conn *c = conns, *next; c; c = next) {
