@@ -24,6 +24,11 @@ RUNS_TSV=$BENCH_TMP/runs.tsv           # plot_point appends here
 MISSED=$BENCH_TMP/missed               # verdict appends missed targets here
 : >"$RUNS_TSV"
 : >"$MISSED"
+# How busy the CPUs were (%) over half a second before the bench began:
+# other work on the machine skews every figure.
+BENCH_BUSY0=$({ head -n 1 /proc/stat; sleep 0.5; head -n 1 /proc/stat; } 2>/dev/null | awk '
+    { idle = $5 + $6; tot = 0; for (i = 2; i <= NF; i++) tot += $i
+      if (NR == 1) { i0 = idle; t0 = tot } else if (tot > t0) printf "%.0f", 100 * (1 - (idle - i0) / (tot - t0)) }')
 
 say() { printf '%s\n' "$*" >&2; }
 die() { say "bench: $*"; exit 1; }
@@ -46,18 +51,23 @@ bg_stop() {
         fi
     fi
     wait "$pid" 2>/dev/null || true
-    if [ -n "${BENCH_GROUP[$pid]:-}" ] && kill -0 -- "-$pid" 2>/dev/null; then
+    if [ -n "${BENCH_GROUP[$pid]:-}" ] && group_alive "$pid"; then
         kill -TERM -- "-$pid" 2>/dev/null || true
         for ((i = 0; i < 80; i++)); do
-            kill -0 -- "-$pid" 2>/dev/null || break
+            group_alive "$pid" || break
             sleep 0.1
         done
-        if kill -0 -- "-$pid" 2>/dev/null; then
+        if group_alive "$pid"; then
             say "bench: process group $pid ignored SIGTERM; killing it"
             kill -KILL -- "-$pid" 2>/dev/null || true
         fi
     fi
     return 0
+}
+
+# group_alive PGID: true while a process of that group runs (zombies aside).
+group_alive() {
+    ps -e -o pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ { found = 1 } END { exit !found }'
 }
 
 bench_cleanup() {
@@ -72,6 +82,9 @@ bench_cleanup() {
 trap bench_cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+if [ "${BENCH_BUSY0:-0}" -ge 20 ]; then
+    say "bench: WARNING: the CPUs were ${BENCH_BUSY0}% busy before the start: other work on this machine skews the figures"
+fi
 
 # bg_start NAME CMD [ARG...]: runs CMD in the background, stdout to
 # $BENCH_TMP/NAME.out, stderr to $BENCH_TMP/NAME.err; sets BG_PID.
@@ -312,8 +325,8 @@ socket_fds() {
 machine_line() {
     local cpu
     cpu=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
-    printf 'Machine: %s CPUs, %s, Linux %s, %s\n' "$(nproc)" "${cpu:-unknown CPU}" "$(uname -r)" \
-        "$(date -u '+%Y-%m-%d %H:%M UTC')"
+    printf 'Machine: %s CPUs, %s, Linux %s, %s (CPUs %s%% busy just before the start)\n' "$(nproc)" \
+        "${cpu:-unknown CPU}" "$(uname -r)" "$(date -u '+%Y-%m-%d %H:%M UTC')" "${BENCH_BUSY0:-?}"
 }
 
 need_bin() {
