@@ -14,8 +14,10 @@
 #   short        the same with -H 'Connection: close': one request a connection
 #   restarts     wrk -t2 -c100 -d${RELOAD_SECS}s (20) on keep-alive while RELOADS
 #                (10) restarts happen, evenly spaced (RELOAD_RUNS runs, 1):
-#                  handoff: `handoff restart --dir D` (live connections move to
-#                           the new generation; exits 0 once done)
+#                  handoff: `http restart --dir D`, the example's own restart (live
+#                           connections move to the new generation; exits 0 once
+#                           the new one has committed and answered; `handoff
+#                           restart` would check the answer with the RPC protocol)
 #                  nginx:   `nginx -p PREFIX -c CONF -s reload` (new workers; the
 #                           old ones finish their requests and close their
 #                           keep-alive connections), done once the new workers
@@ -64,7 +66,7 @@ for s in "${SERVERS[@]}"; do
     case $s in
         handoff)
             [ -x "$HTTP_BIN" ] || die "$HTTP_BIN is missing: build it with 'cargo build --release --examples' (make bench-http does), or run the others alone: HTTP_SERVERS='nginx node'"
-            need_bin "$BIN" ;;
+;;
         nginx) NGINX=$(prog NGINX nginx /usr/sbin/nginx) ;;
         node) NODE=$(prog NODE node /usr/bin/node) ;;
         *) die "HTTP_SERVERS: unknown server '$s' (handoff, nginx, node)" ;;
@@ -79,7 +81,7 @@ ulimit -n "$hard"
 
 declare -A NAME=([handoff]="handoff http example (cluster)" [nginx]="nginx $("${NGINX:-true}" -v 2>&1 | sed -n 's|.*nginx/||p')"
                  [node]="Node $("${NODE:-true}" --version 2>/dev/null) http + cluster (SCHED_RR)")
-declare -A HOW=([handoff]="handoff restart" [nginx]="nginx -s reload" [node]="rolling worker restart (SIGHUP)")
+declare -A HOW=([handoff]="http restart" [nginx]="nginx -s reload" [node]="rolling worker restart (SIGHUP)")
 declare -A PORT PID
 NGINX_PREFIX=$BENCH_TMP/nginx
 HANDOFF_DIR=$BENCH_TMP/handoff-dir
@@ -153,7 +155,7 @@ restart() {
     local impl=$1 n=$2 before deadline
     case $impl in
         handoff)
-            timeout 30 "$BIN" restart --dir "$HANDOFF_DIR" >/dev/null 2>>"$BENCH_TMP/restart.err" ;;
+            timeout 30 "$HTTP_BIN" restart --dir "$HANDOFF_DIR" >/dev/null 2>>"$BENCH_TMP/restart.err" ;;
         nginx)
             before=$(nginx_workers_started)
             nginx_cmd -s reload 2>>"$BENCH_TMP/restart.err" || return 1
@@ -273,7 +275,7 @@ for impl in "${SERVERS[@]}"; do
     done
 done
 if has handoff; then
-    GEN=$(timeout 10 "$BIN" status --dir "$HANDOFF_DIR" --json 2>/dev/null \
+    GEN=$(timeout 10 "$HTTP_BIN" status --dir "$HANDOFF_DIR" --json 2>/dev/null \
         | python3 -c 'import json, sys; print(json.load(sys.stdin)["gen"])' 2>/dev/null || echo "?")
     say "handoff: generation $GEN after ${DONE[handoff]:-0} restarts"
 fi
@@ -350,7 +352,7 @@ echo "order reversed every other run; every run: bench-http.svg. Load: wrk 4.1 \
 echo "on 127.0.0.1 (same 2 cores as the servers), GET /, answer 200 text/plain \`hello\\n\`; errors"
 echo "are wrk's counters (non-2xx: its status count, answers ≥ 400); latency excludes connect."
 echo "Restarts: $RELOADS during each ${RELOAD_SECS} s keep-alive run, at k/$((RELOADS + 1)) of it. handoff:"
-echo "\`handoff restart --dir D\` moves the live connections to a new generation and returns once it"
+echo "\`http restart --dir D\` moves the live connections to a new generation and returns once it"
 echo "is done${GEN:+ (generation $GEN at the end)}. nginx: \`nginx -s reload\`, done once the new workers have"
 echo "started; the old ones finish in-flight requests and close their keep-alive connections,"
 echo "which wrk sees as read errors. Node: the primary on SIGHUP forks a new worker, waits until it"

@@ -67,7 +67,10 @@ END {
         printf "set xtics (%s)\n", tics
         printf "set xrange [-0.5:%f]\n", n - 0.5
         if (lo[p] > 0 && hi[p] / lo[p] > 50) print "set logscale y; set yrange [*:*]"
-        else { print "unset logscale y"; printf "set yrange [%s:*]\n", (lo[p] >= 0 ? 0 : "*") }
+        else if (lo[p] == hi[p]) {   # one value only (all zero, say): a range around it
+            print "unset logscale y"
+            printf "set yrange [%.10g:%.10g]\n", (lo[p] >= 0 ? 0 : lo[p] * 2), (hi[p] > 0 ? hi[p] * 2 : 1)
+        } else { print "unset logscale y"; printf "set yrange [%s:*]\n", (lo[p] >= 0 ? 0 : "*") }
         plot = ""
         for (s = 1; s <= ns[0]; s++) if (has[s]) {
             name = "$p" p "s" s
