@@ -234,7 +234,7 @@ for ((run = 1; run <= RUNS; run++)); do
 done
 
 # ------------------------------------------------------------ restarts
-declare -A DONE FAILED RMS   # per impl: restarts done, failed; their durations (ms)
+declare -A RDONE RFAILED RMS   # per impl: restarts done, failed; their durations (ms)
 for impl in "${SERVERS[@]}"; do
     for ((rr = 1; rr <= RELOAD_RUNS; rr++)); do
         : >"$BENCH_TMP/restart.err"
@@ -249,16 +249,16 @@ for impl in "${SERVERS[@]}"; do
             ((at_ns <= now)) || sleep "$(awk -v d=$((at_ns - now)) 'BEGIN { printf "%.3f", d / 1e9 }')"
             kill -0 "$wpid" 2>/dev/null || break
             t1=$(date +%s%N)
-            n=$(( ${DONE[$impl]:-0} + ${FAILED[$impl]:-0} + 1 ))
+            n=$(( ${RDONE[$impl]:-0} + ${RFAILED[$impl]:-0} + 1 ))
             if restart "$impl" "$n"; then
                 done_n=$((done_n + 1))
-                DONE[$impl]=$(( ${DONE[$impl]:-0} + 1 ))
+                RDONE[$impl]=$(( ${RDONE[$impl]:-0} + 1 ))
                 ms=$(( ($(date +%s%N) - t1) / 1000000 ))
                 RMS[$impl]+="$ms "
                 plot_point "restart: ms until done" "each restart" "${NAME[$impl]}" "$ms"
             else
                 failed=$((failed + 1))
-                FAILED[$impl]=$(( ${FAILED[$impl]:-0} + 1 ))
+                RFAILED[$impl]=$(( ${RFAILED[$impl]:-0} + 1 ))
             fi
         done
         wait "$wpid" && rc=0 || rc=$?
@@ -277,7 +277,7 @@ done
 if has handoff; then
     GEN=$(timeout 10 "$HTTP_BIN" status --dir "$HANDOFF_DIR" --json 2>/dev/null \
         | python3 -c 'import json, sys; print(json.load(sys.stdin)["gen"])' 2>/dev/null || echo "?")
-    say "handoff: generation $GEN after ${DONE[handoff]:-0} restarts"
+    say "handoff: generation $GEN after ${RDONE[handoff]:-0} restarts"
 fi
 for impl in "${SERVERS[@]}"; do bg_forget_stop "${PID[$impl]}"; done
 
@@ -317,7 +317,7 @@ echo "| --- | ---: | ---: | ---: | ---: |"
 for impl in "${SERVERS[@]}"; do
     # shellcheck disable=SC2086
     printf '| %s — %s | %s | %s | %s / %s | %s |\n' "${NAME[$impl]}" "${HOW[$impl]}" \
-        "${DONE[$impl]:-0}" "${FAILED[$impl]:-0}" \
+        "${RDONE[$impl]:-0}" "${RFAILED[$impl]:-0}" \
         "$( [ -n "${RMS[$impl]:-}" ] && int "$(median ${RMS[$impl]})" || echo —)" \
         "$( [ -n "${RMS[$impl]:-}" ] && printf '%s\n' ${RMS[$impl]} | sort -g | tail -n 1 || echo —)" \
         "$(sum "${RES[$impl,reload,errors]}")"
@@ -341,7 +341,7 @@ if has handoff; then
     fi
     errs=$(sum "${RES[handoff,reload,errors]}")
     echo "| handoff across its restarts: socket errors + non-2xx | $errs | 0 | $(verdict "$errs" '==' 0 "handoff across its restarts: socket errors + non-2xx") |"
-    echo "| handoff restarts that succeeded | ${DONE[handoff]:-0} of $want | $want | $(verdict "${DONE[handoff]:-0}" '==' "$want" "handoff restarts that succeeded (of $want)") |"
+    echo "| handoff restarts that succeeded | ${RDONE[handoff]:-0} of $want | $want | $(verdict "${RDONE[handoff]:-0}" '==' "$want" "handoff restarts that succeeded (of $want)") |"
 else
     echo "| every target | not measured: the handoff server was not run (HTTP_SERVERS=${SERVERS[*]}) | | |"
 fi
