@@ -14,10 +14,10 @@
 #   short        the same with -H 'Connection: close': one request a connection
 #   restarts     wrk -t2 -c100 -d${RELOAD_SECS}s (20) on keep-alive while RELOADS
 #                (10) restarts happen, evenly spaced (RELOAD_RUNS runs, 1):
-#                  handoff: `http restart --dir D`, the example's own restart (live
+#                  handoff: `http restart --dir D`, the example's own restart
+#                           (`handoff restart --dir D` does the same): live
 #                           connections move to the new generation; exits 0 once
-#                           the new one has committed and answered; `handoff
-#                           restart` would check the answer with the RPC protocol)
+#                           the new one has committed and answered
 #                  nginx:   `nginx -p PREFIX -c CONF -s reload` (new workers; the
 #                           old ones finish their requests and close their
 #                           keep-alive connections), done once the new workers
