@@ -73,6 +73,7 @@ group_alive() {
 bench_cleanup() {
     local rc=$? i
     trap - EXIT INT TERM
+    [ -z "${OTHERS_PID:-}" ] || { kill "$OTHERS_PID" 2>/dev/null; wait "$OTHERS_PID" 2>/dev/null; } || true
     for ((i = ${#BENCH_PIDS[@]} - 1; i >= 0; i--)); do
         bg_stop "${BENCH_PIDS[i]}"
     done
@@ -85,6 +86,52 @@ trap 'exit 143' TERM
 if [ "${BENCH_BUSY0:-0}" -ge 20 ]; then
     say "bench: WARNING: the CPUs were ${BENCH_BUSY0}% busy before the start: other work on this machine skews the figures"
 fi
+
+# ------------------------------------------- other work on this machine
+# Every second a sampler notes the CPU time of each process that is not this
+# bench's (neither a descendant of this script nor in a process group that
+# bg_start_group made; kernel threads aside). others_pct: the share of the
+# machine's CPU time those took since the start, in % (processes that came
+# and went between two samples are missed; so is interrupt time).
+OTHERS_STATE=$BENCH_TMP/others.state   # pid starttime first-ticks last-ticks
+BENCH_GROUPS_FILE=$BENCH_TMP/groups    # the process groups bg_start_group made
+: >"$BENCH_GROUPS_FILE"
+BENCH_T0_TICKS=$(awk -v hz="$(getconf CLK_TCK)" '{ printf "%d", $1 * hz }' /proc/uptime)
+BENCH_T0=$(date +%s%N)
+others_sample() {
+    local me=$$ tmp=$OTHERS_STATE.$BASHPID
+    { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v me="$me" -v t0="$BENCH_T0_TICKS" \
+        -v gf="$BENCH_GROUPS_FILE" -v sf="$OTHERS_STATE" -v tmp="$tmp" '
+        BEGIN {
+            while ((getline l < gf) > 0) grp[l] = 1
+            while ((getline l < sf) > 0) { split(l, a, " "); first[a[1] " " a[2]] = a[3] }
+        }
+        {
+            pid = $1; line = $0; sub(/^.*\) /, "", line); n = split(line, f, " ")
+            if (n < 20) next
+            ppid[pid] = f[2]; pg[pid] = f[3]; ticks[pid] = f[12] + f[13]; st[pid] = f[20]
+        }
+        END {
+            for (pid in ppid) {           # ours: descendants of me, or in our groups
+                p = pid; ours = 0
+                for (d = 0; d < 64 && p > 1; d++) { if (p == me) { ours = 1; break }; p = ppid[p] }
+                if (ours || (pg[pid] in grp) || pid == 2 || ppid[pid] == 2) continue
+                k = pid " " st[pid]
+                f0 = (k in first) ? first[k] : (st[pid] >= t0 ? 0 : ticks[pid])
+                out = out k " " f0 " " ticks[pid] "\n"
+            }
+            printf "%s", out > tmp
+        }' && mv -f "$tmp" "$OTHERS_STATE"
+}
+others_pct() {
+    local ns=$(($(date +%s%N) - BENCH_T0))
+    awk -v ns="$ns" -v cpus="$(nproc)" -v hz="$(getconf CLK_TCK)" '
+        { used += $4 - $3 }
+        END { printf "%.0f\n", (ns > 0 ? 100 * used / hz / (ns / 1e9 * cpus) : 0) }' "$OTHERS_STATE" 2>/dev/null || echo "?"
+}
+others_sample || true
+( while sleep 1; do others_sample || true; done ) &
+OTHERS_PID=$!
 
 # bg_start NAME CMD [ARG...]: runs CMD in the background, stdout to
 # $BENCH_TMP/NAME.out, stderr to $BENCH_TMP/NAME.err; sets BG_PID.
@@ -106,6 +153,7 @@ bg_start_group() {
     BG_PID=$!
     BENCH_PIDS+=("$BG_PID")
     BENCH_GROUP[$BG_PID]=1
+    echo "$BG_PID" >>"$BENCH_GROUPS_FILE"
 }
 
 # bg_forget_stop PID...: stops those processes and forgets them.
@@ -277,6 +325,11 @@ bench_publish() {
             || die "plotting $RESULTS_DIR/$name.svg failed"
     fi
     say "bench: wrote $RESULTS_DIR/$name.md, $name.svg, $name.tsv"
+    local o
+    o=$(others_pct)
+    if [ "$o" != "?" ] && [ "$o" -ge 5 ]; then
+        say "bench: WARNING: other processes took $o% of the CPU time during the bench: the figures are skewed"
+    fi
     if [ -s "$MISSED" ]; then
         while IFS= read -r l; do say "bench: TARGET MISSED: $l"; done <"$MISSED"
         exit 1
@@ -325,8 +378,9 @@ socket_fds() {
 machine_line() {
     local cpu
     cpu=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
-    printf 'Machine: %s CPUs, %s, Linux %s, %s (CPUs %s%% busy just before the start)\n' "$(nproc)" \
-        "${cpu:-unknown CPU}" "$(uname -r)" "$(date -u '+%Y-%m-%d %H:%M UTC')" "${BENCH_BUSY0:-?}"
+    others_sample || true
+    printf 'Machine: %s CPUs, %s, Linux %s, %s (CPUs %s%% busy just before the start; other processes took %s%% of the CPU time during the bench)\n' \
+        "$(nproc)" "${cpu:-unknown CPU}" "$(uname -r)" "$(date -u '+%Y-%m-%d %H:%M UTC')" "${BENCH_BUSY0:-?}" "$(others_pct)"
 }
 
 need_bin() {
