@@ -65,8 +65,7 @@ prog() { # VAR NAME [FALLBACK]: the program VAR names, else NAME on PATH, else F
 for s in "${SERVERS[@]}"; do
     case $s in
         handoff)
-            [ -x "$HTTP_BIN" ] || die "$HTTP_BIN is missing: build it with 'cargo build --release --examples' (make bench-http does), or run the others alone: HTTP_SERVERS='nginx node'"
-;;
+            [ -x "$HTTP_BIN" ] || die "$HTTP_BIN is missing: build it with 'cargo build --release --examples' (make bench-http does), or run the others alone: HTTP_SERVERS='nginx node'" ;;
         nginx) NGINX=$(prog NGINX nginx /usr/sbin/nginx) ;;
         node) NODE=$(prog NODE node /usr/bin/node) ;;
         *) die "HTTP_SERVERS: unknown server '$s' (handoff, nginx, node)" ;;
