@@ -5,7 +5,9 @@
 #   make run      pair demo: two servers, unary + stream clients, stop
 #   make test     cargo test (unit + integration) incl. the C client check
 #                 and the C workers (tests/it/cworker.rs)
-#   make bench    every benchmark (bench-pair, bench-cluster, bench-nodes, bench-restart)
+#   make bench    every benchmark (bench-pair, bench-cluster, bench-nodes, bench-restart,
+#                 bench-http); each writes bench/results/NAME.md and NAME.svg
+#                 and exits non-zero when a target is missed
 #   make memcheck unit tests, some integration tests and two nodes under valgrind
 #   make chaos    soak: load + restarts + kills, every request accounted for
 #                 (CHAOS_SECS=300; `make chaos-ci` is the 30 s form)
@@ -24,8 +26,10 @@ CHAOS_SECS ?= 300
 DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make curl
 # What make memcheck needs on top.
 MEMCHECK_PKGS := valgrind
+# What the benchmarks need on top: load generator, yardsticks, plots.
+BENCH_PKGS := nginx wrk gnuplot-nox nodejs
 
-.PHONY: all deps memcheck-deps build run demo demo-nodes test memcheck bench bench-pair bench-cluster bench-nodes bench-restart chaos chaos-ci clean
+.PHONY: all deps memcheck-deps bench-deps build run demo demo-nodes test memcheck bench bench-pair bench-cluster bench-nodes bench-restart bench-http chaos chaos-ci clean
 
 all: deps build
 
@@ -50,6 +54,10 @@ deps:
 
 memcheck-deps:
 	$(call apt_install,$(MEMCHECK_PKGS))
+
+# apt_install's rules, plus: no system nginx is started or left enabled.
+bench-deps: deps
+	@scripts/bench-deps.sh $(BENCH_PKGS)
 
 build: deps $(BIN) build/cclient $(C_ARTIFACTS)
 
@@ -100,19 +108,23 @@ test: deps build/cclient $(C_ARTIFACTS)
 memcheck: deps memcheck-deps
 	scripts/memcheck.sh
 
-bench: bench-pair bench-cluster bench-nodes bench-restart
+bench: bench-pair bench-cluster bench-nodes bench-restart bench-http
 
-bench-pair: build build/pair_epoll
+bench-pair: bench-deps build build/pair_epoll
 	scripts/bench-pair.sh
 
-bench-cluster: build
+bench-cluster: bench-deps build
 	scripts/bench-cluster.sh
 
-bench-nodes: build
+bench-nodes: bench-deps build
 	scripts/bench-nodes.sh
 
-bench-restart: build
+bench-restart: bench-deps build
 	scripts/bench-restart.sh
+
+# The http example vs nginx vs Node's http + cluster (BENCH_SECS per run).
+bench-http: bench-deps build
+	scripts/bench-http.sh
 
 # Exit status 1 on any unexplained lost connection/reply or finding.
 chaos: build

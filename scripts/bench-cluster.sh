@@ -8,14 +8,17 @@
 # memory per idle connection for round-robin and Node: IDLE_CONNS (10000)
 # idle connections opened by bench/idle_conns.py, summed VmRSS of master +
 # workers after minus before, divided by IDLE_CONNS. Prints a Markdown table
-# and the ratios against Node (targets: short >= 2, keep-alive >= 1.3).
-# Any run with an error fails the script.
+# (each row the median run by throughput: its conn/s or req/s, p50, p99) and
+# the ratios against Node (targets: short >= 2, keep-alive >= 1.3); writes
+# bench/results/bench-cluster.{md,svg,tsv} and exits 1 when a target is
+# missed. Any run with an error fails the script.
 # shellcheck source=SCRIPTDIR/bench-lib.sh
 source "$(dirname "$0")/bench-lib.sh"
 
 IDLE_CONNS=${IDLE_CONNS:-10000}
 WORKERS=2
 need_bin "$BIN"
+need_plot
 
 # Node.js: /usr/bin/node or on PATH; installed from Debian when root.
 NODE=$(command -v node || true)
@@ -129,8 +132,12 @@ for ((run = 1; run <= RUNS; run++)); do
     for impl in "${order[@]}"; do
         load "run $run ${NAME[$impl]} short" rpc --port "${PORT[$impl]}" --conns 16 --requests 500 --short
         for m in rps p50_us p99_us; do RES[$impl,short,$m]+="$(field "$LOAD_LINE" "$m") "; done
+        plot_point "short connections: conn/s" "short" "${NAME[$impl]}" "$(field "$LOAD_LINE" rps)"
+        plot_point "p99 µs" "short" "${NAME[$impl]}" "$(field "$LOAD_LINE" p99_us)"
         load "run $run ${NAME[$impl]} keep-alive" rpc --port "${PORT[$impl]}" --conns 100 --requests 1000
         for m in rps p50_us p99_us; do RES[$impl,keep,$m]+="$(field "$LOAD_LINE" "$m") "; done
+        plot_point "keep-alive: req/s" "keep-alive" "${NAME[$impl]}" "$(field "$LOAD_LINE" rps)"
+        plot_point "p99 µs" "keep-alive" "${NAME[$impl]}" "$(field "$LOAD_LINE" p99_us)"
     done
 done
 for impl in "${IMPLS[@]}"; do bg_forget_stop "${MASTER[$impl]}"; done
@@ -167,6 +174,7 @@ idle_memory() {
     ((got == 0)) || say "bench: WARNING: ${NAME[$impl]} closed $got idle connections while measuring"
     per=$(awk -v a="$after" -v b="$before" -v n="$IDLE_CONNS" 'BEGIN { printf "%.0f", (a - b) * 1024 / n }')
     MEM[$impl]=$per
+    plot_point "idle memory: B/conn (one run)" "$IDLE_CONNS idle" "${NAME[$impl]}" "$per"
     MEMSPLIT[$impl]=$(awk -v a="$master_a" -v b="$master_b" -v n="$IDLE_CONNS" 'BEGIN { printf "%.0f", (a - b) * 1024 / n }')
     say "  ${NAME[$impl]}: RSS ${before} kB -> ${after} kB with $IDLE_CONNS idle connections: $per B/conn (master ${master_b} -> ${master_a} kB)"
 
@@ -186,27 +194,35 @@ idle_memory round-robin
 idle_memory node
 
 # ---------------------------------------------------------------- table
+declare -A MR   # MR[impl,load]: the median run by throughput
+for impl in "${IMPLS[@]}"; do
+    for l in short keep; do MR[$impl,$l]=$(mrun "$impl" "$l"); done
+done
+# mat IMPL LOAD METRIC: METRIC of the median run.
+mat() { at "$1" "$2" "$3" "${MR[$1,$2]}"; }
 
+report() {
 machine_line
 echo
 echo "| server ($WORKERS workers) | short conn/s | p50 µs | p99 µs | keep-alive req/s | p50 µs | p99 µs | idle B/conn |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 for impl in "${IMPLS[@]}"; do
     printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "${NAME[$impl]}" \
-        "$(int "$(med "$impl" short rps)")" "$(int "$(med "$impl" short p50_us)")" "$(int "$(med "$impl" short p99_us)")" \
-        "$(int "$(med "$impl" keep rps)")" "$(int "$(med "$impl" keep p50_us)")" "$(int "$(med "$impl" keep p99_us)")" \
+        "$(int "$(mat "$impl" short rps)")" "$(int "$(mat "$impl" short p50_us)")" "$(int "$(mat "$impl" short p99_us)")" \
+        "$(int "$(mat "$impl" keep rps)")" "$(int "$(mat "$impl" keep p50_us)")" "$(int "$(mat "$impl" keep p99_us)")" \
         "${MEM[$impl]:-—}"
 done
 echo
 echo "| vs Node | short conn/s | target | | keep-alive req/s | target | |"
 echo "| --- | ---: | ---: | --- | ---: | ---: | --- |"
 for impl in round-robin least-conn shared; do
-    s=$(ratio "$(med "$impl" short rps)" "$(med node short rps)")
-    k=$(ratio "$(med "$impl" keep rps)" "$(med node keep rps)")
-    echo "| ${NAME[$impl]} | $s | ≥ 2 | $(verdict "$s" '>=' 2) | $k | ≥ 1.3 | $(verdict "$k" '>=' 1.3) |"
+    s=$(ratio "$(mat "$impl" short rps)" "$(mat node short rps)")
+    k=$(ratio "$(mat "$impl" keep rps)" "$(mat node keep rps)")
+    echo "| ${NAME[$impl]} | $s | ≥ 2 | $(verdict "$s" '>=' 2 "${NAME[$impl]} / Node short conn/s") | $k | ≥ 1.3 | $(verdict "$k" '>=' 1.3 "${NAME[$impl]} / Node keep-alive req/s") |"
 done
 echo
-echo "Medians of $RUNS runs, the servers taken in turn; ratios are of the medians. Same Rust load"
+echo "Each row is the median run by throughput of $RUNS (its conn/s or req/s, p50 and p99), the"
+echo "servers taken in turn; ratios are of those runs. Every run: bench-cluster.svg. Same Rust load"
 echo "client for all (\`handoff client rpc\`): short = \`--short --conns 16 --requests 500\` (one"
 echo "connection per request), keep-alive = \`--conns 100 --requests 1000\`; 0 errors in every run."
 echo "Idle B/conn: summed VmRSS of master + workers with $IDLE_CONNS idle connections open, minus"
@@ -215,3 +231,6 @@ echo "of which the master: ${MEMSPLIT[round-robin]} B (round-robin), ${MEMSPLIT[
 for impl in round-robin node; do
     [ -z "${NOTE[$impl]:-}" ] || echo "${NAME[$impl]}: ${NOTE[$impl]}."
 done
+}
+report >"$BENCH_TMP/report.md"
+bench_publish bench-cluster "make bench-cluster: handoff cluster (2 workers) vs Node cluster, every run"

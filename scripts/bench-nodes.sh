@@ -5,11 +5,15 @@
 # the link setup time (connect to the handshake's end) p50/p99.
 #   relay      two clients at once: --relay B:0 and --relay B:1 via node A
 #   yardstick  two clients at once straight to node B (ping)
-# RUNS (3) each, medians. Setup: ROUNDS (10) fresh node pairs with 4
-# workers each; every worker of A links to every worker of B (16 links a
-# round); setup_us read from A's status.
+# RUNS (3) each; each row is the median run by requests/s (its p50, p99).
+# Setup: ROUNDS (10) fresh node pairs with 4 workers each; every worker of A
+# links to every worker of B (16 links a round); setup_us read from A's
+# status. Targets: relay / direct >= 0.5, link setup p99 < 5000 us; writes
+# bench/results/bench-nodes.{md,svg,tsv}, exits 1 when a target is missed.
+# shellcheck source=SCRIPTDIR/bench-lib.sh
 source "$(dirname "$0")/bench-lib.sh"
 need_bin "$BIN"
+need_plot
 CONNS=${CONNS:-25}
 REQS=${REQS:-2000}
 ROUNDS=${ROUNDS:-10}
@@ -56,9 +60,13 @@ for ((r = 0; r < RUNS; r++)); do
     say "run $((r + 1))/$RUNS: relay A -> B"
     read -r rps p50 p99 < <(two_clients "$PA" "--relay B:0" "--relay B:1")
     RELAY_RPS+=("$rps"); RELAY_P50+=("$p50"); RELAY_P99+=("$p99")
+    plot_point "requests/s (2 clients summed)" "relay A -> B" "relay" "$rps"
+    plot_point "p99 µs" "relay A -> B" "relay" "$p99"
     say "run $((r + 1))/$RUNS: direct to B"
     read -r rps p50 p99 < <(two_clients "$PB" "" "")
     DIRECT_RPS+=("$rps"); DIRECT_P50+=("$p50"); DIRECT_P99+=("$p99")
+    plot_point "requests/s (2 clients summed)" "direct to B" "direct (yardstick)" "$rps"
+    plot_point "p99 µs" "direct to B" "direct (yardstick)" "$p99"
 done
 bg_forget_stop "$NA" "$NB"
 
@@ -84,20 +92,30 @@ for w in json.load(sys.stdin)["workers"]:
     done
     ((${#got[@]} >= 16)) || die "setup round $r: only ${#got[@]} of 16 links reported"
     SETUP+=("${got[@]}")
+    for v in "${got[@]}"; do plot_point "link setup µs (each link)" "round $((r + 1))" "link setup" "$v"; done
     bg_forget_stop "$NA" "$NB"
 done
 read -r s50 s99 smax < <(printf '%s\n' "${SETUP[@]}" | sort -n | awk '{a[NR] = $1}
     END { i50 = int(NR * 0.50); if (i50 < 1) i50 = 1; i99 = int(NR * 0.99 + 0.999); if (i99 > NR) i99 = NR
           print a[i50], a[i99], a[NR] }')
 
-rr=$(median "${RELAY_RPS[@]}")
-dr=$(median "${DIRECT_RPS[@]}")
+ri=$(median_idx "${RELAY_RPS[@]}")
+di=$(median_idx "${DIRECT_RPS[@]}")
+rr=${RELAY_RPS[ri]}
+dr=${DIRECT_RPS[di]}
+report() {
 machine_line
 echo
 echo "| node mode (2 nodes x 2 workers, $((2 * CONNS)) keep-alive clients) | requests/s | p50 us | p99 us |"
 echo "|---|---:|---:|---:|"
-echo "| relay A -> B (client -> A worker -> B worker -> back) | $(int "$rr") | $(int "$(median "${RELAY_P50[@]}")") | $(int "$(median "${RELAY_P99[@]}")") |"
-echo "| yardstick: direct to B's workers (one hop less) | $(int "$dr") | $(int "$(median "${DIRECT_P50[@]}")") | $(int "$(median "${DIRECT_P99[@]}")") |"
+echo "| relay A -> B (client -> A worker -> B worker -> back) | $(int "$rr") | $(int "${RELAY_P50[ri]}") | $(int "${RELAY_P99[ri]}") |"
+echo "| yardstick: direct to B's workers (one hop less) | $(int "$dr") | $(int "${DIRECT_P50[di]}") | $(int "${DIRECT_P99[di]}") |"
 echo
-echo "Relay / direct throughput: $(ratio "$rr" "$dr") (target >= 0.5: $(verdict "$(ratio "$rr" "$dr")" '>=' 0.5))."
-echo "Link setup (connect to TELL_RESP), ${#SETUP[@]} links: p50 ${s50} us, p99 ${s99} us, max ${smax} us (target p99 < 5000 us: $(verdict "$s99" '<=' 5000))."
+echo "Each row is the median run by requests/s of $RUNS (its p50 and p99: the median of the two"
+echo "clients'); every run and every link's setup time: bench-nodes.svg."
+echo
+echo "Relay / direct throughput: $(ratio "$rr" "$dr") (target >= 0.5: $(verdict "$(ratio "$rr" "$dr")" '>=' 0.5 "relay / direct requests/s"))."
+echo "Link setup (connect to TELL_RESP), ${#SETUP[@]} links: p50 ${s50} us, p99 ${s99} us, max ${smax} us (target p99 < 5000 us: $(verdict "$s99" '<=' 5000 "link setup p99 us"))."
+}
+report >"$BENCH_TMP/report.md"
+bench_publish bench-nodes "make bench-nodes: relay between two nodes vs direct, every run; link setup times"

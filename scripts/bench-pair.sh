@@ -3,14 +3,17 @@
 # (bench/pair_epoll.c), both driven by the same Rust load client:
 #   unary 100 conns x 1000 requests, stream 1 x 1000, stream 100 x 1000,
 # each RUNS times (default 3), the two implementations alternated. Prints a
-# Markdown table of medians (req/s, p50, p99, time) and the ratios
-# handoff/C against the targets: unary req/s >= 0.8, stream 1x1000 time <= 2.
-# Any run with an error or a broken xor(P,P+1) check fails the script.
+# Markdown table of the median runs (by req/s: req/s, p50, p99, time of that
+# run) and the ratios handoff/C against the targets: unary req/s >= 0.8,
+# stream 1x1000 time <= 2; writes bench/results/bench-pair.{md,svg,tsv} and
+# exits 1 when a target is missed. Any run with an error or a broken
+# xor(P,P+1) check fails the script.
 # shellcheck source=SCRIPTDIR/bench-lib.sh
 source "$(dirname "$0")/bench-lib.sh"
 
 CBIN=$ROOT/build/pair_epoll
 need_bin "$BIN" "$CBIN"
+need_plot
 
 IMPLS=(handoff c)
 declare -A NAME=([handoff]="handoff pair" [c]="C epoll pair")
@@ -62,11 +65,23 @@ for ((run = 1; run <= RUNS; run++)); do
             for m in rps p50_us p99_us secs; do
                 RES[$impl,$i,$m]+="$(field "$LOAD_LINE" "$m") "
             done
+            label="$mode $conns×$reqs"
+            plot_point "req/s" "$label" "${NAME[$impl]}" "$(field "$LOAD_LINE" rps)"
+            plot_point "p50 µs" "$label" "${NAME[$impl]}" "$(field "$LOAD_LINE" p50_us)"
+            plot_point "p99 µs" "$label" "${NAME[$impl]}" "$(field "$LOAD_LINE" p99_us)"
         done
     done
 done
 
 
+declare -A MR   # MR[impl,load]: the median run by req/s
+for i in "${!LOADS[@]}"; do
+    for impl in "${IMPLS[@]}"; do MR[$impl,$i]=$(mrun "$impl" "$i"); done
+done
+# mat IMPL LOAD METRIC: METRIC of the median run.
+mat() { at "$1" "$2" "$3" "${MR[$1,$2]}"; }
+
+report() {
 machine_line
 echo
 echo "| load | server | req/s | p50 µs | p99 µs | time s |"
@@ -76,21 +91,25 @@ for i in "${!LOADS[@]}"; do
     label="$mode, $conns conn$([ "$conns" = 1 ] || echo s) × $reqs req"
     for impl in "${IMPLS[@]}"; do
         printf '| %s | %s | %s | %s | %s | %s |\n' "$label" "${NAME[$impl]}" \
-            "$(int "$(med "$impl" "$i" rps)")" "$(int "$(med "$impl" "$i" p50_us)")" \
-            "$(int "$(med "$impl" "$i" p99_us)")" "$(med "$impl" "$i" secs)"
+            "$(int "$(mat "$impl" "$i" rps)")" "$(int "$(mat "$impl" "$i" p50_us)")" \
+            "$(int "$(mat "$impl" "$i" p99_us)")" "$(mat "$impl" "$i" secs)"
         label=""
     done
 done
 echo
-unary_ratio=$(ratio "$(med handoff 0 rps)" "$(med c 0 rps)")
-stream_ratio=$(ratio "$(med handoff 1 secs)" "$(med c 1 secs)")
+unary_ratio=$(ratio "$(mat handoff 0 rps)" "$(mat c 0 rps)")
+stream_ratio=$(ratio "$(mat handoff 1 secs)" "$(mat c 1 secs)")
 echo "| handoff / C | ratio | target | |"
 echo "| --- | ---: | ---: | --- |"
-echo "| unary 100 × 1000 req/s | $unary_ratio | ≥ 0.8 | $(verdict "$unary_ratio" '>=' 0.8) |"
-echo "| stream 1 × 1000 time | $stream_ratio | ≤ 2 | $(verdict "$stream_ratio" '<=' 2) |"
+echo "| unary 100 × 1000 req/s | $unary_ratio | ≥ 0.8 | $(verdict "$unary_ratio" '>=' 0.8 "handoff/C unary req/s") |"
+echo "| stream 1 × 1000 time | $stream_ratio | ≤ 2 | $(verdict "$stream_ratio" '<=' 2 "handoff/C stream 1 × 1000 time") |"
 echo
-echo "Medians of $RUNS runs, the two implementations alternated; ratios are of the medians."
+echo "Each row is the median run by req/s of $RUNS (its req/s, p50, p99 and time), the two"
+echo "implementations alternated; ratios are of those runs. Every run: bench-pair.svg."
 echo "Both pairs are two processes on 127.0.0.1 (\`handoff server\` ×2, \`build/pair_epoll\` ×2),"
 echo "driven by the same Rust load client (\`handoff client unary|stream\`, 16-byte payloads);"
 echo "every run had 0 errors and 0 breaks of the xor(P,P+1) check. handoff also writes its"
 echo "per-request log (D/P.log); the C yardstick keeps none."
+}
+report >"$BENCH_TMP/report.md"
+bench_publish bench-pair "make bench-pair: handoff pair vs C epoll pair, every run"
