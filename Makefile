@@ -100,7 +100,10 @@ run demo: build
 demo-nodes: build
 	scripts/demo-nodes.sh
 
+# The integration tests run target/release/examples/{http,shout}: `cargo
+# test` alone builds examples only as test harnesses, so build them first.
 test: deps build/cclient $(C_ARTIFACTS)
+	$(CARGO) build --release --bins --examples
 	$(CARGO) test --release
 
 # Valgrind (memcheck) over the unit tests, a set of integration tests with

@@ -7,6 +7,7 @@
 //! drains the input buffer into the returned leftover, and frees it.
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::cell::Cell;
 use std::os::raw::{c_short, c_void};
 use std::ptr::NonNull;
 use std::rc::Rc;
@@ -76,20 +77,82 @@ type Handler = Rc<dyn Fn(ConnEvent)>;
 /// ```
 pub struct Conn {
     bev: Option<NonNull<ev::bufferevent>>,
+    /// Our own read event on the descriptor (see [`Reader`]).
+    reader: Option<super::Event>,
+    reading: Rc<Reader>,
     fd: Option<OwnedFd>,
     _handler: Box<Handler>,
     _base: Base,
 }
 
-unsafe extern "C" fn read_cb(_bev: *mut ev::bufferevent, arg: *mut c_void) {
-    // SAFETY: arg is the Conn's Box<Handler>, alive while callbacks are set;
-    // the clone keeps the closure alive if the handler drops the Conn.
-    let h: Handler = unsafe { (*(arg as *const Handler)).clone() };
-    super::guard(|| h(ConnEvent::Read));
+/// The read side. A bufferevent reads with `evbuffer_read`, which asks
+/// the kernel `ioctl(FIONREAD)` before every `readv`: one syscall in three
+/// on a request/response connection. So a `Conn` reads itself, with one
+/// `recv` into the bufferevent's input buffer, and the bufferevent only
+/// buffers input and writes output.
+struct Reader {
+    bev: *mut ev::bufferevent,
+    fd: RawFd,
+    limit: usize,
+    /// The owner wants input ([`Conn::resume_reading`]).
+    wanted: Cell<bool>,
+    /// EOF or an error was seen: nothing more will be read.
+    done: Cell<bool>,
+    timeout: Cell<Option<Duration>>,
+    /// The read event itself (set once made; freed with the Conn).
+    event: Cell<*mut ev::event>,
+}
+
+/// Largest single read.
+const READ_CHUNK: usize = 64 * 1024;
+
+impl Reader {
+    /// Reads once. Returns the event for the handler, if any.
+    fn read(&self) -> Option<ConnEvent> {
+        // SAFETY: the Reader lives in the Conn that owns bev and fd, and its
+        // event is freed before either goes; the input buffer's end is
+        // frozen by the bufferevent (only its reads append), so it is
+        // unfrozen for the append and frozen again.
+        unsafe {
+            let input = ev::bufferevent_get_input(self.bev);
+            let have = ev::evbuffer_get_length(input);
+            if have >= self.limit {
+                return None;
+            }
+            let want = (self.limit - have).min(READ_CHUNK);
+            let mut vec = ev::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+            ev::evbuffer_unfreeze(input, 0);
+            let n = if ev::evbuffer_reserve_space(input, want as isize, &mut vec, 1) < 1 {
+                -1
+            } else {
+                libc::recv(self.fd, vec.iov_base, want.min(vec.iov_len), 0)
+            };
+            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            if n > 0 {
+                vec.iov_len = n as usize;
+                ev::evbuffer_commit_space(input, &mut vec, 1);
+            }
+            ev::evbuffer_freeze(input, 0);
+            match n {
+                n if n > 0 => Some(ConnEvent::Read),
+                0 => Some(ConnEvent::Eof),
+                _ if errno == libc::EAGAIN || errno == libc::EINTR => None,
+                _ => Some(ConnEvent::Error(errno)),
+            }
+        }
+    }
+
+    /// Whether the read event should be in the loop now.
+    fn should_wait(&self) -> bool {
+        // SAFETY: as in `read`.
+        let have = unsafe { ev::evbuffer_get_length(ev::bufferevent_get_input(self.bev)) };
+        self.wanted.get() && !self.done.get() && have < self.limit
+    }
 }
 
 unsafe extern "C" fn write_cb(_bev: *mut ev::bufferevent, arg: *mut c_void) {
-    // SAFETY: as in read_cb.
+    // SAFETY: arg is the Conn's Box<Handler>, alive while callbacks are set;
+    // the clone keeps the closure alive if the handler drops the Conn.
     let h: Handler = unsafe { (*(arg as *const Handler)).clone() };
     super::guard(|| h(ConnEvent::Drained));
 }
@@ -105,7 +168,7 @@ unsafe extern "C" fn event_cb(_bev: *mut ev::bufferevent, what: c_short, arg: *m
     } else {
         return;
     };
-    // SAFETY: as in read_cb.
+    // SAFETY: as in write_cb.
     let h: Handler = unsafe { (*(arg as *const Handler)).clone() };
     super::guard(|| h(e));
 }
@@ -130,8 +193,40 @@ impl Conn {
         // (no BEV_OPT_CLOSE_ON_FREE).
         let raw = unsafe { ev::bufferevent_socket_new(base.as_ptr(), fd.as_raw_fd(), 0) };
         let bev = NonNull::new(raw).ok_or_else(|| io::Error::other("bufferevent_socket_new failed"))?;
+        let reading = Rc::new(Reader {
+            bev: raw,
+            fd: fd.as_raw_fd(),
+            limit: read_limit.max(1),
+            wanted: Cell::new(false),
+            done: Cell::new(false),
+            timeout: Cell::new(None),
+            event: Cell::new(std::ptr::null_mut()),
+        });
+        let (r, h) = (reading.clone(), handler.clone());
+        let reader = super::Event::with_flags(base, fd.as_raw_fd(), (ev::EV_READ | ev::EV_PERSIST) as c_short, move |what| {
+            let e = if what & ev::EV_TIMEOUT as c_short != 0 { Some(ConnEvent::Timeout) } else { r.read() };
+            let Some(e) = e else { return };
+            if matches!(e, ConnEvent::Eof | ConnEvent::Error(_)) {
+                r.done.set(true);
+            }
+            // Settle the event before the handler runs: it may drop the Conn.
+            if !r.should_wait() {
+                // SAFETY: the event is live (we run inside its callback).
+                unsafe { ev::event_del(r.event.get()) };
+            }
+            h(e)
+        });
+        let reader = match reader {
+            Ok(e) => e,
+            Err(err) => {
+                // SAFETY: bev is live and has no callbacks yet.
+                unsafe { ev::bufferevent_free(raw) };
+                return Err(err);
+            }
+        };
+        reading.event.set(reader.as_ptr());
         let handler: Box<Handler> = Box::new(handler);
-        let conn = Conn { bev: Some(bev), fd: Some(fd), _handler: handler, _base: base.clone() };
+        let conn = Conn { bev: Some(bev), reader: Some(reader), reading, fd: Some(fd), _handler: handler, _base: base.clone() };
         let arg = &*conn._handler as *const Handler as *mut c_void;
         if !leftover.is_empty() {
             // The input buffer's end is frozen (only libevent's reads append),
@@ -144,10 +239,7 @@ impl Conn {
         }
         // SAFETY: bev is live; arg outlives the callbacks (cleared in Drop/detach
         // by bufferevent_free before the Box is dropped).
-        unsafe {
-            ev::bufferevent_setcb(raw, Some(read_cb), Some(write_cb), Some(event_cb), arg);
-            ev::bufferevent_setwatermark(raw, ev::EV_READ as c_short, 0, read_limit);
-        }
+        unsafe { ev::bufferevent_setcb(raw, None, Some(write_cb), Some(event_cb), arg) };
         Ok(conn)
     }
 
@@ -216,6 +308,21 @@ impl Conn {
     pub fn consume(&mut self, n: usize) {
         // SAFETY: the input evbuffer belongs to a live bev.
         unsafe { ev::evbuffer_drain(self.input(), n) };
+        // Below the read limit again: reading goes on.
+        self.arm_reader();
+    }
+
+    /// Puts the read event in the loop, or takes it out, as the reader's
+    /// state says.
+    fn arm_reader(&self) {
+        let Some(e) = &self.reader else { return };
+        if self.reading.should_wait() {
+            if !e.pending() {
+                let _ = e.add(self.reading.timeout.get());
+            }
+        } else {
+            e.del();
+        }
     }
 
     /// Queues bytes for writing (a `Drained` event follows when they are out).
@@ -246,24 +353,26 @@ impl Conn {
     /// comes until [`Conn::resume_reading`] (back-pressure on a client
     /// that does not read its responses; a connection about to move).
     pub fn pause_reading(&self) {
-        // SAFETY: bev is live.
-        unsafe { ev::bufferevent_disable(self.bev(), ev::EV_READ as c_short) };
+        self.reading.wanted.set(false);
+        self.arm_reader();
     }
 
     /// Starts (or restarts) reading into the input buffer, up to the
     /// `read_limit` given to [`Conn::adopt`]; a `Read` event follows each
     /// arrival. A new `Conn` reads nothing until this is called.
     pub fn resume_reading(&self) {
-        // SAFETY: bev is live.
-        unsafe { ev::bufferevent_enable(self.bev(), ev::EV_READ as c_short) };
+        self.reading.wanted.set(true);
+        self.arm_reader();
     }
 
     /// Read timeout: a `Timeout` event when no byte arrives for `d`.
     pub fn set_read_timeout(&self, d: Option<Duration>) {
-        let tv = d.map(super::timeval);
-        let p = tv.as_ref().map_or(std::ptr::null(), |t| t as *const _);
-        // SAFETY: bev is live; p is null or a live timeval (copied by libevent).
-        unsafe { ev::bufferevent_set_timeouts(self.bev(), p, std::ptr::null()) };
+        self.reading.timeout.set(d);
+        if let Some(e) = &self.reader {
+            if e.pending() {
+                let _ = e.add(d);
+            }
+        }
     }
 
     /// Takes the descriptor and the unread input back, freeing the
@@ -278,6 +387,8 @@ impl Conn {
     }
 
     fn free_bev(&mut self) {
+        // Our read event leaves epoll first (changelist off: at once).
+        self.reader = None;
         if let Some(bev) = self.bev.take() {
             // SAFETY: bev is live; disabling deletes its events from the
             // backend now (changelist off); free clears the callbacks, so the
