@@ -286,7 +286,7 @@ impl Conn {
         }
         // SAFETY: pullup makes n bytes contiguous and returns a pointer into
         // the buffer, valid until the buffer is next modified. Only
-        // `consume` (&mut self), `detach` (self) and libevent's own reads
+        // `consume` (&mut self), `detach` (self) and the read event's appends
         // (which run from the loop, never while a Rust borrow is live)
         // modify the input buffer, so the shared borrow of self outlives
         // every use of the slice.
