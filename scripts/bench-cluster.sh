@@ -3,7 +3,7 @@
 # (round-robin, least-conn, shared) against Node's cluster module
 # (bench/node_cluster.js, SCHED_RR), all driven by the same Rust load client:
 #   short connections  rpc --short --conns 16 --requests 500  -> connections/s
-#   keep-alive         rpc --conns 100 --requests 1000        -> requests/s
+#   keep-alive         rpc --conns 100 --requests 3000        -> requests/s (about 3 s: Node varies run to run)
 # each RUNS times (default 3), the servers taken in turn; medians. Then the
 # memory per idle connection for round-robin and Node: IDLE_CONNS (10000)
 # idle connections opened by bench/idle_conns.py, summed VmRSS of master +
@@ -134,7 +134,7 @@ for ((run = 1; run <= RUNS; run++)); do
         for m in rps p50_us p99_us; do RES[$impl,short,$m]+="$(field "$LOAD_LINE" "$m") "; done
         plot_point "short connections: conn/s" "short" "${NAME[$impl]}" "$(field "$LOAD_LINE" rps)"
         plot_point "p99 µs" "short" "${NAME[$impl]}" "$(field "$LOAD_LINE" p99_us)"
-        load "run $run ${NAME[$impl]} keep-alive" rpc --port "${PORT[$impl]}" --conns 100 --requests 1000
+        load "run $run ${NAME[$impl]} keep-alive" rpc --port "${PORT[$impl]}" --conns 100 --requests 3000
         for m in rps p50_us p99_us; do RES[$impl,keep,$m]+="$(field "$LOAD_LINE" "$m") "; done
         plot_point "keep-alive: req/s" "keep-alive" "${NAME[$impl]}" "$(field "$LOAD_LINE" rps)"
         plot_point "p99 µs" "keep-alive" "${NAME[$impl]}" "$(field "$LOAD_LINE" p99_us)"
@@ -224,7 +224,7 @@ echo
 echo "Each row is the median run by throughput of $RUNS (its conn/s or req/s, p50 and p99), the"
 echo "servers taken in turn; ratios are of those runs. Every run: bench-cluster.svg. Same Rust load"
 echo "client for all (\`handoff client rpc\`): short = \`--short --conns 16 --requests 500\` (one"
-echo "connection per request), keep-alive = \`--conns 100 --requests 1000\`; 0 errors in every run."
+echo "connection per request), keep-alive = \`--conns 100 --requests 3000\`; 0 errors in every run."
 echo "Idle B/conn: summed VmRSS of master + workers with $IDLE_CONNS idle connections open, minus"
 echo "the same before, / $IDLE_CONNS (user-space memory only, not kernel socket buffers);"
 echo "of which the master: ${MEMSPLIT[round-robin]} B (round-robin), ${MEMSPLIT[node]} B (Node)."
