@@ -708,6 +708,10 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
     crate::topology::cluster::master::run_on(cfg, fd, Some(c.into_fd()))
 }
 
+/// How long `handoff restart` waits for the new generation's workers to
+/// answer the heartbeat before it calls the restart failed.
+const PROBE_PATIENCE: Duration = Duration::from_secs(10);
+
 /// `handoff restart --dir D`: asks the master for a restart and waits for
 /// the verdict: COMMITTED, then the new generation's status answered on
 /// the control socket and a connection taken on the port. Returns the reply (`ok` true).
@@ -740,13 +744,23 @@ pub fn request(dir: &Path, binary: Option<&Path>, timeout: Duration, listeners_o
 
 /// Whatever the service speaks: the control socket must be answered by
 /// generation `gen` with a worker that can serve, and the port must take
-/// a connection. Returns the generation that answered.
+/// a connection. Workers that are slow to answer the heartbeat (a loaded
+/// machine, valgrind) get up to `PROBE_PATIENCE` to be counted. Returns
+/// the generation that answered.
 fn probe(dir: &Path, host: &str, port: u16) -> io::Result<u64> {
-    let v = crate::topology::cluster::status::fetch(dir, Duration::from_secs(5))?;
-    let gen = v["gen"].as_u64().ok_or_else(|| io::Error::other(format!("unexpected status reply: {v}")))?;
-    if v["accepting"] != json!(true) {
-        return Err(io::Error::other(format!("generation {gen} has no worker that can serve")));
-    }
+    let deadline = std::time::Instant::now() + PROBE_PATIENCE;
+    let gen = loop {
+        let v = crate::topology::cluster::status::fetch(dir, Duration::from_secs(5))?;
+        let gen = v["gen"].as_u64().ok_or_else(|| io::Error::other(format!("unexpected status reply: {v}")))?;
+        if v["accepting"] == json!(true) {
+            break gen;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::other(format!("generation {gen} has no worker that can serve")));
+        }
+        // Status has no change notification: ask again shortly.
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let addr = crate::core::sock::resolve_v4(host, port)?;
     TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
     Ok(gen)
