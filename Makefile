@@ -108,7 +108,7 @@ test: deps build/cclient $(C_ARTIFACTS)
 
 # Valgrind (memcheck) over the unit tests, a set of integration tests with
 # every handoff process under valgrind, and two nodes: 0 errors or it fails.
-memcheck: deps memcheck-deps
+memcheck: deps memcheck-deps $(C_ARTIFACTS)
 	scripts/memcheck.sh
 
 bench: bench-pair bench-cluster bench-nodes bench-restart bench-http

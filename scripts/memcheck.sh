@@ -76,14 +76,14 @@ report() {
     say "memcheck: $1: $files process(es) under valgrind, 0 errors"
 }
 
-say "== memcheck 1/3: unit tests under valgrind"
+say "== memcheck 1/4: unit tests under valgrind"
 cargo test --release --lib --no-run 2>"$OUT/build.log" || { cat "$OUT/build.log" >&2; exit 1; }
 unit=$(sed -n 's/.*Executable unittests src\/lib.rs (\(.*\))$/\1/p' "$OUT/build.log" | tail -1)
 [ -x "$unit" ] || { cat "$OUT/build.log" >&2; die "no unit test binary in cargo's output"; }
 "${VG[@]}" --xml=yes --xml-file="$OUT/unit.%p.xml" "$unit" -q
 report unit
 
-say "== memcheck 2/3: integration tests, every handoff process under valgrind"
+say "== memcheck 2/4: integration tests, every handoff process under valgrind"
 cargo build --release -q --bins --examples
 # The wrapper is a sh script: the quotes keep the skip patterns unexpanded.
 # shellcheck disable=SC2086
@@ -95,7 +95,7 @@ ran=$(sed -n 's/^test result: ok\. \([0-9]*\) passed.*/\1/p' "$OUT/it.log" | tai
 [ "${ran:-0}" -eq "$(echo $TESTS | wc -w)" ] || die "ran ${ran:-0} of the $(echo $TESTS | wc -w) tests named in MEMCHECK_TESTS"
 report it
 
-say "== memcheck 3/3: two nodes relaying, a worker killed, stopped cleanly"
+say "== memcheck 3/4: two nodes relaying, a worker killed, stopped cleanly"
 NVG=("${VG[@]}" --trace-children=yes --xml=yes --xml-file="$OUT/node.%p.xml")
 PA=$(free_port)
 PB=$(free_port)
@@ -124,4 +124,8 @@ done
 load "A -> B:1 after its respawn" rpc --port "$PA" --conns 4 --requests 50 --relay B:1
 bg_forget_stop "$A_PID" "$B_PID"
 report node
+
+say "== memcheck 4/4: C workers (build/rpc_worker on libhandoff) under valgrind, with restarts"
+cargo test --release --test it -q -- --ignored --exact cworker::rpc_worker_under_valgrind_has_no_memcheck_error \
+    || die "the C worker under valgrind had errors (see above)"
 say "memcheck: 0 valgrind errors"
