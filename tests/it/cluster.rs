@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::cluster_support::*;
-use crate::support::*;
 
 #[test]
 fn ping_echoes_varied_json_values_exactly() {
@@ -293,30 +292,7 @@ fn sigkill_of_a_worker_under_short_connection_load_loses_nothing() {
 #[test]
 fn sigterm_exits_zero_and_leaves_no_worker() {
     let mut c = Cluster::start(3, &["--grace", "5"]);
-    let v = c.status();
-    let pids: Vec<i32> = worker_field(&v, "pid").into_iter().map(|p| p as i32).collect();
-    assert!(pids.iter().all(|&p| pid_alive(p)), "{v}");
-    let mut idle = c.connect();
-    idle.ping(&json!("idle"));
-    // A connection with half a request buffered when SIGTERM comes: the
-    // worker finishes it.
-    // The half request rides in one write behind a whole one: the reply
-    // to the whole one shows the worker has read both.
-    let mut partial = c.connect();
-    let f = frame(&ping_req(&json!("finish me")));
-    let mut first = frame(&ping_req(&json!("warm")));
-    first.extend_from_slice(&f[..7]);
-    partial.send_raw(&first);
-    assert_eq!(partial.recv(), json!({"out": "pong", "result": "warm"}));
-    c.server.signal(libc::SIGTERM);
-    partial.send_raw(&f[7..]);
-    assert_eq!(partial.recv(), json!({"out": "pong", "result": "finish me"}), "request in progress at SIGTERM");
-    partial.expect_closed(Duration::from_secs(5)).expect("finished connection closed after SIGTERM");
-    idle.expect_closed(Duration::from_secs(5)).expect("idle connection closed at SIGTERM");
-    let st = c.server.wait_exit(EXIT_TIMEOUT);
-    assert!(st.success(), "master exit status after SIGTERM: {st}");
-    let left: Vec<i32> = pids.iter().copied().filter(|&p| pid_alive(p)).collect();
-    assert!(left.is_empty(), "workers still alive after the master exited: {left:?}");
+    check_sigterm_finishes_the_request_in_progress(&mut c);
     assert!(Rpc::try_connect(c.port).is_err(), "port {} still accepts after exit", c.port);
     assert!(c.try_status(Duration::from_secs(1)).is_err(), "status still answers after exit");
 }

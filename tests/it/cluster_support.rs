@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{bin, free_pair, poll_until, run_cmd, TempDir, TestServer, IO_TIMEOUT, LOCALHOST};
+use crate::support::{bin, free_pair, poll_until, run_cmd, TempDir, TestServer, EXIT_TIMEOUT, IO_TIMEOUT, LOCALHOST};
 
 /// How long a `handoff restart` may take in these tests.
 pub const RESTART_TIMEOUT: Duration = Duration::from_secs(30);
@@ -547,4 +547,35 @@ pub fn server_side_unread(port: u16) -> (usize, u64) {
         }
     }
     (n, unread)
+}
+
+/// SIGTERM to the master of `c` (started with `--grace 5`, serving rpc):
+/// a request in progress is finished, idle and finished connections
+/// close, the master exits 0 and no worker is left.
+pub fn check_sigterm_finishes_the_request_in_progress(c: &mut Cluster) {
+    let v = c.status();
+    let pids: Vec<i32> = worker_field(&v, "pid").into_iter().map(|p| p as i32).collect();
+    assert!(pids.iter().all(|&p| pid_alive(p)), "{v}");
+    let mut idle = c.connect();
+    idle.ping(&json!("idle"));
+    // A connection with half a request buffered when SIGTERM comes: the
+    // worker finishes it. The half request rides in one write behind a
+    // whole one: the reply to the whole one shows the worker read both.
+    let mut partial = c.connect();
+    let f = frame(&ping_req(&json!("finish me")));
+    let mut first = frame(&ping_req(&json!("warm")));
+    first.extend_from_slice(&f[..7]);
+    partial.send_raw(&first);
+    assert_eq!(partial.recv(), json!({"out": "pong", "result": "warm"}));
+    c.server.signal(libc::SIGTERM);
+    partial.send_raw(&f[7..]);
+    assert_eq!(partial.recv(), json!({"out": "pong", "result": "finish me"}), "request in progress at SIGTERM");
+    partial.expect_closed(Duration::from_secs(5)).expect("finished connection closed after SIGTERM");
+    idle.expect_closed(Duration::from_secs(5)).expect("idle connection closed at SIGTERM");
+    let st = c.server.wait_exit(EXIT_TIMEOUT);
+    assert!(st.success(), "master exit status after SIGTERM: {st}");
+    let left: Vec<i32> = pids.iter().copied().filter(|&p| pid_alive(p)).collect();
+    assert!(left.is_empty(), "workers still alive after the master exited: {left:?}");
+    let log = c.server.stderr_text();
+    assert!(!log.contains("exited unexpectedly"), "a worker died instead of stopping:\n{log}");
 }

@@ -457,26 +457,7 @@ fn killed_c_worker_is_respawned_and_its_connections_rescued() {
 #[test]
 fn c_workers_stop_on_sigterm_finishing_the_request_in_progress() {
     let mut c = c_cluster(2, &rpc_worker(), &["--grace", "5"]);
-    let pids = c.worker_pids();
-    let mut idle = c.connect();
-    idle.ping(&json!("idle"));
-    let mut partial = c.connect();
-    let f = frame(&ping_req(&json!("finish me")));
-    let mut first = frame(&ping_req(&json!("warm")));
-    first.extend_from_slice(&f[..7]);
-    partial.send_raw(&first);
-    assert_eq!(partial.recv(), json!({"out": "pong", "result": "warm"}));
-    c.server.signal(libc::SIGTERM);
-    partial.send_raw(&f[7..]);
-    assert_eq!(partial.recv(), json!({"out": "pong", "result": "finish me"}), "request in progress at SIGTERM");
-    partial.expect_closed(Duration::from_secs(5)).expect("finished connection closed after SIGTERM");
-    idle.expect_closed(Duration::from_secs(5)).expect("idle connection closed at SIGTERM");
-    let st = c.server.wait_exit(EXIT_TIMEOUT);
-    assert!(st.success(), "master exit status after SIGTERM: {st}");
-    let left: Vec<i32> = pids.iter().copied().filter(|&p| pid_alive(p)).collect();
-    assert!(left.is_empty(), "C workers still alive after the master exited: {left:?}");
-    let log = c.server.stderr_text();
-    assert!(!log.contains("exited unexpectedly"), "a C worker died instead of stopping:\n{log}");
+    check_sigterm_finishes_the_request_in_progress(&mut c);
 }
 
 #[test]
