@@ -70,7 +70,6 @@ fn parse_target(s: &str) -> Result<(String, usize), String> {
     Ok((n.to_string(), w.parse().map_err(|e| format!("{w}: {e}"))?))
 }
 
-
 impl Extra for ClientCmd {
     /// Runs a load client, prints its summary line; exit 1 on any error.
     fn run(self) -> ExitCode {

@@ -8,7 +8,7 @@ use std::ffi::{c_int, c_void};
 
 use libevent_sys as ev;
 
-use super::{handoff_closed, handoff_release, guarded, Worker, HANDOFF_EINVAL, HANDOFF_EIO};
+use super::{guarded, handoff_closed, handoff_release, Worker, HANDOFF_EINVAL, HANDOFF_EIO};
 
 /// `handoff_bufferevent_new` (csrc/handoff.h).
 ///

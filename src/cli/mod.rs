@@ -18,9 +18,9 @@ use clap::{Args, FromArgMatches, Parser, Subcommand};
 use log::LevelFilter;
 use serde_json::Value;
 
+use crate::service::Service;
 use crate::topology::cluster;
 use crate::topology::pair;
-use crate::service::Service;
 
 /// Runs the whole command line with one service for every mode.
 pub fn main<S: Service>(name: &'static str) -> ExitCode {
@@ -390,4 +390,3 @@ fn parse_ports(s: &str) -> Result<(u16, u16), String> {
     let p = |x: &str| x.trim().parse::<u16>().map_err(|e| format!("{x}: {e}"));
     Ok((p(a)?, p(b)?))
 }
-

@@ -134,13 +134,7 @@ impl<'a> Cx<'a> {
         }
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
-        self.relays.push(RelayReq {
-            at: self.out.len(),
-            ticket,
-            node: node.to_string(),
-            worker,
-            msg: msg.to_string(),
-        });
+        self.relays.push(RelayReq { at: self.out.len(), ticket, node: node.to_string(), worker, msg: msg.to_string() });
         Some(ticket)
     }
 

@@ -5,9 +5,9 @@
 //! back with [`Conn::detach`] and passed to another process. Detaching
 //! disables the bufferevent (which removes its events from epoll at once),
 //! drains the input buffer into the returned leftover, and frees it.
+use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::cell::Cell;
 use std::os::raw::{c_short, c_void};
 use std::ptr::NonNull;
 use std::rc::Rc;
@@ -203,19 +203,20 @@ impl Conn {
             event: Cell::new(std::ptr::null_mut()),
         });
         let (r, h) = (reading.clone(), handler.clone());
-        let reader = super::Event::with_flags(base, fd.as_raw_fd(), (ev::EV_READ | ev::EV_PERSIST) as c_short, move |what| {
-            let e = if what & ev::EV_TIMEOUT as c_short != 0 { Some(ConnEvent::Timeout) } else { r.read() };
-            let Some(e) = e else { return };
-            if matches!(e, ConnEvent::Eof | ConnEvent::Error(_)) {
-                r.done.set(true);
-            }
-            // Settle the event before the handler runs: it may drop the Conn.
-            if !r.should_wait() {
-                // SAFETY: the event is live (we run inside its callback).
-                unsafe { ev::event_del(r.event.get()) };
-            }
-            h(e)
-        });
+        let reader =
+            super::Event::with_flags(base, fd.as_raw_fd(), (ev::EV_READ | ev::EV_PERSIST) as c_short, move |what| {
+                let e = if what & ev::EV_TIMEOUT as c_short != 0 { Some(ConnEvent::Timeout) } else { r.read() };
+                let Some(e) = e else { return };
+                if matches!(e, ConnEvent::Eof | ConnEvent::Error(_)) {
+                    r.done.set(true);
+                }
+                // Settle the event before the handler runs: it may drop the Conn.
+                if !r.should_wait() {
+                    // SAFETY: the event is live (we run inside its callback).
+                    unsafe { ev::event_del(r.event.get()) };
+                }
+                h(e)
+            });
         let reader = match reader {
             Ok(e) => e,
             Err(err) => {
@@ -226,7 +227,14 @@ impl Conn {
         };
         reading.event.set(reader.as_ptr());
         let handler: Box<Handler> = Box::new(handler);
-        let conn = Conn { bev: Some(bev), reader: Some(reader), reading, fd: Some(fd), _handler: handler, _base: base.clone() };
+        let conn = Conn {
+            bev: Some(bev),
+            reader: Some(reader),
+            reading,
+            fd: Some(fd),
+            _handler: handler,
+            _base: base.clone(),
+        };
         let arg = &*conn._handler as *const Handler as *mut c_void;
         if !leftover.is_empty() {
             // The input buffer's end is frozen (only libevent's reads append),

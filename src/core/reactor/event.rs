@@ -66,7 +66,12 @@ impl Event {
 
     /// An event with libevent's own flags (`EV_READ | EV_PERSIST`, ...);
     /// the callback gets what fired (`EV_TIMEOUT`, `EV_READ`, ...).
-    pub(crate) fn with_flags(base: &Base, fd: RawFd, flags: c_short, cb: impl Fn(c_short) + 'static) -> io::Result<Event> {
+    pub(crate) fn with_flags(
+        base: &Base,
+        fd: RawFd,
+        flags: c_short,
+        cb: impl Fn(c_short) + 'static,
+    ) -> io::Result<Event> {
         let cb: Box<Callback> = Box::new(Rc::new(cb));
         let arg = &*cb as *const Callback as *mut c_void;
         // SAFETY: base is live; arg points into the Box kept in the Event,

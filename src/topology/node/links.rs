@@ -15,13 +15,13 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::topology::cluster::worker::{with, Kind, Worker};
-use crate::topology::cluster::worker::link::Handed;
-use crate::service::{RelayAnswer, Service, Ticket};
-use crate::topology::node::NodeConfig;
-use crate::topology::node::wire::{self as wire, Cmd, Parsed};
 use crate::core::reactor::{Event, Interest};
 use crate::core::sock;
+use crate::service::{RelayAnswer, Service, Ticket};
+use crate::topology::cluster::worker::link::Handed;
+use crate::topology::cluster::worker::{with, Kind, Worker};
+use crate::topology::node::wire::{self as wire, Cmd, Parsed};
+use crate::topology::node::NodeConfig;
 
 /// A link's far end: (node, worker).
 pub type Key = (String, usize);
@@ -129,7 +129,15 @@ impl<S: Service> Worker<S> {
 
     /// A session's relay of `msg` (JSON text) to `worker` of `node`, from
     /// client connection `client`, its reply number `reply_seq`.
-    pub(crate) fn relay(&mut self, client: u64, reply_seq: u64, ticket: Ticket, node: String, worker: usize, msg: String) {
+    pub(crate) fn relay(
+        &mut self,
+        client: u64,
+        reply_seq: u64,
+        ticket: Ticket,
+        node: String,
+        worker: usize,
+        msg: String,
+    ) {
         let key: Key = (node, worker);
         let relay = Relay { client, reply_seq, ticket, msg };
         if !self.node().cfg.peers.contains_key(&key.0) {

@@ -9,11 +9,11 @@ use std::rc::Rc;
 
 use serde_json::json;
 
-use crate::topology::cluster::master::{with, Master};
 use crate::core::channel::{wire, Msg};
-use crate::topology::node::wire::{self as node, Cmd, Parsed};
 use crate::core::reactor::{Conn, ConnEvent};
 use crate::core::sock;
+use crate::topology::cluster::master::{with, Master};
+use crate::topology::node::wire::{self as node, Cmd, Parsed};
 
 /// Bytes a manager reads before deciding: a link's first message
 /// (CONNECT_REQ, header included) must fit, far below the 1 MiB of other

@@ -93,12 +93,7 @@ pub fn run(
             timer: None,
         })
         .collect();
-    let state = Rc::new(RefCell::new(Launcher {
-        base: base.clone(),
-        cmd,
-        servers,
-        stopping: false,
-    }));
+    let state = Rc::new(RefCell::new(Launcher { base: base.clone(), cmd, servers, stopping: false }));
     let mut events = Vec::new();
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGQUIT] {
         let st = state.clone();

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::core::reactor::{Base, Conn, ConnEvent, Endpoint, Event, Interest, Listener};
-use crate::topology::pair::reqlog::RequestLog;
-use crate::service::{Cx, Place, Service, Session};
 use crate::core::sock;
+use crate::service::{Cx, Place, Service, Session};
+use crate::topology::pair::reqlog::RequestLog;
 
 /// Serving alone: pause reading a connection while this much output is
 /// unsent (a client that sends without reading cannot grow our memory).

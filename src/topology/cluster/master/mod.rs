@@ -20,9 +20,6 @@ use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::core::reactor::{Base, Endpoint, Event, Interest, Listener};
 use crate::core::sock;
 
-
-
-
 /// How soon a connection a receiver refused is offered again.
 const RETRY_REFUSED: Duration = Duration::from_millis(100);
 /// Respawn backoff: a worker that exits or crashes within `STABLE` of its

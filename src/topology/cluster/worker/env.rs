@@ -78,7 +78,14 @@ pub struct WorkerEnv {
 /// assert_eq!(var("HANDOFF_CHANNEL_FD"), Some(OsStr::new("3")));
 /// assert_eq!(var("HANDOFF_OPT_MAX_FRAME"), Some(OsStr::new("4096")));
 /// ```
-pub fn set(cmd: &mut Command, index: usize, gen: u64, dir: &std::path::Path, options: &Value, node: Option<&NodeConfig>) {
+pub fn set(
+    cmd: &mut Command,
+    index: usize,
+    gen: u64,
+    dir: &std::path::Path,
+    options: &Value,
+    node: Option<&NodeConfig>,
+) {
     cmd.env("HANDOFF_CHANNEL_FD", CHANNEL_FD.to_string())
         .env("HANDOFF_WORKER_INDEX", index.to_string())
         .env("HANDOFF_GEN", gen.to_string())

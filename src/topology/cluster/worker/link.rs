@@ -53,11 +53,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
+use crate::core::reactor::{Base, Event, Interest};
 use crate::topology::cluster::{
     control_path, KIND_DRAIN, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_SHUTDOWN, KIND_STATS, KIND_TAKEOVER_BEGUN,
     KIND_TAKEOVER_ENDED,
 };
-use crate::core::reactor::{Base, Event, Interest};
 
 /// Longest delay of a counters-only stats message.
 const STATS_EVERY: Duration = Duration::from_millis(100);
@@ -159,7 +159,9 @@ impl MasterLink {
         match ev {
             ChannelEvent::Msg(m) => match m.kind {
                 wire::KIND_CONN => Some(Order::Conn(handed(m, true))),
-                wire::KIND_LISTENER => Some(Order::Listener(m.fd.expect("channel checks LISTENER carries a descriptor"))),
+                wire::KIND_LISTENER => {
+                    Some(Order::Listener(m.fd.expect("channel checks LISTENER carries a descriptor")))
+                }
                 KIND_SHUTDOWN => Some(Order::Shutdown),
                 KIND_DRAIN => Some(Order::Drain),
                 KIND_TAKEOVER_BEGUN => {

@@ -10,15 +10,14 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use crate::core::reactor::{Base, Conn, ConnEvent, Event, Interest, Listener};
-use crate::service::{cx::RelayReq, Cx, Place, RelayAnswer, Service, Session, Ticket};
 use crate::core::sock;
+use crate::service::{cx::RelayReq, Cx, Place, RelayAnswer, Service, Session, Ticket};
 
 pub mod env;
 pub mod link;
 
-
-pub use env::WorkerEnv;
 use crate::topology::node::links;
+pub use env::WorkerEnv;
 use link::{Handed, MasterLink, Order};
 
 /// Pause reading a connection while this much output is unsent.
@@ -204,8 +203,14 @@ impl<S: Service> Worker<S> {
         match Listener::adopt(&self.base, fd, move |c| {
             with(&w, |s| {
                 let _ = sock::set_nodelay(c.as_raw_fd());
-                let h =
-                    Handed { fd: c, leftover: Vec::new(), state: Vec::new(), master_id: 0, eof: false, node_link: false };
+                let h = Handed {
+                    fd: c,
+                    leftover: Vec::new(),
+                    state: Vec::new(),
+                    master_id: 0,
+                    eof: false,
+                    node_link: false,
+                };
                 s.open_conn(h, Kind::Client);
             })
         }) {
@@ -223,14 +228,19 @@ impl<S: Service> Worker<S> {
         let id = self.next_id;
         self.next_id += 1;
         let w = self.me.clone();
-        let conn =
-            match Conn::adopt(&self.base, h.fd, &h.leftover, self.read_limit, Rc::new(move |ev| with(&w, |s| s.on_conn(id, ev)))) {
-                Ok(c) => c,
-                Err(e) => {
-                    log::error!("worker {}: cannot adopt connection: {e}", self.index);
-                    return None;
-                }
-            };
+        let conn = match Conn::adopt(
+            &self.base,
+            h.fd,
+            &h.leftover,
+            self.read_limit,
+            Rc::new(move |ev| with(&w, |s| s.on_conn(id, ev))),
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("worker {}: cannot adopt connection: {e}", self.index);
+                return None;
+            }
+        };
         let session = (kind == Kind::Client).then(|| self.service.open(&h.state));
         self.conns.insert(
             id,
