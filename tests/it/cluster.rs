@@ -182,42 +182,8 @@ fn two_thousand_idle_connections_then_each_sends_a_request() {
 #[test]
 fn bad_requests_get_an_error_reply_and_the_connection_stays_usable() {
     let c = Cluster::start(2, &[]);
-    let bad: Vec<(&str, Vec<u8>)> = vec![
-        ("truncated JSON", b"{".to_vec()),
-        ("not JSON", b"hello there".to_vec()),
-        ("empty body", Vec::new()),
-        ("invalid UTF-8", vec![0xff, 0xfe, 0x22]),
-        ("array", b"[1,2,3]".to_vec()),
-        ("number", b"42".to_vec()),
-        ("string", br#""ping""#.to_vec()),
-        ("null", b"null".to_vec()),
-        ("unknown in", br#"{"in":"dance","params":1}"#.to_vec()),
-        ("in not a string", br#"{"in":5,"params":1}"#.to_vec()),
-        ("missing in", br#"{"params":1}"#.to_vec()),
-        ("ping without params", br#"{"in":"ping"}"#.to_vec()),
-        ("trailing garbage", br#"{"in":"ping","params":1} x"#.to_vec()),
-    ];
     let mut conn = c.connect();
-    for (what, body) in &bad {
-        conn.send_raw(&raw_frame(body));
-        let r = conn.recv();
-        assert_eq!(r["out"], "error", "{what}: {r}");
-        assert!(r["result"].as_str().is_some_and(|s| !s.is_empty()), "{what}: reason {r}");
-        // Same connection, then a new one.
-        conn.ping(&json!({"after": what}));
-        c.connect().ping(&json!({"fresh after": what}));
-    }
-    // All of them pipelined, each followed by a good request.
-    let mut batch = Vec::new();
-    for (i, (_, body)) in bad.iter().enumerate() {
-        batch.extend(raw_frame(body));
-        batch.extend(frame(&ping_req(&json!(i))));
-    }
-    conn.send_raw(&batch);
-    for (i, (what, _)) in bad.iter().enumerate() {
-        assert_eq!(conn.recv()["out"], "error", "pipelined {what}");
-        assert_eq!(conn.recv(), json!({"out": "pong", "result": i}), "pipelined ping after {what}");
-    }
+    check_bad_requests_get_errors(|| c.connect(), &mut conn);
 }
 
 #[test]

@@ -579,3 +579,60 @@ pub fn check_sigterm_finishes_the_request_in_progress(c: &mut Cluster) {
     let log = c.server.stderr_text();
     assert!(!log.contains("exited unexpectedly"), "a worker died instead of stopping:\n{log}");
 }
+
+/// Malformed rpc requests, each with what is wrong with it: every worker
+/// (Rust or C) must answer each with an error and keep the connection.
+pub fn bad_rpc_requests() -> Vec<(&'static str, Vec<u8>)> {
+    let deep = format!("{{\"in\":\"ping\",\"params\":{}{}}}", "[".repeat(5000), "]".repeat(5000));
+    vec![
+        ("truncated JSON", b"{".to_vec()),
+        ("not JSON", b"hello there".to_vec()),
+        ("empty body", Vec::new()),
+        ("invalid UTF-8", vec![0xff, 0xfe, 0x22]),
+        ("invalid UTF-8 in a string", b"{\"in\":\"ping\",\"params\":\"\xc0\xaf\"}".to_vec()),
+        ("a surrogate in UTF-8", b"{\"in\":\"ping\",\"params\":\"\xed\xa0\x80\"}".to_vec()),
+        ("array", b"[1,2,3]".to_vec()),
+        ("number", b"42".to_vec()),
+        ("string", br#""ping""#.to_vec()),
+        ("null", b"null".to_vec()),
+        ("unknown in", br#"{"in":"dance","params":1}"#.to_vec()),
+        ("in not a string", br#"{"in":5,"params":1}"#.to_vec()),
+        ("missing in", br#"{"params":1}"#.to_vec()),
+        ("ping without params", br#"{"in":"ping"}"#.to_vec()),
+        ("trailing garbage", br#"{"in":"ping","params":1} x"#.to_vec()),
+        ("trailing comma", br#"{"in":"ping","params":[1,]}"#.to_vec()),
+        ("leading zero", br#"{"in":"ping","params":01}"#.to_vec()),
+        ("bad escape", br#"{"in":"ping","params":"\x"}"#.to_vec()),
+        ("short unicode escape", br#"{"in":"ping","params":"\u12"}"#.to_vec()),
+        ("raw control character", b"{\"in\":\"ping\",\"params\":\"a\nb\"}".to_vec()),
+        ("single quotes", br#"{'in':'ping'}"#.to_vec()),
+        ("bare word", br#"{"in":"ping","params":nul}"#.to_vec()),
+        ("nested too deep", deep.into_bytes()),
+        ("NUL bytes", vec![0; 64]),
+    ]
+}
+
+/// Sends every [`bad_rpc_requests`] body on `conn`: an error reply each,
+/// and the connection (and a new one from `connect`) still serves; then
+/// all of them pipelined, each followed by a good request.
+pub fn check_bad_requests_get_errors(connect: impl Fn() -> Rpc, conn: &mut Rpc) {
+    let bad = bad_rpc_requests();
+    for (what, body) in &bad {
+        conn.send_raw(&raw_frame(body));
+        let r = conn.recv();
+        assert_eq!(r["out"], "error", "{what}: {r}");
+        assert!(r["result"].as_str().is_some_and(|s| !s.is_empty()), "{what}: reason {r}");
+        conn.ping(&json!({"after": what}));
+        connect().ping(&json!({"fresh after": what}));
+    }
+    let mut batch = Vec::new();
+    for (i, (_, body)) in bad.iter().enumerate() {
+        batch.extend(raw_frame(body));
+        batch.extend(frame(&ping_req(&json!(i))));
+    }
+    conn.send_raw(&batch);
+    for (i, (what, _)) in bad.iter().enumerate() {
+        assert_eq!(conn.recv()["out"], "error", "pipelined {what}");
+        assert_eq!(conn.recv(), json!({"out": "pong", "result": i}), "pipelined ping after {what}");
+    }
+}

@@ -191,57 +191,12 @@ fn c_worker_ping_echoes_the_exact_bytes_and_answers_bad_requests_with_errors() {
         let got = recv_raw(&mut conn);
         assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want), "{}", String::from_utf8_lossy(req));
     }
-    let deep = format!("{{\"in\":\"ping\",\"params\":{}{}}}", "[".repeat(5000), "]".repeat(5000));
-    let bad: Vec<(&str, Vec<u8>)> = vec![
-        ("truncated JSON", b"{".to_vec()),
-        ("not JSON", b"hello there".to_vec()),
-        ("empty body", Vec::new()),
-        ("invalid UTF-8", vec![0xff, 0xfe, 0x22]),
-        ("invalid UTF-8 in a string", b"{\"in\":\"ping\",\"params\":\"\xc0\xaf\"}".to_vec()),
-        ("a surrogate in UTF-8", b"{\"in\":\"ping\",\"params\":\"\xed\xa0\x80\"}".to_vec()),
-        ("array", b"[1,2,3]".to_vec()),
-        ("number", b"42".to_vec()),
-        ("string", br#""ping""#.to_vec()),
-        ("null", b"null".to_vec()),
-        ("unknown in", br#"{"in":"dance","params":1}"#.to_vec()),
-        ("in not a string", br#"{"in":5,"params":1}"#.to_vec()),
-        ("missing in", br#"{"params":1}"#.to_vec()),
-        ("ping without params", br#"{"in":"ping"}"#.to_vec()),
-        ("trailing garbage", br#"{"in":"ping","params":1} x"#.to_vec()),
-        ("trailing comma", br#"{"in":"ping","params":[1,]}"#.to_vec()),
-        ("leading zero", br#"{"in":"ping","params":01}"#.to_vec()),
-        ("bad escape", br#"{"in":"ping","params":"\x"}"#.to_vec()),
-        ("short unicode escape", br#"{"in":"ping","params":"\u12"}"#.to_vec()),
-        ("raw control character", b"{\"in\":\"ping\",\"params\":\"a\nb\"}".to_vec()),
-        ("single quotes", br#"{'in':'ping'}"#.to_vec()),
-        ("bare word", br#"{"in":"ping","params":nul}"#.to_vec()),
-        ("nested too deep", deep.into_bytes()),
-        ("NUL bytes", vec![0; 64]),
-    ];
-    for (what, body) in &bad {
-        conn.send_raw(&raw_frame(body));
-        let r = conn.recv();
-        assert_eq!(r["out"], "error", "{what}: {r}");
-        assert!(r["result"].as_str().is_some_and(|s| !s.is_empty()), "{what}: reason {r}");
-        conn.ping(&json!({"after": what}));
-    }
+    check_bad_requests_get_errors(|| c.connect(), &mut conn);
     assert_eq!(
         conn.call(&json!({"in": "dance"})),
         json!({"out": "error", "result": "unknown \"in\": \"dance\""}),
         "the unknown name is quoted back"
     );
-    let mut batch = Vec::new();
-    for (i, (_, body)) in bad.iter().enumerate() {
-        batch.extend(raw_frame(body));
-        batch.extend(frame(&ping_req(&json!(i))));
-    }
-    conn.send_raw(&batch);
-    for (i, (what, _)) in bad.iter().enumerate() {
-        assert_eq!(conn.recv()["out"], "error", "pipelined {what}");
-        assert_eq!(conn.recv(), json!({"out": "pong", "result": i}), "pipelined ping after {what}");
-    }
-    let v = c.status();
-    assert_eq!(worker_field(&v, "respawns"), vec![0, 0], "no C worker died: {v}");
 }
 
 #[test]

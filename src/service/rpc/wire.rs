@@ -89,6 +89,12 @@ pub fn answer_fast(body: &[u8], whoami_reply: &[u8], out: &mut Vec<u8>) -> bool 
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
     match (req.kind.as_ref(), req.params) {
+        // Deeper than serde_json (and the C worker) parse a value: the
+        // general path answers with the error.
+        ("ping", Some(p)) if !nesting_within(p.get().as_bytes(), MAX_NESTING) => {
+            out.truncate(start);
+            return false;
+        }
         ("ping", Some(p)) => {
             out.extend_from_slice(br#"{"out":"pong","result":"#);
             out.extend_from_slice(p.get().as_bytes());
@@ -102,6 +108,39 @@ pub fn answer_fast(body: &[u8], whoami_reply: &[u8], out: &mut Vec<u8>) -> bool 
     }
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    true
+}
+
+/// Deepest nesting of arrays and objects a request may have (serde_json's
+/// own limit when it builds a value; the C worker applies the same).
+pub const MAX_NESTING: usize = 128;
+
+/// Whether the JSON text `raw` nests arrays and objects at most `max` deep
+/// (strings, with their escapes, are skipped).
+fn nesting_within(raw: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in raw {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
     true
 }
 
@@ -195,6 +234,24 @@ mod tests {
             let req = serde_json::to_vec(&json!({"in": "ping", "params": x})).unwrap();
             assert_eq!(answer(&req, &id()), json!({"out": "pong", "result": x}));
         }
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_limit_is_an_error_on_both_paths() {
+        let who = serde_json::to_vec(&answer(br#"{"in":"whoami"}"#, &id())).unwrap();
+        let ok = format!(
+            r#"{{"in":"ping","params":{}"[[[\\"{}}}"#,
+            "[".repeat(MAX_NESTING - 1),
+            "]".repeat(MAX_NESTING - 1)
+        );
+        let mut out = Vec::new();
+        assert!(answer_fast(ok.as_bytes(), &who, &mut out), "{MAX_NESTING} deep, brackets in a string");
+        let deep =
+            format!(r#"{{"in":"ping","params":{}{}}}"#, "[".repeat(MAX_NESTING + 1), "]".repeat(MAX_NESTING + 1));
+        out.clear();
+        assert!(!answer_fast(deep.as_bytes(), &who, &mut out));
+        assert!(out.is_empty());
+        assert_eq!(answer(deep.as_bytes(), &id())["out"], "error");
     }
 
     #[test]
