@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{bin, free_pair, poll_until, run_cmd, TempDir, TestServer, EXIT_TIMEOUT, IO_TIMEOUT, LOCALHOST};
+use crate::support::{
+    bin, free_pair, poll_until, run_cmd, Rng, TempDir, TestServer, EXIT_TIMEOUT, IO_TIMEOUT, LOCALHOST,
+};
 
 /// How long a `handoff restart` may take in these tests.
 pub const RESTART_TIMEOUT: Duration = Duration::from_secs(30);
@@ -634,5 +636,111 @@ pub fn check_bad_requests_get_errors(connect: impl Fn() -> Rpc, conn: &mut Rpc) 
     for (i, (what, _)) in bad.iter().enumerate() {
         assert_eq!(conn.recv()["out"], "error", "pipelined {what}");
         assert_eq!(conn.recv(), json!({"out": "pong", "result": i}), "pipelined ping after {what}");
+    }
+}
+
+/// What [`pipelined_restarts`] saw on one connection: rounds completed and
+/// the final whoami reply.
+pub type PipelinedOutcome = Result<(u64, Value), String>;
+
+/// `conns` connections each send rounds of `batch` pings, written in two
+/// pieces split at a random byte (often mid-frame; with `pause`, a short
+/// random pause between them, so a restart can catch the half), and check
+/// every reply, once and in order, while `restarts` restarts run (each
+/// must give the next generation). Ends with a whoami per connection.
+/// Panics on a stalled load; returns each connection's outcome.
+pub fn pipelined_restarts(
+    c: &Cluster,
+    conns: usize,
+    batch: usize,
+    restarts: u64,
+    pause: bool,
+) -> Vec<PipelinedOutcome> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let rounds = AtomicU64::new(0);
+    let (stop, failed) = (AtomicBool::new(false), AtomicBool::new(false));
+    let mut conns: Vec<Rpc> = (0..conns).map(|_| c.connect()).collect();
+    let n = conns.len() as u64;
+    let wait = |target: u64| {
+        let ok = poll_until(Duration::from_secs(20), || {
+            rounds.load(Ordering::Relaxed) >= target || failed.load(Ordering::Relaxed)
+        });
+        assert!(ok, "traffic stalled at {} rounds (wanted {target})", rounds.load(Ordering::Relaxed));
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = conns
+            .iter_mut()
+            .enumerate()
+            .map(|(ci, conn)| {
+                let (rounds, stop, failed) = (&rounds, &stop, &failed);
+                s.spawn(move || {
+                    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((ci as u64 + 1) * 0x1000_0000_01b3));
+                    let mut r = 0u64;
+                    let res = (|| {
+                        while !stop.load(Ordering::Relaxed) {
+                            let mut bytes = Vec::new();
+                            for i in 0..batch {
+                                bytes.extend(frame(&ping_req(&json!({"c": ci, "r": r, "i": i}))));
+                            }
+                            let cut = rng.below(bytes.len() as u64) as usize;
+                            conn.s.write_all(&bytes[..cut]).map_err(|e| format!("round {r}: write: {e}"))?;
+                            if pause {
+                                std::thread::sleep(Duration::from_micros(rng.below(2000)));
+                            }
+                            conn.s.write_all(&bytes[cut..]).map_err(|e| format!("round {r}: write: {e}"))?;
+                            for i in 0..batch {
+                                let want = json!({"out": "pong", "result": {"c": ci, "r": r, "i": i}});
+                                match conn.try_recv() {
+                                    Ok(Some(v)) if v == want => {}
+                                    Ok(Some(v)) => {
+                                        return Err(format!("round {r} reply {i}: got {v}, expected {want}"))
+                                    }
+                                    Ok(None) => return Err(format!("round {r} reply {i}: EOF")),
+                                    Err(e) => return Err(format!("round {r} reply {i}: {e}")),
+                                }
+                            }
+                            r += 1;
+                            rounds.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if !conn.nothing_pending(Duration::from_millis(50)) {
+                            return Err(format!("after {r} rounds: unexpected extra bytes (a duplicated reply?)"));
+                        }
+                        Ok((r, conn.call(&json!({"in": "whoami"}))))
+                    })();
+                    if res.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    res.map_err(|e| format!("connection {ci}: {e}"))
+                })
+            })
+            .collect();
+        let mut during = Vec::new();
+        for k in 1..=restarts {
+            wait(k * 2 * n);
+            if failed.load(Ordering::Relaxed) {
+                break;
+            }
+            let before = rounds.load(Ordering::Relaxed);
+            let (gen, _pid) = c.restart_ok();
+            during.push(rounds.load(Ordering::Relaxed) - before);
+            assert_eq!(gen, k + 1);
+        }
+        wait((restarts + 1) * 2 * n);
+        stop.store(true, Ordering::Relaxed);
+        eprintln!("pipelined restarts: rounds completed while each restart ran: {during:?}");
+        handles.into_iter().map(|h| h.join().expect("connection thread")).collect()
+    })
+}
+
+/// Asserts every [`pipelined_restarts`] connection completed a round
+/// without error and ended on generation `gen` (its whoami's `gen`).
+pub fn assert_pipelined_ok(results: &[PipelinedOutcome], gen: u64) {
+    let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(errors.is_empty(), "{} connection(s) failed; first: {:?}", errors.len(), &errors[..errors.len().min(5)]);
+    for (ci, r) in results.iter().enumerate() {
+        let (n, who) = r.as_ref().expect("checked above");
+        assert!(*n >= 1, "connection {ci} completed no round");
+        assert_eq!(who["out"], "whoami", "connection {ci}: {who}");
+        assert_eq!(who["result"]["gen"], json!(gen), "connection {ci} ends on generation {gen}: {who}");
     }
 }

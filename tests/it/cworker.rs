@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
@@ -290,78 +290,13 @@ fn c_workers_restart_under_load_with_zero_errors() {
 /// frames move with their connection (read-ahead through handoff_release).
 #[test]
 fn c_workers_move_partial_frames_across_restarts_in_order() {
-    const CONNS: usize = 20;
-    const BATCH: usize = 20;
     const RESTARTS: u64 = 3;
     let c = c_cluster(2, &rpc_worker(), &[]);
-    let rounds = AtomicU64::new(0);
-    let (stop, failed) = (AtomicBool::new(false), AtomicBool::new(false));
-    let mut conns: Vec<Rpc> = (0..CONNS).map(|_| c.connect()).collect();
-    let wait = |target: u64| {
-        let ok = poll_until(Duration::from_secs(20), || {
-            rounds.load(Ordering::Relaxed) >= target || failed.load(Ordering::Relaxed)
-        });
-        assert!(ok, "traffic stalled at {} rounds (wanted {target})", rounds.load(Ordering::Relaxed));
-    };
-    let results: Vec<Result<u64, String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = conns
-            .iter_mut()
-            .enumerate()
-            .map(|(ci, conn)| {
-                let (rounds, stop, failed) = (&rounds, &stop, &failed);
-                s.spawn(move || {
-                    let mut rng = Rng(0x2545_f491 ^ ((ci as u64 + 1) * 0x9e37_79b9));
-                    let mut r = 0u64;
-                    let res = (|| {
-                        while !stop.load(Ordering::Relaxed) {
-                            let mut bytes = Vec::new();
-                            for i in 0..BATCH {
-                                bytes.extend(frame(&ping_req(&json!({"c": ci, "r": r, "i": i}))));
-                            }
-                            let cut = rng.below(bytes.len() as u64) as usize;
-                            conn.s.write_all(&bytes[..cut]).map_err(|e| format!("round {r}: write: {e}"))?;
-                            std::thread::sleep(Duration::from_micros(rng.below(2000)));
-                            conn.s.write_all(&bytes[cut..]).map_err(|e| format!("round {r}: write: {e}"))?;
-                            for i in 0..BATCH {
-                                let want = json!({"out": "pong", "result": {"c": ci, "r": r, "i": i}});
-                                match conn.try_recv() {
-                                    Ok(Some(v)) if v == want => {}
-                                    Ok(Some(v)) => return Err(format!("round {r} reply {i}: got {v}, want {want}")),
-                                    Ok(None) => return Err(format!("round {r} reply {i}: EOF")),
-                                    Err(e) => return Err(format!("round {r} reply {i}: {e}")),
-                                }
-                            }
-                            r += 1;
-                            rounds.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if !conn.nothing_pending(Duration::from_millis(50)) {
-                            return Err(format!("after {r} rounds: extra bytes (a duplicated reply?)"));
-                        }
-                        Ok(r)
-                    })();
-                    if res.is_err() {
-                        failed.store(true, Ordering::Relaxed);
-                    }
-                    res.map_err(|e| format!("connection {ci}: {e}"))
-                })
-            })
-            .collect();
-        for k in 1..=RESTARTS {
-            wait(k * 2 * CONNS as u64);
-            if failed.load(Ordering::Relaxed) {
-                break;
-            }
-            assert_eq!(c.restart_ok().0, k + 1);
-        }
-        wait((RESTARTS + 1) * 2 * CONNS as u64);
-        stop.store(true, Ordering::Relaxed);
-        handles.into_iter().map(|h| h.join().expect("connection thread")).collect()
-    });
-    let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(errors.is_empty(), "{} connection(s) failed; first: {:?}", errors.len(), &errors[..errors.len().min(5)]);
-    for (ci, conn) in conns.iter_mut().enumerate() {
-        let (_, _, gen) = c_whoami(conn);
-        assert_eq!(gen, RESTARTS + 1, "connection {ci} ends on the last generation");
+    let results = pipelined_restarts(&c, 20, 20, RESTARTS, true);
+    assert_pipelined_ok(&results, RESTARTS + 1);
+    for r in &results {
+        let who = &r.as_ref().expect("checked").1;
+        assert_eq!(who["result"]["lang"], "c", "{who}");
     }
     let v = c.status();
     assert!(sum_field(&v, "handed") > 0, "{v}");

@@ -4,115 +4,25 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::cluster_support::*;
 use crate::support::*;
 
-/// Waits until `counter` reached `target` (panics after 20 s).
-#[track_caller]
-fn wait_counter(counter: &AtomicU64, target: u64, failed: &AtomicBool) {
-    let ok = poll_until(Duration::from_secs(20), || {
-        counter.load(Ordering::Relaxed) >= target || failed.load(Ordering::Relaxed)
-    });
-    assert!(ok, "traffic stalled at {} (wanted {target})", counter.load(Ordering::Relaxed));
-}
-
 #[test]
 fn restart_under_pipelined_keepalive_traffic_loses_and_duplicates_nothing() {
-    const CONNS: usize = 100;
-    const BATCH: usize = 20;
     const RESTARTS: u64 = 3;
     let c = Cluster::start(2, &[]);
     let old_master = c.master_pid();
     let old_workers = c.worker_pids();
-    let rounds = AtomicU64::new(0);
-    let stop = AtomicBool::new(false);
-    let failed = AtomicBool::new(false);
-    let mut conns: Vec<Rpc> = (0..CONNS).map(|_| c.connect()).collect();
-    for (i, r) in conns.iter_mut().enumerate() {
-        assert_eq!(r.whoami()["gen"], json!(1), "connection {i}");
-    }
-    let results: Vec<Result<(u64, Value), String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = conns
-            .iter_mut()
-            .enumerate()
-            .map(|(ci, conn)| {
-                let (rounds, stop, failed) = (&rounds, &stop, &failed);
-                s.spawn(move || {
-                    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((ci as u64 + 1) * 0x1000_0000_01b3));
-                    let mut r = 0u64;
-                    let res = (|| {
-                        while !stop.load(Ordering::Relaxed) {
-                            // BATCH pings in flight at once, written in two
-                            // pieces split at a random byte (often mid-frame).
-                            let mut bytes = Vec::new();
-                            for i in 0..BATCH {
-                                bytes.extend(frame(&ping_req(&json!({"c": ci, "r": r, "i": i}))));
-                            }
-                            let cut = rng.below(bytes.len() as u64) as usize;
-                            conn.s.write_all(&bytes[..cut]).map_err(|e| format!("round {r}: write: {e}"))?;
-                            conn.s.write_all(&bytes[cut..]).map_err(|e| format!("round {r}: write: {e}"))?;
-                            for i in 0..BATCH {
-                                let want = json!({"out": "pong", "result": {"c": ci, "r": r, "i": i}});
-                                match conn.try_recv() {
-                                    Ok(Some(v)) if v == want => {}
-                                    Ok(Some(v)) => {
-                                        return Err(format!("round {r} reply {i}: got {v}, expected {want}"))
-                                    }
-                                    Ok(None) => return Err(format!("round {r} reply {i}: EOF")),
-                                    Err(e) => return Err(format!("round {r} reply {i}: {e}")),
-                                }
-                            }
-                            r += 1;
-                            rounds.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if !conn.nothing_pending(Duration::from_millis(50)) {
-                            return Err(format!("after {r} rounds: unexpected extra bytes (a duplicated reply?)"));
-                        }
-                        let who = conn.call(&json!({"in": "whoami"}));
-                        Ok((r, who))
-                    })();
-                    if res.is_err() {
-                        failed.store(true, Ordering::Relaxed);
-                    }
-                    res.map_err(|e| format!("connection {ci}: {e}"))
-                })
-            })
-            .collect();
-        let mut during = Vec::new();
-        for k in 1..=RESTARTS {
-            wait_counter(&rounds, k * 2 * CONNS as u64, &failed);
-            if failed.load(Ordering::Relaxed) {
-                break;
-            }
-            let before = rounds.load(Ordering::Relaxed);
-            let (gen, _pid) = c.restart_ok();
-            during.push(rounds.load(Ordering::Relaxed) - before);
-            assert_eq!(gen, k + 1);
-        }
-        wait_counter(&rounds, (RESTARTS + 1) * 2 * CONNS as u64, &failed);
-        stop.store(true, Ordering::Relaxed);
-        eprintln!("pipelined restart: rounds completed while each restart ran: {during:?}");
-        handles.into_iter().map(|h| h.join().expect("connection thread")).collect()
-    });
-    let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(errors.is_empty(), "{} connection(s) failed; first: {:?}", errors.len(), &errors[..errors.len().min(5)]);
-    for (ci, r) in results.iter().enumerate() {
-        let (n, who) = r.as_ref().unwrap();
-        assert!(*n >= 1, "connection {ci} completed no round");
-        assert_eq!(who["out"], "whoami", "connection {ci}: {who}");
-        assert_eq!(who["result"]["gen"], json!(RESTARTS + 1), "connection {ci} ends on the last generation: {who}");
-    }
+    let results = pipelined_restarts(&c, 100, 20, RESTARTS, false);
+    assert_pipelined_ok(&results, RESTARTS + 1);
     let v = c.status();
     assert_eq!(v["gen"], json!(RESTARTS + 1));
     let ok = poll_until(EXIT_TIMEOUT, || !pid_alive(old_master) && old_workers.iter().all(|&p| !pid_alive(p)));
     assert!(ok, "generation 1 processes still alive: master {old_master}, workers {old_workers:?}");
-    let total = rounds.load(Ordering::Relaxed) * BATCH as u64;
-    eprintln!("pipelined restart: {total} pings over {CONNS} connections, {RESTARTS} restarts");
 }
 
 #[test]
