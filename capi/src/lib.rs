@@ -152,14 +152,7 @@ impl State {
                 match Listener::adopt(&self.base, fd, move |c| {
                     set_nodelay(&c);
                     with(&w, |s| {
-                        let h = Handed {
-                            fd: c,
-                            leftover: Vec::new(),
-                            state: Vec::new(),
-                            master_id: 0,
-                            eof: false,
-                            node_link: false,
-                        };
+                        let h = Handed::accepted(c, false);
                         s.adopt(h).into_iter().collect()
                     })
                 }) {

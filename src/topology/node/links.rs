@@ -165,7 +165,7 @@ impl<S: Service> Worker<S> {
         };
         self.node().counters.entry(key.clone()).or_default().connects += 1;
         let fd = sock::tcp_connect(addr).map_err(|e| e.to_string())?;
-        let h = Handed { fd, leftover: Vec::new(), state: Vec::new(), master_id: 0, eof: false, node_link: true };
+        let h = Handed::accepted(fd, true);
         let conn = self.open_conn(h, Kind::LinkOut(key.clone())).ok_or("worker is stopping")?;
         // Written once the connect completes (the bufferevent waits for EV_WRITE).
         let hello = wire::encode(Cmd::ConnectReq, 0, &json!({"node": name, "worker": me, "to": key.1}));

@@ -79,6 +79,14 @@ pub struct Handed {
     pub node_link: bool,
 }
 
+impl Handed {
+    /// A connection this worker accepted itself (shared policy), or a node
+    /// link it opened (`node_link`): nothing read yet, no master id.
+    pub fn accepted(fd: OwnedFd, node_link: bool) -> Handed {
+        Handed { fd, leftover: Vec::new(), state: Vec::new(), master_id: 0, eof: false, node_link }
+    }
+}
+
 /// What the master (or its death) asks of the worker.
 pub enum Order {
     /// Serve this connection.

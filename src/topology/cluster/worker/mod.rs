@@ -203,14 +203,7 @@ impl<S: Service> Worker<S> {
         match Listener::adopt(&self.base, fd, move |c| {
             with(&w, |s| {
                 let _ = sock::set_nodelay(c.as_raw_fd());
-                let h = Handed {
-                    fd: c,
-                    leftover: Vec::new(),
-                    state: Vec::new(),
-                    master_id: 0,
-                    eof: false,
-                    node_link: false,
-                };
+                let h = Handed::accepted(c, false);
                 s.open_conn(h, Kind::Client);
             })
         }) {
