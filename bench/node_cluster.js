@@ -31,7 +31,7 @@ cluster.schedulingPolicy = cluster.SCHED_RR; // must be set before fork()
 
 if (cluster.isPrimary) {
   let listening = 0;
-  let stopping = false;
+  const stopping = require('./node_stop.js')(cluster);
 
   for (let i = 0; i < workers; i++) {
     cluster.fork({ HANDOFF_WORKER_INDEX: String(i) });
@@ -43,26 +43,12 @@ if (cluster.isPrimary) {
   });
 
   cluster.on('exit', (worker, code, signal) => {
-    if (!stopping) {
+    if (!stopping()) {
       console.error(`worker pid ${worker.process.pid} died (${signal || code})`);
     }
-    if (Object.keys(cluster.workers).length === 0 && stopping) process.exit(0);
+    if (Object.keys(cluster.workers).length === 0 && stopping()) process.exit(0);
   });
 
-  const stop = () => {
-    if (stopping) return;
-    stopping = true;
-    const alive = Object.values(cluster.workers);
-    if (alive.length === 0) process.exit(0);
-    for (const w of alive) w.process.kill('SIGTERM');
-    // Do not hang around if a worker ignores SIGTERM.
-    setTimeout(() => {
-      for (const w of Object.values(cluster.workers)) w.process.kill('SIGKILL');
-      process.exit(0);
-    }, 2000).unref();
-  };
-  process.on('SIGTERM', stop);
-  process.on('SIGINT', stop);
 } else {
   const index = Number(process.env.HANDOFF_WORKER_INDEX);
 

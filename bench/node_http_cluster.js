@@ -39,7 +39,7 @@ if (!Number.isInteger(port) || port < 1 || port > 65535 ||
 cluster.schedulingPolicy = cluster.SCHED_RR; // must be set before fork()
 
 if (cluster.isPrimary) {
-  let stopping = false;
+  const stopping = require('./node_stop.js')(cluster);
   let rolling = false;
   let queued = 0;
   let reloads = 0;
@@ -71,7 +71,7 @@ if (cluster.isPrimary) {
     rolling = true;
     try {
       for (const old of Object.values(cluster.workers)) {
-        if (stopping || retiring.has(old)) continue;
+        if (stopping() || retiring.has(old)) continue;
         await fork();
         await retire(old);
       }
@@ -81,7 +81,7 @@ if (cluster.isPrimary) {
       console.error(`rolling restart failed: ${e.message}`);
     }
     rolling = false;
-    if (queued > 0 && !stopping) { queued -= 1; roll(); }
+    if (queued > 0 && !stopping()) { queued -= 1; roll(); }
   };
 
   Promise.all(Array.from({ length: workers }, fork)).then(
@@ -89,26 +89,13 @@ if (cluster.isPrimary) {
     (e) => { console.error(e.message); process.exit(1); });
 
   cluster.on('exit', (w, code, signal) => {
-    if (!stopping && !w.retired) {
+    if (!stopping() && !w.retired) {
       console.error(`worker pid ${w.process.pid} died (${signal || code})`);
     }
-    if (stopping && Object.keys(cluster.workers).length === 0) process.exit(0);
+    if (stopping() && Object.keys(cluster.workers).length === 0) process.exit(0);
   });
 
   process.on('SIGHUP', roll);
-  const stop = () => {
-    if (stopping) return;
-    stopping = true;
-    const alive = Object.values(cluster.workers);
-    if (alive.length === 0) process.exit(0);
-    for (const w of alive) w.process.kill('SIGTERM');
-    setTimeout(() => {
-      for (const w of Object.values(cluster.workers)) w.process.kill('SIGKILL');
-      process.exit(0);
-    }, 2000).unref();
-  };
-  process.on('SIGTERM', stop);
-  process.on('SIGINT', stop);
 } else {
   const BODY = Buffer.from('hello\n');
   let draining = false;
