@@ -10,45 +10,7 @@ use crate::cluster_support::*;
 #[test]
 fn ping_echoes_varied_json_values_exactly() {
     let c = Cluster::start(2, &[]);
-    let values = vec![
-        json!(null),
-        json!(true),
-        json!(false),
-        json!(0),
-        json!(-1),
-        json!(u64::MAX),
-        json!(i64::MIN),
-        json!(1.5),
-        json!(-0.000123),
-        json!(1.7976931348623157e308),
-        json!(""),
-        json!("plain"),
-        json!("héllo wörld ✓ 日本語 𝄞 🦀"),
-        json!("quotes \" backslash \\ newline \n tab \t nul \u{0} bell \u{7}"),
-        json!([]),
-        json!({}),
-        json!([1, [2, [3, [4, [5, []]]]], {"a": [null, {"b": {}}]}]),
-        json!({"k": {"z": [true, false, null]}, "ü": "ß", "": 0, "n": [1.25, -3, "x"]}),
-        json!((0..500).collect::<Vec<u32>>()),
-        json!({"big": "x".repeat(100_000)}),
-    ];
-    // All on one connection, then each on its own connection (both workers).
-    let mut conn = c.connect();
-    for x in &values {
-        conn.ping(x);
-    }
-    for x in &values {
-        c.connect().ping(x);
-    }
-    // And all pipelined in one write.
-    let mut batch = Vec::new();
-    for x in &values {
-        batch.extend(frame(&ping_req(x)));
-    }
-    conn.send_raw(&batch);
-    for x in &values {
-        assert_eq!(conn.recv(), json!({"out": "pong", "result": x}));
-    }
+    check_ping_echoes(|| c.connect(), &ping_values());
 }
 
 #[test]

@@ -744,3 +744,47 @@ pub fn assert_pipelined_ok(results: &[PipelinedOutcome], gen: u64) {
         assert_eq!(who["result"]["gen"], json!(gen), "connection {ci} ends on generation {gen}: {who}");
     }
 }
+
+/// JSON values of every kind and size, for ping echoes.
+pub fn ping_values() -> Vec<Value> {
+    vec![
+        json!(null),
+        json!(true),
+        json!(false),
+        json!(0),
+        json!(-1),
+        json!(u64::MAX),
+        json!(i64::MIN),
+        json!(1.5),
+        json!(-0.000123),
+        json!(1.7976931348623157e308),
+        json!(""),
+        json!("plain"),
+        json!("héllo wörld ✓ 日本語 𝄞 🦀"),
+        json!("quotes \" backslash \\ newline \n tab \t nul \u{0} bell \u{7}"),
+        json!([]),
+        json!({}),
+        json!([1, [2, [3, [4, [5, []]]]], {"a": [null, {"b": {}}]}]),
+        json!({"k": {"z": [true, false, null]}, "ü": "ß", "": 0, "n": [1.25, -3, "x"]}),
+        json!((0..500).collect::<Vec<u32>>()),
+        json!({"big": "x".repeat(100_000)}),
+    ]
+}
+
+/// Pings with each of `values` on one connection, each on a new one, then
+/// all pipelined in one write: every reply echoes its value exactly.
+pub fn check_ping_echoes(connect: impl Fn() -> Rpc, values: &[Value]) {
+    let mut conn = connect();
+    for x in values {
+        conn.ping(x);
+        connect().ping(x);
+    }
+    let mut batch = Vec::new();
+    for x in values {
+        batch.extend(frame(&ping_req(x)));
+    }
+    conn.send_raw(&batch);
+    for x in values {
+        assert_eq!(conn.recv(), json!({"out": "pong", "result": x}), "pipelined");
+    }
+}
