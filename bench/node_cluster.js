@@ -9,6 +9,8 @@
 //   frame   = u32 little-endian length + JSON body
 //   ping    {"in":"ping","params":X} -> {"out":"pong","result":X}
 //   whoami  {"in":"whoami"}          -> {"out":"whoami","result":{"worker":I,"pid":N}}
+//   work    {"in":"work","params":{"us":N}} -> {"out":"work","result":N} after
+//           busy-looping the CPU for N microseconds (an integer, 0..1000000)
 //   other   -> {"out":"error","result":"<reason>"} (connection stays open)
 //   a frame longer than 1 MiB destroys the connection.
 // The primary prints "ready" once every worker listens, and on SIGTERM/SIGINT
@@ -18,6 +20,7 @@ const cluster = require('node:cluster');
 const net = require('node:net');
 
 const MAX_FRAME = 1024 * 1024;
+const MAX_WORK_US = 1000000;
 
 const port = Number(process.argv[2]);
 const workers = Number(process.argv[3] || 1);
@@ -70,6 +73,17 @@ if (cluster.isPrimary) {
         return { out: 'pong', result: msg.params };
       case 'whoami':
         return { out: 'whoami', result: { worker: index, pid: process.pid } };
+      case 'work': {
+        const p = msg.params;
+        const us = p !== null && typeof p === 'object' ? p.us : undefined;
+        if (!Number.isInteger(us) || us < 0 || us > MAX_WORK_US) {
+          return { out: 'error', result: `work: params must be {"us":N}, N an integer from 0 to ${MAX_WORK_US}` };
+        }
+        // Busy, not asleep: the event loop serves nothing else meanwhile.
+        const end = process.hrtime.bigint() + BigInt(us) * 1000n;
+        while (process.hrtime.bigint() < end);
+        return { out: 'work', result: us };
+      }
       default:
         return { out: 'error', result: `unknown method: ${JSON.stringify(msg.in)}` };
     }
