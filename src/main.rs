@@ -28,6 +28,9 @@ enum Client {
     Stream(PingArgs),
     /// Cluster mode: JSON ping requests, checked echo.
     Rpc(RpcArgs),
+    /// Cluster mode: CPU work requests on keep-alive connections (all, or
+    /// those that start on one worker), and where they sit over time.
+    Work(WorkArgs),
 }
 
 /// Where and how much every load client sends.
@@ -65,6 +68,35 @@ struct RpcArgs {
     relay: Option<(String, usize)>,
 }
 
+#[derive(Args)]
+struct WorkArgs {
+    #[arg(long)]
+    port: u16,
+    /// Keep-alive connections opened (each asks whoami first).
+    #[arg(long, default_value_t = 40)]
+    conns: usize,
+    /// Microseconds of CPU work per request.
+    #[arg(long, default_value_t = 300)]
+    us: u64,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 8.0)]
+    secs: f64,
+    /// Drive only the connections that start on worker W (a skewed load);
+    /// the others stay open and idle.
+    #[arg(long, value_name = "W")]
+    only_worker: Option<u64>,
+    /// Write one TSV row per sample: time, work replies/s, driven
+    /// connections and busy share (from /proc) per worker.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<std::path::PathBuf>,
+    /// How often each driven connection re-learns its worker (whoami
+    /// between two work requests), in milliseconds; the trace's interval.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    sample_ms: u64,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+}
+
 fn parse_target(s: &str) -> Result<(String, usize), String> {
     let (n, w) = s.rsplit_once(':').ok_or("expected NODE:WORKER")?;
     Ok((n.to_string(), w.parse().map_err(|e| format!("{w}: {e}"))?))
@@ -82,6 +114,20 @@ impl Extra for ClientCmd {
             size: a.size.into(),
         };
         let summary = match cmd {
+            Client::Work(a) => {
+                let s = client::work(&client::WorkOpts {
+                    host: a.host,
+                    port: a.port,
+                    conns: a.conns,
+                    us: a.us,
+                    secs: a.secs,
+                    only_worker: a.only_worker,
+                    trace: a.trace,
+                    sample: std::time::Duration::from_millis(a.sample_ms),
+                });
+                println!("{s}");
+                return if s.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+            }
             Client::Unary(a) => client::unary(&ping(a)),
             Client::Stream(a) => client::stream(&ping(a)),
             Client::Rpc(a) => client::rpc(&client::RpcOpts {

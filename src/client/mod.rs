@@ -3,18 +3,24 @@
 //! * [`pingpong`] — pair mode (`unary` / `stream`): 1-byte-length-prefixed
 //!   requests answered with `rsp from port: P\n`, ports must alternate.
 //! * [`rpc`](mod@rpc) — cluster mode: u32-LE-length-prefixed JSON ping/pong.
+//! * [`work`](mod@work) — cluster mode: CPU work on keep-alive connections
+//!   (all, or those on one worker), and where they sit over time.
 //! * [`stats`] — latency histogram and the one-line [`Summary`].
 //!
-//! Everything uses std threads and blocking `std::net` sockets.
+//! The keep-alive rpc load and the work load run on one event loop (the
+//! project's reactor); the others use std threads and blocking `std::net`
+//! sockets.
 
 pub(crate) mod evented;
 pub mod pingpong;
 pub mod rpc;
 pub mod stats;
+pub mod work;
 
 pub use pingpong::{stream, unary, PingPongOpts};
 pub use rpc::{rpc, RpcOpts};
 pub use stats::Summary;
+pub use work::{work, WorkOpts, WorkSummary};
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
