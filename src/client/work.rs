@@ -99,6 +99,11 @@ pub struct WorkSummary {
     pub rps_early: f64,
     /// The same over `[min(3, secs), secs)`.
     pub rps_late: f64,
+    /// 99th percentile latency of the work replies received in
+    /// `[0, min(3, secs))`, µs ...
+    pub p99_early_us: u64,
+    /// ... and in `[min(3, secs), secs)` (after a rebalancing has had time).
+    pub p99_late_us: u64,
     /// Median work latency (request written to whole reply), µs.
     pub p50_us: u64,
     /// 99th percentile, µs.
@@ -154,7 +159,8 @@ impl fmt::Display for WorkSummary {
         write!(
             f,
             "work conns={} driven={} us={} secs={} ok={} errors={} rps={:.0} p50_us={} p99_us={} max_us={} moved={} \
-             rps_0_{}={:.0} rps_{}_{}={:.0} first_moved_ms={} driven_start={} driven_end={} client_cpu_pct={:.1}",
+             rps_0_{}={:.0} rps_{}_{}={:.0} p99_0_{}={} p99_{}_{}={} first_moved_ms={} driven_start={} driven_end={} \
+             client_cpu_pct={:.1}",
             self.conns,
             self.driven,
             self.us,
@@ -171,6 +177,11 @@ impl fmt::Display for WorkSummary {
             secs_label(split),
             secs_label(self.secs),
             self.rps_late,
+            secs_label(split),
+            self.p99_early_us,
+            secs_label(split),
+            secs_label(self.secs),
+            self.p99_late_us,
             self.first_moved_ms.map_or(-1, |m| m as i64),
             per_worker(&self.start, &workers),
             per_worker(&self.end, &workers),
@@ -355,9 +366,12 @@ struct Run {
     ok: u64,
     errors: u64,
     lat: Latency,
-    /// Work replies in [0, min(3, secs)) and in [min(3, secs), secs).
+    /// Work replies (and their latencies) in [0, min(3, secs)) and in
+    /// [min(3, secs), secs).
     early: u64,
     late: u64,
+    lat_early: Latency,
+    lat_late: Latency,
     /// Work replies since the last trace row.
     since_row: u64,
     last_row: Instant,
@@ -521,8 +535,10 @@ impl Run {
                         let t = self.elapsed().as_secs_f64();
                         if t < SPLIT_SECS.min(self.secs) {
                             self.early += 1;
+                            self.lat_early.record(rtt);
                         } else if t < self.secs {
                             self.late += 1;
+                            self.lat_late.record(rtt);
                         }
                         self.since_row += 1;
                     }
@@ -666,6 +682,8 @@ pub fn work(o: &WorkOpts) -> WorkSummary {
         lat: Latency::new(),
         early: 0,
         late: 0,
+        lat_early: Latency::new(),
+        lat_late: Latency::new(),
         since_row: 0,
         last_row: Instant::now(),
         first_moved: None,
@@ -812,6 +830,8 @@ pub fn work(o: &WorkOpts) -> WorkSummary {
     sum.p50_us = r.lat.quantile_us(0.50);
     sum.p99_us = r.lat.quantile_us(0.99);
     sum.max_us = r.lat.max_us();
+    sum.p99_early_us = r.lat_early.quantile_us(0.99);
+    sum.p99_late_us = r.lat_late.quantile_us(0.99);
     sum.client_cpu_pct = if wall > 0.0 { 100.0 * cpu / wall } else { 0.0 };
     if let Some(path) = &o.trace {
         if let Err(e) = write_trace(path, &r.samples) {
@@ -896,6 +916,8 @@ mod tests {
             rps: 3750.4,
             rps_early: 3300.0,
             rps_late: 4000.0,
+            p99_early_us: 11000,
+            p99_late_us: 5000,
             p50_us: 4000,
             p99_us: 9000,
             max_us: 12000,
@@ -909,11 +931,16 @@ mod tests {
         assert_eq!(
             s.to_string(),
             "work conns=40 driven=20 us=300 secs=8 ok=30000 errors=0 rps=3750 p50_us=4000 p99_us=9000 max_us=12000 \
-             moved=10 rps_0_3=3300 rps_3_8=4000 first_moved_ms=420 driven_start=20/0 driven_end=10/10 client_cpu_pct=7.2"
+             moved=10 rps_0_3=3300 rps_3_8=4000 p99_0_3=11000 p99_3_8=5000 first_moved_ms=420 driven_start=20/0 \
+             driven_end=10/10 client_cpu_pct=7.2"
         );
         assert!(s.passed());
         let s = WorkSummary { secs: 2.5, first_moved_ms: None, ..s };
-        assert!(s.to_string().contains(" rps_0_2.5=3300 rps_2.5_2.5=4000 first_moved_ms=-1 "), "{s}");
+        assert!(
+            s.to_string()
+                .contains(" rps_0_2.5=3300 rps_2.5_2.5=4000 p99_0_2.5=11000 p99_2.5_2.5=5000 first_moved_ms=-1 "),
+            "{s}"
+        );
         assert!(!WorkSummary { errors: 1, ..s.clone() }.passed());
         assert!(!WorkSummary { driven: 0, ..s }.passed());
     }
