@@ -169,6 +169,9 @@ impl State {
                 self.listener = None;
                 vec![Call::Shutdown]
             }
+            // The C API has no call to move some connections and keep
+            // serving: a C worker stays as loaded as it is.
+            Order::Rebalance(_) => Vec::new(),
             Order::Drain => {
                 if self.draining || self.stopping {
                     return Vec::new();

@@ -108,6 +108,7 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
             a.master.config(a.policy, a.grace, log_args).and_then(|mut cfg| {
                 cfg.options = to_json(&options);
                 cfg.worker_cmd = worker_cmd;
+                cfg.rebalance = a.rebalance;
                 cluster::master::run(cfg)
             })
         }
@@ -299,6 +300,7 @@ impl MasterArgs {
             gen: 1,
             node: None,
             hang_timeout: self.hang_timeout.map(std::time::Duration::from_secs_f64),
+            rebalance: false,
         })
     }
 }
@@ -316,6 +318,10 @@ struct ClusterArgs {
     /// on libhandoff; it reads its channel from the environment).
     #[arg(long, value_name = "PATH")]
     worker_cmd: Option<PathBuf>,
+    /// Move busy keep-alive connections from a much busier worker to an
+    /// idle one, between requests (live rebalancing).
+    #[arg(long)]
+    rebalance: bool,
 }
 
 #[derive(Args)]

@@ -11,6 +11,7 @@ mod http;
 mod node;
 mod pair;
 mod readme;
+mod rebalance;
 mod restart;
 mod restart_faults;
 mod service;

@@ -11,7 +11,8 @@
 //!      8    4 flags     CONN: bit 0 = the client already sent EOF,
 //!                       bit 1 = a node link (node mode), bit 2 = released
 //!                       (worker -> master: tag is the master's id for it),
-//!                       bit 3 = the body starts with session state
+//!                       bit 3 = the body starts with session state,
+//!                       bit 4 = released to rebalance (with bit 2)
 //!     12    4 body_len  bytes after the header (<= MAX_BODY)
 //!     16    8 id        CONN: sender's sequence number; ACK: every CONN up to
 //!                       this id is taken; NACK: this CONN is refused (its
@@ -73,6 +74,10 @@ pub const FLAG_NODE_LINK: u32 = 2;
 pub const FLAG_RELEASED: u32 = 4;
 /// CONN: the body is `u32 n, n bytes of session state, read-ahead`.
 pub const FLAG_STATE: u32 = 8;
+/// CONN worker -> master, with [`FLAG_RELEASED`]: given back to rebalance
+/// the load (the master hands it to a colder worker), not for a restart;
+/// master -> worker: such a connection (it stays there a while).
+pub const FLAG_REBALANCED: u32 = 16;
 
 /// A CONN body carrying `state` (if any) before the read-ahead.
 pub fn join_state(state: &[u8], leftover: Vec<u8>) -> Vec<u8> {

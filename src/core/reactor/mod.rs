@@ -51,12 +51,25 @@ thread_local! {
     static PANIC: RefCell<Option<Box<dyn Any + Send>>> = const { RefCell::new(None) };
     /// The base being dispatched on this thread (one per process here).
     static RUNNING: Cell<*mut ev::event_base> = const { Cell::new(std::ptr::null_mut()) };
+    /// Time spent in callbacks on this thread, in nanoseconds.
+    static BUSY_NS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How long this thread's callbacks have run in all: the event loop's busy
+/// time (the rest it spends waiting in epoll). A worker reports its share
+/// over time; rebalancing compares workers by it.
+pub fn busy_time() -> std::time::Duration {
+    std::time::Duration::from_nanos(BUSY_NS.with(Cell::get))
 }
 
 /// Runs `f` from a C callback: a panic is stored and the running loop
 /// broken instead of unwinding through libevent.
 fn guard(f: impl FnOnce()) {
-    if let Err(payload) = catch_unwind(AssertUnwindSafe(f)) {
+    let start = std::time::Instant::now();
+    let r = catch_unwind(AssertUnwindSafe(f));
+    let spent = start.elapsed().as_nanos() as u64;
+    BUSY_NS.with(|b| b.set(b.get().wrapping_add(spent)));
+    if let Err(payload) = r {
         PANIC.with(|p| {
             p.borrow_mut().get_or_insert(payload);
         });

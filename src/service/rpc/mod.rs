@@ -4,6 +4,7 @@
 //! ```text
 //! {"in":"ping","params":X}  -> {"out":"pong","result":X}
 //! {"in":"whoami"}           -> {"out":"whoami","result":{"worker":I,"pid":N,"gen":G,...}}
+//! {"in":"work","params":{"us":N}}  -> {"out":"work","result":N}  (busy N µs, 0..=1000000)
 //! {"in":"relay","params":{"node":B,"worker":W,"msg":X}}   (node mode)
 //!                           -> {"out":"relayed","result":{"node":B,"worker":W,"pid":N,"msg":X}}
 //! anything else             -> {"out":"error","result":"<reason>"}
@@ -111,6 +112,13 @@ impl Session for RpcSession {
                         Ok((kind, _)) if kind == "relay" && cx.can_relay() => {
                             wire::error("relay: params must be {\"node\":name,\"worker\":index,\"msg\":value}")
                         }
+                        Ok((kind, obj)) if kind == "work" => match wire::work_us(&obj) {
+                            Ok(us) => {
+                                spin(std::time::Duration::from_micros(us));
+                                serde_json::json!({"out": "work", "result": us})
+                            }
+                            Err(why) => wire::error(&why),
+                        },
                         req => wire::respond(req, &sh.identity),
                     };
                     wire::encode_into(&reply, cx.output());
@@ -147,6 +155,15 @@ impl Session for RpcSession {
     }
 }
 
+/// Keeps the CPU busy for `d` (the `work` request: load that is CPU, not
+/// waiting, for rebalancing tests and benches).
+fn spin(d: std::time::Duration) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < d {
+        std::hint::spin_loop();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +187,23 @@ mod tests {
         let replies: Vec<Value> = split(&out);
         assert_eq!(replies[0], json!({"out": "pong", "result": [1]}));
         assert_eq!(replies[1], json!({"out": "whoami", "result": {"worker": 1, "pid": 7, "gen": 2}}));
+    }
+
+    #[test]
+    fn work_spins_then_answers_and_refuses_out_of_range() {
+        let mut input = Vec::new();
+        for p in [json!({"us": 200}), json!({"us": 1_000_001}), json!({"us": -1}), json!({"us": 1.5}), json!({})] {
+            input.extend(wire::encode(&json!({"in": "work", "params": p})));
+        }
+        let t = std::time::Instant::now();
+        let (n, out) = serve(&input);
+        assert_eq!(n, input.len());
+        assert!(t.elapsed() >= std::time::Duration::from_micros(200));
+        let replies = split(&out);
+        assert_eq!(replies[0], json!({"out": "work", "result": 200}));
+        for r in &replies[1..] {
+            assert_eq!(r["out"], "error", "{r}");
+        }
     }
 
     #[test]

@@ -195,6 +195,18 @@ pub fn respond(req: Result<(String, Map<String, Value>), String>, identity: &Map
     result.unwrap_or_else(|reason| error(&reason))
 }
 
+/// Longest `work` request, in microseconds.
+pub const MAX_WORK_US: u64 = 1_000_000;
+
+/// The `us` of a `{"in":"work","params":{"us":N}}` request (0 to
+/// [`MAX_WORK_US`]), or why it is refused.
+pub fn work_us(req: &Map<String, Value>) -> Result<u64, String> {
+    match req.get("params").and_then(|p| p.get("us")).and_then(Value::as_u64) {
+        Some(us) if us <= MAX_WORK_US => Ok(us),
+        _ => Err(format!("work: params must be {{\"us\":N}} with N from 0 to {MAX_WORK_US}")),
+    }
+}
+
 /// `{"out":"error","result":reason}`
 pub fn error(reason: &str) -> Value {
     json!({"out": "error", "result": reason})

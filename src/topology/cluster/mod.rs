@@ -53,6 +53,10 @@ pub const KIND_ORPHAN_HELLO: u16 = KIND_USER + 14;
 pub const KIND_PING: u16 = KIND_USER + 15;
 /// worker -> master: the heartbeat's answer to a PING (empty body).
 pub const KIND_PONG: u16 = KIND_USER + 16;
+/// master -> worker (`--rebalance`): `{"count":k}`: move up to k busy
+/// connections away, each between requests (CONN with
+/// `wire::FLAG_REBALANCED`; the master hands them to a colder worker).
+pub const KIND_REBALANCE: u16 = KIND_USER + 18;
 
 /// How the master picks a worker for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -19,33 +19,37 @@ pub fn fetch(dir: &Path, timeout: Duration) -> io::Result<Value> {
 /// The human-readable table.
 pub fn render(v: &Value) -> String {
     let mut out = format!(
-        "{} master pid {}  generation {}  started {}  port {}  policy {}  pending {}\n",
+        "{} master pid {}  generation {}  started {}  port {}  policy {}{}  pending {}\n",
         v["mode"].as_str().unwrap_or("?"),
         v["pid"],
         v["gen"],
         v["started"],
         v["port"],
         v["policy"].as_str().unwrap_or("?"),
+        if v["rebalance"] == Value::Bool(true) { " (rebalancing)" } else { "" },
         v["pending"]
     );
     if v["accepting"] == Value::Bool(false) && v["restarting"] != Value::Bool(true) {
         out.push_str("not accepting: no worker can serve (new clients wait in the kernel backlog)\n");
     }
     out.push_str(&format!(
-        "{:>6} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8}\n",
-        "worker", "pid", "handed", "open", "served", "respawns", "state"
+        "{:>6} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8} {:>6} {:>8} {:>9}\n",
+        "worker", "pid", "handed", "open", "served", "respawns", "state", "busy%", "moved in", "moved out"
     ));
     for w in v["workers"].as_array().into_iter().flatten() {
         let f = |k: &str| w[k].to_string();
         out.push_str(&format!(
-            "{:>6} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8}\n",
+            "{:>6} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8} {:>6.0} {:>8} {:>9}\n",
             f("worker"),
             f("pid"),
             f("handed"),
             f("open"),
             f("served"),
             f("respawns"),
-            w["state"].as_str().unwrap_or("?")
+            w["state"].as_str().unwrap_or("?"),
+            w["busy"].as_f64().unwrap_or(0.0) * 100.0,
+            f("moved_in"),
+            f("moved_out")
         ));
     }
     let links: Vec<(&Value, &Value)> = v["workers"]

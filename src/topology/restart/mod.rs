@@ -321,6 +321,7 @@ impl Master {
             "grace": self.cfg.grace.as_secs_f64(),
             "gen": self.cfg.gen,
             "hang_timeout": self.cfg.hang_timeout.map(|d| d.as_secs_f64()),
+            "rebalance": self.cfg.rebalance,
         });
         let msg = Msg {
             kind: wire::KIND_LISTENER,
@@ -704,6 +705,7 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
         gen: v["gen"].as_u64().ok_or_else(|| bad("gen"))? + 1,
         node: None,
         hang_timeout: v["hang_timeout"].as_f64().map(Duration::from_secs_f64),
+        rebalance: v["rebalance"].as_bool().unwrap_or(false),
     };
     crate::topology::cluster::master::run_on(cfg, fd, Some(c.into_fd()))
 }

@@ -12,9 +12,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+mod rebalance;
+
 use super::{
-    control_path, Policy, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_RESTART_PROBED, KIND_RESTART_REQ,
-    KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY, KIND_STATUS_REQ, KIND_TAKEOVER_HELLO,
+    control_path, Policy, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_REBALANCE, KIND_RESTART_PROBED,
+    KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY, KIND_STATUS_REQ, KIND_TAKEOVER_HELLO,
 };
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::core::reactor::{Base, Endpoint, Event, Interest, Listener};
@@ -74,6 +76,8 @@ pub struct Config {
     pub node: Option<crate::topology::node::NodeConfig>,
     /// Kill and respawn a worker that has not answered for this long.
     pub hang_timeout: Option<Duration>,
+    /// `--rebalance`: move busy connections from a hot worker to an idle one.
+    pub rebalance: bool,
 }
 
 /// The master's copy of a connection a worker serves: the descriptor it
@@ -119,6 +123,16 @@ pub(crate) struct WorkerSlot {
     pub(crate) last_seen: Instant,
     /// Silent for `HUNG_AFTER`: gets no new connection.
     pub(crate) hung: bool,
+    /// Its event loop's busy share and when it said so (heartbeat answer).
+    pub(crate) busy: (f64, Instant),
+    /// Connections moved to and away from it by rebalancing.
+    pub(crate) moved_in: u64,
+    pub(crate) moved_out: u64,
+    /// When it was last asked to move connections away.
+    pub(crate) rebalanced_at: Option<Instant>,
+    /// Open connections as the worker last reported (those it accepted
+    /// itself included, shared policy).
+    pub(crate) reported_open: u64,
 }
 
 impl WorkerSlot {
@@ -200,6 +214,8 @@ pub(crate) struct Master {
     /// A stop signal that arrived during a takeover, acted on when it ends.
     pub(crate) stop_after_takeover: Option<i32>,
     pub(crate) heartbeat: Option<Event>,
+    /// Heartbeats so far (rebalancing looks every other one).
+    pub(crate) beats: u64,
     /// Restart: worker channels not read while the successor catches up.
     pub(crate) workers_paused: bool,
     /// A restart asked for while the previous generation was still leaving.
@@ -272,6 +288,7 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
             orphan_clients: Default::default(),
             stop_after_takeover: None,
             heartbeat: None,
+            beats: 0,
             queued_restart: None,
             workers_paused: false,
             accept_paused: false,
@@ -306,6 +323,11 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
                 respawn_timer: None,
                 last_seen: Instant::now(),
                 hung: false,
+                busy: (0.0, Instant::now()),
+                moved_in: 0,
+                moved_out: 0,
+                rebalanced_at: None,
+                reported_open: 0,
             });
             m.spawn(index)?;
         }
@@ -393,6 +415,9 @@ impl Master {
         slot.started = Instant::now();
         slot.last_seen = Instant::now();
         slot.hung = false;
+        slot.busy = (0.0, Instant::now());
+        slot.rebalanced_at = None;
+        slot.reported_open = 0;
         slot.respawn_timer = None;
         self.share_listener(index);
         self.flush_pending();
@@ -568,7 +593,10 @@ impl Master {
             self.flush_pending();
         }
         match m.kind {
-            KIND_PONG => {}
+            KIND_PONG => {
+                let busy = serde_json::from_slice::<Value>(&m.body).ok().and_then(|v| v["busy"].as_f64());
+                self.slots[index].busy = (busy.unwrap_or(0.0).clamp(0.0, 1.0), Instant::now());
+            }
             KIND_STATS => match serde_json::from_slice::<Value>(&m.body) {
                 Ok(v) => {
                     let slot = &mut self.slots[index];
@@ -576,14 +604,18 @@ impl Master {
                         slot.held.remove(&id);
                     }
                     slot.served = v["served"].as_u64().unwrap_or(slot.served);
+                    slot.reported_open = v["open"].as_u64().unwrap_or(slot.reported_open);
                     if let Some(l) = v.get("links") {
                         slot.links = l.clone();
                     }
                 }
                 Err(e) => log::warn!("worker {index}: bad stats: {e}"),
             },
-            // A connection we handed the worker, given back (restart).
-            wire::KIND_CONN if m.flags & wire::FLAG_RELEASED != 0 => self.on_release(index, m),
+            // A connection we handed the worker, given back (restart or
+            // rebalancing).
+            wire::KIND_CONN if m.flags & (wire::FLAG_RELEASED | wire::FLAG_REBALANCED) != 0 => {
+                self.on_release(index, m)
+            }
             // Shared policy: a connection the worker accepted itself.
             wire::KIND_CONN => self.assign(m),
             k => log::warn!("worker {index}: unexpected message kind {k}"),
@@ -616,12 +648,71 @@ impl Master {
     /// the bytes the worker had read.
     fn on_release(&mut self, index: usize, mut m: Msg) {
         // Our copy is closed: the descriptor that came back replaces it.
-        if self.slots[index].held.remove(&m.master_id()).is_none() {
+        // (One the worker accepted itself, shared policy, had no copy.)
+        if m.flags & wire::FLAG_RELEASED != 0 && self.slots[index].held.remove(&m.master_id()).is_none() {
             log::warn!("worker {index}: released connection {} was not handed to it", m.master_id());
         }
-        m.flags &= !wire::FLAG_RELEASED;
+        let rebalanced = m.flags & wire::FLAG_REBALANCED != 0;
+        m.flags &= !(wire::FLAG_RELEASED | wire::FLAG_REBALANCED);
         m.tag = 0;
-        self.assign(m);
+        if !rebalanced || self.draining {
+            self.assign(m);
+            return;
+        }
+        // It arrives marked as moved: it stays where it lands for a while.
+        m.flags |= wire::FLAG_REBALANCED;
+        // A rebalancing move: to the idlest other live worker.
+        self.slots[index].moved_out += 1;
+        let target = self
+            .slots
+            .iter()
+            .filter(|s| s.index != index && s.live())
+            .min_by(|a, b| self.load_of(a).total_cmp(&self.load_of(b)).then(a.open().cmp(&b.open())))
+            .map(|s| s.index);
+        if let Some(t) = target {
+            self.slots[t].moved_in += 1;
+        }
+        self.assign_to(target, m);
+    }
+
+    /// A worker's busy share, 0 when its last report is stale.
+    fn load_of(&self, s: &WorkerSlot) -> f64 {
+        if s.busy.1.elapsed() < rebalance::STALE {
+            s.busy.0
+        } else {
+            0.0
+        }
+    }
+
+    /// `--rebalance`, every other heartbeat: if one worker is much busier
+    /// than another, it is asked to move some busy connections.
+    fn rebalance(&mut self) {
+        if !self.cfg.rebalance || self.draining || self.stopping || self.restart.is_some() {
+            return;
+        }
+        let loads: Vec<rebalance::Load> = self
+            .slots
+            .iter()
+            .filter(|s| s.live())
+            .map(|s| rebalance::Load {
+                index: s.index,
+                busy: self.load_of(s),
+                open: s.open().max(s.reported_open),
+                settling: rebalance::settling(s.rebalanced_at),
+            })
+            .collect();
+        let Some((hot, k, cold)) = rebalance::decide(&loads) else { return };
+        let slot = &mut self.slots[hot];
+        slot.rebalanced_at = Some(Instant::now());
+        log::info!(
+            "rebalance: worker {hot} is {:.0}% busy, worker {cold} {:.0}%: moving up to {k} of its {} connection(s)",
+            loads.iter().find(|l| l.index == hot).map_or(0.0, |l| l.busy * 100.0),
+            loads.iter().find(|l| l.index == cold).map_or(0.0, |l| l.busy * 100.0),
+            slot.open().max(slot.reported_open)
+        );
+        if let Some(ch) = &slot.channel {
+            let _ = ch.send(Msg::control(KIND_REBALANCE, json!({"count": k}).to_string().into_bytes()));
+        }
     }
 
     /// A worker died: its client connections go to another worker (or
@@ -836,6 +927,10 @@ impl Master {
         if changed {
             self.update_accepting();
         }
+        self.beats += 1;
+        if self.beats % 2 == 0 {
+            self.rebalance();
+        }
         if let Some(t) = &self.heartbeat {
             let _ = t.add(Some(HEARTBEAT));
         }
@@ -1001,6 +1096,9 @@ impl Master {
                     "respawns": s.respawns,
                     "state": s.state(),
                     "up_secs": s.started.elapsed().as_secs(),
+                    "busy": (self.load_of(s) * 1000.0).round() / 1000.0,
+                    "moved_in": s.moved_in,
+                    "moved_out": s.moved_out,
                     "links": s.links,
                 })
             })
@@ -1011,6 +1109,7 @@ impl Master {
             "pid": std::process::id(),
             "port": self.port,
             "policy": self.cfg.policy.name(),
+            "rebalance": self.cfg.rebalance,
             "gen": self.cfg.gen,
             "started": started,
             "restarting": self.restart.is_some(),

@@ -55,8 +55,8 @@ use serde_json::{json, Value};
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::core::reactor::{Base, Event, Interest};
 use crate::topology::cluster::{
-    control_path, KIND_DRAIN, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_SHUTDOWN, KIND_STATS, KIND_TAKEOVER_BEGUN,
-    KIND_TAKEOVER_ENDED,
+    control_path, KIND_DRAIN, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_REBALANCE, KIND_SHUTDOWN, KIND_STATS,
+    KIND_TAKEOVER_BEGUN, KIND_TAKEOVER_ENDED,
 };
 
 /// Longest delay of a counters-only stats message.
@@ -77,13 +77,15 @@ pub struct Handed {
     pub eof: bool,
     /// Node mode: a link another node's worker opened to us.
     pub node_link: bool,
+    /// It comes from another worker by rebalancing (it should stay a while).
+    pub moved: bool,
 }
 
 impl Handed {
     /// A connection this worker accepted itself (shared policy), or a node
     /// link it opened (`node_link`): nothing read yet, no master id.
     pub fn accepted(fd: OwnedFd, node_link: bool) -> Handed {
-        Handed { fd, leftover: Vec::new(), state: Vec::new(), master_id: 0, eof: false, node_link }
+        Handed { fd, leftover: Vec::new(), state: Vec::new(), master_id: 0, eof: false, node_link, moved: false }
     }
 }
 
@@ -100,6 +102,10 @@ pub enum Order {
     Shutdown,
     /// Restart: release every connection between requests, exit.
     Drain,
+    /// `--rebalance`: this worker is busier than another; release up to
+    /// this many of its busiest connections, each between requests, with
+    /// [`MasterLink::release_to_rebalance`].
+    Rebalance(usize),
     /// The master died during a restart; this link now reaches its
     /// successor. Release every connection as in a drain; cut those still
     /// here after [`MasterLink::orphan_grace`].
@@ -127,6 +133,8 @@ pub struct MasterLink {
     exit_superseded: Rc<Cell<bool>>,
     /// How long an orphaned worker waits for clients that do not read.
     pub orphan_grace: Duration,
+    /// The loop's busy time and the clock at the last heartbeat.
+    busy_mark: (Duration, std::time::Instant),
 }
 
 impl MasterLink {
@@ -158,6 +166,7 @@ impl MasterLink {
             quitting: false,
             exit_superseded: Rc::default(),
             orphan_grace: Duration::from_secs(5),
+            busy_mark: (crate::core::reactor::busy_time(), std::time::Instant::now()),
         })
     }
 
@@ -183,8 +192,13 @@ impl MasterLink {
                     None
                 }
                 KIND_PING => {
-                    let _ = self.channel.send(Msg::control(KIND_PONG, Vec::new()));
+                    let busy = self.busy_share();
+                    let _ = self.channel.send(Msg::control(KIND_PONG, format!(r#"{{"busy":{busy:.3}}}"#).into_bytes()));
                     None
+                }
+                KIND_REBALANCE => {
+                    let v: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
+                    Some(Order::Rebalance(v["count"].as_u64().unwrap_or(0).min(1 << 20) as usize))
                 }
                 k => {
                     log::warn!("worker {}: unexpected message kind {k} from master", self.index);
@@ -219,7 +233,11 @@ impl MasterLink {
     /// until the master's ACK, so it survives the master's death. One the
     /// master handed us is marked released, with the master's id for it.
     pub fn release(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: &[u8], master_id: u64, eof: bool) {
-        let mut flags = if eof { wire::FLAG_EOF } else { 0 };
+        self.release_flagged(fd, leftover, state, master_id, eof, 0);
+    }
+
+    fn release_flagged(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: &[u8], master_id: u64, eof: bool, extra: u32) {
+        let mut flags = extra | if eof { wire::FLAG_EOF } else { 0 };
         if master_id != 0 {
             flags |= wire::FLAG_RELEASED;
         }
@@ -232,6 +250,24 @@ impl MasterLink {
             // takes it, or it closes with us).
             self.unsent.push(back);
         }
+    }
+
+    /// The share (0 to 1) of the time since the last call that this
+    /// process's event loop spent in callbacks: its load.
+    fn busy_share(&mut self) -> f64 {
+        let now = (crate::core::reactor::busy_time(), std::time::Instant::now());
+        let (busy, wall) = (now.0.saturating_sub(self.busy_mark.0), now.1 - self.busy_mark.1);
+        self.busy_mark = now;
+        if wall.is_zero() {
+            return 0.0;
+        }
+        (busy.as_secs_f64() / wall.as_secs_f64()).clamp(0.0, 1.0)
+    }
+
+    /// As [`MasterLink::release`], marked as a rebalancing move: the
+    /// master hands the connection to a colder worker.
+    pub fn release_to_rebalance(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: &[u8], master_id: u64, eof: bool) {
+        self.release_flagged(fd, leftover, state, master_id, eof, wire::FLAG_REBALANCED);
     }
 
     /// A connection closed for good (the master drops its copy).
@@ -354,5 +390,6 @@ fn handed(m: Msg, from_master: bool) -> Handed {
         master_id,
         eof: m.flags & wire::FLAG_EOF != 0,
         node_link: m.flags & wire::FLAG_NODE_LINK != 0,
+        moved: m.flags & wire::FLAG_REBALANCED != 0,
     }
 }

@@ -24,6 +24,9 @@ use link::{Handed, MasterLink, Order};
 const OUTPUT_LIMIT: usize = 1 << 20;
 /// Draining: how soon a connection the master refused is offered again.
 const RETRY_RELEASE: Duration = Duration::from_millis(100);
+/// `--rebalance`: a connection that was moved moves again only after this
+/// long (no ping-pong between two workers).
+const MOVE_COOLDOWN: Duration = Duration::from_secs(1);
 
 /// What a connection is to this worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +59,12 @@ pub(crate) struct Served<T> {
     pub(crate) throttled: bool,
     /// Draining: release to the master once between requests.
     pub(crate) releasing: bool,
+    /// The release is a rebalancing move (the worker goes on serving).
+    pub(crate) rebalancing: bool,
+    /// When it arrived here by a rebalancing move (the move cooldown).
+    pub(crate) moved_at: Option<std::time::Instant>,
+    /// Requests answered since the last rebalance order: its load.
+    pub(crate) recent: u64,
 }
 
 impl<T> Served<T> {
@@ -190,6 +199,7 @@ impl<S: Service> Worker<S> {
             Order::Listener(fd) => self.share_listener(fd),
             Order::Shutdown => self.begin_shutdown(),
             Order::Drain => self.begin_drain(),
+            Order::Rebalance(k) => self.rebalance(k),
             Order::Orphaned => self.orphaned(),
             Order::Lost => {
                 self.conns.clear();
@@ -250,6 +260,9 @@ impl<S: Service> Worker<S> {
                 closing: false,
                 throttled: false,
                 releasing: false,
+                rebalancing: false,
+                moved_at: h.moved.then(std::time::Instant::now),
+                recent: 0,
             },
         );
         self.master.stats_changed();
@@ -322,6 +335,7 @@ impl<S: Service> Worker<S> {
         let (answered, close, abort, relays) = (cx.answered, cx.close, cx.abort, std::mem::take(&mut cx.relays));
         let more = cx.more();
         slot.conn.consume(used.min(avail));
+        slot.recent += answered as u64;
         self.served += answered as u64;
         if abort {
             self.close(id);
@@ -492,9 +506,47 @@ impl<S: Service> Worker<S> {
         let Some(slot) = self.conns.remove(&id) else { return };
         let state = slot.session.as_ref().map(Session::export).unwrap_or_default();
         let (fd, leftover) = slot.conn.detach();
+        if slot.rebalancing && !self.draining {
+            self.master.release_to_rebalance(fd, leftover, &state, slot.master_id, slot.eof);
+            self.master.stats_changed();
+            return;
+        }
         self.master.release(fd, leftover, &state, slot.master_id, slot.eof);
-        if self.conns.is_empty() {
+        if self.draining && self.conns.is_empty() {
             self.quit();
+        }
+    }
+
+    /// `--rebalance`: moves up to `k` of the busiest client connections
+    /// (by requests since the last order) away, each between requests;
+    /// those moved here less than [`MOVE_COOLDOWN`] ago stay.
+    fn rebalance(&mut self, k: usize) {
+        if self.draining || self.stopping {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut busiest: Vec<(u64, u64)> = self
+            .conns
+            .iter()
+            .filter(|(_, s)| {
+                s.kind == Kind::Client
+                    && s.recent > 0
+                    && !(s.closing || s.releasing || s.close_after)
+                    && s.moved_at.is_none_or(|t| now.duration_since(t) >= MOVE_COOLDOWN)
+            })
+            .map(|(&id, s)| (s.recent, id))
+            .collect();
+        busiest.sort_unstable_by(|a, b| b.cmp(a));
+        for s in self.conns.values_mut() {
+            s.recent = 0;
+        }
+        busiest.truncate(k);
+        log::debug!("worker {}: rebalancing: moving {} of {} asked", self.index, busiest.len(), k);
+        for (_, id) in busiest {
+            if let Some(s) = self.conns.get_mut(&id) {
+                s.rebalancing = true;
+            }
+            self.release_when_flushed(id);
         }
     }
 
