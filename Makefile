@@ -6,7 +6,7 @@
 #   make test     cargo test (unit + integration) incl. the C client check
 #                 and the C workers (tests/it/cworker.rs)
 #   make bench    every benchmark (bench-pair, bench-cluster, bench-nodes, bench-restart,
-#                 bench-http); each writes bench/results/NAME.md and NAME.svg
+#                 bench-http, bench-rebalance); each writes bench/results/NAME.md and NAME.svg
 #                 and exits non-zero when a target is missed
 #   make memcheck unit tests, some integration tests and two nodes under valgrind
 #   make chaos    soak: load + restarts + kills, every request accounted for
@@ -29,7 +29,7 @@ MEMCHECK_PKGS := valgrind
 # What the benchmarks need on top: load generator, yardsticks, plots.
 BENCH_PKGS := nginx wrk gnuplot-nox nodejs
 
-.PHONY: all deps memcheck-deps bench-deps build run demo demo-nodes test memcheck bench bench-pair bench-cluster bench-nodes bench-restart bench-http chaos chaos-ci clean
+.PHONY: all deps memcheck-deps bench-deps build run demo demo-nodes test memcheck bench bench-pair bench-cluster bench-nodes bench-restart bench-http bench-rebalance chaos chaos-ci clean
 
 all: deps build
 
@@ -111,7 +111,7 @@ test: deps build/cclient $(C_ARTIFACTS)
 memcheck: deps memcheck-deps $(C_ARTIFACTS)
 	scripts/memcheck.sh
 
-bench: bench-pair bench-cluster bench-nodes bench-restart bench-http
+bench: bench-pair bench-cluster bench-nodes bench-restart bench-http bench-rebalance
 
 bench-pair: bench-deps build build/pair_epoll
 	scripts/bench-pair.sh
@@ -128,6 +128,13 @@ bench-restart: bench-deps build
 # The http example vs nginx vs Node's http + cluster (BENCH_SECS per run).
 bench-http: bench-deps build
 	scripts/bench-http.sh
+
+# Live rebalancing: a skewed CPU load (only worker 0's connections busy)
+# without and with --rebalance and on Node's cluster, an even one without and
+# with; also writes bench/results/bench-rebalance-time.{svg,tsv} (per worker
+# over time).
+bench-rebalance: bench-deps build
+	scripts/bench-rebalance.sh
 
 # Exit status 1 on any unexplained lost connection/reply or finding.
 chaos: build
