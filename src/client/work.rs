@@ -6,8 +6,10 @@
 //! {"in":"work","params":{"us":N}}  -> {"out":"work","result":N}  (after N µs of CPU)
 //! ```
 //!
-//! 1. `conns` keep-alive connections are opened and each asks `whoami`
-//!    once: the worker it starts on.
+//! 1. `conns` keep-alive connections are opened one at a time, each asking
+//!    `whoami` before the next connects: the worker it starts on (and a
+//!    balancer that hands a connection to whichever worker is free, as
+//!    Node's round-robin does, spreads them evenly).
 //! 2. The driven ones (all, or with `only_worker = W` those that started
 //!    on worker W: a skewed load) send `work` requests back to back, one
 //!    outstanding per connection, for `secs` seconds; the others stay idle.
@@ -21,7 +23,7 @@
 //! flight, any byte that arrives while nothing is asked (on a driven
 //! connection between two requests, on an idle one at any time, during the
 //! quiet end) is an error — a duplicated or stray reply — and so is a
-//! wrong reply or a connection that breaks. All of it runs on one event
+//! wrong reply or a connection that breaks. Steps 2 and 3 run on one event
 //! loop (the project's reactor), like the keep-alive rpc load.
 //!
 //! `trace` writes one TSV row per `sample`: the time, the work replies per
@@ -41,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::rpc::{encode_frame, MAX_REPLY};
+use super::rpc::{encode_frame, read_frame, MAX_REPLY};
 use super::stats::{ErrLog, Latency};
 use super::{resolve, CONNECT_TIMEOUT, IO_TIMEOUT};
 use crate::core::reactor::{Base, Conn, ConnEvent, Event, Interest};
@@ -239,8 +241,6 @@ pub fn parse_whoami(body: &[u8]) -> Result<(u64, Option<u64>), String> {
 enum Wait {
     /// Nothing asked: any byte is an error.
     Nothing,
-    /// The first whoami.
-    Hello,
     /// A work reply.
     Work,
     /// A whoami sent between two work requests.
@@ -251,7 +251,6 @@ enum Wait {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    Hello,
     Driving,
     Stopping,
     Quiet,
@@ -352,8 +351,6 @@ impl CpuSampler {
 
 struct Run {
     clients: Vec<Client>,
-    /// Connections to open.
-    conns: usize,
     us: u64,
     work: Vec<u8>,
     whoami: Vec<u8>,
@@ -405,14 +402,6 @@ impl Run {
     /// Ends the phase when every connection is through with it.
     fn progress(&mut self) {
         match self.phase {
-            Phase::Hello => {
-                // (not while connections are still being opened)
-                if self.clients.len() == self.conns
-                    && self.clients.iter().all(|c| c.conn.is_none() || c.wait != Wait::Hello)
-                {
-                    self.base.exit(None);
-                }
-            }
             Phase::Stopping => {
                 if self.clients.iter().all(|c| !c.driven || c.conn.is_none() || c.ended) {
                     self.phase = Phase::Quiet;
@@ -449,7 +438,7 @@ impl Run {
             }
             Phase::Driving => self.send(c, Wait::Work),
             Phase::Stopping => self.send(c, Wait::Final),
-            Phase::Hello | Phase::Quiet => {}
+            Phase::Quiet => {}
         }
     }
 
@@ -469,7 +458,7 @@ impl Run {
                     cl.first = Some(w);
                 }
                 cl.now = Some(w);
-                if self.first_moved.is_none() && self.phase != Phase::Hello && self.moved() >= MOVED_MARK {
+                if self.first_moved.is_none() && self.moved() >= MOVED_MARK {
                     self.first_moved = Some(self.elapsed());
                 }
                 true
@@ -524,10 +513,6 @@ impl Run {
             self.clients[c].wait = Wait::Nothing;
             match wait {
                 Wait::Nothing => unreachable!("checked above"),
-                Wait::Hello => {
-                    self.whoami(c, &body);
-                    self.progress();
-                }
                 Wait::Work => match check_work(&body, self.us, &self.exact) {
                     Ok(()) => {
                         self.ok += 1;
@@ -589,7 +574,7 @@ impl Run {
         match self.phase {
             Phase::Quiet => return self.base.exit(None),
             Phase::Driving => {}
-            Phase::Hello | Phase::Stopping => return,
+            Phase::Stopping => return,
         }
         let now = Instant::now();
         let dt = now.duration_since(self.last_row).as_secs_f64();
@@ -627,12 +612,25 @@ impl Run {
     }
 }
 
-fn open(run: &Rc<RefCell<Run>>, base: &Base, addr: SocketAddr, c: usize) -> io::Result<Conn> {
-    let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
-    s.set_nodelay(true)?;
-    s.set_nonblocking(true)?;
+/// Connects and asks whoami (blocking: one connection at a time, so that a
+/// balancer that hands connections to whichever worker is free, as Node's
+/// round-robin does, sees them one by one), then puts the connection on the
+/// loop. Returns it with the worker and pid its whoami named.
+fn open(run: &Rc<RefCell<Run>>, base: &Base, addr: SocketAddr, c: usize) -> Result<(Conn, u64, Option<u64>), String> {
+    let mut s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))?;
+    let setup = |s: &TcpStream| {
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))
+    };
+    setup(&s).map_err(|e| format!("socket options: {e}"))?;
+    s.write_all(&whoami_frame()).map_err(|e| format!("write whoami: {e}"))?;
+    let mut body = Vec::new();
+    read_frame(&mut s, &mut body).map_err(|e| format!("first whoami: {e}"))?;
+    let (worker, pid) = parse_whoami(&body).map_err(|e| format!("first whoami: {e}"))?;
+    s.set_nonblocking(true).map_err(|e| format!("socket options: {e}"))?;
     let w: Weak<RefCell<Run>> = Rc::downgrade(run);
-    Conn::adopt(
+    let conn = Conn::adopt(
         base,
         OwnedFd::from(s),
         &[],
@@ -643,6 +641,8 @@ fn open(run: &Rc<RefCell<Run>>, base: &Base, addr: SocketAddr, c: usize) -> io::
             }
         }),
     )
+    .map_err(|e| format!("event loop: {e}"))?;
+    Ok((conn, worker, pid))
 }
 
 /// Runs the work load and returns its summary (with `trace`, the TSV is
@@ -668,12 +668,11 @@ pub fn work(o: &WorkOpts) -> WorkSummary {
     };
     let run = Rc::new(RefCell::new(Run {
         clients: Vec::with_capacity(o.conns),
-        conns: o.conns,
         us: o.us,
         work: work_frame(o.us),
         whoami: whoami_frame(),
         exact: serde_json::to_vec(&json!({"out": "work", "result": o.us})).expect("serialize json"),
-        phase: Phase::Hello,
+        phase: Phase::Driving,
         start: Instant::now(),
         secs: o.secs,
         sample: o.sample,
@@ -702,39 +701,36 @@ pub fn work(o: &WorkOpts) -> WorkSummary {
 
     // 1. Connect, and ask each connection where it is.
     for c in 0..o.conns {
-        let conn = open(&run, &base, addr, c);
+        let opened = open(&run, &base, addr, c);
         let mut r = run.borrow_mut();
-        let now = Instant::now();
-        let client = Client {
+        let mut client = Client {
             conn: None,
             driven: false,
             wait: Wait::Nothing,
-            sent_at: now,
+            sent_at: Instant::now(),
             first: None,
             now: None,
             probe: false,
             ended: false,
         };
-        r.clients.push(client);
-        match conn {
-            Ok(conn) => {
-                conn.set_read_timeout(Some(reply_timeout));
+        match opened {
+            Ok((conn, worker, pid)) => {
+                client.driven = o.only_worker.is_none_or(|w| w == worker);
+                // An idle connection waits without a timeout: nothing may
+                // arrive on it, however long the run.
+                conn.set_read_timeout(client.driven.then_some(reply_timeout));
                 conn.resume_reading();
-                r.clients[c].conn = Some(conn);
-                r.send(c, Wait::Hello);
+                (client.first, client.now, client.conn) = (Some(worker), Some(worker), Some(conn));
+                if let Some(pid) = pid {
+                    r.pids.insert(worker, pid);
+                }
             }
             Err(e) => {
-                r.errlog.report(format_args!("conn {c}: connect {addr}: {e}"));
+                r.errlog.report(format_args!("conn {c}: {e}"));
                 r.errors += 1;
             }
         }
-    }
-    if run.borrow().clients.iter().any(|c| c.wait == Wait::Hello) {
-        if let Err(e) = base.dispatch() {
-            let mut r = run.borrow_mut();
-            r.errlog.report(format_args!("work: event loop: {e}"));
-            r.errors += 1;
-        }
+        r.clients.push(client);
     }
 
     // 2. Drive.
@@ -743,19 +739,6 @@ pub fn work(o: &WorkOpts) -> WorkSummary {
     {
         let mut r = run.borrow_mut();
         let r = &mut *r;
-        for cl in r.clients.iter_mut() {
-            cl.driven = cl.conn.is_some() && cl.first.is_some() && o.only_worker.is_none_or(|w| cl.first == Some(w));
-            if !cl.driven {
-                if let Some(conn) = &cl.conn {
-                    // Idle: nothing may arrive, however long the run. (Taken
-                    // out of the loop first: re-adding a pending event
-                    // without a timeout would keep the old one.)
-                    conn.pause_reading();
-                    conn.set_read_timeout(None);
-                    conn.resume_reading();
-                }
-            }
-        }
         let driven = r.clients.iter().filter(|c| c.driven).count();
         sum.driven = driven;
         sum.start = r.count(|c| c.first);
@@ -777,16 +760,16 @@ pub fn work(o: &WorkOpts) -> WorkSummary {
                 }
             }
         }
-        if let Some(t) = &r.timer {
-            r.phase = Phase::Driving;
+        let first_tick = o.sample.min(Duration::from_secs_f64(o.secs));
+        if let Some(Err(e)) = r.timer.as_ref().map(|t| t.add(Some(first_tick))) {
+            r.errlog.report(format_args!("work: timer: {e}"));
+            r.errors += 1;
+            r.timer = None;
+        }
+        if r.timer.is_some() {
             r.start = Instant::now();
             r.last_row = r.start;
             let _ = r.cpu.sample(&r.pids, r.hz);
-            let first_tick = o.sample.min(Duration::from_secs_f64(o.secs));
-            if let Err(e) = t.add(Some(first_tick)) {
-                r.errlog.report(format_args!("work: timer: {e}"));
-                r.errors += 1;
-            }
             for c in 0..r.clients.len() {
                 if r.clients[c].driven {
                     r.send(c, Wait::Work);
@@ -794,7 +777,9 @@ pub fn work(o: &WorkOpts) -> WorkSummary {
             }
         }
     }
-    if run.borrow().phase == Phase::Driving {
+    // (Idle connections keep the loop alive: without the timer, which ends
+    // the run, it would never return.)
+    if run.borrow().timer.is_some() {
         if let Err(e) = base.dispatch() {
             let mut r = run.borrow_mut();
             r.errlog.report(format_args!("work: event loop: {e}"));
