@@ -12,6 +12,7 @@ mod node;
 mod pair;
 mod readme;
 mod rebalance;
+mod rebalance_client;
 mod restart;
 mod restart_faults;
 mod service;

@@ -45,7 +45,7 @@ fn drive(conns: &mut [Rpc], stop: &AtomicBool, done: &AtomicU64) -> Result<(), S
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("driver thread")).collect()
+        handles.into_iter().try_for_each(|h| h.join().expect("driver thread"))
     })
 }
 

@@ -928,7 +928,7 @@ impl Master {
             self.update_accepting();
         }
         self.beats += 1;
-        if self.beats % 2 == 0 {
+        if self.beats.is_multiple_of(2) {
             self.rebalance();
         }
         if let Some(t) = &self.heartbeat {
