@@ -383,6 +383,25 @@ machine_line() {
         "$(nproc)" "${cpu:-unknown CPU}" "$(uname -r)" "$(date -u '+%Y-%m-%d %H:%M UTC')" "${BENCH_BUSY0:-?}" "$(others_pct)"
 }
 
+# need_node: sets NODE to Node.js (/usr/bin/node or on PATH), installed
+# from Debian when root; dies otherwise.
+need_node() {
+    NODE=$(command -v node || true)
+    [ -n "$NODE" ] || { [ -x /usr/bin/node ] && NODE=/usr/bin/node; } || true
+    if [ -z "$NODE" ]; then
+        if [ "$(id -u)" = 0 ]; then
+            say "bench: node is missing; installing Debian's nodejs"
+            if ! { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs >&2; }; then
+                die "apt-get install nodejs failed"
+            fi
+            NODE=$(command -v node || echo /usr/bin/node)
+        else
+            die "node is missing; run: sudo apt-get install -y nodejs"
+        fi
+    fi
+    [ -x "$NODE" ] || die "no usable node at $NODE"
+}
+
 need_bin() {
     local f
     for f in "$@"; do

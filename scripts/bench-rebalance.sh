@@ -40,21 +40,7 @@ done
 need_bin "$BIN"
 need_plot
 
-# Node.js: /usr/bin/node or on PATH; installed from Debian when root.
-NODE=$(command -v node || true)
-[ -n "$NODE" ] || { [ -x /usr/bin/node ] && NODE=/usr/bin/node; } || true
-if [ -z "$NODE" ]; then
-    if [ "$(id -u)" = 0 ]; then
-        say "bench-rebalance: node is missing; installing Debian's nodejs"
-        if ! { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs >&2; }; then
-            die "apt-get install nodejs failed"
-        fi
-        NODE=$(command -v node || echo /usr/bin/node)
-    else
-        die "node is missing; run: sudo apt-get install -y nodejs"
-    fi
-fi
-[ -x "$NODE" ] || die "no usable node at $NODE"
+need_node
 
 ARMS=(skew-off skew-on skew-node even-off even-on)
 declare -A NAME=([skew-off]="handoff" [skew-on]="handoff --rebalance" [skew-node]="Node cluster (SCHED_RR)"
