@@ -327,10 +327,11 @@ fn workers_that_cannot_respawn_are_retried_with_backoff_and_clients_wait() {
     // then 200ms, then 400ms.
     let attempts = |w: usize| {
         let text = log();
-        let lines: Vec<String> = lines_with(&text, &format!("spawn worker {w}: No such file or directory"))
-            .into_iter()
-            .map(str::to_string)
-            .collect();
+        let lines: Vec<String> =
+            lines_with(&text, &format!("spawn worker {w} ({}): No such file or directory", exe.display()))
+                .into_iter()
+                .map(str::to_string)
+                .collect();
         lines
     };
     let ok = poll_until(Duration::from_secs(5), || attempts(0).len() >= 3 && attempts(1).len() >= 3);

@@ -399,7 +399,9 @@ impl Master {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("spawn worker {index} ({}): {e}", cmd.get_program().to_string_lossy())))?;
+        let child = cmd.spawn().map_err(|e| {
+            io::Error::new(e.kind(), format!("spawn worker {index} ({}): {e}", cmd.get_program().to_string_lossy()))
+        })?;
         drop(theirs);
         let slot = &mut self.slots[index];
         slot.incarnation += 1;
