@@ -8,7 +8,7 @@
 use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::raw::{c_short, c_void};
+use std::os::raw::{c_int, c_short, c_void};
 use std::ptr::NonNull;
 use std::rc::Rc;
 use std::time::Duration;
@@ -78,10 +78,11 @@ type Handler = Rc<dyn Fn(ConnEvent)>;
 pub struct Conn {
     bev: Option<NonNull<ev::bufferevent>>,
     /// Our own read event on the descriptor (see [`Reader`]).
-    reader: Option<super::Event>,
+    read_ev: Option<NonNull<ev::event>>,
+    /// The read state and the handler; every libevent callback of this
+    /// Conn gets a pointer to it as its argument.
     reading: Rc<Reader>,
     fd: Option<OwnedFd>,
-    _handler: Box<Handler>,
     _base: Base,
 }
 
@@ -101,6 +102,42 @@ struct Reader {
     timeout: Cell<Option<Duration>>,
     /// The read event itself (set once made; freed with the Conn).
     event: Cell<*mut ev::event>,
+    /// Every [`ConnEvent`] goes here.
+    handler: Handler,
+}
+
+/// The Reader behind a callback's `arg`, kept alive for the call (the
+/// handler may drop the Conn).
+///
+/// # Safety
+/// `arg` is `Rc::as_ptr` of a Reader whose Conn still exists (its events
+/// are freed before its Rc is dropped).
+unsafe fn reader_of(arg: *mut c_void) -> Rc<Reader> {
+    let p = arg as *const Reader;
+    // SAFETY: per the contract, the Rc is alive; one more strong count
+    // for the Rc made here.
+    unsafe {
+        Rc::increment_strong_count(p);
+        Rc::from_raw(p)
+    }
+}
+
+unsafe extern "C" fn read_cb(_fd: c_int, what: c_short, arg: *mut c_void) {
+    // SAFETY: arg is the Conn's Reader (set in `adopt`).
+    let r = unsafe { reader_of(arg) };
+    super::guard(|| {
+        let e = if what & ev::EV_TIMEOUT as c_short != 0 { Some(ConnEvent::Timeout) } else { r.read() };
+        let Some(e) = e else { return };
+        if matches!(e, ConnEvent::Eof | ConnEvent::Error(_)) {
+            r.done.set(true);
+        }
+        // Settle the event before the handler runs: it may drop the Conn.
+        if !r.should_wait() {
+            // SAFETY: the event is live (we run inside its callback).
+            unsafe { ev::event_del(r.event.get()) };
+        }
+        (r.handler)(e)
+    });
 }
 
 /// Largest single read.
@@ -151,10 +188,10 @@ impl Reader {
 }
 
 unsafe extern "C" fn write_cb(_bev: *mut ev::bufferevent, arg: *mut c_void) {
-    // SAFETY: arg is the Conn's Box<Handler>, alive while callbacks are set;
-    // the clone keeps the closure alive if the handler drops the Conn.
-    let h: Handler = unsafe { (*(arg as *const Handler)).clone() };
-    super::guard(|| h(ConnEvent::Drained));
+    // SAFETY: arg is the Conn's Reader, alive while callbacks are set; the
+    // Rc clone keeps it alive if the handler drops the Conn.
+    let r = unsafe { reader_of(arg) };
+    super::guard(|| (r.handler)(ConnEvent::Drained));
 }
 
 unsafe extern "C" fn event_cb(_bev: *mut ev::bufferevent, what: c_short, arg: *mut c_void) {
@@ -169,8 +206,8 @@ unsafe extern "C" fn event_cb(_bev: *mut ev::bufferevent, what: c_short, arg: *m
         return;
     };
     // SAFETY: as in write_cb.
-    let h: Handler = unsafe { (*(arg as *const Handler)).clone() };
-    super::guard(|| h(e));
+    let r = unsafe { reader_of(arg) };
+    super::guard(|| (r.handler)(e));
 }
 
 impl Conn {
@@ -201,52 +238,33 @@ impl Conn {
             done: Cell::new(false),
             timeout: Cell::new(None),
             event: Cell::new(std::ptr::null_mut()),
+            handler,
         });
-        let (r, h) = (reading.clone(), handler.clone());
-        let reader =
-            super::Event::with_flags(base, fd.as_raw_fd(), (ev::EV_READ | ev::EV_PERSIST) as c_short, move |what| {
-                let e = if what & ev::EV_TIMEOUT as c_short != 0 { Some(ConnEvent::Timeout) } else { r.read() };
-                let Some(e) = e else { return };
-                if matches!(e, ConnEvent::Eof | ConnEvent::Error(_)) {
-                    r.done.set(true);
-                }
-                // Settle the event before the handler runs: it may drop the Conn.
-                if !r.should_wait() {
-                    // SAFETY: the event is live (we run inside its callback).
-                    unsafe { ev::event_del(r.event.get()) };
-                }
-                h(e)
-            });
-        let reader = match reader {
-            Ok(e) => e,
-            Err(err) => {
-                // SAFETY: bev is live and has no callbacks yet.
-                unsafe { ev::bufferevent_free(raw) };
-                return Err(err);
-            }
+        let arg = Rc::as_ptr(&reading) as *mut c_void;
+        // SAFETY: base is live; arg stays valid while the event exists (the
+        // Conn frees the event before its Rc<Reader>).
+        let read_ev = unsafe {
+            ev::event_new(base.as_ptr(), fd.as_raw_fd(), (ev::EV_READ | ev::EV_PERSIST) as c_short, Some(read_cb), arg)
         };
-        reading.event.set(reader.as_ptr());
-        let handler: Box<Handler> = Box::new(handler);
-        let conn = Conn {
-            bev: Some(bev),
-            reader: Some(reader),
-            reading,
-            fd: Some(fd),
-            _handler: handler,
-            _base: base.clone(),
+        let Some(read_ev) = NonNull::new(read_ev) else {
+            // SAFETY: bev is live and has no callbacks yet.
+            unsafe { ev::bufferevent_free(raw) };
+            return Err(io::Error::other("event_new failed"));
         };
-        let arg = &*conn._handler as *const Handler as *mut c_void;
+        reading.event.set(read_ev.as_ptr());
+        let conn = Conn { bev: Some(bev), read_ev: Some(read_ev), reading, fd: Some(fd), _base: base.clone() };
         if !leftover.is_empty() {
-            // The input buffer's end is frozen (only libevent's reads append),
-            // its start is not: prepend into the still empty buffer.
+            // The input buffer's end is frozen (only bufferevent reads append;
+            // ours unfreeze it), its start is not: prepend into the empty buffer.
             // SAFETY: bev is live; leftover is a live slice, copied by libevent.
             let rc = unsafe {
                 ev::evbuffer_prepend(ev::bufferevent_get_input(raw), leftover.as_ptr() as *const c_void, leftover.len())
             };
             super::check(rc, "evbuffer_prepend")?;
         }
-        // SAFETY: bev is live; arg outlives the callbacks (cleared in Drop/detach
-        // by bufferevent_free before the Box is dropped).
+        // SAFETY: bev is live; arg (the Reader) outlives the callbacks: they
+        // are cleared by bufferevent_free in Drop/detach before the Conn's
+        // Rc<Reader> goes.
         unsafe { ev::bufferevent_setcb(raw, None, Some(write_cb), Some(event_cb), arg) };
         Ok(conn)
     }
@@ -323,13 +341,14 @@ impl Conn {
     /// Puts the read event in the loop, or takes it out, as the reader's
     /// state says.
     fn arm_reader(&self) {
-        let Some(e) = &self.reader else { return };
+        let Some(e) = self.read_ev else { return };
         if self.reading.should_wait() {
-            if !e.pending() {
-                let _ = e.add(self.reading.timeout.get());
+            if !read_pending(e) {
+                add_read(e, self.reading.timeout.get());
             }
         } else {
-            e.del();
+            // SAFETY: the event is live until free_bev.
+            unsafe { ev::event_del(e.as_ptr()) };
         }
     }
 
@@ -376,9 +395,9 @@ impl Conn {
     /// Read timeout: a `Timeout` event when no byte arrives for `d`.
     pub fn set_read_timeout(&self, d: Option<Duration>) {
         self.reading.timeout.set(d);
-        if let Some(e) = &self.reader {
-            if e.pending() {
-                let _ = e.add(d);
+        if let Some(e) = self.read_ev {
+            if read_pending(e) {
+                add_read(e, d);
             }
         }
     }
@@ -396,11 +415,14 @@ impl Conn {
 
     fn free_bev(&mut self) {
         // Our read event leaves epoll first (changelist off: at once).
-        self.reader = None;
+        if let Some(e) = self.read_ev.take() {
+            // SAFETY: the event is live and ours; nothing uses it afterwards.
+            unsafe { ev::event_free(e.as_ptr()) };
+        }
         if let Some(bev) = self.bev.take() {
             // SAFETY: bev is live; disabling deletes its events from the
             // backend now (changelist off); free clears the callbacks, so the
-            // handler Box may be dropped afterwards.
+            // Reader their argument points to may be dropped afterwards.
             unsafe {
                 ev::bufferevent_disable(bev.as_ptr(), (ev::EV_READ | ev::EV_WRITE) as c_short);
                 ev::bufferevent_free(bev.as_ptr());
@@ -414,4 +436,18 @@ impl Drop for Conn {
         self.free_bev();
         // self.fd closes after the bufferevent is gone.
     }
+}
+
+/// Whether a read event is in the loop.
+fn read_pending(e: NonNull<ev::event>) -> bool {
+    // SAFETY: a Conn's read event is live until free_bev.
+    unsafe { ev::event_pending(e.as_ptr(), (ev::EV_READ | ev::EV_TIMEOUT) as c_short, std::ptr::null_mut()) != 0 }
+}
+
+/// Puts a read event in the loop, with a timeout if given.
+fn add_read(e: NonNull<ev::event>, timeout: Option<Duration>) {
+    let tv = timeout.map(super::timeval);
+    let p = tv.as_ref().map_or(std::ptr::null(), |t| t as *const _);
+    // SAFETY: the event is live; p is null or a live timeval (copied).
+    unsafe { ev::event_add(e.as_ptr(), p) };
 }

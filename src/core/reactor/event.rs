@@ -64,28 +64,6 @@ impl Event {
         Ok(Event { raw, _cb: cb, _base: base.clone() })
     }
 
-    /// An event with libevent's own flags (`EV_READ | EV_PERSIST`, ...);
-    /// the callback gets what fired (`EV_TIMEOUT`, `EV_READ`, ...).
-    pub(crate) fn with_flags(
-        base: &Base,
-        fd: RawFd,
-        flags: c_short,
-        cb: impl Fn(c_short) + 'static,
-    ) -> io::Result<Event> {
-        let cb: Box<Callback> = Box::new(Rc::new(cb));
-        let arg = &*cb as *const Callback as *mut c_void;
-        // SAFETY: base is live; arg points into the Box kept in the Event,
-        // which outlives the event (freed first in Drop).
-        let raw = unsafe { ev::event_new(base.as_ptr(), fd, flags, Some(trampoline), arg) };
-        let raw = NonNull::new(raw).ok_or_else(|| io::Error::other("event_new failed"))?;
-        Ok(Event { raw, _cb: cb, _base: base.clone() })
-    }
-
-    /// The libevent event, for calls made from inside its own callback.
-    pub(crate) fn as_ptr(&self) -> *mut ev::event {
-        self.raw.as_ptr()
-    }
-
     /// Registers the event, with an optional timeout.
     pub fn add(&self, timeout: Option<Duration>) -> io::Result<()> {
         let tv = timeout.map(super::timeval);
