@@ -194,7 +194,13 @@ struct Cli<PO: Args, CO: Args, X: Subcommand> {
 impl<PO: Args, CO: Args, X: Subcommand> Cli<PO, CO, X> {
     fn command_for(name: &'static str) -> clap::Command {
         use clap::CommandFactory;
-        Self::command().name(name).bin_name(name)
+        let cmd = Self::command().name(name).bin_name(name);
+        if name == "handoff" {
+            return cmd;
+        }
+        cmd.about(format!(
+            "{name}: a service on handoff (pair, cluster, node and hot restart, moving live connections between processes)"
+        ))
     }
 }
 
