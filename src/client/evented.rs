@@ -13,6 +13,7 @@ use super::rpc::{check_relayed, check_reply, params, ping_frame, relay_frame, Rp
 use super::stats::{ErrLog, Latency};
 use super::{CONNECT_TIMEOUT, IO_TIMEOUT};
 use crate::core::reactor::{Base, Conn, ConnEvent};
+use crate::service::rpc::wire::{self, Frame};
 
 /// What the run produced.
 pub struct Outcome {
@@ -90,21 +91,16 @@ impl Run {
         loop {
             let Some(conn) = self.clients[c].conn.as_ref() else { return };
             let avail = conn.input_len();
-            if avail < 4 {
-                return;
-            }
-            let mut hdr = [0u8; 4];
-            conn.copy_out(&mut hdr);
-            let len = u32::from_le_bytes(hdr) as usize;
-            if len > MAX_REPLY {
-                errlog.report(format_args!("conn {c}: reply frame of {len} bytes exceeds {MAX_REPLY}"));
-                let left = requests - self.clients[c].done;
-                self.finish(c, left);
-                return;
-            }
-            if avail < 4 + len {
-                return;
-            }
+            let len = match wire::frame(conn.peek(avail.min(4)), avail, MAX_REPLY) {
+                Frame::Incomplete => return,
+                Frame::TooLarge { len } => {
+                    errlog.report(format_args!("conn {c}: reply frame of {len} bytes exceeds {MAX_REPLY}"));
+                    let left = requests - self.clients[c].done;
+                    self.finish(c, left);
+                    return;
+                }
+                Frame::Complete { body } => body,
+            };
             let i = self.clients[c].done;
             let verdict = self.check(c, i, &conn.peek(4 + len)[4..]);
             if let Some(conn) = self.clients[c].conn.as_mut() {

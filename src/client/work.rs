@@ -47,6 +47,7 @@ use super::rpc::{encode_frame, read_frame, MAX_REPLY};
 use super::stats::{ErrLog, Latency};
 use super::{resolve, CONNECT_TIMEOUT, IO_TIMEOUT};
 use crate::core::reactor::{Base, Conn, ConnEvent, Event, Interest};
+use crate::service::rpc::wire::{self, Frame};
 
 /// `first_moved_ms`: the time until at least this many driven connections
 /// answered whoami from another worker than the one they started on.
@@ -492,18 +493,13 @@ impl Run {
                 let shown = shown(conn.peek(avail.min(200)));
                 return self.lose(c, format_args!("{avail} bytes arrived while nothing was asked: {shown}"));
             }
-            if avail < 4 {
-                return;
-            }
-            let mut hdr = [0u8; 4];
-            conn.copy_out(&mut hdr);
-            let len = u32::from_le_bytes(hdr) as usize;
-            if len > MAX_REPLY {
-                return self.lose(c, format_args!("reply frame of {len} bytes exceeds {MAX_REPLY}"));
-            }
-            if avail < 4 + len {
-                return;
-            }
+            let len = match wire::frame(conn.peek(avail.min(4)), avail, MAX_REPLY) {
+                Frame::Incomplete => return,
+                Frame::TooLarge { len } => {
+                    return self.lose(c, format_args!("reply frame of {len} bytes exceeds {MAX_REPLY}"))
+                }
+                Frame::Complete { body } => body,
+            };
             let body = conn.peek(4 + len)[4..].to_vec();
             let rtt = cl.sent_at.elapsed();
             let wait = cl.wait;

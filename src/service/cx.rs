@@ -28,8 +28,10 @@ pub struct Cx<'a> {
     relays_allowed: bool,
     next_ticket: u64,
     pub(crate) answered: usize,
-    /// Request lengths, for the pair request log.
+    /// Request lengths, for the pair request log (kept only when asked:
+    /// workers have no request log).
     pub(crate) lengths: Vec<usize>,
+    log_lengths: bool,
     pub(crate) close: bool,
     pub(crate) abort: bool,
     pub(crate) relays: Vec<RelayReq>,
@@ -48,6 +50,7 @@ impl<'a> Cx<'a> {
             next_ticket: 0,
             answered: 0,
             lengths: Vec::new(),
+            log_lengths: false,
             close: false,
             abort: false,
             relays: Vec::new(),
@@ -62,6 +65,12 @@ impl<'a> Cx<'a> {
 
     pub(crate) fn with_budget(mut self, n: Option<usize>) -> Self {
         self.budget = n;
+        self
+    }
+
+    /// Keeps each answered request's length (the pair request log).
+    pub(crate) fn with_lengths(mut self) -> Self {
+        self.log_lengths = true;
         self
     }
 
@@ -103,7 +112,9 @@ impl<'a> Cx<'a> {
     /// request budget.
     pub fn answered(&mut self, len: usize) {
         self.answered += 1;
-        self.lengths.push(len);
+        if self.log_lengths {
+            self.lengths.push(len);
+        }
     }
 
     /// Closes the connection once what was written is flushed. Nothing

@@ -137,7 +137,7 @@ fn pipelined_clients_survive_rebalancing_and_restarts() {
     let done = AtomicU64::new(0);
     let results = std::thread::scope(|s| {
         let t = s.spawn(|| drive(&mut hot, &stop, &done));
-        let results = pipelined_restarts(&c, 60, 20, 2, false);
+        let results = pipelined_restarts(&c, 100, 20, 2, false);
         stop.store(true, Ordering::Relaxed);
         t.join().expect("drive").expect("every work reply, in order, once");
         results

@@ -226,7 +226,7 @@ impl<P: Service> Server<P> {
         // up: answer and pass the connection on without a bufferevent.
         if !leftover.is_empty() && self.peer_up() {
             let mut out = Vec::new();
-            let mut cx = Cx::new(&mut out, 0, OUTPUT_LIMIT).with_budget(Some(1)).with_eof(eof);
+            let mut cx = Cx::new(&mut out, 0, OUTPUT_LIMIT).with_lengths().with_budget(Some(1)).with_eof(eof);
             let used = session.serve(&leftover, &mut cx).min(leftover.len());
             let (answered, lengths, clean) = (cx.answered, std::mem::take(&mut cx.lengths), !(cx.close || cx.abort));
             if answered == 1 && clean && cx.relays.is_empty() {
@@ -348,7 +348,10 @@ impl<P: Service> Server<P> {
         let avail = slot.conn.input_len();
         let mut out = Vec::new();
         let budget = peer_up.then_some(1);
-        let mut cx = Cx::new(&mut out, slot.conn.output_len(), OUTPUT_LIMIT).with_budget(budget).with_eof(slot.eof);
+        let mut cx = Cx::new(&mut out, slot.conn.output_len(), OUTPUT_LIMIT)
+            .with_lengths()
+            .with_budget(budget)
+            .with_eof(slot.eof);
         let used = slot.session.serve(slot.conn.peek(avail), &mut cx).min(avail);
         let (lengths, close, abort, more) = (std::mem::take(&mut cx.lengths), cx.close, cx.abort, cx.more());
         slot.conn.consume(used);
