@@ -67,8 +67,11 @@ pub fn tell(state: &str) {
             }
         }
     };
-    if let Err(e) = sent {
-        log::warn!("notify {:?}: {e}", state.lines().next().unwrap_or(""));
+    match sent {
+        // The supervisor is gone; the watch stops us.
+        Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {}
+        Err(e) => log::warn!("notify {:?}: {e}", state.lines().next().unwrap_or("")),
+        Ok(()) => {}
     }
 }
 
