@@ -22,8 +22,9 @@ C_LDLIBS = $(shell pkg-config --libs libevent) -lpthread -ldl -lm
 # var or a flag (scripts/chaos.py --help), e.g. make chaos CHAOS_HELD=8000.
 CHAOS_SECS ?= 300
 # Debian packages the build needs: libevent (linked via pkg-config), libclang
-# (bindgen), a C compiler; curl for the http tests.
-DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make curl
+# (bindgen), a C compiler; curl for the http tests; systemd-socket-activate
+# (package systemd) and unshare (util-linux) for the operations tests.
+DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make curl systemd util-linux
 # What make memcheck needs on top.
 MEMCHECK_PKGS := valgrind
 # What the benchmarks need on top: load generator, yardsticks, plots.

@@ -32,7 +32,11 @@ pub fn take() -> Option<(OwnedFd, String)> {
         }
     }
     if let Some((fd, _)) = &found {
-        set_cloexec(std::os::fd::AsRawFd::as_raw_fd(fd));
+        let raw = std::os::fd::AsRawFd::as_raw_fd(fd);
+        set_cloexec(raw);
+        // systemd passes blocking sockets; the reactor accepts until EAGAIN.
+        // SAFETY: fcntl on a descriptor number has no memory effects.
+        unsafe { libc::fcntl(raw, libc::F_SETFL, libc::fcntl(raw, libc::F_GETFL) | libc::O_NONBLOCK) };
     }
     found
 }
