@@ -249,3 +249,34 @@ fn a_killed_supervisor_stops_its_master_and_workers() {
     assert!(gone, "the master or its workers outlive the supervisor");
     assert!(!control_path(&c.dir).exists(), "the master did not stop cleanly (control.sock left)");
 }
+
+#[test]
+fn make_install_puts_binary_header_libraries_and_units_under_prefix() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = TempDir::new("inst");
+    let prefix = tmp.path().join("usr");
+    let (st, out, err) = run_cmd(
+        Command::new("make").current_dir(root).arg("-s").arg("install-only").arg(format!("PREFIX={}", prefix.display())),
+        Duration::from_secs(60),
+    );
+    assert!(st.success(), "make install-only: {st}\n{out}\n{err}");
+    for f in [
+        "bin/handoff",
+        "include/handoff.h",
+        "lib/libhandoff.a",
+        "lib/libhandoff.so",
+        "lib/systemd/system/handoff.service",
+        "lib/systemd/system/handoff.socket",
+        "share/doc/handoff/handoff.toml.example",
+    ] {
+        assert!(prefix.join(f).is_file(), "{f} is not installed");
+    }
+    let (st, out, _) = run_cmd(Command::new(prefix.join("bin/handoff")).arg("--version"), Duration::from_secs(10));
+    assert!(st.success() && out.starts_with("handoff "), "{st} {out}");
+    let unit = std::fs::read_to_string(prefix.join("lib/systemd/system/handoff.service")).unwrap();
+    let exec = format!("ExecStart={}/bin/handoff cluster ", prefix.display());
+    assert!(unit.contains(&exec), "the unit does not start the installed binary:\n{unit}");
+    for line in ["Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "PIDFile="] {
+        assert!(unit.contains(line), "{line} missing from the unit");
+    }
+}
