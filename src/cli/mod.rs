@@ -101,8 +101,8 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
             std::env::current_exe()
                 .and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args, &options))
         }
-        Cmd::Cluster(With { args: a, .. }) if !supervisor::supervised() => return supervise(a.master.pid_file.as_deref()),
-        Cmd::Node(With { args: a, .. }) if !supervisor::supervised() => return supervise(a.master.pid_file.as_deref()),
+        Cmd::Cluster(With { args: a, .. }) if !supervisor::supervised() => return supervise(&a.master),
+        Cmd::Node(With { args: a, .. }) if !supervisor::supervised() => return supervise(&a.master),
         Cmd::Cluster(With { args: a, options }) => {
             let worker_cmd = match a.worker_cmd.map(std::path::absolute).transpose() {
                 Ok(w) => w,
@@ -178,8 +178,8 @@ fn to_json<O: serde::Serialize>(o: &O) -> Value {
 /// `cluster` and `node` as started by an operator: the supervisor, which
 /// runs the same command line again as the master (see
 /// [`crate::topology::supervisor`]).
-fn supervise(pid_file: Option<&std::path::Path>) -> ExitCode {
-    match supervisor::run(pid_file) {
+fn supervise(a: &MasterArgs) -> ExitCode {
+    match supervisor::run(a.pid_file.as_deref(), &a.host, a.port) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             log::error!("{e}");

@@ -23,7 +23,6 @@ use serde_json::{json, Value};
 
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::core::reactor::{Event, Interest};
-use crate::topology::supervisor::link;
 use crate::topology::cluster::control::Client;
 use crate::topology::cluster::control_path;
 use crate::topology::cluster::master::{with, Config, Master};
@@ -31,6 +30,7 @@ use crate::topology::cluster::{
     Policy, KIND_DRAIN, KIND_RESTART_PROBED, KIND_RESTART_REPLY, KIND_RESTART_REQ, KIND_TAKEOVER_BEGUN,
     KIND_TAKEOVER_COMMIT, KIND_TAKEOVER_COMMITTED, KIND_TAKEOVER_ENDED, KIND_TAKEOVER_HELLO, KIND_TAKEOVER_READY,
 };
+use crate::topology::supervisor::link;
 
 /// How long the new master may take to connect and say READY by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -17,6 +17,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 pub mod activation;
 pub mod link;
@@ -26,16 +27,15 @@ use crate::core::reactor::{Base, Event, Interest};
 use crate::core::signals;
 use pidfile::PidFile;
 
-/// The variable naming a listening socket the supervisor passes to the
-/// first master (socket activation).
+/// The variable naming the listening socket the supervisor passes to
+/// every master it starts.
 pub const ENV_LISTEN_FD: &str = "HANDOFF_LISTEN_FD";
 
 /// The variable naming the supervisor's pid, for `handoff status`.
 pub const ENV_PID: &str = "HANDOFF_SUPERVISOR_PID";
 
 /// Signals the supervisor passes on to the serving master.
-const FORWARDED: [i32; 6] =
-    [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
+const FORWARDED: [i32; 6] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
 
 /// Whether this process is a master started by a supervisor (or by the
 /// master of the previous generation, which passes the link on).
@@ -45,7 +45,14 @@ pub fn supervised() -> bool {
 
 struct Sup {
     base: Base,
-    me: u32,
+    me: std::rc::Weak<RefCell<Sup>>,
+    /// Our pid (the service's).
+    pid: u32,
+    /// Our end of the current masters' link, and its read event.
+    link: Option<(OwnedFd, Event)>,
+    /// The listening socket (systemd's, or bound here) and its name,
+    /// passed to every master started.
+    listener: (OwnedFd, String),
     /// The master signals go to.
     serving: u32,
     /// Masters that said hello, and how each ended once reaped.
@@ -53,32 +60,70 @@ struct Sup {
     /// The last master's exit, in reaping order.
     last_exit: Option<(u32, i32)>,
     mainpid_sent: bool,
+    /// A stop signal came: no master is started again.
+    stop_asked: bool,
+    /// The current masters said READY=1 at least once.
+    ready_seen: bool,
+    /// When the current masters' first one started; the next delay
+    /// before starting one again after they all died.
+    started: Instant,
+    backoff: Duration,
+    respawn_timer: Option<Event>,
+    /// The status to exit with, once decided.
+    exit_code: Option<i32>,
 }
+
+/// Starting the master again after every master died: at once if the
+/// last one ran for `STABLE`, else after a delay doubling from 100 ms to
+/// 10 s (a crash loop).
+const RESPAWN_MIN: Duration = Duration::from_millis(100);
+const RESPAWN_MAX: Duration = Duration::from_secs(10);
+const STABLE: Duration = Duration::from_secs(1);
 
 /// Runs the supervisor: starts `BIN ARGS...` (our own command line) as
 /// the first master and lives as long as the service. Returns the exit
 /// status.
-pub fn run(pid_file: Option<&Path>) -> io::Result<i32> {
-    let me = std::process::id();
+pub fn run(pid_file: Option<&Path>, host: &str, port: u16) -> io::Result<i32> {
+    let pid = std::process::id();
     signals::ignore_sigpipe();
-    let pid_file = pid_file.map(|p| PidFile::write(p, me)).transpose()?;
+    // The listening socket is ours (systemd's, or bound here), passed to
+    // every master we start: one started after a crash takes the same
+    // socket, and connects wait in its backlog meanwhile.
+    let listener = match activation::take() {
+        Some(a) => {
+            let at = crate::core::sock::local_addr(a.0.as_raw_fd())?;
+            log::info!("socket activation: serving on the socket systemd passed ({at}, name {:?})", a.1);
+            a
+        }
+        None => {
+            let fd = crate::core::sock::tcp_listen(crate::core::sock::resolve_v4(host, port)?)?;
+            (fd, String::new())
+        }
+    };
+    let pid_file = pid_file.map(|p| PidFile::write(p, pid)).transpose()?;
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only changes this process's
     // attributes: orphaned masters and workers are reparented to us.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let activated = activation::take();
-    let (mine, theirs) = crate::core::sock::seqpacket_pair()?;
-    let first = spawn_master(&theirs, activated.as_ref())?;
-    drop(theirs);
-    drop(activated);
     let base = Base::new()?;
-    let sup = Rc::new(RefCell::new(Sup {
-        base: base.clone(),
-        me,
-        serving: first,
-        masters: HashMap::from([(first, None)]),
-        last_exit: None,
-        mainpid_sent: false,
-    }));
+    let sup = Rc::new_cyclic(|me| {
+        RefCell::new(Sup {
+            base: base.clone(),
+            me: me.clone(),
+            pid,
+            link: None,
+            listener,
+            serving: 0,
+            masters: HashMap::new(),
+            last_exit: None,
+            mainpid_sent: false,
+            stop_asked: false,
+            ready_seen: false,
+            started: Instant::now(),
+            backoff: Duration::ZERO,
+            respawn_timer: None,
+            exit_code: None,
+        })
+    });
     let mut events: Vec<Event> = Vec::new();
     for sig in FORWARDED.into_iter().chain([libc::SIGCHLD]).chain(signals::IGNORED) {
         let s = sup.clone();
@@ -86,48 +131,45 @@ pub fn run(pid_file: Option<&Path>) -> io::Result<i32> {
         e.add(None)?;
         events.push(e);
     }
-    let s = sup.clone();
-    let raw = mine.as_raw_fd();
-    let e = Event::new(&base, raw, Interest::Read, move || s.borrow_mut().on_link(raw))?;
-    e.add(None)?;
-    events.push(e);
-    log::info!("supervisor pid {me}: master pid {first} started");
-    base.dispatch()?;
+    let first = sup.borrow_mut().start_master();
+    let result = match first {
+        Ok(()) => base.dispatch().map(|()| sup.borrow().exit_code.unwrap_or(1)),
+        Err(e) => Err(e),
+    };
     drop(events);
-    drop(mine);
-    let code = sup.borrow_mut().finish();
+    {
+        let mut s = sup.borrow_mut();
+        s.link = None;
+        s.respawn_timer = None;
+    }
     if let Some(p) = pid_file {
         p.remove();
     }
-    Ok(code)
+    result
 }
 
-/// Starts our own command line again as the first master, with the link
-/// (and an activated listening socket) inherited.
-fn spawn_master(link_end: &OwnedFd, activated: Option<&(OwnedFd, String)>) -> io::Result<u32> {
+/// Starts our own command line again as a master, with the link and the
+/// listening socket inherited.
+fn spawn_master(link_end: &OwnedFd, listener: &(OwnedFd, String)) -> io::Result<u32> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(&exe);
     cmd.args(std::env::args_os().skip(1));
     let link_fd = link_end.as_raw_fd();
     cmd.env(link::ENV_FD, link_fd.to_string()).env(ENV_PID, std::process::id().to_string());
-    let listen_fd = activated.map(|(fd, name)| {
-        log::info!("socket activation: passing the listening socket ({name:?}) to the master");
-        fd.as_raw_fd()
-    });
-    if let Some(fd) = listen_fd {
-        cmd.env(ENV_LISTEN_FD, fd.to_string());
-    }
+    let listen_fd = listener.0.as_raw_fd();
+    cmd.env(ENV_LISTEN_FD, listen_fd.to_string());
     // SAFETY: the closure runs in the forked child before exec and only
     // calls fcntl (async-signal-safe) on descriptors it inherited.
     unsafe {
         cmd.pre_exec(move || {
-            for fd in [Some(link_fd), listen_fd].into_iter().flatten() {
+            for fd in [link_fd, listen_fd] {
                 inherit(fd)?;
             }
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("start the master ({}): {e}", exe.display())))?;
+    let child =
+        cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("start the master ({}): {e}", exe.display())))?;
     // Reaped by waitpid(-1) below, like every orphan.
     Ok(child.id())
 }
@@ -144,6 +186,72 @@ pub(crate) fn inherit(fd: RawFd) -> io::Result<()> {
 }
 
 impl Sup {
+    /// Starts a master with a fresh link.
+    fn start_master(&mut self) -> io::Result<()> {
+        let (mine, theirs) = crate::core::sock::seqpacket_pair()?;
+        let pid = spawn_master(&theirs, &self.listener)?;
+        drop(theirs);
+        let w = self.me.clone();
+        let raw = mine.as_raw_fd();
+        let e = Event::new(&self.base, raw, Interest::Read, move || {
+            if let Some(s) = w.upgrade() {
+                s.borrow_mut().on_link(raw);
+            }
+        })?;
+        e.add(None)?;
+        self.link = Some((mine, e));
+        self.serving = pid;
+        self.masters.insert(pid, None);
+        self.ready_seen = false;
+        self.started = Instant::now();
+        log::info!("supervisor pid {}: master pid {pid} started", self.pid);
+        Ok(())
+    }
+
+    /// Every master has closed its end of the link: the service stopped,
+    /// or could not start (we exit with its status), or its last master
+    /// died (killed, crashed) while serving: a new one is started, on the
+    /// same command line, and serves from scratch (the connections the
+    /// dead one held are lost with it).
+    fn on_all_masters_gone(&mut self) {
+        self.link = None;
+        let code = self.finish();
+        let crashed = code != 0 && self.ready_seen && !self.stop_asked;
+        if !crashed {
+            self.exit_code = Some(code);
+            self.base.exit(None);
+            return;
+        }
+        if self.started.elapsed() >= STABLE {
+            self.backoff = Duration::ZERO;
+        }
+        let delay = self.backoff;
+        self.backoff = if delay.is_zero() { RESPAWN_MIN } else { (delay * 2).min(RESPAWN_MAX) };
+        log::error!("every master is gone (the last ended with status {code}): starting a new one in {delay:?}");
+        let w = self.me.clone();
+        let t = Event::new(&self.base, -1, Interest::Timer, move || {
+            let Some(s) = w.upgrade() else { return };
+            let mut s = s.borrow_mut();
+            s.respawn_timer = None;
+            if s.stop_asked {
+                s.exit_code = Some(0);
+                s.base.exit(None);
+            } else if let Err(e) = s.start_master() {
+                log::error!("cannot start a master: {e}");
+                s.exit_code = Some(1);
+                s.base.exit(None);
+            }
+        });
+        match t.and_then(|t| t.add(Some(delay)).map(|()| t)) {
+            Ok(t) => self.respawn_timer = Some(t),
+            Err(e) => {
+                log::error!("respawn timer: {e}");
+                self.exit_code = Some(code);
+                self.base.exit(None);
+            }
+        }
+    }
+
     fn on_signal(&mut self, sig: i32) {
         let name = signals::name(sig);
         if sig == libc::SIGCHLD {
@@ -151,6 +259,16 @@ impl Sup {
         }
         if !FORWARDED.contains(&sig) {
             return log::warn!("{name} has no meaning here; ignored");
+        }
+        if matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGQUIT) {
+            self.stop_asked = true;
+            if self.link.is_none() {
+                // Between a dead master and its replacement: nothing to stop.
+                self.exit_code = Some(0);
+                self.respawn_timer = None;
+                self.base.exit(None);
+                return;
+            }
         }
         log::info!("{name}: passed on to the master (pid {})", self.serving);
         // SAFETY: kill has no memory effects.
@@ -200,9 +318,7 @@ impl Sup {
                 log::error!("supervisor link: {e}");
             }
             if n <= 0 {
-                // Every master has closed its end: the service is over.
-                self.base.exit(None);
-                return;
+                return self.on_all_masters_gone();
             }
             self.on_message(&String::from_utf8_lossy(&buf[..n as usize]));
         }
@@ -227,10 +343,13 @@ impl Sup {
         if out.is_empty() {
             return;
         }
+        if out.contains(&"READY=1") {
+            self.ready_seen = true;
+        }
         let mainpid;
         if out.contains(&"READY=1") && !self.mainpid_sent {
             self.mainpid_sent = true;
-            mainpid = format!("MAINPID={}", self.me);
+            mainpid = format!("MAINPID={}", self.pid);
             out.push(&mainpid);
         }
         if let Err(e) = crate::core::notify::sd_notify(&out.join("\n")) {
@@ -239,7 +358,7 @@ impl Sup {
     }
 
     /// The link is closed: waits for the masters still exiting and picks
-    /// the exit status.
+    /// the status the last one ended with.
     fn finish(&mut self) -> i32 {
         self.reap(libc::WNOHANG);
         for (&pid, end) in self.masters.iter_mut() {
@@ -256,7 +375,7 @@ impl Sup {
                 self.last_exit = Some((pid, code));
             }
         }
-        match self.last_exit {
+        let code = match self.last_exit {
             Some((_, 0)) => {
                 log::info!("supervisor: the service stopped");
                 0
@@ -269,6 +388,9 @@ impl Sup {
                 log::error!("supervisor: every master is gone, and none was reaped here");
                 1
             }
-        }
+        };
+        self.masters.clear();
+        self.last_exit = None;
+        code
     }
 }

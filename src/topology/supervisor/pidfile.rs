@@ -12,10 +12,8 @@ impl PidFile {
     /// Writes `pid` to `path` atomically.
     pub fn write(path: &Path, pid: u32) -> io::Result<PidFile> {
         let what = |e: io::Error| io::Error::new(e.kind(), format!("--pid-file {}: {e}", path.display()));
-        let tmp = path.with_file_name(format!(
-            ".{}.{pid}.tmp",
-            path.file_name().map_or("pid".into(), |n| n.to_string_lossy())
-        ));
+        let tmp = path
+            .with_file_name(format!(".{}.{pid}.tmp", path.file_name().map_or("pid".into(), |n| n.to_string_lossy())));
         let mut f = std::fs::File::create(&tmp).map_err(what)?;
         f.write_all(format!("{pid}\n").as_bytes()).and_then(|()| f.sync_all()).map_err(what)?;
         if let Err(e) = std::fs::rename(&tmp, path) {

@@ -255,8 +255,8 @@ pub fn run(cfg: Config) -> io::Result<()> {
     run_on(cfg, listen_fd, None)
 }
 
-/// The listening socket systemd passed (socket activation), through the
-/// supervisor or directly.
+/// The listening socket the supervisor passed (its own, or systemd's), or
+/// the one systemd passed directly (socket activation).
 fn activated_listener() -> io::Result<Option<OwnedFd>> {
     use crate::topology::supervisor::{activation, ENV_LISTEN_FD};
     let Some(v) = std::env::var_os(ENV_LISTEN_FD) else { return Ok(activation::take().map(|(fd, _)| fd)) };
@@ -269,7 +269,7 @@ fn activated_listener() -> io::Result<Option<OwnedFd>> {
     let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     // SAFETY: fcntl on our own descriptor has no memory effects.
     unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-    log::info!("socket activation: serving on the inherited socket {}", sock::local_addr(fd.as_raw_fd())?);
+    log::debug!("serving on the inherited socket {}", sock::local_addr(fd.as_raw_fd())?);
     Ok(Some(fd))
 }
 
