@@ -58,8 +58,15 @@ pub(crate) fn run<P: Service, C: Service, X: Subcommand>(name: &'static str, a: 
     let matches = match cmd.try_get_matches_from(argv) {
         Ok(m) => m,
         Err(e) => {
+            // clap's message without its usage and help hints, on one line.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("").trim_start_matches("error: ");
+            let first = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(|l| l.trim().trim_start_matches("error: "))
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
             let note = loaded.as_ref().and_then(|l| l.note_for(&e, &a.flags)).unwrap_or_default();
             return fail(&format!("config {file}: {first} {note}"));
         }

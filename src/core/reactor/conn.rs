@@ -396,7 +396,7 @@ impl Conn {
     /// Read timeout: a `Timeout` event when no byte arrives for `d` (and
     /// again every `d` while none does), counted only while reading is
     /// on. Timeouts of one duration share a queue in libevent (O(1) each,
-    /// see [`Base::common_timeval`]), so every connection may have one.
+    /// libevent's "common timeouts"), so every connection may have one.
     pub fn set_read_timeout(&self, d: Option<Duration>) {
         let tv = d.map(|d| self._base.common_timeval(d));
         self.reading.timeout.set(tv);
