@@ -216,7 +216,11 @@ impl<S: Service> Worker<S> {
                 let kind = if h.node_link { Kind::LinkIn } else { Kind::Client };
                 self.open_conn(h, kind);
             }
-            Order::Refused(h) => {
+            Order::Refused(mut h) => {
+                // It did not move after all.
+                if let Some(past) = h.history.as_mut() {
+                    past.moves = past.moves.saturating_sub(1);
+                }
                 if self.open_conn(h, Kind::Client).is_some() && self.draining {
                     self.retry_release_later();
                 }
