@@ -409,6 +409,9 @@ impl Master {
             "gen": self.cfg.gen,
             "hang_timeout": self.cfg.hang_timeout.map(|d| d.as_secs_f64()),
             "rebalance": self.cfg.rebalance,
+            "max_conns": self.cfg.max_conns,
+            "idle_timeout": self.cfg.idle_timeout.map(|d| d.as_secs_f64()),
+            "access_log": self.cfg.access_log,
         });
         let msg = Msg {
             kind: wire::KIND_LISTENER,
@@ -742,7 +745,7 @@ impl Master {
     pub(crate) fn take_moved(&mut self, mut m: Msg) {
         m.flags &= !wire::FLAG_RELEASED;
         m.tag = 0;
-        if self.predecessor.is_some() && !m.body.is_empty() {
+        if self.predecessor.is_some() && !wire::past_history(m.flags, &m.body).is_empty() {
             self.moves.push(m);
         } else {
             self.assign(m);
@@ -806,6 +809,9 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
         hang_timeout: v["hang_timeout"].as_f64().map(Duration::from_secs_f64),
         rebalance: v["rebalance"].as_bool().unwrap_or(false),
         argv: Vec::new(),
+        max_conns: v["max_conns"].as_u64(),
+        idle_timeout: v["idle_timeout"].as_f64().map(Duration::from_secs_f64),
+        access_log: v["access_log"].as_str().map(PathBuf::from),
     };
     crate::topology::cluster::master::run_on(cfg, fd, Some(channel))
 }

@@ -15,8 +15,9 @@ use serde_json::{json, Value};
 mod rebalance;
 
 use super::{
-    control_path, Policy, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_REBALANCE, KIND_RESTART_PROBED,
-    KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY, KIND_STATUS_REQ, KIND_TAKEOVER_HELLO,
+    control_path, Policy, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_REBALANCE, KIND_REOPEN_LOGS,
+    KIND_RESTART_PROBED, KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY, KIND_STATUS_REQ,
+    KIND_TAKEOVER_HELLO,
 };
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::core::reactor::{Base, Endpoint, Event, Interest, Listener};
@@ -84,6 +85,14 @@ pub struct Config {
     /// that the new generation re-reads flags and config file; empty: the
     /// new master copies these settings (`handoff takeover`).
     pub argv: Vec<std::ffi::OsString>,
+    /// `--max-conns`: above this many open connections the master stops
+    /// accepting (the kernel's backlog holds the rest) until one closes.
+    /// Not with the shared policy (workers accept themselves).
+    pub max_conns: Option<u64>,
+    /// `--idle-timeout`: workers close a client connection idle this long.
+    pub idle_timeout: Option<Duration>,
+    /// `--access-log`: workers append one line per closed connection here.
+    pub access_log: Option<PathBuf>,
 }
 
 /// The master's copy of a connection a worker serves: the descriptor it
@@ -233,6 +242,8 @@ pub(crate) struct Master {
     /// The executable this master runs, open: a reload (HUP) starts the
     /// new generation from it even if the file at `cfg.exe` was replaced.
     pub(crate) exe_fd: Option<OwnedFd>,
+    /// Accepting paused at `--max-conns` open connections.
+    pub(crate) at_limit: bool,
 }
 
 pub(crate) fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
@@ -241,10 +252,22 @@ pub(crate) fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
     }
 }
 
+/// Why `--max-conns` and `--policy shared` do not go together.
+pub const SHARED_MAX_CONNS: &str =
+    "--max-conns needs the master to accept connections: it cannot be used with --policy shared \
+     (each worker accepts on its own there)";
+
 /// Starts a cluster from scratch: binds the port, spawns the workers.
 pub fn run(cfg: Config) -> io::Result<()> {
     if cfg.workers == 0 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "--workers must be at least 1"));
+    }
+    if let (Some(_), Policy::Shared) = (cfg.max_conns, cfg.policy) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, SHARED_MAX_CONNS));
+    }
+    if let Some(p) = &cfg.access_log {
+        // Workers open it; a path they cannot write is an error now.
+        crate::topology::cluster::worker::access::open_append(p)?;
     }
     sock::private_dir(&cfg.dir)?;
     sock::claim_unix_path(&control_path(&cfg.dir))?;
@@ -327,6 +350,7 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
             accept_paused: false,
             supervisor_watch: None,
             exe_fd: crate::topology::restart::open_exe(&cfg.exe),
+            at_limit: false,
         })
     });
     {
@@ -443,6 +467,7 @@ impl Master {
         };
         let c = &self.cfg;
         crate::topology::cluster::worker::env::set(&mut cmd, index, c.gen, &c.dir, &c.options, c.node.as_ref());
+        crate::topology::cluster::worker::env::set_limits(&mut cmd, c.idle_timeout, c.access_log.as_deref());
         let raw = theirs.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and only
         // makes async-signal-safe calls (dup2, fcntl) on descriptors it owns.
@@ -524,10 +549,24 @@ impl Master {
     fn accept(&mut self, fd: OwnedFd) {
         if self.cfg.node.is_some() {
             self.sniff(fd);
+            if self.cfg.max_conns.is_some() {
+                self.update_accepting();
+            }
             return;
         }
         let _ = sock::set_nodelay(fd.as_raw_fd());
         self.assign(Msg::conn(fd, Vec::new(), 0));
+        if self.cfg.max_conns.is_some() {
+            self.update_accepting();
+        }
+    }
+
+    /// Connections this master answers for: handed to workers and not
+    /// reported closed (in flight included), waiting for a worker, being
+    /// sniffed (node mode).
+    fn open_conns(&self) -> u64 {
+        let held: u64 = self.slots.iter().map(WorkerSlot::open).sum();
+        held + (self.pending.len() + self.refused.len() + self.sniffing.len()) as u64
     }
 
     /// Picks a live worker by policy.
@@ -662,9 +701,14 @@ impl Master {
             KIND_STATS => match serde_json::from_slice::<Value>(&m.body) {
                 Ok(v) => {
                     let slot = &mut self.slots[index];
+                    let mut closed = false;
                     for id in v["closed"].as_array().into_iter().flatten().filter_map(Value::as_u64) {
-                        slot.held.remove(&id);
+                        closed |= slot.held.remove(&id).is_some();
                     }
+                    if closed && self.at_limit {
+                        self.update_accepting();
+                    }
+                    let slot = &mut self.slots[index];
                     slot.served = v["served"].as_u64().unwrap_or(slot.served);
                     slot.reported_open = v["open"].as_u64().unwrap_or(slot.reported_open);
                     if let Some(l) = v.get("links") {
@@ -807,7 +851,10 @@ impl Master {
                 let exe = Binary::Path(self.cfg.exe.clone());
                 self.begin_restart(exe, crate::topology::restart::DEFAULT_TIMEOUT, None, false)
             }
-            libc::SIGUSR1 => log::info!("{name}: no log file to reopen (this process logs to stderr)"),
+            libc::SIGUSR1 => {
+                log::info!("{name}: reopening logs");
+                self.reopen_logs();
+            }
             libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => {
                 if self.stopping && sig != libc::SIGQUIT {
                     log::warn!("{name} again: stopping now");
@@ -940,24 +987,54 @@ impl Master {
         }
     }
 
-    /// While no worker can serve, the master stops accepting: clients wait
-    /// in the kernel's backlog instead of in our queue.
-    fn update_accepting(&mut self) {
+    /// While no worker can serve, or `--max-conns` connections are open,
+    /// the master stops accepting: clients wait in the kernel's backlog
+    /// instead of in our queue.
+    pub(crate) fn update_accepting(&mut self) {
         let Some(l) = &self.listener else { return };
         if self.takeover_pending || self.stopping || self.draining {
             return;
         }
+        let was_paused = self.accept_paused || self.at_limit;
         let can_serve = self.slots.iter().any(WorkerSlot::live);
         if !can_serve && !self.accept_paused {
             log::error!("no worker can serve: not accepting until one is up (clients wait in the backlog)");
-            l.pause();
             self.accept_paused = true;
         } else if can_serve && self.accept_paused {
             log::warn!("a worker is up: accepting again");
-            if let Err(e) = l.resume() {
-                log::error!("cannot accept: {e}");
-            }
             self.accept_paused = false;
+        }
+        let full = self.cfg.max_conns.is_some_and(|max| self.open_conns() >= max);
+        if full && !self.at_limit {
+            crate::warn_limited!(
+                "{} open connections (--max-conns): not accepting until one closes (clients wait in the backlog)",
+                self.open_conns()
+            );
+        }
+        self.at_limit = full;
+        match (was_paused, self.accept_paused || self.at_limit) {
+            (false, true) => l.pause(),
+            (true, false) => {
+                if let Err(e) = l.resume() {
+                    log::error!("cannot accept: {e}");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Every worker reopens its log files (USR1: the access log was
+    /// renamed away by a log rotation): a REOPEN_LOGS message to each.
+    pub(crate) fn reopen_logs(&mut self) {
+        let Some(path) = &self.cfg.access_log else {
+            log::info!("no log file to reopen (this process logs to stderr)");
+            return;
+        };
+        log::info!("workers reopen the access log {}", path.display());
+        for slot in &self.slots {
+            if let Some(c) = &slot.channel {
+                let _ = c.send(Msg::control(KIND_REOPEN_LOGS, Vec::new()));
+            }
         }
     }
 
@@ -1186,6 +1263,9 @@ impl Master {
             "accepting": self.listener.is_some() && !self.accept_paused && !self.takeover_pending && !self.stopping
                 || self.cfg.policy == Policy::Shared && !self.stopping,
             "workers": workers,
+            "max_conns": self.cfg.max_conns,
+            "open": self.open_conns(),
+            "at_limit": self.at_limit,
         })
     }
 }
