@@ -249,6 +249,8 @@ struct ServerArgs {
     /// Directory for the handoff sockets and request logs (made 0700).
     #[arg(long)]
     dir: PathBuf,
+    /// Address to bind: IPv4 or IPv6 (`::1`; `::` takes IPv4 clients
+    /// too), or a name (its first IPv4 address, else its first IPv6 one).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
 }
@@ -260,6 +262,8 @@ struct PairArgs {
     ports: (u16, u16),
     #[arg(long, default_value = "run")]
     dir: PathBuf,
+    /// Address to bind: IPv4 or IPv6 (`::1`; `::` takes IPv4 clients
+    /// too), or a name (its first IPv4 address, else its first IPv6 one).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
 }
@@ -276,6 +280,8 @@ struct MasterArgs {
     /// Directory for the control socket (made 0700).
     #[arg(long)]
     dir: PathBuf,
+    /// Address to bind: IPv4 or IPv6 (`::1`; `::` takes IPv4 clients
+    /// too), or a name (its first IPv4 address, else its first IPv6 one).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Kill and respawn a worker that has not answered the master's
@@ -283,6 +289,11 @@ struct MasterArgs {
     /// connections while it is silent).
     #[arg(long, allow_hyphen_values = true, value_parser = parse_secs)]
     hang_timeout: Option<f64>,
+    /// Run the workers as this user (the master, started as root, binds
+    /// first and stays root); a master not started as root accepts only
+    /// the user it already runs as.
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
 }
 
 impl MasterArgs {
@@ -307,6 +318,7 @@ impl MasterArgs {
             node: None,
             hang_timeout: self.hang_timeout.map(std::time::Duration::from_secs_f64),
             rebalance: false,
+            user: self.user,
         })
     }
 }

@@ -42,8 +42,9 @@ pub use crate::topology::restart::{request as request_restart, takeover, DEFAULT
 /// what the old one sends.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Address to bind (`--host`): an IPv4 address or a name resolved to
-    /// one.
+    /// Address to bind (`--host`): an IPv4 or IPv6 address (`::1`, `::`
+    /// which takes IPv4 clients too), or a name (its first IPv4 address,
+    /// else its first IPv6 one).
     pub host: String,
     /// TCP port to listen on; 0 picks a free one (the `ready` line says
     /// which).
@@ -78,6 +79,10 @@ pub struct Config {
     pub hang_timeout: Option<Duration>,
     /// `--rebalance`: move busy connections from a hot worker to an idle one.
     pub rebalance: bool,
+    /// `--user NAME`: a master started as root runs its workers as this
+    /// user (the master itself stays root). An unknown user, or a master
+    /// not root and not already NAME, is an error at start.
+    pub user: Option<String>,
 }
 
 /// The master's copy of a connection a worker serves: the descriptor it
@@ -235,9 +240,13 @@ pub fn run(cfg: Config) -> io::Result<()> {
     if cfg.workers == 0 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "--workers must be at least 1"));
     }
+    if let Some(name) = &cfg.user {
+        let u = crate::core::user::RunAs::lookup(name)?;
+        log::info!("workers run as {name} (uid {}, gid {})", u.uid, u.gid);
+    }
     sock::private_dir(&cfg.dir)?;
     sock::claim_unix_path(&control_path(&cfg.dir))?;
-    let addr = sock::resolve_v4(&cfg.host, cfg.port)?;
+    let addr = sock::resolve(&cfg.host, cfg.port)?;
     let listen_fd = sock::tcp_listen(addr)?;
     run_on(cfg, listen_fd, None)
 }
@@ -352,10 +361,9 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
         }
     }
     log::info!(
-        "cluster master pid {} generation {} on {}:{port}, {} worker(s), policy {}",
+        "cluster master pid {} generation {} on {addr}, {} worker(s), policy {}",
         std::process::id(),
         cfg.gen,
-        addr.ip(),
         cfg.workers,
         cfg.policy.name()
     );
@@ -399,8 +407,15 @@ impl Master {
                 Ok(())
             });
         }
+        if let Some(name) = &self.cfg.user {
+            crate::core::user::RunAs::lookup(name)?.apply(&mut cmd);
+        }
         let child = cmd.spawn().map_err(|e| {
-            io::Error::new(e.kind(), format!("spawn worker {index} ({}): {e}", cmd.get_program().to_string_lossy()))
+            let who = self.cfg.user.as_ref().map_or(String::new(), |u| format!(" as user {u}"));
+            io::Error::new(
+                e.kind(),
+                format!("spawn worker {index} ({}){who}: {e}", cmd.get_program().to_string_lossy()),
+            )
         })?;
         drop(theirs);
         let slot = &mut self.slots[index];
