@@ -30,12 +30,12 @@ pub struct RunAs {
     /// The user's name, as given.
     pub name: String,
     /// Its uid.
-    pub uid: u32,
+    pub uid: libc::uid_t,
     /// Its primary group.
-    pub gid: u32,
+    pub gid: libc::gid_t,
     /// Its supplementary groups (the primary one included), as
     /// `initgroups` would set them.
-    pub groups: Vec<u32>,
+    pub groups: Vec<libc::gid_t>,
     /// Its home directory (the children's `HOME`).
     pub home: PathBuf,
     /// We already run as this user (not root): nothing to switch.
@@ -76,8 +76,7 @@ impl RunAs {
             return;
         }
         cmd.env("USER", &self.name).env("LOGNAME", &self.name).env("HOME", &self.home);
-        let (uid, gid) = (self.uid as libc::uid_t, self.gid as libc::gid_t);
-        let groups: Vec<libc::gid_t> = self.groups.iter().map(|&g| g as libc::gid_t).collect();
+        let (uid, gid, groups) = (self.uid, self.gid, self.groups.clone());
         // SAFETY: the closure runs in the forked child before exec and only
         // makes the setgroups, setgid and setuid syscalls on memory prepared
         // before the fork (no allocation: last_os_error is an errno).
@@ -96,7 +95,7 @@ impl RunAs {
 }
 
 /// (uid, gid, home) of the user `name`.
-fn getpwnam(name: &CStr) -> io::Result<(u32, u32, PathBuf)> {
+fn getpwnam(name: &CStr) -> io::Result<(libc::uid_t, libc::gid_t, PathBuf)> {
     let mut buf: Vec<libc::c_char> = vec![0; 1024];
     loop {
         // SAFETY: passwd is plain old data; all-zero is a valid value.
@@ -127,17 +126,17 @@ fn getpwnam(name: &CStr) -> io::Result<(u32, u32, PathBuf)> {
 }
 
 /// Every group of user `name` whose primary group is `gid`.
-fn grouplist(name: &CStr, gid: u32) -> io::Result<Vec<u32>> {
+fn grouplist(name: &CStr, gid: libc::gid_t) -> io::Result<Vec<libc::gid_t>> {
     let mut n: libc::c_int = 32;
     loop {
         let mut groups: Vec<libc::gid_t> = vec![0; n as usize];
         let mut got = n;
         // SAFETY: groups has room for `got` entries; getgrouplist writes at
         // most that many and sets `got` to the number it needs.
-        let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid as libc::gid_t, groups.as_mut_ptr(), &mut got) };
+        let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut got) };
         if rc >= 0 {
             groups.truncate(got.max(0) as usize);
-            return Ok(groups.into_iter().map(|g| g as u32).collect());
+            return Ok(groups);
         }
         if got <= n {
             if n >= 1 << 16 {
