@@ -116,7 +116,7 @@ pub struct Msg {
     /// `None` for the other kinds.
     pub fd: Option<OwnedFd>,
     /// CONN: the header's `tag`, whose meaning depends on the flags: see
-    /// [`Msg::client`] and [`Msg::master_id`]. 0: none.
+    /// [`Msg::take_client`] and [`Msg::master_id`]. 0: none.
     pub tag: u64,
 }
 
