@@ -306,3 +306,47 @@ fn user_switch_needs_root_unless_already_that_user() {
     assert_eq!(proc_ids(server.pid(), "Uid"), [65534; 4]);
     drop(server); // (the TestServer and its worker go before the directory)
 }
+
+#[test]
+fn user_old_master_killed_mid_restart_new_generation_serves_unrescued_connections_close() {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED user_old_master_killed_mid_restart_new_generation_serves_unrescued_connections_close: needs root"
+        );
+        return;
+    }
+    const IDLE: usize = 20;
+    let mut c = Cluster::start(2, &["--user", "nobody"]);
+    let old_workers = c.worker_pids();
+    let mut idle: Vec<Rpc> = (0..IDLE).map(|_| c.connect()).collect();
+    for r in idle.iter_mut() {
+        r.ping(&json!("before"));
+    }
+    // A client that never reads holds the restart open with its worker.
+    let (mut stuck, writer) = crate::restart::stuck_client(&c, IDLE);
+    let mut restart = ChildGuard::spawn(Command::new(bin()).arg("restart").arg("--dir").arg(&c.dir));
+    c.wait_status("the new generation holding the idle connections", Duration::from_secs(10), |v| {
+        v["gen"] == json!(2) && sum_field(v, "open") == IDLE as u64
+    });
+    c.server.kill();
+    let (st, out, _) = restart.wait(Duration::from_secs(10));
+    assert!(!st.success(), "handoff restart reported success after the old master was killed: {out}");
+    // What had moved is served by generation 2.
+    for (i, r) in idle.iter_mut().enumerate() {
+        assert_eq!(r.whoami()["gen"], json!(2), "idle connection {i}");
+    }
+    // The old worker, running as nobody, cannot enter the 0700 directory
+    // to hand the rest to the new master: that connection closes at once
+    // (not after --grace), and the old workers exit.
+    stuck.expect_closed(Duration::from_secs(3)).expect("the unrescued connection closes");
+    writer.join().unwrap();
+    let ok = poll_until(Duration::from_secs(5), || old_workers.iter().all(|&p| !pid_alive(p)));
+    assert!(ok, "old workers outlived their master: {old_workers:?}");
+    let log = c.server.stderr_text();
+    assert!(log.contains("successor is unreachable") && log.contains("Permission denied"), "{log}");
+    let (gen, _) = c.restart_ok();
+    assert_eq!(gen, 3);
+    for pid in c.worker_pids() {
+        assert_eq!(proc_ids(pid, "Uid")[0], 65534, "generation 3 worker {pid}");
+    }
+}
