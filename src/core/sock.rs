@@ -438,3 +438,42 @@ pub fn send_now(fd: RawFd, data: &[u8]) -> io::Result<usize> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    fn accept_one(l: &OwnedFd) -> OwnedFd {
+        wait_readable(l, Duration::from_secs(5)).expect("a connection to accept");
+        accept(l.as_raw_fd()).expect("accept").expect("one waiting")
+    }
+
+    #[test]
+    fn any_ipv6_address_is_dual_stack_and_reports_ipv4_clients_plainly() {
+        let Ok(l) = tcp_listen(resolve("::", 0).unwrap()) else {
+            eprintln!("SKIPPED: no IPv6 on this machine");
+            return;
+        };
+        let local = local_addr(l.as_raw_fd()).unwrap();
+        assert!(local.is_ipv6() && local.ip().is_unspecified(), "{local}");
+        let v4 = TcpStream::connect((Ipv4Addr::LOCALHOST, local.port())).unwrap();
+        let c = accept_one(&l);
+        assert_eq!(peer_addr(c.as_raw_fd()), Some(v4.local_addr().unwrap()), "not ::ffff:127.0.0.1");
+        let v6 = TcpStream::connect((Ipv6Addr::LOCALHOST, local.port())).unwrap();
+        let c = accept_one(&l);
+        assert_eq!(peer_addr(c.as_raw_fd()), Some(v6.local_addr().unwrap()));
+        // The non-blocking connect speaks IPv6 too.
+        let out = tcp_connect(SocketAddr::from((Ipv6Addr::LOCALHOST, local.port()))).unwrap();
+        let c = accept_one(&l);
+        assert_eq!(peer_addr(c.as_raw_fd()), local_addr(out.as_raw_fd()).ok());
+    }
+
+    #[test]
+    fn names_prefer_ipv4_and_brackets_are_optional() {
+        assert_eq!(resolve("localhost", 1).unwrap(), SocketAddr::from((Ipv4Addr::LOCALHOST, 1)));
+        assert_eq!(resolve("[::1]", 2).unwrap(), SocketAddr::from((Ipv6Addr::LOCALHOST, 2)));
+        assert!(resolve("[::1", 2).is_err());
+    }
+}
