@@ -21,6 +21,7 @@ use serde_json::Value;
 use crate::service::Service;
 use crate::topology::cluster;
 use crate::topology::pair;
+use crate::topology::supervisor;
 
 /// Runs the whole command line with one service for every mode.
 pub fn main<S: Service>(name: &'static str) -> ExitCode {
@@ -100,6 +101,10 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
             std::env::current_exe()
                 .and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args, &options))
         }
+        Cmd::Cluster(With { args: a, .. }) if !supervisor::supervised() => {
+            return supervise(a.master.pid_file.as_deref())
+        }
+        Cmd::Node(With { args: a, .. }) if !supervisor::supervised() => return supervise(a.master.pid_file.as_deref()),
         Cmd::Cluster(With { args: a, options }) => {
             let worker_cmd = match a.worker_cmd.map(std::path::absolute).transpose() {
                 Ok(w) => w,
@@ -109,7 +114,7 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
                 cfg.options = to_json(&options);
                 cfg.worker_cmd = worker_cmd;
                 cfg.rebalance = a.rebalance;
-                cluster::master::run(cfg)
+                run_master(cfg)
             })
         }
         Cmd::Node(With { args: a, options }) => {
@@ -117,7 +122,7 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
                 let mut cfg = a.master.config(cluster::Policy::RoundRobin, 5.0, log_args)?;
                 cfg.options = to_json(&options);
                 cfg.node = Some(node);
-                cluster::master::run(cfg)
+                run_master(cfg)
             })
         }
         Cmd::Restart(a) => {
@@ -170,6 +175,28 @@ impl Extra for NoExtra {
 
 fn to_json<O: serde::Serialize>(o: &O) -> Value {
     serde_json::to_value(o).unwrap_or(Value::Null)
+}
+
+/// `cluster` and `node` as started by an operator: the supervisor, which
+/// runs the same command line again as the master (see
+/// [`crate::topology::supervisor`]).
+fn supervise(pid_file: Option<&std::path::Path>) -> ExitCode {
+    match supervisor::run(pid_file) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A supervised master: a fresh start, or the new generation of a restart.
+fn run_master(cfg: cluster::master::Config) -> std::io::Result<()> {
+    if std::env::var_os(crate::topology::restart::ENV_TAKEOVER).is_some() {
+        std::env::remove_var(crate::topology::restart::ENV_TAKEOVER);
+        return crate::topology::restart::takeover_reloaded(cfg);
+    }
+    cluster::master::run(cfg)
 }
 
 /// A command's error on stderr, exit 1.
@@ -289,6 +316,10 @@ struct MasterArgs {
     /// connections while it is silent).
     #[arg(long, allow_hyphen_values = true, value_parser = parse_secs)]
     hang_timeout: Option<f64>,
+    /// Write the service's pid (the supervisor's, stable across restarts)
+    /// here, atomically; removed at a clean stop.
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
     /// Run the workers as this user (the master, started as root, binds
     /// first and stays root); a master not started as root accepts only
     /// the user it already runs as.
@@ -312,12 +343,18 @@ impl MasterArgs {
             options: serde_json::Value::Null,
             worker_cmd: None,
             grace: std::time::Duration::from_secs_f64(grace.max(0.0)),
-            exe: std::env::current_exe()?,
+            // A new master of a restart keeps the path the service was
+            // started from (its own may be /proc/self/fd/N).
+            exe: match std::env::var_os(crate::topology::restart::ENV_EXE) {
+                Some(p) => PathBuf::from(p),
+                None => std::env::current_exe()?,
+            },
             log_args,
             gen: 1,
             node: None,
             hang_timeout: self.hang_timeout.map(std::time::Duration::from_secs_f64),
             rebalance: false,
+            argv: std::env::args_os().skip(1).collect(),
             user: self.user,
         })
     }

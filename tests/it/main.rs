@@ -9,6 +9,7 @@ mod cworker;
 mod faults;
 mod http;
 mod node;
+mod ops_master;
 mod ops_net;
 mod pair;
 mod readme;

@@ -316,7 +316,8 @@ fn user_old_master_killed_mid_restart_new_generation_serves_unrescued_connection
         return;
     }
     const IDLE: usize = 20;
-    let mut c = Cluster::start(2, &["--user", "nobody"]);
+    let c = Cluster::start(2, &["--user", "nobody"]);
+    let old_master = c.master_pid();
     let old_workers = c.worker_pids();
     let mut idle: Vec<Rpc> = (0..IDLE).map(|_| c.connect()).collect();
     for r in idle.iter_mut() {
@@ -328,7 +329,7 @@ fn user_old_master_killed_mid_restart_new_generation_serves_unrescued_connection
     c.wait_status("the new generation holding the idle connections", Duration::from_secs(10), |v| {
         v["gen"] == json!(2) && sum_field(v, "open") == IDLE as u64
     });
-    c.server.kill();
+    kill_pid(old_master, libc::SIGKILL);
     let (st, out, _) = restart.wait(Duration::from_secs(10));
     assert!(!st.success(), "handoff restart reported success after the old master was killed: {out}");
     // What had moved is served by generation 2.

@@ -21,6 +21,7 @@ use super::{
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::core::reactor::{Base, Endpoint, Event, Interest, Listener};
 use crate::core::sock;
+use crate::topology::supervisor::link;
 
 /// How soon a connection a receiver refused is offered again.
 const RETRY_REFUSED: Duration = Duration::from_millis(100);
@@ -35,6 +36,7 @@ const STABLE: Duration = Duration::from_secs(1);
 /// `HUNG_AFTER` gets no new connection until it answers again.
 const HEARTBEAT: Duration = Duration::from_millis(250);
 const HUNG_AFTER: Duration = Duration::from_secs(1);
+use crate::topology::restart::Binary;
 pub use crate::topology::restart::{request as request_restart, takeover, DEFAULT_TIMEOUT as RESTART_TIMEOUT};
 
 /// What a cluster master (or node manager) runs with: made by the command
@@ -79,6 +81,10 @@ pub struct Config {
     pub hang_timeout: Option<Duration>,
     /// `--rebalance`: move busy connections from a hot worker to an idle one.
     pub rebalance: bool,
+    /// The command line (after the program name) a restart runs again, so
+    /// that the new generation re-reads flags and config file; empty: the
+    /// new master copies these settings (`handoff takeover`).
+    pub argv: Vec<std::ffi::OsString>,
     /// `--user NAME`: a master started as root runs its workers as this
     /// user (the master itself stays root). An unknown user, or a master
     /// not root and not already NAME, is an error at start.
@@ -224,9 +230,14 @@ pub(crate) struct Master {
     /// Restart: worker channels not read while the successor catches up.
     pub(crate) workers_paused: bool,
     /// A restart asked for while the previous generation was still leaving.
-    pub(crate) queued_restart: Option<(Option<PathBuf>, Duration, Option<u64>, bool)>,
+    pub(crate) queued_restart: Option<(Binary, Duration, Option<u64>, bool)>,
     /// Accepting paused because no worker can serve.
     pub(crate) accept_paused: bool,
+    /// Fires when the supervisor is gone (we stop then).
+    pub(crate) supervisor_watch: Option<Event>,
+    /// The executable this master runs, open: a reload (HUP) starts the
+    /// new generation from it even if the file at `cfg.exe` was replaced.
+    pub(crate) exe_fd: Option<OwnedFd>,
 }
 
 pub(crate) fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
@@ -246,9 +257,29 @@ pub fn run(cfg: Config) -> io::Result<()> {
     }
     sock::private_dir(&cfg.dir)?;
     sock::claim_unix_path(&control_path(&cfg.dir))?;
-    let addr = sock::resolve(&cfg.host, cfg.port)?;
-    let listen_fd = sock::tcp_listen(addr)?;
+    let listen_fd = match activated_listener()? {
+        Some(fd) => fd,
+        None => sock::tcp_listen(sock::resolve(&cfg.host, cfg.port)?)?,
+    };
     run_on(cfg, listen_fd, None)
+}
+
+/// The listening socket systemd passed (socket activation), through the
+/// supervisor or directly.
+fn activated_listener() -> io::Result<Option<OwnedFd>> {
+    use crate::topology::supervisor::{activation, ENV_LISTEN_FD};
+    let Some(v) = std::env::var_os(ENV_LISTEN_FD) else { return Ok(activation::take().map(|(fd, _)| fd)) };
+    std::env::remove_var(ENV_LISTEN_FD);
+    let fd: std::os::fd::RawFd = v.to_str().and_then(|s| s.parse().ok()).unwrap_or(-1);
+    if fd < 3 || !sock::is_listening_stream(fd) {
+        return Err(io::Error::other(format!("{ENV_LISTEN_FD}={v:?}: not a listening socket")));
+    }
+    // SAFETY: the supervisor passed this listening socket to us alone.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: fcntl on our own descriptor has no memory effects.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    log::info!("socket activation: serving on the inherited socket {}", sock::local_addr(fd.as_raw_fd())?);
+    Ok(Some(fd))
 }
 
 /// Runs a master on an already listening socket. `predecessor` is the
@@ -257,6 +288,8 @@ pub fn run(cfg: Config) -> io::Result<()> {
 pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd>) -> io::Result<()> {
     crate::core::signals::ignore_sigpipe();
     sock::raise_nofile()?;
+    let supervised = crate::topology::supervisor::link::adopt_from_env()?;
+    link::tell(&format!("HANDOFF_MASTER={}", std::process::id()));
     let base = Base::new()?;
     let addr = sock::local_addr(listen_fd.as_raw_fd())?;
     let port = addr.port();
@@ -301,6 +334,8 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
             queued_restart: None,
             workers_paused: false,
             accept_paused: false,
+            supervisor_watch: None,
+            exe_fd: crate::topology::restart::open_exe(&cfg.exe),
         })
     });
     {
@@ -356,8 +391,20 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
         let hb = Event::new(&base, -1, Interest::Timer, move || with(&w, |m| m.on_heartbeat()))?;
         hb.add(Some(HEARTBEAT))?;
         m.heartbeat = Some(hb);
+        if supervised {
+            let w = Rc::downgrade(&master);
+            m.supervisor_watch = link::watch(&base, move || {
+                with(&w, |m| {
+                    m.supervisor_watch = None;
+                    log::error!("the supervisor is gone: stopping");
+                    m.shutdown(libc::SIGTERM);
+                })
+            })?;
+        }
         if let Some(fd) = predecessor {
             m.attach_predecessor(fd)?;
+        } else {
+            m.notify_serving("READY=1");
         }
     }
     log::info!(
@@ -379,6 +426,19 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
 }
 
 impl Master {
+    /// Tells the supervisor (and through it systemd) that this master
+    /// serves now, with `state` (`READY=1`...) and a one-line status.
+    pub(crate) fn notify_serving(&self, state: &str) {
+        link::tell(&format!(
+            "HANDOFF_SERVING={}\n{state}\nSTATUS=generation {} serving on port {} with {} worker(s), master pid {}",
+            std::process::id(),
+            self.cfg.gen,
+            self.port,
+            self.slots.len(),
+            std::process::id()
+        ));
+    }
+
     pub(crate) fn spawn(&mut self, index: usize) -> io::Result<()> {
         let (mine, theirs) = sock::seqpacket_pair()?;
         let mut cmd = match &self.cfg.worker_cmd {
@@ -753,9 +813,14 @@ impl Master {
                 self.reap_successor();
                 self.reap();
             }
-            libc::SIGUSR2 | libc::SIGHUP => {
-                log::info!("{name}: restarting with {}", self.cfg.exe.display());
-                self.begin_restart(None, crate::topology::restart::DEFAULT_TIMEOUT, None, false)
+            libc::SIGHUP => {
+                log::info!("{name}: reloading (same binary, configuration read again)");
+                self.begin_restart(Binary::Running, crate::topology::restart::DEFAULT_TIMEOUT, None, false)
+            }
+            libc::SIGUSR2 => {
+                log::info!("{name}: upgrading to the binary at {}", self.cfg.exe.display());
+                let exe = Binary::Path(self.cfg.exe.clone());
+                self.begin_restart(exe, crate::topology::restart::DEFAULT_TIMEOUT, None, false)
             }
             libc::SIGUSR1 => log::info!("{name}: no log file to reopen (this process logs to stderr)"),
             libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => {
@@ -894,7 +959,7 @@ impl Master {
     /// in the kernel's backlog instead of in our queue.
     fn update_accepting(&mut self) {
         let Some(l) = &self.listener else { return };
-        if self.takeover_pending || self.stopping {
+        if self.takeover_pending || self.stopping || self.draining {
             return;
         }
         let can_serve = self.slots.iter().any(WorkerSlot::live);
@@ -978,6 +1043,7 @@ impl Master {
         }
         self.stopping = true;
         log::info!("{name}: stopping; workers get {:?} to finish", self.cfg.grace);
+        link::tell(&format!("STOPPING=1\nSTATUS=stopping ({name}): workers get {:?} to finish", self.cfg.grace));
         self.listener = None;
         self.shared_fd = None;
         self.pending.clear();
@@ -1124,6 +1190,7 @@ impl Master {
             "mode": if self.cfg.node.is_some() { "node" } else { "cluster" },
             "node": self.node_name(),
             "pid": std::process::id(),
+            "supervisor": std::env::var(crate::topology::supervisor::ENV_PID).ok().and_then(|p| p.parse::<u32>().ok()),
             "port": self.port,
             "policy": self.cfg.policy.name(),
             "rebalance": self.cfg.rebalance,
