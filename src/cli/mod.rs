@@ -338,6 +338,8 @@ struct ServerArgs {
     /// Directory for the handoff sockets and request logs (made 0700).
     #[arg(long)]
     dir: PathBuf,
+    /// Address to bind: IPv4 or IPv6 (`::1`; `::` takes IPv4 clients
+    /// too), or a name (its first IPv4 address, else its first IPv6 one).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Settings from this TOML file (`key = value` for each `--key value`;
@@ -353,6 +355,8 @@ struct PairArgs {
     ports: (u16, u16),
     #[arg(long, default_value = "run")]
     dir: PathBuf,
+    /// Address to bind: IPv4 or IPv6 (`::1`; `::` takes IPv4 clients
+    /// too), or a name (its first IPv4 address, else its first IPv6 one).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Settings from this TOML file (`key = value` for each `--key value`;
@@ -373,6 +377,8 @@ struct MasterArgs {
     /// Directory for the control socket (made 0700).
     #[arg(long)]
     dir: PathBuf,
+    /// Address to bind: IPv4 or IPv6 (`::1`; `::` takes IPv4 clients
+    /// too), or a name (its first IPv4 address, else its first IPv6 one).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Kill and respawn a worker that has not answered the master's
@@ -400,6 +406,11 @@ struct MasterArgs {
     /// write it; USR1 to the master reopens it).
     #[arg(long, value_name = "PATH")]
     access_log: Option<PathBuf>,
+    /// Run the workers as this user (the master, started as root, binds
+    /// first and stays root); a master not started as root accepts only
+    /// the user it already runs as.
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
 }
 
 impl MasterArgs {
@@ -434,6 +445,7 @@ impl MasterArgs {
             idle_timeout: self.idle_timeout.filter(|s| *s > 0.0).map(std::time::Duration::from_secs_f64),
             // Workers and a restart's new master may run elsewhere.
             access_log: self.access_log.map(std::path::absolute).transpose()?,
+            user: self.user,
         })
     }
 }

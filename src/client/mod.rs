@@ -22,7 +22,7 @@ pub use rpc::{rpc, RpcOpts};
 pub use stats::Summary;
 pub use work::{work, WorkOpts, WorkSummary};
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 /// Read (idle) / write timeout applied to every client socket.
@@ -32,12 +32,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Stack size of the per-connection threads (keeps hundreds of threads cheap).
 const THREAD_STACK: usize = 256 * 1024;
 
-/// Resolve `host:port` once (first address).
+/// Resolve `host:port` once, as the servers do: an IPv4 or IPv6 address
+/// (`::1` or `[::1]`), or a name (its first IPv4 address, else its first
+/// IPv6 one), with `crate::core::sock::resolve`.
 pub(crate) fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {
-    (host, port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no address for {host}:{port}")))
+    crate::core::sock::resolve(host, port)
 }
 
 /// Connect with a timeout and set TCP_NODELAY + read/write timeouts.

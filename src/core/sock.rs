@@ -3,7 +3,7 @@
 //! closes them.
 use std::io;
 use std::mem;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -42,13 +42,59 @@ fn setsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, val: libc::c_
     .map(drop)
 }
 
-fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
-    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
-    let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
-    sa.sin_family = libc::AF_INET as _;
-    sa.sin_port = addr.port().to_be();
-    sa.sin_addr.s_addr = u32::from(*addr.ip()).to_be();
-    sa
+/// `addr` as a C socket address (`sockaddr_in` or `sockaddr_in6` in a
+/// `sockaddr_storage`) and its length.
+fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for any
+            // sockaddr type; this is the documented way to fill it.
+            let sa = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage as *mut libc::sockaddr_in) };
+            sa.sin_family = libc::AF_INET as _;
+            sa.sin_port = a.port().to_be();
+            sa.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sa = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage as *mut libc::sockaddr_in6) };
+            sa.sin6_family = libc::AF_INET6 as _;
+            sa.sin6_port = a.port().to_be();
+            sa.sin6_flowinfo = a.flowinfo().to_be();
+            sa.sin6_addr.s6_addr = a.ip().octets();
+            sa.sin6_scope_id = a.scope_id();
+            mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// The Rust form of a socket address the kernel filled in; `None` for a
+/// family other than IPv4 and IPv6. An IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`, an IPv4 client of a dual-stack `::` listener) comes
+/// back as the plain IPv4 address.
+fn socket_addr_from(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match ss.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sa = unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
+            let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sa.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sa = unsafe { &*(ss as *const libc::sockaddr_storage as *const libc::sockaddr_in6) };
+            let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
+            let port = u16::from_be(sa.sin6_port);
+            Some(match ip.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
+                None => SocketAddr::V6(SocketAddrV6::new(ip, port, u32::from_be(sa.sin6_flowinfo), sa.sin6_scope_id)),
+            })
+        }
+        _ => None,
+    }
 }
 
 fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
@@ -66,43 +112,63 @@ fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> 
     Ok((sa, len as libc::socklen_t))
 }
 
-/// Resolves `host:port` to an IPv4 address (the servers bind IPv4).
-pub fn resolve_v4(host: &str, port: u16) -> io::Result<SocketAddrV4> {
-    if let Ok(ip) = host.parse::<Ipv4Addr>() {
-        return Ok(SocketAddrV4::new(ip, port));
+/// Resolves `host:port` for a server to bind or a client to connect to.
+/// `host` is an IPv4 address (`127.0.0.1`, `0.0.0.0`), an IPv6 address
+/// with or without brackets (`::1`, `[::1]`, `::`), or a name: a name
+/// becomes its first IPv4 address, or its first IPv6 address when it has
+/// no IPv4 one (so `localhost` stays `127.0.0.1`).
+///
+/// ```
+/// use handoff::core::sock::resolve;
+///
+/// assert_eq!(resolve("127.0.0.1", 80)?.to_string(), "127.0.0.1:80");
+/// assert_eq!(resolve("::1", 80)?.to_string(), "[::1]:80");
+/// assert_eq!(resolve("[::]", 80)?.to_string(), "[::]:80");
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
     }
-    (host, port)
-        .to_socket_addrs()?
-        .find_map(|a| match a {
-            SocketAddr::V4(v4) => Some(v4),
-            _ => None,
-        })
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no IPv4 address for {host}")))
+    let all: Vec<SocketAddr> =
+        (bare, port).to_socket_addrs().map_err(|e| io::Error::new(e.kind(), format!("resolve {host}: {e}")))?.collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| all.first())
+        .copied()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no address for {host}")))
 }
 
 /// A non-blocking TCP listener on `addr` (SO_REUSEADDR, backlog 4096).
-pub fn tcp_listen(addr: SocketAddrV4) -> io::Result<OwnedFd> {
-    let fd = socket(libc::AF_INET, libc::SOCK_STREAM)?;
+/// IPv6: the unspecified address `::` is dual-stack (IPV6_V6ONLY off,
+/// whatever the `net.ipv6.bindv6only` sysctl says): it takes IPv4 clients
+/// too, as Node and Go do (nginx: `listen [::]:80 ipv6only=off`); any
+/// other IPv6 address is IPv6 only.
+pub fn tcp_listen(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let fd = socket(domain, libc::SOCK_STREAM)?;
     setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "setsockopt SO_REUSEADDR")?;
-    let sa = sockaddr_in(addr);
-    // SAFETY: sa is a valid sockaddr_in of the given length.
-    cvt(
-        unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, mem::size_of_val(&sa) as _) },
-        &format!("bind {addr}"),
-    )?;
+    if let SocketAddr::V6(a) = addr {
+        let only = i32::from(!a.ip().is_unspecified());
+        setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, only, "setsockopt IPV6_V6ONLY")?;
+    }
+    let (sa, len) = sockaddr_of(&addr);
+    // SAFETY: sa is a valid socket address of length len.
+    cvt(unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) }, &format!("bind {addr}"))?;
     // SAFETY: plain syscall on a descriptor we own.
     cvt(unsafe { libc::listen(fd.as_raw_fd(), 4096) }, "listen")?;
     Ok(fd)
 }
 
-/// A non-blocking TCP connect to `addr`; usually returns before the
-/// handshake ends (EINPROGRESS is not an error).
-pub fn tcp_connect(addr: SocketAddrV4) -> io::Result<OwnedFd> {
-    let fd = socket(libc::AF_INET, libc::SOCK_STREAM)?;
-    let sa = sockaddr_in(addr);
-    // SAFETY: sa is a valid sockaddr_in of the given length.
-    let rc =
-        unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, mem::size_of_val(&sa) as _) };
+/// A non-blocking TCP connect to `addr` (IPv4 or IPv6); usually returns
+/// before the handshake ends (EINPROGRESS is not an error).
+pub fn tcp_connect(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let fd = socket(domain, libc::SOCK_STREAM)?;
+    let (sa, len) = sockaddr_of(&addr);
+    // SAFETY: sa is a valid socket address of length len.
+    let rc = unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) };
     if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
         cvt(rc, &format!("connect {addr}"))?;
     }
@@ -115,24 +181,29 @@ pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
 }
 
 /// The local address a socket is bound to (for `--port 0`).
-pub fn local_addr(fd: RawFd) -> io::Result<SocketAddrV4> {
-    // SAFETY: zeroed sockaddr_in is valid; len matches it.
-    let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
-    let mut len = mem::size_of_val(&sa) as libc::socklen_t;
-    // SAFETY: sa/len are live out-parameters of the right size.
-    cvt(unsafe { libc::getsockname(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) }, "getsockname")?;
-    Ok(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port)))
+pub fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    // SAFETY: zeroed sockaddr_storage is valid; len matches it.
+    let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut len = mem::size_of_val(&ss) as libc::socklen_t;
+    // SAFETY: ss/len are live out-parameters of the right size.
+    cvt(unsafe { libc::getsockname(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) }, "getsockname")?;
+    socket_addr_from(&ss)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "getsockname: not an IPv4 or IPv6 socket"))
 }
 
-/// The remote address of a TCP socket, if it has one.
-pub fn peer_addr(fd: RawFd) -> Option<SocketAddrV4> {
-    // SAFETY: zeroed sockaddr_in is valid; len matches it.
-    let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
-    let mut len = mem::size_of_val(&sa) as libc::socklen_t;
-    // SAFETY: sa/len are live out-parameters of the right size.
-    let rc = unsafe { libc::getpeername(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) };
-    (rc == 0 && sa.sin_family == libc::AF_INET as libc::sa_family_t)
-        .then(|| SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port)))
+/// The remote address of a TCP socket, if it has one (an IPv4 client of
+/// a dual-stack listener as plain IPv4).
+pub fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
+    // SAFETY: zeroed sockaddr_storage is valid; len matches it.
+    let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut len = mem::size_of_val(&ss) as libc::socklen_t;
+    // SAFETY: ss/len are live out-parameters of the right size.
+    let rc = unsafe { libc::getpeername(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) };
+    if rc == 0 {
+        socket_addr_from(&ss)
+    } else {
+        None
+    }
 }
 
 /// A non-blocking SOCK_SEQPACKET listener bound to `path`.
@@ -369,5 +440,44 @@ pub fn send_now(fd: RawFd, data: &[u8]) -> io::Result<usize> {
             Some(libc::EAGAIN) => return Ok(0),
             _ => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    fn accept_one(l: &OwnedFd) -> OwnedFd {
+        wait_readable(l, Duration::from_secs(5)).expect("a connection to accept");
+        accept(l.as_raw_fd()).expect("accept").expect("one waiting")
+    }
+
+    #[test]
+    fn any_ipv6_address_is_dual_stack_and_reports_ipv4_clients_plainly() {
+        let Ok(l) = tcp_listen(resolve("::", 0).unwrap()) else {
+            eprintln!("SKIPPED: no IPv6 on this machine");
+            return;
+        };
+        let local = local_addr(l.as_raw_fd()).unwrap();
+        assert!(local.is_ipv6() && local.ip().is_unspecified(), "{local}");
+        let v4 = TcpStream::connect((Ipv4Addr::LOCALHOST, local.port())).unwrap();
+        let c = accept_one(&l);
+        assert_eq!(peer_addr(c.as_raw_fd()), Some(v4.local_addr().unwrap()), "not ::ffff:127.0.0.1");
+        let v6 = TcpStream::connect((Ipv6Addr::LOCALHOST, local.port())).unwrap();
+        let c = accept_one(&l);
+        assert_eq!(peer_addr(c.as_raw_fd()), Some(v6.local_addr().unwrap()));
+        // The non-blocking connect speaks IPv6 too.
+        let out = tcp_connect(SocketAddr::from((Ipv6Addr::LOCALHOST, local.port()))).unwrap();
+        let c = accept_one(&l);
+        assert_eq!(peer_addr(c.as_raw_fd()), local_addr(out.as_raw_fd()).ok());
+    }
+
+    #[test]
+    fn names_prefer_ipv4_and_brackets_are_optional() {
+        assert_eq!(resolve("localhost", 1).unwrap(), SocketAddr::from((Ipv4Addr::LOCALHOST, 1)));
+        assert_eq!(resolve("[::1]", 2).unwrap(), SocketAddr::from((Ipv6Addr::LOCALHOST, 2)));
+        assert!(resolve("[::1", 2).is_err());
     }
 }

@@ -303,6 +303,15 @@ impl Rpc {
         Ok(Rpc { s, buf: Vec::new() })
     }
 
+    /// A connection to any address (an IPv6 one, say).
+    pub fn connect_addr(addr: std::net::SocketAddr) -> Rpc {
+        let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        Rpc { s, buf: Vec::new() }
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.s.write_all(bytes).unwrap_or_else(|e| panic!("write: {e}"));
     }

@@ -11,6 +11,7 @@ mod http;
 mod node;
 mod ops_config;
 mod ops_master;
+mod ops_net;
 mod pair;
 mod readme;
 mod rebalance;

@@ -116,21 +116,55 @@ pub struct Msg {
     /// `None` for the other kinds.
     pub fd: Option<OwnedFd>,
     /// CONN: the header's `tag`, whose meaning depends on the flags: see
-    /// [`Msg::client`] and [`Msg::master_id`]. 0: none.
+    /// [`Msg::take_client`] and [`Msg::master_id`]. 0: none.
     pub tag: u64,
 }
 
 impl Msg {
-    /// Pair mode: the client's IPv4 address and port, as the accepting
-    /// server saw it (for the request log, without a getpeername).
-    pub fn client(&self) -> Option<std::net::SocketAddrV4> {
+    /// Pair mode: the client's address, as the accepting server saw it
+    /// (for the request log, without a getpeername), set by
+    /// [`Msg::with_client`]. Takes an IPv6 address's 16 bytes off the end
+    /// of the body (and clears [`wire::FLAG_CLIENT_V6`]), so call it once,
+    /// before the body is read as state and read-ahead.
+    ///
+    /// ```
+    /// use std::os::unix::net::UnixStream;
+    /// use handoff::core::channel::Msg;
+    ///
+    /// let (_client, conn) = UnixStream::pair()?;
+    /// let ahead = b"read-ahead".to_vec();
+    /// let mut m = Msg::conn(conn.into(), ahead.clone(), 0).with_client(Some("[::1]:4000".parse().unwrap()));
+    /// assert_eq!(m.take_client(), Some("[::1]:4000".parse().unwrap()));
+    /// assert_eq!(m.body, ahead);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn take_client(&mut self) -> Option<std::net::SocketAddr> {
+        use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
         let t = self.tag;
-        (t != 0).then(|| std::net::SocketAddrV4::new(((t >> 16) as u32).into(), t as u16))
+        if self.flags & wire::FLAG_CLIENT_V6 == 0 {
+            return (t != 0).then(|| SocketAddr::V4(SocketAddrV4::new(((t >> 16) as u32).into(), t as u16)));
+        }
+        let at = self.body.len().checked_sub(16)?;
+        let ip: [u8; 16] = self.body[at..].try_into().expect("16 bytes");
+        self.body.truncate(at);
+        self.flags &= !wire::FLAG_CLIENT_V6;
+        Some(SocketAddr::V6(SocketAddrV6::new(ip.into(), t as u16, 0, (t >> 16) as u32)))
     }
 
-    /// Sets [`Msg::client`].
-    pub fn with_client(mut self, a: Option<std::net::SocketAddrV4>) -> Msg {
-        self.tag = a.map_or(0, |a| (u64::from(u32::from(*a.ip())) << 16) | u64::from(a.port()));
+    /// Sets [`Msg::take_client`]: an IPv4 address fits in the header's
+    /// `tag`; an IPv6 one sets [`wire::FLAG_CLIENT_V6`] and appends its
+    /// 16 bytes to the body (call it after the body is complete).
+    pub fn with_client(mut self, a: Option<std::net::SocketAddr>) -> Msg {
+        use std::net::SocketAddr;
+        self.tag = match a {
+            None => 0,
+            Some(SocketAddr::V4(a)) => (u64::from(u32::from(*a.ip())) << 16) | u64::from(a.port()),
+            Some(SocketAddr::V6(a)) => {
+                self.flags |= wire::FLAG_CLIENT_V6;
+                self.body.extend_from_slice(&a.ip().octets());
+                (u64::from(a.scope_id()) << 16) | u64::from(a.port())
+            }
+        };
         self
     }
 

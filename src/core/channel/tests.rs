@@ -229,3 +229,51 @@ fn messages_behind_a_reset_are_all_read() {
     assert_eq!(*seen.borrow(), (0..N).collect::<Vec<_>>());
     assert_eq!(*orphaned.borrow(), Some(1));
 }
+
+#[test]
+fn client_addresses_travel_v4_in_the_tag_v6_after_the_body() {
+    use std::net::SocketAddr;
+    let base = Base::new().unwrap();
+    let (a, b) = sock::seqpacket_pair().unwrap();
+    let got: Rc<RefCell<Vec<Msg>>> = Rc::default();
+    let g = got.clone();
+    let bs = base.clone();
+    let tx = Channel::new(&base, a, |_| {}).unwrap();
+    let _rx = Channel::new(&base, b, move |ev| {
+        if let ChannelEvent::Msg(m) = ev {
+            g.borrow_mut().push(m);
+            if g.borrow().len() == 4 {
+                bs.exit(None);
+            }
+        }
+    })
+    .unwrap();
+    // A body over MAX_BODY travels in MORE chunks: the address still ends it.
+    let big = vec![7u8; MAX_BODY + 100];
+    let cases: Vec<(Option<SocketAddr>, Vec<u8>)> = vec![
+        (Some("10.1.2.3:4567".parse().unwrap()), b"v4".to_vec()),
+        (Some("[2001:db8::1]:443".parse().unwrap()), wire::join_state(b"state", b"ahead".to_vec())),
+        (Some("[fe80::1%3]:80".parse().unwrap()), big.clone()),
+        (None, b"none".to_vec()),
+    ];
+    let mut keep = Vec::new();
+    for (client, body) in &cases {
+        let (c, s) = UnixStream::pair().unwrap();
+        keep.push(c);
+        let flags = if body.len() > 10 && body.len() < 100 { wire::FLAG_STATE } else { 0 };
+        tx.send(Msg::conn(OwnedFd::from(s), body.clone(), flags).with_client(*client)).unwrap();
+    }
+    run(&base);
+    let mut got = got.borrow_mut();
+    assert_eq!(got.len(), 4);
+    for (m, (client, body)) in got.iter_mut().zip(&cases) {
+        assert_eq!(m.take_client(), *client);
+        assert_eq!(m.flags & wire::FLAG_CLIENT_V6, 0, "the flag is cleared with the address taken");
+        assert_eq!(&m.body, body);
+    }
+    // An IPv4 client costs no body byte.
+    let (_c, s) = UnixStream::pair().unwrap();
+    let m = Msg::conn(OwnedFd::from(s), b"x".to_vec(), 0).with_client(cases[0].0);
+    assert_eq!((m.body.len(), m.flags), (1, 0));
+    assert_eq!(wire::split_state(got[1].body.clone()), (b"state".to_vec(), b"ahead".to_vec()));
+}

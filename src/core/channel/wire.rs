@@ -14,19 +14,24 @@
 //!                       bit 3 = the body starts with session state,
 //!                       bit 4 = released to rebalance (with bit 2),
 //!                       bit 5 = the body starts with the connection's
-//!                       history (40 bytes, see [`History`])
+//!                       history (40 bytes, see [`History`]),
+//!                       bit 6 = the client address is IPv6 (see tag)
 //!     12    4 body_len  bytes after the header (<= MAX_BODY)
 //!     16    8 id        CONN: sender's sequence number; ACK: every CONN up to
 //!                       this id is taken; NACK: this CONN is refused (its
 //!                       descriptor could not be received), the sender keeps it
-//!     24    8 tag       CONN, pair mode: the client's IPv4 address << 16 | its
-//!                       port, as the accepting server saw it (0: unknown), so
-//!                       that receivers need no getpeername; CONN released:
-//!                       the master's id for it
+//!     24    8 tag       CONN, pair mode: the client's address as the accepting
+//!                       server saw it, so that receivers need no getpeername
+//!                       (0: unknown): IPv4: address << 16 | port; IPv6
+//!                       (flag bit 6): scope id << 16 | port, the 16 address
+//!                       bytes end the body; CONN released: the master's id
+//!                       for it
 //!     32    - body      CONN: bytes already read from the connection (read-ahead);
 //!                       with flag bit 3, first a u32 state length and that
 //!                       much state the service's session exported; with
-//!                       flag bit 5, before all that, the 40-byte history
+//!                       flag bit 5, before all that, the 40-byte history;
+//!                       with flag bit 6, last the client's IPv6 address
+//!                       (16 bytes, network order)
 //! ```
 //! One header + body + at most one descriptor = one SOCK_SEQPACKET message.
 //! A body longer than [`MAX_BODY`] (a large read-ahead) travels as MORE
@@ -81,6 +86,11 @@ pub const FLAG_STATE: u32 = 8;
 /// the load (the master hands it to a colder worker), not for a restart;
 /// master -> worker: such a connection (it stays there a while).
 pub const FLAG_REBALANCED: u32 = 16;
+/// CONN, pair mode: the client's address is IPv6: `tag` holds its scope
+/// id << 16 | its port, and the body ends with its 16 address bytes
+/// (an IPv4 client needs no flag: `tag` holds it whole). See
+/// [`super::Msg::with_client`].
+pub const FLAG_CLIENT_V6: u32 = 64;
 
 /// CONN: the body starts with the connection's [`History`]
 /// ([`HISTORY_LEN`] bytes), before any state.

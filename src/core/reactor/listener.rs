@@ -2,7 +2,7 @@
 //! hands each new descriptor to a callback.
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::rc::{Rc, Weak};
@@ -14,9 +14,11 @@ use crate::core::sock;
 /// Where a listener listens.
 #[derive(Clone, Debug)]
 pub enum Endpoint {
-    /// A TCP socket on this IPv4 address (SO_REUSEADDR, backlog 4096).
+    /// A TCP socket on this IPv4 or IPv6 address (SO_REUSEADDR, backlog
+    /// 4096; the unspecified `::` takes IPv4 clients too, any other
+    /// IPv6 address only IPv6 ones).
     /// Port 0 picks a free port: see [`Listener::local_addr`].
-    Tcp(SocketAddrV4),
+    Tcp(SocketAddr),
     /// A SOCK_SEQPACKET socket at this path (removed when the listener drops).
     Unix(PathBuf),
 }
@@ -40,12 +42,12 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// [`Listener::with_path`] and [`Listener::forget_path`]).
 ///
 /// ```
-/// use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+/// use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 /// use handoff::core::reactor::{Base, Endpoint, Listener};
 ///
 /// let base = Base::new()?;
 /// let b = base.clone();
-/// let ep = Endpoint::Tcp(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+/// let ep = Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
 /// let listener = Listener::bind(&base, &ep, move |conn| {
 ///     // `conn` is ours: serve it (`Conn::adopt`), pass it on, or drop it.
 ///     drop(conn);
@@ -152,7 +154,7 @@ impl Listener {
 
     /// The IPv4 address a TCP listener is bound to (with the real port
     /// after binding port 0). Meaningless for a Unix endpoint.
-    pub fn local_addr(&self) -> io::Result<SocketAddrV4> {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
         sock::local_addr(self.raw_fd())
     }
 

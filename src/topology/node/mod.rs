@@ -5,7 +5,7 @@
 //! links to other nodes (`links.rs`); the wire format is [`wire`].
 use std::collections::BTreeMap;
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::core::sock;
@@ -23,7 +23,7 @@ pub struct NodeConfig {
     pub name: String,
     /// Every node's manager address, this one's included (the master adds
     /// itself once its port is known).
-    pub peers: BTreeMap<String, SocketAddrV4>,
+    pub peers: BTreeMap<String, SocketAddr>,
     /// Time from connect to the end of the tell-worker handshake.
     pub connect_timeout: Duration,
 }
@@ -43,8 +43,9 @@ impl NodeConfig {
     }
 }
 
-/// Parses `B=HOST:PORT[,C=HOST:PORT...]`.
-pub fn parse_peers(s: &str) -> io::Result<BTreeMap<String, SocketAddrV4>> {
+/// Parses `B=HOST:PORT[,C=HOST:PORT...]`; an IPv6 HOST is written in
+/// brackets (`B=[::1]:7001`).
+pub fn parse_peers(s: &str) -> io::Result<BTreeMap<String, SocketAddr>> {
     let bad = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
     let mut peers = BTreeMap::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
@@ -55,7 +56,10 @@ pub fn parse_peers(s: &str) -> io::Result<BTreeMap<String, SocketAddrV4>> {
         if name.is_empty() {
             return Err(bad(format!("peer {item:?}: empty name")));
         }
-        peers.insert(name.to_string(), sock::resolve_v4(host, port)?);
+        if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+            return Err(bad(format!("peer {item:?}: write an IPv6 address in brackets: {name}=[{host}]:{port}")));
+        }
+        peers.insert(name.to_string(), sock::resolve(host, port)?);
     }
     Ok(peers)
 }
@@ -76,5 +80,16 @@ mod tests {
         assert_eq!(cfg.peers, p);
         assert!(NodeConfig::new("A:B", "", 1.0).is_err());
         assert!(NodeConfig::new("", "", 1.0).is_err());
+    }
+
+    #[test]
+    fn ipv6_peers_in_brackets() {
+        let p = parse_peers("B=[::1]:7001,C=127.0.0.1:7002").unwrap();
+        assert_eq!(p["B"], "[::1]:7001".parse::<SocketAddr>().unwrap());
+        // What a master writes in HANDOFF_NODE_PEERS reads back the same.
+        let text: Vec<String> = p.iter().map(|(n, a)| format!("{n}={a}")).collect();
+        assert_eq!(parse_peers(&text.join(",")).unwrap(), p);
+        let e = parse_peers("B=::1:7001").unwrap_err();
+        assert!(e.to_string().contains("B=[::1]:7001"), "{e}");
     }
 }

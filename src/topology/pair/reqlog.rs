@@ -3,7 +3,7 @@
 //! Buffered; flushed by a timer and at shutdown.
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,7 +30,7 @@ impl RequestLog {
         Ok(())
     }
 
-    pub fn record(&mut self, client: Option<SocketAddrV4>, len: usize) {
+    pub fn record(&mut self, client: Option<SocketAddr>, len: usize) {
         let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let r = match client {
             Some(a) => writeln!(self.out, "{}.{:06} {a} {len}", t.as_secs(), t.subsec_micros()),

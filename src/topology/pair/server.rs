@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::{Rc, Weak};
@@ -27,8 +27,9 @@ const LOG_FLUSH: Duration = Duration::from_millis(200);
 /// One pair server's settings (`handoff server`), for [`run`].
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Address to bind (`--host`): an IPv4 address or a name resolved to
-    /// one.
+    /// Address to bind (`--host`): an IPv4 or IPv6 address (`::1`, `::`
+    /// which takes IPv4 clients too), or a name (its first IPv4 address,
+    /// else its first IPv6 one).
     pub host: String,
     /// TCP port for clients; 0 picks a free one (the `ready` line says
     /// which, and names the handoff socket after it).
@@ -54,7 +55,7 @@ struct Served<T> {
     /// Serving alone, the client does not read: reading paused until the
     /// output drains.
     throttled: bool,
-    client: Option<SocketAddrV4>,
+    client: Option<SocketAddr>,
 }
 
 struct Server<P: Service> {
@@ -88,7 +89,7 @@ pub fn run<P: Service>(cfg: &Config, options: &P::Options) -> io::Result<()> {
     sock::private_dir(&cfg.dir)?;
     let base = Base::new()?;
 
-    let addr = sock::resolve_v4(&cfg.host, cfg.port)?;
+    let addr = sock::resolve(&cfg.host, cfg.port)?;
     let tcp_fd = sock::tcp_listen(addr)?;
     let port = sock::local_addr(tcp_fd.as_raw_fd())?.port();
     let sock_path = cfg.dir.join(format!("{port}.sock"));
@@ -140,7 +141,7 @@ pub fn run<P: Service>(cfg: &Config, options: &P::Options) -> io::Result<()> {
             s.signals.push(e);
         }
     }
-    log::info!("serving on {}:{port}, handoff socket {}", addr.ip(), sock_path.display());
+    log::info!("serving on {}, handoff socket {}", std::net::SocketAddr::new(addr.ip(), port), sock_path.display());
     crate::core::signals::ready(&format!("ready port={port} sock={}", sock_path.display()));
     // After the ready line: a `linked peer=...` line follows when the peer is reached.
     server.borrow_mut().connect_peer();
@@ -220,7 +221,7 @@ impl<P: Service> Server<P> {
     /// Starts serving a connection, first from `leftover`.
     /// `client` is the client's address (for the request log), carried
     /// along with the connection so no receiver needs a getpeername.
-    fn open_conn(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: Vec<u8>, eof: bool, client: Option<SocketAddrV4>) {
+    fn open_conn(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: Vec<u8>, eof: bool, client: Option<SocketAddr>) {
         let mut session = self.service.open(&state);
         // Fast path: the read-ahead holds a whole request and the peer is
         // up: answer and pass the connection on without a bufferevent.
@@ -270,7 +271,7 @@ impl<P: Service> Server<P> {
         session: P::Session,
         leftover: &[u8],
         eof: bool,
-        client: Option<SocketAddrV4>,
+        client: Option<SocketAddr>,
     ) -> Option<u64> {
         let id = self.next_id;
         self.next_id += 1;
@@ -290,7 +291,7 @@ impl<P: Service> Server<P> {
         }
     }
 
-    fn record(&mut self, client: Option<SocketAddrV4>, lengths: &[usize]) {
+    fn record(&mut self, client: Option<SocketAddr>, lengths: &[usize]) {
         for &len in lengths {
             self.log.record(client, len);
         }
@@ -406,7 +407,7 @@ impl<P: Service> Server<P> {
         self.send_conn(fd, leftover, &state, slot.eof, slot.client);
     }
 
-    fn send_conn(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: &[u8], eof: bool, client: Option<SocketAddrV4>) {
+    fn send_conn(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: &[u8], eof: bool, client: Option<SocketAddr>) {
         let mut flags = if eof { wire::FLAG_EOF } else { 0 };
         if !state.is_empty() {
             flags |= wire::FLAG_STATE;
@@ -425,8 +426,8 @@ impl<P: Service> Server<P> {
 
     /// Serves connections that arrived, or that the peer never took.
     fn take_back(&mut self, msgs: Vec<Msg>) {
-        for m in msgs {
-            let client = m.client();
+        for mut m in msgs {
+            let client = m.take_client();
             let Some(fd) = m.fd else { continue };
             let (state, leftover) =
                 if m.flags & wire::FLAG_STATE != 0 { wire::split_state(m.body) } else { (Vec::new(), m.body) };

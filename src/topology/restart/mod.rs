@@ -412,6 +412,7 @@ impl Master {
             "max_conns": self.cfg.max_conns,
             "idle_timeout": self.cfg.idle_timeout.map(|d| d.as_secs_f64()),
             "access_log": self.cfg.access_log,
+            "user": self.cfg.user,
         });
         let msg = Msg {
             kind: wire::KIND_LISTENER,
@@ -812,6 +813,7 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
         max_conns: v["max_conns"].as_u64(),
         idle_timeout: v["idle_timeout"].as_f64().map(Duration::from_secs_f64),
         access_log: v["access_log"].as_str().map(PathBuf::from),
+        user: v["user"].as_str().map(str::to_string),
     };
     crate::topology::cluster::master::run_on(cfg, fd, Some(channel))
 }
@@ -889,7 +891,14 @@ fn probe(dir: &Path, host: &str, port: u16) -> io::Result<u64> {
         // Status has no change notification: ask again shortly.
         std::thread::sleep(Duration::from_millis(100));
     };
-    let addr = crate::core::sock::resolve_v4(host, port)?;
-    TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    let mut addr = crate::core::sock::resolve(host, port)?;
+    // A master on every address (`0.0.0.0`, `::`) is reached on loopback.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     Ok(gen)
 }

@@ -96,7 +96,7 @@ pub fn run(pid_file: Option<&Path>, host: &str, port: u16) -> io::Result<i32> {
             a
         }
         None => {
-            let fd = crate::core::sock::tcp_listen(crate::core::sock::resolve_v4(host, port)?)?;
+            let fd = crate::core::sock::tcp_listen(crate::core::sock::resolve(host, port)?)?;
             (fd, String::new())
         }
     };

@@ -45,8 +45,9 @@ pub use crate::topology::restart::{request as request_restart, takeover, DEFAULT
 /// what the old one sends.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Address to bind (`--host`): an IPv4 address or a name resolved to
-    /// one.
+    /// Address to bind (`--host`): an IPv4 or IPv6 address (`::1`, `::`
+    /// which takes IPv4 clients too), or a name (its first IPv4 address,
+    /// else its first IPv6 one).
     pub host: String,
     /// TCP port to listen on; 0 picks a free one (the `ready` line says
     /// which).
@@ -93,6 +94,10 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// `--access-log`: workers append one line per closed connection here.
     pub access_log: Option<PathBuf>,
+    /// `--user NAME`: a master started as root runs its workers as this
+    /// user (the master itself stays root). An unknown user, or a master
+    /// not root and not already NAME, is an error at start.
+    pub user: Option<String>,
 }
 
 /// The master's copy of a connection a worker serves: the descriptor it
@@ -269,11 +274,15 @@ pub fn run(cfg: Config) -> io::Result<()> {
         // Workers open it; a path they cannot write is an error now.
         crate::topology::cluster::worker::access::open_append(p)?;
     }
+    if let Some(name) = &cfg.user {
+        let u = crate::core::user::RunAs::lookup(name)?;
+        log::info!("workers run as {name} (uid {}, gid {})", u.uid, u.gid);
+    }
     sock::private_dir(&cfg.dir)?;
     sock::claim_unix_path(&control_path(&cfg.dir))?;
     let listen_fd = match activated_listener()? {
         Some(fd) => fd,
-        None => sock::tcp_listen(sock::resolve_v4(&cfg.host, cfg.port)?)?,
+        None => sock::tcp_listen(sock::resolve(&cfg.host, cfg.port)?)?,
     };
     run_on(cfg, listen_fd, None)
 }
@@ -423,10 +432,9 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
         }
     }
     log::info!(
-        "cluster master pid {} generation {} on {}:{port}, {} worker(s), policy {}",
+        "cluster master pid {} generation {} on {addr}, {} worker(s), policy {}",
         std::process::id(),
         cfg.gen,
-        addr.ip(),
         cfg.workers,
         cfg.policy.name()
     );
@@ -484,8 +492,15 @@ impl Master {
                 Ok(())
             });
         }
+        if let Some(name) = &self.cfg.user {
+            crate::core::user::RunAs::lookup(name)?.apply(&mut cmd);
+        }
         let child = cmd.spawn().map_err(|e| {
-            io::Error::new(e.kind(), format!("spawn worker {index} ({}): {e}", cmd.get_program().to_string_lossy()))
+            let who = self.cfg.user.as_ref().map_or(String::new(), |u| format!(" as user {u}"));
+            io::Error::new(
+                e.kind(),
+                format!("spawn worker {index} ({}){who}: {e}", cmd.get_program().to_string_lossy()),
+            )
         })?;
         drop(theirs);
         let slot = &mut self.slots[index];
