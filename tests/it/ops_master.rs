@@ -304,3 +304,47 @@ fn a_killed_master_is_replaced_by_the_supervisor() {
     assert_eq!(read_pid_file(&pid_file), Some(c.server.pid()));
     assert!(c.server.stderr_text().contains("starting a new one"), "{}", c.server.stderr_text());
 }
+
+/// HUP reads the config file again: 2 workers become 3 under load
+/// (keep-alive and short connections), nothing lost.
+#[test]
+fn hup_with_a_changed_config_changes_workers_under_load_losing_nothing() {
+    let tmp = TempDir::new("hupc");
+    let conf = tmp.path().join("handoff.toml");
+    std::fs::write(&conf, "workers = 2\npolicy = \"round-robin\"\n").unwrap();
+    let cf = conf.display().to_string();
+    // --workers from the command line would override the file: give none.
+    let dir = tmp.path().join("d");
+    let mut cmd = Command::new(bin());
+    cmd.args(["cluster", "--port", "0", "--config", &cf, "--dir"]).arg(&dir);
+    let c = Cluster::adopt("cluster", tmp, dir, 2, TestServer::start_cmd("cluster", cmd));
+    assert_eq!(c.status()["workers"].as_array().map(Vec::len), Some(2));
+    let mut kept: Vec<Rpc> = (0..50).map(|_| c.connect()).collect();
+    for r in kept.iter_mut() {
+        r.ping(&json!("before"));
+    }
+    let ka = c.rpc_opts(8, 4000, false);
+    let short = c.rpc_opts(4, 1500, true);
+    let load_ka = std::thread::spawn(move || handoff::client::rpc(&ka));
+    let load_short = std::thread::spawn(move || handoff::client::rpc(&short));
+    c.wait_status("the load under way", Duration::from_secs(20), |v| {
+        v["workers"].as_array().map_or(0, |w| w.iter().map(|w| w["served"].as_u64().unwrap_or(0)).sum::<u64>()) >= 500
+    });
+    std::fs::write(&conf, "workers = 3\npolicy = \"least-conn\"\n").unwrap();
+    c.server.signal(libc::SIGHUP);
+    let v = c.wait_status("generation 2 with 3 workers", Duration::from_secs(20), |v| {
+        v["gen"] == json!(2) && v["restarting"] == json!(false) && v["workers"].as_array().map(Vec::len) == Some(3)
+    });
+    assert_eq!(v["policy"], json!("least-conn"), "{v}");
+    let running = !load_ka.is_finished() && !load_short.is_finished();
+    let (ka, short) = (load_ka.join().unwrap(), load_short.join().unwrap());
+    assert!(ka.passed() && ka.errors == 0, "keep-alive load across the reload: {ka}");
+    assert!(short.passed() && short.errors == 0, "short-connection load across the reload: {short}");
+    assert!(running, "the load ended before the reload did; make it longer");
+    for (i, r) in kept.iter_mut().enumerate() {
+        r.ping(&json!({"after": i}));
+        assert_eq!(r.whoami()["gen"], json!(2), "connection {i}");
+    }
+    let served: Vec<u64> = worker_field(&c.status(), "handed");
+    assert_eq!(served.len(), 3);
+}
