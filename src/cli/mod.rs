@@ -89,7 +89,8 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
                 },
                 Err(_) => options,
             };
-            let cfg = pair::server::Config { host: a.host, port: a.port, peer_port: a.peer_port, dir: a.dir };
+            let grace = std::time::Duration::from_secs_f64(a.grace);
+            let cfg = pair::server::Config { host: a.host, port: a.port, peer_port: a.peer_port, dir: a.dir, grace };
             pair::server::run::<P>(&cfg, &options)
         }
         Cmd::Pair(With { args: a, options }) => {
@@ -97,8 +98,9 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
                 return fail(&format!("--ports {0},{0}: the two servers need two different ports", a.ports.0));
             }
             let options = to_json(&options);
+            let grace = std::time::Duration::from_secs_f64(a.grace);
             std::env::current_exe()
-                .and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args, &options))
+                .and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args, &options, grace))
         }
         Cmd::Cluster(With { args: a, options }) => {
             let worker_cmd = match a.worker_cmd.map(std::path::absolute).transpose() {
@@ -217,7 +219,8 @@ struct With<A: Args, O: Args> {
 enum Cmd<PO: Args, CO: Args, X: Subcommand> {
     /// One pair-mode server: answers a request, hands the connection to its peer.
     Server(With<ServerArgs, PO>),
-    /// Runs both servers of a pair (two processes) until SIGINT/SIGTERM.
+    /// Runs both servers of a pair (two processes) until SIGINT/SIGTERM/SIGQUIT;
+    /// passes SIGHUP/SIGUSR1/SIGUSR2 on to them.
     Pair(With<PairArgs, PO>),
     /// Cluster master: accepts and hands each connection to a prefork worker.
     Cluster(With<ClusterArgs, CO>),
@@ -251,6 +254,11 @@ struct ServerArgs {
     dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Seconds open requests get to finish on SIGTERM/SIGINT/SIGQUIT, and
+    /// connections to settle before an in-place restart on SIGHUP/SIGUSR2
+    /// (0 to 86400).
+    #[arg(long, default_value_t = 5.0, allow_hyphen_values = true, value_parser = parse_secs)]
+    grace: f64,
 }
 
 #[derive(Args)]
@@ -262,6 +270,9 @@ struct PairArgs {
     dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Each server's --grace (see `server --help`).
+    #[arg(long, default_value_t = 5.0, allow_hyphen_values = true, value_parser = parse_secs)]
+    grace: f64,
 }
 
 /// What a cluster master and a node manager both take.

@@ -10,6 +10,7 @@ mod faults;
 mod http;
 mod node;
 mod pair;
+mod pair_ops;
 mod readme;
 mod rebalance;
 mod rebalance_client;
