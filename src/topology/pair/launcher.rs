@@ -7,7 +7,7 @@
 //! | TERM, INT, QUIT | passes it on; exits once both servers have stopped (no respawn) |
 //! | TERM or INT again | passes it on again: the servers stop now |
 //! | HUP, USR1, USR2 | passes it on (the servers restart in place, or reopen their logs) |
-//! | any other in [`IGNORED`](crate::core::signals::IGNORED) | logged and ignored |
+//! | any other in `core::signals::IGNORED` (ALRM, PWR, ...) | logged and ignored |
 //!
 //! Each server runs in its own process group (a terminal's Ctrl-C reaches
 //! the launcher alone, which passes one SIGINT on, not a second one) and

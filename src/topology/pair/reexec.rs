@@ -108,7 +108,17 @@ struct Parsed {
     exe: PathBuf,
     tcp: RawFd,
     unix: RawFd,
-    conns: Vec<(RawFd, Option<SocketAddrV4>, Vec<u8>, Vec<u8>, bool)>,
+    conns: Vec<ParsedConn>,
+}
+
+/// One connection as written.
+#[derive(Debug, PartialEq, Eq)]
+struct ParsedConn {
+    fd: RawFd,
+    client: Option<SocketAddrV4>,
+    state: Vec<u8>,
+    leftover: Vec<u8>,
+    eof: bool,
 }
 
 impl Handover {
@@ -171,8 +181,8 @@ impl Inherited {
         };
         let (tcp, unix) = (take(p.tcp)?, take(p.unix)?);
         let mut conns = Vec::with_capacity(p.conns.len());
-        for (fd, client, state, leftover, eof) in p.conns {
-            conns.push(Carried { fd: take(fd)?, client, leftover, state, eof });
+        for c in p.conns {
+            conns.push(Carried { fd: take(c.fd)?, client: c.client, leftover: c.leftover, state: c.state, eof: c.eof });
         }
         let handover = Handover {
             signal: p.signal,
@@ -254,7 +264,7 @@ fn parse(b: &[u8]) -> io::Result<Parsed> {
         let client = (flags & FLAG_CLIENT != 0).then(|| SocketAddrV4::new(ip.into(), port));
         let state = c.bytes()?;
         let leftover = c.bytes()?;
-        conns.push((fd, client, state, leftover, flags & FLAG_EOF != 0));
+        conns.push(ParsedConn { fd, client, state, leftover, eof: flags & FLAG_EOF != 0 });
     }
     if !c.0.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "trailing bytes"));
@@ -458,11 +468,16 @@ mod tests {
         assert_eq!((p.signal, p.restarts, p.served, p.handed), (libc::SIGHUP, 3, 1234, 567));
         assert_eq!((p.tcp, p.unix, p.exe.as_path()), (7, 8, Path::new("/opt/handoff/bin/handoff")));
         assert_eq!(p.conns.len(), 2);
-        assert_eq!(
-            p.conns[0],
-            (raws[0], Some("10.1.2.3:45678".parse().unwrap()), b"count=2".to_vec(), vec![200, 1, 2], false)
-        );
-        assert_eq!(p.conns[1], (raws[1], None, Vec::new(), Vec::new(), true));
+        let first = ParsedConn {
+            fd: raws[0],
+            client: Some("10.1.2.3:45678".parse().unwrap()),
+            state: b"count=2".to_vec(),
+            leftover: vec![200, 1, 2],
+            eof: false,
+        };
+        assert_eq!(p.conns[0], first);
+        let second = ParsedConn { fd: raws[1], client: None, state: Vec::new(), leftover: Vec::new(), eof: true };
+        assert_eq!(p.conns[1], second);
     }
 
     #[test]

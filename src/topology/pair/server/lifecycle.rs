@@ -7,7 +7,7 @@
 //! | HUP | restarts in place: same binary (`/proc/self/exe`), same pid, every listener and connection kept |
 //! | USR2 | the same with the binary now at the path it was started from |
 //! | USR1 | reopens the request log `D/P.log` |
-//! | any other in [`IGNORED`](crate::core::signals::IGNORED) | logged and ignored |
+//! | any other in `core::signals::IGNORED` (ALRM, PWR, ...) | logged and ignored |
 //!
 //! An in-place restart stops accepting and serving, lets every connection
 //! reach "between requests" (output flushed; one being handed to the peer
