@@ -203,6 +203,11 @@ fn hup_under_load_loses_nothing_and_keeps_the_pid() {
     for h in &mut half {
         h.conn.send(&HALF);
     }
+    let pids = [pid_a, pid_b];
+    exactly_one_owner(&idle, &pids);
+    exactly_one_owner(&half, &pids);
+    // What each holds now; the load's connections come and go.
+    let fds_before = [fd_count(pid_a), fd_count(pid_b)];
     let log = pair.log(p);
     let load = std::thread::spawn(move || unary(p, 20, 3000));
     let started = poll_until(Duration::from_secs(10), || count_lines(&log) > 200);
@@ -216,6 +221,13 @@ fn hup_under_load_loses_nothing_and_keeps_the_pid() {
     let s = load.join().expect("load thread");
     assert_passed(&s, p);
     assert_eq!(s.ok, 60_000);
+    // The load's connections are closed everywhere: no copy left behind.
+    let mut fds = [0, 0];
+    let same = poll_until(Duration::from_secs(5), || {
+        fds = [fd_count(pid_a), fd_count(pid_b)];
+        fds == fds_before
+    });
+    assert!(same, "descriptors before the load {fds_before:?}, after it {fds:?}");
 
     assert_eq!((pair.a.pid(), pair.b.pid()), (pid_a, pid_b));
     assert!(pair.a.is_running() && pair.b.is_running());
@@ -224,7 +236,6 @@ fn hup_under_load_loses_nothing_and_keeps_the_pid() {
         assert_eq!(count(&srv.stderr_text(), "restarted in place by SIGHUP"), 2, "{}", srv.name());
     }
     // Each connection is in exactly one process, and that one answers it.
-    let pids = [pid_a, pid_b];
     let all: Vec<Held> = idle.drain(..).chain(half.drain(..)).collect();
     let owner = exactly_one_owner(&all, &pids);
     let mut all = all;

@@ -291,7 +291,6 @@ impl<P: Service> Server<P> {
                     Some(e) => log::warn!("handoff channel {id} closed: {e}"),
                     None => log::debug!("handoff channel {id} closed by peer"),
                 }
-                // (A settled inbound channel may be what a stop waits for.)
                 self.inbound.remove(&id);
                 self.take_back(returned);
                 // The peer left before our ACK reached it: a peer that dies
@@ -644,9 +643,9 @@ impl<P: Service> Server<P> {
                         self.link();
                         if let Some(peer) = self.peer.clone() {
                             for m in returned {
-                                match peer.send(m) {
-                                    Ok(_) => self.handed += 1,
-                                    Err(m) => self.limbo.push(m),
+                                // (Counted as handed when first sent.)
+                                if let Err(m) = peer.send(m) {
+                                    self.limbo.push(m);
                                 }
                             }
                             self.progress();
