@@ -425,6 +425,48 @@ fn hup_cuts_a_client_that_does_not_read_after_grace() {
     writer.join().unwrap();
 }
 
+/// A TERM right behind a HUP (while it drains, or once it executes the
+/// binary, before the new image has its handlers) still stops the server
+/// cleanly: signals are blocked across the execve, never lost and never
+/// fatal. A HUP that comes during the execve restarts the new image.
+#[test]
+fn signals_during_a_restart_are_not_lost() {
+    let tmp = TempDir::new("sigwin");
+    let dir = tmp.path().join("d");
+    let p = free_pair();
+    for round in 0..4 {
+        let cmd = server_cmd(Path::new(bin()), p, p + 1, &dir, &[]);
+        let mut s = TestServer::start_cmd("server alone", cmd);
+        let mut h = Held::open(p);
+        h.conn.send(&request(1, b'w'));
+        assert_eq!(h.conn.recv(), p);
+        s.signal(libc::SIGHUP);
+        if round % 2 == 1 {
+            wait_log(&s, "SIGHUP: executing", 1);
+        }
+        s.signal(libc::SIGTERM);
+        let st = s.wait_exit(EXIT_TIMEOUT);
+        assert!(st.success(), "round {round}: TERM behind a HUP gave {st}\n{}", s.stderr_text());
+        assert_eq!(h.conn.try_recv(), Ok(None), "round {round}: the idle connection is closed");
+    }
+    // A HUP that comes while the first one executes waits for the new
+    // image, which restarts again.
+    let cmd = server_cmd(Path::new(bin()), p, p + 1, &dir, &[]);
+    let mut s = TestServer::start_cmd("server alone", cmd);
+    let mut h = Held::open(p);
+    h.conn.send(&HALF);
+    wait_accepted(&h, s.pid());
+    s.signal(libc::SIGHUP);
+    wait_log(&s, "SIGHUP: executing", 1);
+    s.signal(libc::SIGHUP);
+    wait_ready_again(&mut s);
+    wait_ready_again(&mut s);
+    wait_log(&s, "restarted in place by SIGHUP (restart 2 of", 1);
+    h.conn.send(&REST);
+    assert_eq!(h.conn.recv(), p);
+    assert!(s.terminate().success());
+}
+
 // --------------------------------------------------------------------- USR1
 
 /// USR1 reopens the request log: after a rotation (rename) the lines

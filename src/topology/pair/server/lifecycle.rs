@@ -36,9 +36,14 @@ pub(super) enum Phase {
     /// TERM, INT or QUIT: answering what is in flight, then exiting.
     Stopping,
     /// HUP or USR2: settling every connection, then `execve` of `exe`.
+    /// `cut`: `--grace` is over (what has not settled is cut). `rounds`:
+    /// loop rounds since the signals were blocked for the `execve` (0:
+    /// not blocked).
     Restarting {
         sig: i32,
         exe: PathBuf,
+        cut: bool,
+        rounds: u8,
     },
 }
 
@@ -127,6 +132,7 @@ impl<P: Service> Server<P> {
         let name = signals::name(sig);
         if self.phase.restarting() {
             log::info!("{name}: the restart is abandoned");
+            self.disarm();
         }
         log::info!(
             "{name}: stopping; {} open connection(s) get up to {:?} to finish their requests",
@@ -170,7 +176,7 @@ impl<P: Service> Server<P> {
             self.conns.len(),
             self.grace
         );
-        self.phase = Phase::Restarting { sig, exe };
+        self.phase = Phase::Restarting { sig, exe, cut: false, rounds: 0 };
         for l in [&self.tcp, &self.unix].into_iter().flatten() {
             l.pause();
         }
@@ -204,9 +210,26 @@ impl<P: Service> Server<P> {
             Phase::Restarting { .. } => self.conns.values().all(|s| s.settled()),
         };
         if ready && self.peer_settled() {
-            if let Some(step) = &self.step {
-                if !step.pending() {
-                    let _ = step.add(Some(Duration::ZERO));
+            self.schedule_step();
+        }
+    }
+
+    fn schedule_step(&self) {
+        if let Some(step) = &self.step {
+            if !step.pending() {
+                let _ = step.add(Some(Duration::ZERO));
+            }
+        }
+    }
+
+    /// Unblocks the signals blocked for an `execve` that will not happen
+    /// (yet): the restart goes on waiting, or was abandoned.
+    fn disarm(&mut self) {
+        if let Phase::Restarting { rounds, .. } = &mut self.phase {
+            if *rounds > 0 {
+                *rounds = 0;
+                if let Err(e) = reexec::block_caught_signals(false) {
+                    log::error!("cannot unblock signals: {e}");
                 }
             }
         }
@@ -243,16 +266,35 @@ impl<P: Service> Server<P> {
                     self.finish_stop();
                 }
             }
-            Phase::Restarting { .. } => {
-                if self.conns.values().all(|s| s.settled()) && self.peer_settled() {
-                    self.finish_restart(false);
+            Phase::Restarting { cut, rounds, .. } => {
+                let (cut, rounds) = (*cut, *rounds);
+                if !cut && !(self.conns.values().all(|s| s.settled()) && self.peer_settled()) {
+                    self.disarm();
+                    return;
                 }
+                // A signal that libevent caught just before we block them
+                // waits in its queue, which does not survive the execve: two
+                // more loop rounds deliver it (a TERM then stops instead).
+                // Signals that come later wait, blocked, for the new image.
+                if rounds == 0 {
+                    if let Err(e) = reexec::block_caught_signals(true) {
+                        log::error!("cannot block signals: {e}");
+                    }
+                }
+                if rounds < 2 {
+                    if let Phase::Restarting { rounds, .. } = &mut self.phase {
+                        *rounds += 1;
+                    }
+                    self.schedule_step();
+                    return;
+                }
+                self.finish_restart(cut);
             }
         }
     }
 
     fn grace_over(&mut self) {
-        match &self.phase {
+        match &mut self.phase {
             Phase::Serving => {}
             Phase::Stopping => {
                 log::warn!(
@@ -262,7 +304,10 @@ impl<P: Service> Server<P> {
                 );
                 self.finish_stop();
             }
-            Phase::Restarting { .. } => self.finish_restart(true),
+            Phase::Restarting { cut, .. } => {
+                *cut = true;
+                self.schedule_step();
+            }
         }
     }
 
@@ -303,8 +348,15 @@ impl<P: Service> Server<P> {
     /// (`cut`), close the channels, and `execve` with every connection.
     /// Returns only if the `execve` failed: the server then serves on.
     fn finish_restart(&mut self, cut: bool) {
-        let Phase::Restarting { sig, exe } = &self.phase else { return };
+        let Phase::Restarting { sig, exe, .. } = &self.phase else { return };
         let (sig, exe, name) = (*sig, exe.clone(), signals::name(*sig));
+        let (Some(tcp), Some(unix)) = (&self.tcp, &self.unix) else {
+            // (Unreachable: only a stop drops them, and a stop ends the restart.)
+            let _ = reexec::block_caught_signals(false);
+            self.phase = Phase::Serving;
+            return;
+        };
+        let (tcp, unix) = (tcp.raw_fd(), unix.raw_fd());
         self.grace_timer = None;
         if cut {
             let stuck: Vec<u64> = self.conns.iter().filter(|(_, s)| !s.settled()).map(|(&id, _)| id).collect();
@@ -335,8 +387,6 @@ impl<P: Service> Server<P> {
         }
         self.settle_wait = false;
         self.log.flush();
-        let (Some(tcp), Some(unix)) = (&self.tcp, &self.unix) else { return };
-        let (tcp, unix) = (tcp.raw_fd(), unix.raw_fd());
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         let mut conns = Vec::with_capacity(ids.len());
         for id in ids {
@@ -359,6 +409,7 @@ impl<P: Service> Server<P> {
         };
         log::info!("{name}: executing {} with {n} connection(s)", exe.display());
         let e = reexec::exec(&exe, &handover);
+        // (exec unblocked the signals.)
         log::error!("{name}: cannot restart: execve {}: {e}; serving on with {n} connection(s)", exe.display());
         self.phase = Phase::Serving;
         for l in [&self.tcp, &self.unix].into_iter().flatten() {
