@@ -268,7 +268,8 @@ impl<P: Service> Server<P> {
             }
             Phase::Restarting { cut, rounds, .. } => {
                 let (cut, rounds) = (*cut, *rounds);
-                if !cut && !(self.conns.values().all(|s| s.settled()) && self.peer_settled()) {
+                let settled = cut || (self.conns.values().all(|s| s.settled()) && self.peer_settled());
+                if !settled {
                     self.disarm();
                     return;
                 }
