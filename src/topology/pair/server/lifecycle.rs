@@ -391,7 +391,6 @@ impl<P: Service> Server<P> {
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         let mut conns = Vec::with_capacity(ids.len());
         for id in ids {
-            // Taken out even if settling closed it meanwhile (EOF and drained).
             let Some(s) = self.conns.remove(&id) else { continue };
             let state = s.session.export();
             let (fd, leftover) = s.conn.detach();
