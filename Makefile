@@ -22,14 +22,15 @@ C_LDLIBS = $(shell pkg-config --libs libevent) -lpthread -ldl -lm
 # var or a flag (scripts/chaos.py --help), e.g. make chaos CHAOS_HELD=8000.
 CHAOS_SECS ?= 300
 # Debian packages the build needs: libevent (linked via pkg-config), libclang
-# (bindgen), a C compiler; curl for the http tests.
-DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make curl
+# (bindgen), a C compiler; curl for the http tests; systemd-socket-activate
+# (package systemd) and unshare (util-linux) for the operations tests.
+DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make curl systemd util-linux
 # What make memcheck needs on top.
 MEMCHECK_PKGS := valgrind
 # What the benchmarks need on top: load generator, yardsticks, plots.
 BENCH_PKGS := nginx wrk gnuplot-nox nodejs
 
-.PHONY: all deps memcheck-deps bench-deps build run demo demo-nodes test memcheck bench bench-pair bench-cluster bench-nodes bench-restart bench-http bench-rebalance chaos chaos-ci clean
+.PHONY: install install-only all deps memcheck-deps bench-deps build run demo demo-nodes test memcheck bench bench-pair bench-cluster bench-nodes bench-restart bench-http bench-rebalance chaos chaos-ci clean
 
 all: deps build
 
@@ -143,6 +144,26 @@ chaos: build
 # The short form for CI: 30 s, same load and faults.
 chaos-ci: build
 	python3 scripts/chaos.py --secs 30
+
+# make install PREFIX=/usr/local [DESTDIR=...]: the binary, the C header
+# and libraries, the systemd units (ExecStart pointing at PREFIX) and a
+# sample config. `install-only` copies what `make` built, nothing more.
+PREFIX  ?= /usr/local
+DESTDIR ?=
+install: build
+	$(MAKE) --no-print-directory install-only PREFIX=$(PREFIX) DESTDIR=$(DESTDIR)
+
+install-only:
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/handoff
+	install -D -m 0644 csrc/handoff.h $(DESTDIR)$(PREFIX)/include/handoff.h
+	install -D -m 0644 build/libhandoff.a $(DESTDIR)$(PREFIX)/lib/libhandoff.a
+	install -D -m 0755 build/libhandoff.so $(DESTDIR)$(PREFIX)/lib/libhandoff.so
+	@mkdir -p $(DESTDIR)$(PREFIX)/lib/systemd/system
+	for u in handoff.service handoff.socket; do \
+	  sed 's|@PREFIX@|$(PREFIX)|g' contrib/systemd/$$u > $(DESTDIR)$(PREFIX)/lib/systemd/system/$$u || exit 1; \
+	done
+	install -D -m 0644 contrib/handoff.toml $(DESTDIR)$(PREFIX)/share/doc/handoff/handoff.toml.example
+	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/handoff/README.md
 
 clean:
 	$(CARGO) clean

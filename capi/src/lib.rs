@@ -172,6 +172,9 @@ impl State {
             // The C API has no call to move some connections and keep
             // serving: a C worker stays as loaded as it is.
             Order::Rebalance(_) => Vec::new(),
+            // A C worker keeps no access log (`--access-log` is refused
+            // with `--worker-cmd`).
+            Order::ReopenLogs => Vec::new(),
             Order::Drain => {
                 if self.draining || self.stopping {
                     return Vec::new();

@@ -14,6 +14,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod check;
+mod config;
+
 use clap::{Args, FromArgMatches, Parser, Subcommand};
 use log::LevelFilter;
 use serde_json::Value;
@@ -21,6 +24,7 @@ use serde_json::Value;
 use crate::service::Service;
 use crate::topology::cluster;
 use crate::topology::pair;
+use crate::topology::supervisor;
 
 /// Runs the whole command line with one service for every mode.
 pub fn main<S: Service>(name: &'static str) -> ExitCode {
@@ -61,7 +65,25 @@ pub fn main<S: Service>(name: &'static str) -> ExitCode {
 /// ```
 pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCode {
     let cmd = Cli::<P::Options, C::Options, X>::command_for(name);
-    let cli = match Cli::<P::Options, C::Options, X>::from_arg_matches(&cmd.get_matches()) {
+    // `--config FILE`: its settings become flags before the user's own.
+    let user_args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let (argv, loaded) = match config::expand(&cmd, user_args.clone()) {
+        Ok(x) => x,
+        Err(e) => return fail(&e),
+    };
+    let matches = match cmd.try_get_matches_from(argv) {
+        Ok(m) => m,
+        Err(e) => match loaded.as_ref().and_then(|l| l.note_for(&e, &user_args)) {
+            // A bad value from the file: say where it is.
+            Some(note) => {
+                let _ = e.print();
+                eprintln!("{note}");
+                std::process::exit(e.exit_code());
+            }
+            None => e.exit(),
+        },
+    };
+    let cli = match Cli::<P::Options, C::Options, X>::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
@@ -72,14 +94,18 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
     };
     // One-shot commands print errors plainly; servers log them.
     let one_shot = matches!(cli.cmd, Cmd::Status(_) | Cmd::Restart(_));
+    // Flags that do not go together: refused before anything starts.
+    if let Cmd::Cluster(With { args: a, .. }) = &cli.cmd {
+        if let Err(e) = cluster_conflicts(a) {
+            return fail(&e);
+        }
+    }
     let result = match cli.cmd {
         Cmd::Extra(x) => return x.run(),
+        Cmd::Check(a) => return check::run::<P, C, X>(name, a),
         Cmd::Server(With { args: a, options }) => {
-            if a.port == a.peer_port {
-                return fail(&format!(
-                    "--port and --peer-port are both {}: a server cannot hand connections to itself",
-                    a.port
-                ));
+            if let Err(e) = server_conflicts(a.port, a.peer_port) {
+                return fail(&e);
             }
             // Servers started by `pair` get the launcher's options.
             let options = match std::env::var("HANDOFF_OPTIONS") {
@@ -94,14 +120,16 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
             pair::server::run::<P>(&cfg, &options)
         }
         Cmd::Pair(With { args: a, options }) => {
-            if a.ports.0 == a.ports.1 {
-                return fail(&format!("--ports {0},{0}: the two servers need two different ports", a.ports.0));
+            if let Err(e) = pair_conflicts(a.ports) {
+                return fail(&e);
             }
             let options = to_json(&options);
             let grace = std::time::Duration::from_secs_f64(a.grace);
             std::env::current_exe()
                 .and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args, &options, grace))
         }
+        Cmd::Cluster(With { args: a, .. }) if !supervisor::supervised() => return supervise(&a.master),
+        Cmd::Node(With { args: a, .. }) if !supervisor::supervised() => return supervise(&a.master),
         Cmd::Cluster(With { args: a, options }) => {
             let worker_cmd = match a.worker_cmd.map(std::path::absolute).transpose() {
                 Ok(w) => w,
@@ -111,7 +139,7 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
                 cfg.options = to_json(&options);
                 cfg.worker_cmd = worker_cmd;
                 cfg.rebalance = a.rebalance;
-                cluster::master::run(cfg)
+                run_master(cfg)
             })
         }
         Cmd::Node(With { args: a, options }) => {
@@ -119,7 +147,7 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
                 let mut cfg = a.master.config(cluster::Policy::RoundRobin, 5.0, log_args)?;
                 cfg.options = to_json(&options);
                 cfg.node = Some(node);
-                cluster::master::run(cfg)
+                run_master(cfg)
             })
         }
         Cmd::Restart(a) => {
@@ -174,6 +202,62 @@ fn to_json<O: serde::Serialize>(o: &O) -> Value {
     serde_json::to_value(o).unwrap_or(Value::Null)
 }
 
+/// `cluster` and `node` as started by an operator: the supervisor, which
+/// runs the same command line again as the master (see
+/// [`crate::topology::supervisor`]).
+fn supervise(a: &MasterArgs) -> ExitCode {
+    match supervisor::run(a.pid_file.as_deref(), &a.host, a.port) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A supervised master: a fresh start, or the new generation of a restart.
+fn run_master(cfg: cluster::master::Config) -> std::io::Result<()> {
+    if std::env::var_os(crate::topology::restart::ENV_TAKEOVER).is_some() {
+        std::env::remove_var(crate::topology::restart::ENV_TAKEOVER);
+        return crate::topology::restart::takeover_reloaded(cfg);
+    }
+    cluster::master::run(cfg)
+}
+
+/// A pair-mode server cannot be its own peer.
+fn server_conflicts(port: u16, peer_port: u16) -> Result<(), String> {
+    if port == peer_port {
+        return Err(format!("--port and --peer-port are both {port}: a server cannot hand connections to itself"));
+    }
+    Ok(())
+}
+
+fn pair_conflicts(ports: (u16, u16)) -> Result<(), String> {
+    if ports.0 == ports.1 {
+        return Err(format!("--ports {0},{0}: the two servers need two different ports", ports.0));
+    }
+    Ok(())
+}
+
+/// Cluster flags that do not go together.
+fn cluster_conflicts(a: &ClusterArgs) -> Result<(), String> {
+    if a.master.max_conns.is_some() && a.policy == cluster::Policy::Shared {
+        return Err(cluster::master::SHARED_MAX_CONNS.to_string());
+    }
+    if a.worker_cmd.is_some() {
+        let ours = [
+            ("--idle-timeout", a.master.idle_timeout.is_some_and(|t| t > 0.0)),
+            ("--access-log", a.master.access_log.is_some()),
+        ];
+        if let Some((flag, _)) = ours.iter().find(|(_, on)| *on) {
+            return Err(format!(
+                "{flag} is done by handoff's own workers: a --worker-cmd program (a C worker) does not do it"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A command's error on stderr, exit 1.
 fn fail(msg: &str) -> ExitCode {
     eprintln!("handoff: error: {msg}");
@@ -196,7 +280,9 @@ struct Cli<PO: Args, CO: Args, X: Subcommand> {
 impl<PO: Args, CO: Args, X: Subcommand> Cli<PO, CO, X> {
     fn command_for(name: &'static str) -> clap::Command {
         use clap::CommandFactory;
-        let cmd = Self::command().name(name).bin_name(name);
+        // A flag given twice takes the later value: the user's flags come
+        // after a config file's settings, and win.
+        let cmd = Self::command().name(name).bin_name(name).args_override_self(true);
         if name == "handoff" {
             return cmd;
         }
@@ -237,6 +323,9 @@ enum Cmd<PO: Args, CO: Args, X: Subcommand> {
     /// A cluster worker (started by the master, which sets its environment).
     #[command(hide = true)]
     Worker,
+    /// Checks a config file without starting anything (as `nginx -t`):
+    /// exit 0 if `MODE --config FILE` would start, else 1 and why.
+    Check(check::CheckArgs),
     #[command(flatten)]
     Extra(X),
 }
@@ -259,6 +348,10 @@ struct ServerArgs {
     /// (0 to 86400).
     #[arg(long, default_value_t = 5.0, allow_hyphen_values = true, value_parser = parse_secs)]
     grace: f64,
+    /// Settings from this TOML file (`key = value` for each `--key value`;
+    /// flags given here override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -273,6 +366,10 @@ struct PairArgs {
     /// Each server's --grace (see `server --help`).
     #[arg(long, default_value_t = 5.0, allow_hyphen_values = true, value_parser = parse_secs)]
     grace: f64,
+    /// Settings from this TOML file (`key = value` for each `--key value`;
+    /// flags given here override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 /// What a cluster master and a node manager both take.
@@ -294,6 +391,26 @@ struct MasterArgs {
     /// connections while it is silent).
     #[arg(long, allow_hyphen_values = true, value_parser = parse_secs)]
     hang_timeout: Option<f64>,
+    /// Write the service's pid (the supervisor's, stable across restarts)
+    /// here, atomically; removed at a clean stop.
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// Settings from this TOML file (`key = value` for each `--key value`;
+    /// flags given here override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// At this many open connections stop accepting (the kernel's backlog
+    /// holds new clients) until one closes. Not with --policy shared.
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = parse_max_conns)]
+    max_conns: Option<u64>,
+    /// Close a client connection that has sent nothing and has nothing to
+    /// be answered for this many seconds (0 to 86400; 0: never, the default).
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, value_parser = parse_secs)]
+    idle_timeout: Option<f64>,
+    /// Append one line per closed client connection to this file (workers
+    /// write it; USR1 to the master reopens it).
+    #[arg(long, value_name = "PATH")]
+    access_log: Option<PathBuf>,
 }
 
 impl MasterArgs {
@@ -312,12 +429,22 @@ impl MasterArgs {
             options: serde_json::Value::Null,
             worker_cmd: None,
             grace: std::time::Duration::from_secs_f64(grace.max(0.0)),
-            exe: std::env::current_exe()?,
+            // A new master of a restart keeps the path the service was
+            // started from (its own may be /proc/self/fd/N).
+            exe: match std::env::var_os(crate::topology::restart::ENV_EXE) {
+                Some(p) => PathBuf::from(p),
+                None => std::env::current_exe()?,
+            },
             log_args,
             gen: 1,
             node: None,
             hang_timeout: self.hang_timeout.map(std::time::Duration::from_secs_f64),
             rebalance: false,
+            argv: std::env::args_os().skip(1).collect(),
+            max_conns: self.max_conns,
+            idle_timeout: self.idle_timeout.filter(|s| *s > 0.0).map(std::time::Duration::from_secs_f64),
+            // Workers and a restart's new master may run elsewhere.
+            access_log: self.access_log.map(std::path::absolute).transpose()?,
         })
     }
 }
@@ -406,6 +533,15 @@ fn parse_workers(s: &str) -> Result<usize, String> {
         return Err(format!("{v} workers: give 1 to {MAX_WORKERS}"));
     }
     Ok(v as usize)
+}
+
+/// `--max-conns`: 1 to 100 million.
+fn parse_max_conns(s: &str) -> Result<u64, String> {
+    let v: i64 = s.trim().parse().map_err(|_| format!("'{s}' is not a whole number"))?;
+    if !(1..=100_000_000).contains(&v) {
+        return Err(format!("{v} connections: give 1 to 100000000"));
+    }
+    Ok(v as u64)
 }
 
 fn parse_ports(s: &str) -> Result<(u16, u16), String> {

@@ -5,6 +5,7 @@
 pub mod channel;
 pub mod fdpass;
 pub mod logging;
+pub mod notify;
 pub mod reactor;
 pub(crate) mod signals;
 #[doc(hidden)] // socket syscalls; public for the integration tests only

@@ -198,21 +198,25 @@ pub fn accept(fd: RawFd) -> io::Result<Option<OwnedFd>> {
     Ok(Some(unsafe { OwnedFd::from_raw_fd(rc) }))
 }
 
+/// An integer socket option of `fd` (`SOL_SOCKET` level), or `None`.
+fn sockopt_int(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v/len are live out-parameters of the right size.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, opt, &mut v as *mut libc::c_int as *mut libc::c_void, &mut len)
+    };
+    (rc == 0).then_some(v)
+}
+
 /// Whether `fd` is a socket of type SOCK_STREAM (TCP or Unix stream).
 pub fn is_stream_socket(fd: RawFd) -> bool {
-    let mut ty: libc::c_int = 0;
-    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: ty/len are live out-parameters of the right size.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            &mut ty as *mut libc::c_int as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    rc == 0 && ty == libc::SOCK_STREAM
+    sockopt_int(fd, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+}
+
+/// Whether `fd` is a listening stream socket (socket activation).
+pub fn is_listening_stream(fd: RawFd) -> bool {
+    is_stream_socket(fd) && sockopt_int(fd, libc::SO_ACCEPTCONN) == Some(1)
 }
 
 /// The (pid, uid) of the process at the other end of a Unix socket.

@@ -11,3 +11,4 @@ pub mod cluster;
 pub mod node;
 pub mod pair;
 pub mod restart;
+pub mod supervisor;

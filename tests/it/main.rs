@@ -9,6 +9,8 @@ mod cworker;
 mod faults;
 mod http;
 mod node;
+mod ops_config;
+mod ops_master;
 mod pair;
 mod pair_ops;
 mod readme;

@@ -12,7 +12,9 @@
 //!                       bit 1 = a node link (node mode), bit 2 = released
 //!                       (worker -> master: tag is the master's id for it),
 //!                       bit 3 = the body starts with session state,
-//!                       bit 4 = released to rebalance (with bit 2)
+//!                       bit 4 = released to rebalance (with bit 2),
+//!                       bit 5 = the body starts with the connection's
+//!                       history (40 bytes, see [`History`])
 //!     12    4 body_len  bytes after the header (<= MAX_BODY)
 //!     16    8 id        CONN: sender's sequence number; ACK: every CONN up to
 //!                       this id is taken; NACK: this CONN is refused (its
@@ -23,7 +25,8 @@
 //!                       the master's id for it
 //!     32    - body      CONN: bytes already read from the connection (read-ahead);
 //!                       with flag bit 3, first a u32 state length and that
-//!                       much state the service's session exported
+//!                       much state the service's session exported; with
+//!                       flag bit 5, before all that, the 40-byte history
 //! ```
 //! One header + body + at most one descriptor = one SOCK_SEQPACKET message.
 //! A body longer than [`MAX_BODY`] (a large read-ahead) travels as MORE
@@ -78,6 +81,81 @@ pub const FLAG_STATE: u32 = 8;
 /// the load (the master hands it to a colder worker), not for a restart;
 /// master -> worker: such a connection (it stays there a while).
 pub const FLAG_REBALANCED: u32 = 16;
+
+/// CONN: the body starts with the connection's [`History`]
+/// ([`HISTORY_LEN`] bytes), before any state.
+pub const FLAG_HISTORY: u32 = 32;
+
+/// Bytes of a [`History`] on the wire.
+pub const HISTORY_LEN: usize = 40;
+
+/// What a connection has been through, carried with it when it moves
+/// between workers (restart, rebalancing) so that the worker that finally
+/// closes it can write one access-log line for its whole life. On the
+/// wire (little-endian): u32 moves, u32 zero, u64 since, u64 requests,
+/// u64 bytes_in, u64 bytes_out.
+///
+/// ```
+/// use handoff::core::channel::wire::{join_history, split_history, History, FLAG_HISTORY};
+///
+/// let h = History { moves: 2, since_us: 1_700_000_000_000_000, requests: 5, bytes_in: 90, bytes_out: 120 };
+/// let body = join_history(&h, b"read-ahead".to_vec());
+/// assert_eq!(split_history(FLAG_HISTORY, body), (Some(h), b"read-ahead".to_vec()));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct History {
+    /// Times it moved to another process (restart or rebalancing).
+    pub moves: u32,
+    /// When it was first served, in microseconds since the Unix epoch.
+    pub since_us: u64,
+    /// Requests answered so far.
+    pub requests: u64,
+    /// Bytes received from the client so far (consumed by requests).
+    pub bytes_in: u64,
+    /// Bytes sent to the client so far.
+    pub bytes_out: u64,
+}
+
+/// A CONN body with `h` in front of `rest` (state and read-ahead); send it
+/// with [`FLAG_HISTORY`].
+pub fn join_history(h: &History, rest: Vec<u8>) -> Vec<u8> {
+    let mut body = Vec::with_capacity(HISTORY_LEN + rest.len());
+    body.extend_from_slice(&h.moves.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    for v in [h.since_us, h.requests, h.bytes_in, h.bytes_out] {
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+    body.extend_from_slice(&rest);
+    body
+}
+
+/// Takes the [`History`] off the front of a CONN body when `flags` say
+/// it is there ([`FLAG_HISTORY`]); returns it and the rest of the body. A
+/// body too short for it is all rest, with no history.
+pub fn split_history(flags: u32, mut body: Vec<u8>) -> (Option<History>, Vec<u8>) {
+    if flags & FLAG_HISTORY == 0 || body.len() < HISTORY_LEN {
+        return (None, body);
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
+    let h = History {
+        moves: u32::from_le_bytes(body[0..4].try_into().expect("4 bytes")),
+        since_us: u64_at(8),
+        requests: u64_at(16),
+        bytes_in: u64_at(24),
+        bytes_out: u64_at(32),
+    };
+    body.drain(..HISTORY_LEN);
+    (Some(h), body)
+}
+
+/// A CONN body without its history, if any: the state and read-ahead.
+pub fn past_history(flags: u32, body: &[u8]) -> &[u8] {
+    if flags & FLAG_HISTORY != 0 && body.len() >= HISTORY_LEN {
+        &body[HISTORY_LEN..]
+    } else {
+        body
+    }
+}
 
 /// A CONN body carrying `state` (if any) before the read-ahead.
 pub fn join_state(state: &[u8], leftover: Vec<u8>) -> Vec<u8> {

@@ -99,7 +99,8 @@ struct Reader {
     wanted: Cell<bool>,
     /// EOF or an error was seen: nothing more will be read.
     done: Cell<bool>,
-    timeout: Cell<Option<Duration>>,
+    /// The read timeout, as libevent takes it ([`Base::common_timeval`]).
+    timeout: Cell<Option<ev::timeval>>,
     /// The read event itself (set once made; freed with the Conn).
     event: Cell<*mut ev::event>,
     /// Every [`ConnEvent`] goes here.
@@ -392,12 +393,16 @@ impl Conn {
         self.arm_reader();
     }
 
-    /// Read timeout: a `Timeout` event when no byte arrives for `d`.
+    /// Read timeout: a `Timeout` event when no byte arrives for `d` (and
+    /// again every `d` while none does), counted only while reading is
+    /// on. Timeouts of one duration share a queue in libevent (O(1) each,
+    /// libevent's "common timeouts"), so every connection may have one.
     pub fn set_read_timeout(&self, d: Option<Duration>) {
-        self.reading.timeout.set(d);
+        let tv = d.map(|d| self._base.common_timeval(d));
+        self.reading.timeout.set(tv);
         if let Some(e) = self.read_ev {
             if read_pending(e) {
-                add_read(e, d);
+                add_read(e, tv);
             }
         }
     }
@@ -445,9 +450,8 @@ fn read_pending(e: NonNull<ev::event>) -> bool {
 }
 
 /// Puts a read event in the loop, with a timeout if given.
-fn add_read(e: NonNull<ev::event>, timeout: Option<Duration>) {
-    let tv = timeout.map(super::timeval);
-    let p = tv.as_ref().map_or(std::ptr::null(), |t| t as *const _);
+fn add_read(e: NonNull<ev::event>, timeout: Option<ev::timeval>) {
+    let p = timeout.as_ref().map_or(std::ptr::null(), |t| t as *const _);
     // SAFETY: the event is live; p is null or a live timeval (copied).
     unsafe { ev::event_add(e.as_ptr(), p) };
 }

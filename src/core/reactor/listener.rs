@@ -93,7 +93,14 @@ impl Listener {
         let event = Event::new(base, raw, Interest::Read, move || {
             for _ in 0..ACCEPT_BATCH {
                 match sock::accept(raw) {
-                    Ok(Some(c)) => on_accept(c),
+                    Ok(Some(c)) => {
+                        on_accept(c);
+                        // The owner may pause us from the callback (a
+                        // connection limit): not one accept more.
+                        if w.upgrade().is_some_and(|s| s.paused.get()) {
+                            break;
+                        }
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         crate::warn_limited!("{e}; accepting again in {ACCEPT_BACKOFF:?}");

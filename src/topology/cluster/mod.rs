@@ -57,6 +57,9 @@ pub const KIND_PONG: u16 = KIND_USER + 16;
 /// connections away, each between requests (CONN with
 /// `wire::FLAG_REBALANCED`; the master hands them to a colder worker).
 pub const KIND_REBALANCE: u16 = KIND_USER + 18;
+/// master -> worker (the master got USR1): reopen the access log
+/// (`--access-log`), which may have been renamed away; empty body.
+pub const KIND_REOPEN_LOGS: u16 = KIND_USER + 19;
 
 /// How the master picks a worker for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

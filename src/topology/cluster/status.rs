@@ -32,6 +32,11 @@ pub fn render(v: &Value) -> String {
     if v["accepting"] == Value::Bool(false) && v["restarting"] != Value::Bool(true) {
         out.push_str("not accepting: no worker can serve (new clients wait in the kernel backlog)\n");
     }
+    if let Some(max) = v["max_conns"].as_u64() {
+        let full =
+            if v["at_limit"] == Value::Bool(true) { ": full, new clients wait in the kernel backlog" } else { "" };
+        out.push_str(&format!("open connections {} of --max-conns {max}{full}\n", v["open"]));
+    }
     out.push_str(&format!(
         "{:>6} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8} {:>6} {:>8} {:>9}\n",
         "worker", "pid", "handed", "open", "served", "respawns", "state", "busy%", "moved in", "moved out"

@@ -13,7 +13,8 @@
 use clap::ValueEnum;
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -29,6 +30,7 @@ use crate::topology::cluster::{
     Policy, KIND_DRAIN, KIND_RESTART_PROBED, KIND_RESTART_REPLY, KIND_RESTART_REQ, KIND_TAKEOVER_BEGUN,
     KIND_TAKEOVER_COMMIT, KIND_TAKEOVER_COMMITTED, KIND_TAKEOVER_ENDED, KIND_TAKEOVER_HELLO, KIND_TAKEOVER_READY,
 };
+use crate::topology::supervisor::link;
 
 /// How long the new master may take to connect and say READY by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,6 +55,48 @@ const FORWARD_WINDOW: usize = 256;
 
 /// Longest standby after COMMITTED (a restart client that never reports).
 const STANDBY_MAX: Duration = Duration::from_secs(15);
+
+/// The binary a restart starts the new generation from.
+#[derive(Debug, Clone)]
+pub(crate) enum Binary {
+    /// The executable this master runs (HUP: a reload), even if the file
+    /// at its path was replaced since.
+    Running,
+    /// The file at this path now (USR2, `handoff restart`: an upgrade).
+    Path(PathBuf),
+}
+
+/// The variable naming the running executable's descriptor, passed to
+/// the new master of a reload.
+const ENV_EXE_FD: &str = "HANDOFF_EXE_FD";
+/// The variable naming the path the service was started from, which a
+/// new master keeps as its own (`Config::exe`).
+pub const ENV_EXE: &str = "HANDOFF_EXE";
+/// Set for a master started by a restart: it takes over from the master
+/// serving in its `--dir` instead of binding.
+pub const ENV_TAKEOVER: &str = "HANDOFF_TAKEOVER";
+
+/// The executable this master runs, kept open for a reload: the one its
+/// predecessor passed, or `exe` opened now.
+pub(crate) fn open_exe(exe: &Path) -> Option<OwnedFd> {
+    if let Some(v) = std::env::var_os(ENV_EXE_FD) {
+        std::env::remove_var(ENV_EXE_FD);
+        if let Some(fd) = v.to_str().and_then(|s| s.parse::<std::os::fd::RawFd>().ok()).filter(|&fd| fd > 2) {
+            // SAFETY: fcntl on a descriptor number has no memory effects.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == 0 {
+                // SAFETY: the previous master passed this descriptor for us.
+                return Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    match std::fs::File::open(exe) {
+        Ok(f) => Some(f.into()),
+        Err(e) => {
+            log::warn!("cannot open {}: {e}; a reload will start the file at that path", exe.display());
+            None
+        }
+    }
+}
 
 /// A restart in progress, seen from the old master.
 pub(crate) struct Outgoing {
@@ -83,7 +127,7 @@ impl Master {
     /// Starts the new generation (`binary`, or our own executable).
     pub(crate) fn begin_restart(
         &mut self,
-        binary: Option<PathBuf>,
+        binary: Binary,
         timeout: Duration,
         reply_to: Option<u64>,
         listeners_only: bool,
@@ -111,19 +155,22 @@ impl Master {
             self.reply_restart(reply_to, json!({"ok": false, "reason": reason}));
             return;
         }
-        let binary = binary.unwrap_or_else(|| self.cfg.exe.clone());
-        log::info!("restart: starting {} to take over generation {}", binary.display(), self.cfg.gen);
-        let spawned =
-            Command::new(&binary).arg("takeover").arg("--dir").arg(&self.cfg.dir).args(&self.cfg.log_args).spawn();
+        let spawned = self.start_successor(&binary);
         let child = match spawned {
             Ok(c) => c,
             Err(e) => {
-                let reason = format!("cannot start {}: {e}", binary.display());
+                let reason = format!("cannot start the new generation: {e}");
                 log::error!("restart failed: {reason}");
                 self.reply_restart(reply_to, json!({"ok": false, "reason": reason}));
                 return;
             }
         };
+        link::tell(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=restarting: generation {} takes over from generation {}",
+            crate::core::notify::monotonic_usec(),
+            self.cfg.gen + 1,
+            self.cfg.gen
+        ));
         let pid = child.id();
         self.restart = Some(Outgoing {
             child: Some(child),
@@ -135,6 +182,45 @@ impl Master {
             drain_timer: None,
         });
         self.restart_deadline(timeout, "the new master did not take over");
+    }
+
+    /// Starts the new master: our own command line again (flags and config
+    /// file read anew) with `HANDOFF_TAKEOVER` set, or, for a master that
+    /// has none (started by `handoff takeover`), `takeover --dir D`. It
+    /// inherits the supervisor link.
+    fn start_successor(&self, binary: &Binary) -> io::Result<Child> {
+        let (mut cmd, exe_fd, exe) = match (binary, &self.exe_fd) {
+            (Binary::Running, Some(fd)) => {
+                let raw = fd.as_raw_fd();
+                let mut c = Command::new(format!("/proc/self/fd/{raw}"));
+                c.arg0(&self.cfg.exe).env(ENV_EXE_FD, raw.to_string());
+                (c, Some(raw), self.cfg.exe.clone())
+            }
+            (Binary::Running, None) => (Command::new(&self.cfg.exe), None, self.cfg.exe.clone()),
+            (Binary::Path(p), _) => (Command::new(p), None, p.clone()),
+        };
+        log::info!("restart: starting {} to take over generation {}", exe.display(), self.cfg.gen);
+        if self.cfg.argv.is_empty() {
+            cmd.arg("takeover").arg("--dir").arg(&self.cfg.dir).args(&self.cfg.log_args);
+        } else {
+            cmd.args(&self.cfg.argv).env(ENV_TAKEOVER, "1");
+        }
+        cmd.env(ENV_EXE, &exe);
+        let link_fd = link::raw();
+        if let Some(fd) = link_fd {
+            cmd.env(link::ENV_FD, fd.to_string());
+        }
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls fcntl (async-signal-safe) on descriptors this process owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in [link_fd, exe_fd].into_iter().flatten() {
+                    crate::topology::supervisor::inherit(fd)?;
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", exe.display())))
     }
 
     /// Arms the phase deadline: past it, the restart is aborted.
@@ -236,6 +322,7 @@ impl Master {
         log::error!(
             "restart aborted: {reason}; generation {gen} goes on serving ({moved} handed-over connection(s) taken back)"
         );
+        self.notify_serving("READY=1");
         back.append(&mut self.refused);
         for m in back {
             self.assign(m);
@@ -278,7 +365,7 @@ impl Master {
     /// `handoff restart` asked (over the control socket).
     pub(crate) fn on_restart_request(&mut self, client: u64, body: &[u8]) {
         let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-        let binary = v["binary"].as_str().map(PathBuf::from);
+        let binary = Binary::Path(v["binary"].as_str().map_or_else(|| self.cfg.exe.clone(), PathBuf::from));
         let timeout = v["timeout"].as_f64().map_or(DEFAULT_TIMEOUT, |s| Duration::from_secs_f64(s.clamp(0.1, 3600.0)));
         let listeners_only = v["listeners_only"] == json!(true);
         self.begin_restart(binary, timeout, Some(client), listeners_only);
@@ -322,6 +409,9 @@ impl Master {
             "gen": self.cfg.gen,
             "hang_timeout": self.cfg.hang_timeout.map(|d| d.as_secs_f64()),
             "rebalance": self.cfg.rebalance,
+            "max_conns": self.cfg.max_conns,
+            "idle_timeout": self.cfg.idle_timeout.map(|d| d.as_secs_f64()),
+            "access_log": self.cfg.access_log,
         });
         let msg = Msg {
             kind: wire::KIND_LISTENER,
@@ -655,7 +745,7 @@ impl Master {
     pub(crate) fn take_moved(&mut self, mut m: Msg) {
         m.flags &= !wire::FLAG_RELEASED;
         m.tag = 0;
-        if self.predecessor.is_some() && !m.body.is_empty() {
+        if self.predecessor.is_some() && !wire::past_history(m.flags, &m.body).is_empty() {
             self.moves.push(m);
         } else {
             self.assign(m);
@@ -675,22 +765,34 @@ impl Master {
         }
         self.share_listener_with_all();
         log::info!("takeover {how}: generation {} serves", self.cfg.gen);
+        self.notify_serving("READY=1");
         if let Some(sig) = self.stop_after_takeover.take() {
             self.shutdown(sig);
         }
     }
 }
 
-/// `handoff takeover --dir D`: the new master's start. Asks the master in
-/// `dir` for its listening socket and config, then serves as the next
-/// generation.
-pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<()> {
+/// Says HELLO to the master serving in `dir`; returns its listening
+/// socket, its settings, and the channel that goes on delivering its
+/// connections.
+fn hello(dir: &Path) -> io::Result<(OwnedFd, Value, OwnedFd)> {
     let mut c = Client::connect(dir)?;
     c.send(KIND_TAKEOVER_HELLO, json!({"pid": std::process::id()}).to_string().as_bytes())?;
     let (body, fd) = c.recv(wire::KIND_LISTENER, DEFAULT_TIMEOUT)?;
     let fd = fd.ok_or_else(|| io::Error::other("takeover: no listening socket"))?;
     let v: Value = serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("takeover: bad config field {what}"));
+    Ok((fd, v, c.into_fd()))
+}
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("takeover: bad config field {what}"))
+}
+
+/// `handoff takeover --dir D`: a new master started by hand. Asks the
+/// master in `dir` for its listening socket and settings, then serves
+/// as the next generation with those settings.
+pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<()> {
+    let (fd, v, channel) = hello(dir)?;
     let cfg = Config {
         host: v["host"].as_str().ok_or_else(|| bad("host"))?.to_string(),
         port: v["port"].as_u64().ok_or_else(|| bad("port"))? as u16,
@@ -706,8 +808,32 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
         node: None,
         hang_timeout: v["hang_timeout"].as_f64().map(Duration::from_secs_f64),
         rebalance: v["rebalance"].as_bool().unwrap_or(false),
+        argv: Vec::new(),
+        max_conns: v["max_conns"].as_u64(),
+        idle_timeout: v["idle_timeout"].as_f64().map(Duration::from_secs_f64),
+        access_log: v["access_log"].as_str().map(PathBuf::from),
     };
-    crate::topology::cluster::master::run_on(cfg, fd, Some(c.into_fd()))
+    crate::topology::cluster::master::run_on(cfg, fd, Some(channel))
+}
+
+/// A master started by a restart (`HANDOFF_TAKEOVER`): its settings come
+/// from its own command line and config file, read anew (so a reload
+/// changes workers, policy, limits and log level); the listening socket
+/// and the generation come from the master serving in `cfg.dir`.
+pub fn takeover_reloaded(mut cfg: Config) -> io::Result<()> {
+    let (fd, v, channel) = hello(&cfg.dir)?;
+    cfg.gen = v["gen"].as_u64().ok_or_else(|| bad("gen"))? + 1;
+    let (host, port) = (v["host"].as_str().unwrap_or(""), v["port"].as_u64().unwrap_or(0) as u16);
+    if cfg.host != host || cfg.port != 0 && cfg.port != port {
+        log::warn!(
+            "a restart keeps the listening socket {host}:{port}; --host/--port {}:{} take effect at the next stop and start",
+            cfg.host,
+            cfg.port
+        );
+    }
+    cfg.host = host.to_string();
+    cfg.port = port;
+    crate::topology::cluster::master::run_on(cfg, fd, Some(channel))
 }
 
 /// How long `handoff restart` waits for the new generation's workers to

@@ -15,12 +15,14 @@ use serde_json::{json, Value};
 mod rebalance;
 
 use super::{
-    control_path, Policy, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_REBALANCE, KIND_RESTART_PROBED,
-    KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY, KIND_STATUS_REQ, KIND_TAKEOVER_HELLO,
+    control_path, Policy, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_REBALANCE, KIND_REOPEN_LOGS,
+    KIND_RESTART_PROBED, KIND_RESTART_REQ, KIND_SHUTDOWN, KIND_STATS, KIND_STATUS_REPLY, KIND_STATUS_REQ,
+    KIND_TAKEOVER_HELLO,
 };
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::core::reactor::{Base, Endpoint, Event, Interest, Listener};
 use crate::core::sock;
+use crate::topology::supervisor::link;
 
 /// How soon a connection a receiver refused is offered again.
 const RETRY_REFUSED: Duration = Duration::from_millis(100);
@@ -35,6 +37,7 @@ const STABLE: Duration = Duration::from_secs(1);
 /// `HUNG_AFTER` gets no new connection until it answers again.
 const HEARTBEAT: Duration = Duration::from_millis(250);
 const HUNG_AFTER: Duration = Duration::from_secs(1);
+use crate::topology::restart::Binary;
 pub use crate::topology::restart::{request as request_restart, takeover, DEFAULT_TIMEOUT as RESTART_TIMEOUT};
 
 /// What a cluster master (or node manager) runs with: made by the command
@@ -78,6 +81,18 @@ pub struct Config {
     pub hang_timeout: Option<Duration>,
     /// `--rebalance`: move busy connections from a hot worker to an idle one.
     pub rebalance: bool,
+    /// The command line (after the program name) a restart runs again, so
+    /// that the new generation re-reads flags and config file; empty: the
+    /// new master copies these settings (`handoff takeover`).
+    pub argv: Vec<std::ffi::OsString>,
+    /// `--max-conns`: above this many open connections the master stops
+    /// accepting (the kernel's backlog holds the rest) until one closes.
+    /// Not with the shared policy (workers accept themselves).
+    pub max_conns: Option<u64>,
+    /// `--idle-timeout`: workers close a client connection idle this long.
+    pub idle_timeout: Option<Duration>,
+    /// `--access-log`: workers append one line per closed connection here.
+    pub access_log: Option<PathBuf>,
 }
 
 /// The master's copy of a connection a worker serves: the descriptor it
@@ -219,9 +234,16 @@ pub(crate) struct Master {
     /// Restart: worker channels not read while the successor catches up.
     pub(crate) workers_paused: bool,
     /// A restart asked for while the previous generation was still leaving.
-    pub(crate) queued_restart: Option<(Option<PathBuf>, Duration, Option<u64>, bool)>,
+    pub(crate) queued_restart: Option<(Binary, Duration, Option<u64>, bool)>,
     /// Accepting paused because no worker can serve.
     pub(crate) accept_paused: bool,
+    /// Fires when the supervisor is gone (we stop then).
+    pub(crate) supervisor_watch: Option<Event>,
+    /// The executable this master runs, open: a reload (HUP) starts the
+    /// new generation from it even if the file at `cfg.exe` was replaced.
+    pub(crate) exe_fd: Option<OwnedFd>,
+    /// Accepting paused at `--max-conns` open connections.
+    pub(crate) at_limit: bool,
 }
 
 pub(crate) fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
@@ -230,16 +252,48 @@ pub(crate) fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
     }
 }
 
+/// Why `--max-conns` and `--policy shared` do not go together.
+pub const SHARED_MAX_CONNS: &str =
+    "--max-conns needs the master to accept connections: it cannot be used with --policy shared \
+     (each worker accepts on its own there)";
+
 /// Starts a cluster from scratch: binds the port, spawns the workers.
 pub fn run(cfg: Config) -> io::Result<()> {
     if cfg.workers == 0 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "--workers must be at least 1"));
     }
+    if let (Some(_), Policy::Shared) = (cfg.max_conns, cfg.policy) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, SHARED_MAX_CONNS));
+    }
+    if let Some(p) = &cfg.access_log {
+        // Workers open it; a path they cannot write is an error now.
+        crate::topology::cluster::worker::access::open_append(p)?;
+    }
     sock::private_dir(&cfg.dir)?;
     sock::claim_unix_path(&control_path(&cfg.dir))?;
-    let addr = sock::resolve_v4(&cfg.host, cfg.port)?;
-    let listen_fd = sock::tcp_listen(addr)?;
+    let listen_fd = match activated_listener()? {
+        Some(fd) => fd,
+        None => sock::tcp_listen(sock::resolve_v4(&cfg.host, cfg.port)?)?,
+    };
     run_on(cfg, listen_fd, None)
+}
+
+/// The listening socket the supervisor passed (its own, or systemd's), or
+/// the one systemd passed directly (socket activation).
+fn activated_listener() -> io::Result<Option<OwnedFd>> {
+    use crate::topology::supervisor::{activation, ENV_LISTEN_FD};
+    let Some(v) = std::env::var_os(ENV_LISTEN_FD) else { return Ok(activation::take().map(|(fd, _)| fd)) };
+    std::env::remove_var(ENV_LISTEN_FD);
+    let fd: std::os::fd::RawFd = v.to_str().and_then(|s| s.parse().ok()).unwrap_or(-1);
+    if fd < 3 || !sock::is_listening_stream(fd) {
+        return Err(io::Error::other(format!("{ENV_LISTEN_FD}={v:?}: not a listening socket")));
+    }
+    // SAFETY: the supervisor passed this listening socket to us alone.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: fcntl on our own descriptor has no memory effects.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    log::debug!("serving on the inherited socket {}", sock::local_addr(fd.as_raw_fd())?);
+    Ok(Some(fd))
 }
 
 /// Runs a master on an already listening socket. `predecessor` is the
@@ -248,6 +302,8 @@ pub fn run(cfg: Config) -> io::Result<()> {
 pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd>) -> io::Result<()> {
     crate::core::signals::ignore_sigpipe();
     sock::raise_nofile()?;
+    let supervised = crate::topology::supervisor::link::adopt_from_env()?;
+    link::tell(&format!("HANDOFF_MASTER={}", std::process::id()));
     let base = Base::new()?;
     let addr = sock::local_addr(listen_fd.as_raw_fd())?;
     let port = addr.port();
@@ -292,6 +348,9 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
             queued_restart: None,
             workers_paused: false,
             accept_paused: false,
+            supervisor_watch: None,
+            exe_fd: crate::topology::restart::open_exe(&cfg.exe),
+            at_limit: false,
         })
     });
     {
@@ -347,8 +406,20 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
         let hb = Event::new(&base, -1, Interest::Timer, move || with(&w, |m| m.on_heartbeat()))?;
         hb.add(Some(HEARTBEAT))?;
         m.heartbeat = Some(hb);
+        if supervised {
+            let w = Rc::downgrade(&master);
+            m.supervisor_watch = link::watch(&base, move || {
+                with(&w, |m| {
+                    m.supervisor_watch = None;
+                    log::error!("the supervisor is gone: stopping");
+                    m.shutdown(libc::SIGTERM);
+                })
+            })?;
+        }
         if let Some(fd) = predecessor {
             m.attach_predecessor(fd)?;
+        } else {
+            m.notify_serving("READY=1");
         }
     }
     log::info!(
@@ -371,6 +442,19 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
 }
 
 impl Master {
+    /// Tells the supervisor (and through it systemd) that this master
+    /// serves now, with `state` (`READY=1`...) and a one-line status.
+    pub(crate) fn notify_serving(&self, state: &str) {
+        link::tell(&format!(
+            "HANDOFF_SERVING={}\n{state}\nSTATUS=generation {} serving on port {} with {} worker(s), master pid {}",
+            std::process::id(),
+            self.cfg.gen,
+            self.port,
+            self.slots.len(),
+            std::process::id()
+        ));
+    }
+
     pub(crate) fn spawn(&mut self, index: usize) -> io::Result<()> {
         let (mine, theirs) = sock::seqpacket_pair()?;
         let mut cmd = match &self.cfg.worker_cmd {
@@ -383,6 +467,7 @@ impl Master {
         };
         let c = &self.cfg;
         crate::topology::cluster::worker::env::set(&mut cmd, index, c.gen, &c.dir, &c.options, c.node.as_ref());
+        crate::topology::cluster::worker::env::set_limits(&mut cmd, c.idle_timeout, c.access_log.as_deref());
         let raw = theirs.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and only
         // makes async-signal-safe calls (dup2, fcntl) on descriptors it owns.
@@ -464,10 +549,24 @@ impl Master {
     fn accept(&mut self, fd: OwnedFd) {
         if self.cfg.node.is_some() {
             self.sniff(fd);
+            if self.cfg.max_conns.is_some() {
+                self.update_accepting();
+            }
             return;
         }
         let _ = sock::set_nodelay(fd.as_raw_fd());
         self.assign(Msg::conn(fd, Vec::new(), 0));
+        if self.cfg.max_conns.is_some() {
+            self.update_accepting();
+        }
+    }
+
+    /// Connections this master answers for: handed to workers and not
+    /// reported closed (in flight included), waiting for a worker, being
+    /// sniffed (node mode).
+    fn open_conns(&self) -> u64 {
+        let held: u64 = self.slots.iter().map(WorkerSlot::open).sum();
+        held + (self.pending.len() + self.refused.len() + self.sniffing.len()) as u64
     }
 
     /// Picks a live worker by policy.
@@ -602,9 +701,14 @@ impl Master {
             KIND_STATS => match serde_json::from_slice::<Value>(&m.body) {
                 Ok(v) => {
                     let slot = &mut self.slots[index];
+                    let mut closed = false;
                     for id in v["closed"].as_array().into_iter().flatten().filter_map(Value::as_u64) {
-                        slot.held.remove(&id);
+                        closed |= slot.held.remove(&id).is_some();
                     }
+                    if closed && self.at_limit {
+                        self.update_accepting();
+                    }
+                    let slot = &mut self.slots[index];
                     slot.served = v["served"].as_u64().unwrap_or(slot.served);
                     slot.reported_open = v["open"].as_u64().unwrap_or(slot.reported_open);
                     if let Some(l) = v.get("links") {
@@ -738,11 +842,19 @@ impl Master {
                 self.reap_successor();
                 self.reap();
             }
-            libc::SIGUSR2 | libc::SIGHUP => {
-                log::info!("{name}: restarting with {}", self.cfg.exe.display());
-                self.begin_restart(None, crate::topology::restart::DEFAULT_TIMEOUT, None, false)
+            libc::SIGHUP => {
+                log::info!("{name}: reloading (same binary, configuration read again)");
+                self.begin_restart(Binary::Running, crate::topology::restart::DEFAULT_TIMEOUT, None, false)
             }
-            libc::SIGUSR1 => log::info!("{name}: no log file to reopen (this process logs to stderr)"),
+            libc::SIGUSR2 => {
+                log::info!("{name}: upgrading to the binary at {}", self.cfg.exe.display());
+                let exe = Binary::Path(self.cfg.exe.clone());
+                self.begin_restart(exe, crate::topology::restart::DEFAULT_TIMEOUT, None, false)
+            }
+            libc::SIGUSR1 => {
+                log::info!("{name}: reopening logs");
+                self.reopen_logs();
+            }
             libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => {
                 if self.stopping && sig != libc::SIGQUIT {
                     log::warn!("{name} again: stopping now");
@@ -875,24 +987,54 @@ impl Master {
         }
     }
 
-    /// While no worker can serve, the master stops accepting: clients wait
-    /// in the kernel's backlog instead of in our queue.
-    fn update_accepting(&mut self) {
+    /// While no worker can serve, or `--max-conns` connections are open,
+    /// the master stops accepting: clients wait in the kernel's backlog
+    /// instead of in our queue.
+    pub(crate) fn update_accepting(&mut self) {
         let Some(l) = &self.listener else { return };
-        if self.takeover_pending || self.stopping {
+        if self.takeover_pending || self.stopping || self.draining {
             return;
         }
+        let was_paused = self.accept_paused || self.at_limit;
         let can_serve = self.slots.iter().any(WorkerSlot::live);
         if !can_serve && !self.accept_paused {
             log::error!("no worker can serve: not accepting until one is up (clients wait in the backlog)");
-            l.pause();
             self.accept_paused = true;
         } else if can_serve && self.accept_paused {
             log::warn!("a worker is up: accepting again");
-            if let Err(e) = l.resume() {
-                log::error!("cannot accept: {e}");
-            }
             self.accept_paused = false;
+        }
+        let full = self.cfg.max_conns.is_some_and(|max| self.open_conns() >= max);
+        if full && !self.at_limit {
+            crate::warn_limited!(
+                "{} open connections (--max-conns): not accepting until one closes (clients wait in the backlog)",
+                self.open_conns()
+            );
+        }
+        self.at_limit = full;
+        match (was_paused, self.accept_paused || self.at_limit) {
+            (false, true) => l.pause(),
+            (true, false) => {
+                if let Err(e) = l.resume() {
+                    log::error!("cannot accept: {e}");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Every worker reopens its log files (USR1: the access log was
+    /// renamed away by a log rotation): a REOPEN_LOGS message to each.
+    pub(crate) fn reopen_logs(&mut self) {
+        let Some(path) = &self.cfg.access_log else {
+            log::info!("no log file to reopen (this process logs to stderr)");
+            return;
+        };
+        log::info!("workers reopen the access log {}", path.display());
+        for slot in &self.slots {
+            if let Some(c) = &slot.channel {
+                let _ = c.send(Msg::control(KIND_REOPEN_LOGS, Vec::new()));
+            }
         }
     }
 
@@ -963,6 +1105,7 @@ impl Master {
         }
         self.stopping = true;
         log::info!("{name}: stopping; workers get {:?} to finish", self.cfg.grace);
+        link::tell(&format!("STOPPING=1\nSTATUS=stopping ({name}): workers get {:?} to finish", self.cfg.grace));
         self.listener = None;
         self.shared_fd = None;
         self.pending.clear();
@@ -1109,6 +1252,7 @@ impl Master {
             "mode": if self.cfg.node.is_some() { "node" } else { "cluster" },
             "node": self.node_name(),
             "pid": std::process::id(),
+            "supervisor": std::env::var(crate::topology::supervisor::ENV_PID).ok().and_then(|p| p.parse::<u32>().ok()),
             "port": self.port,
             "policy": self.cfg.policy.name(),
             "rebalance": self.cfg.rebalance,
@@ -1119,6 +1263,9 @@ impl Master {
             "accepting": self.listener.is_some() && !self.accept_paused && !self.takeover_pending && !self.stopping
                 || self.cfg.policy == Policy::Shared && !self.stopping,
             "workers": workers,
+            "max_conns": self.cfg.max_conns,
+            "open": self.open_conns(),
+            "at_limit": self.at_limit,
         })
     }
 }

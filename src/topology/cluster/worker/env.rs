@@ -11,6 +11,8 @@
 //! | `HANDOFF_OPTIONS` | the service's options as one JSON object |
 //! | `HANDOFF_OPT_<NAME>` | each option alone (`--max-frame` -> `HANDOFF_OPT_MAX_FRAME`) |
 //! | `HANDOFF_NODE`, `HANDOFF_NODE_PEERS`, `HANDOFF_NODE_CONNECT_TIMEOUT` | node mode only |
+//! | `HANDOFF_IDLE_TIMEOUT` | `--idle-timeout` in seconds (Rust workers; unset: none) |
+//! | `HANDOFF_ACCESS_LOG` | `--access-log` path (Rust workers; unset: none) |
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -58,6 +60,11 @@ pub struct WorkerEnv {
     /// Node mode (`HANDOFF_NODE` set): this node's name, its peers and the
     /// link connect timeout.
     pub node: Option<NodeConfig>,
+    /// `HANDOFF_IDLE_TIMEOUT` (seconds): close a client connection idle
+    /// this long; `None` when unset or 0.
+    pub idle_timeout: Option<std::time::Duration>,
+    /// `HANDOFF_ACCESS_LOG`: the access log's path; `None` when unset.
+    pub access_log: Option<PathBuf>,
 }
 
 /// Sets a worker's environment on `cmd` (the channel itself is put on
@@ -107,6 +114,19 @@ pub fn set(
             .env("HANDOFF_NODE_PEERS", peers.join(","))
             .env("HANDOFF_NODE_CONNECT_TIMEOUT", n.connect_timeout.as_secs_f64().to_string());
     }
+}
+
+/// Sets the environment of `--idle-timeout` and `--access-log` (each
+/// variable removed when the setting is off), after [`set`].
+pub fn set_limits(cmd: &mut Command, idle_timeout: Option<std::time::Duration>, access_log: Option<&std::path::Path>) {
+    match idle_timeout {
+        Some(d) => cmd.env("HANDOFF_IDLE_TIMEOUT", d.as_secs_f64().to_string()),
+        None => cmd.env_remove("HANDOFF_IDLE_TIMEOUT"),
+    };
+    match access_log {
+        Some(p) => cmd.env("HANDOFF_ACCESS_LOG", p),
+        None => cmd.env_remove("HANDOFF_ACCESS_LOG"),
+    };
 }
 
 fn var(name: &str) -> io::Result<String> {
@@ -167,6 +187,12 @@ impl WorkerEnv {
             dir: std::env::var_os("HANDOFF_DIR").map(PathBuf::from),
             options,
             node,
+            idle_timeout: std::env::var("HANDOFF_IDLE_TIMEOUT")
+                .ok()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
+                .map(std::time::Duration::from_secs_f64),
+            access_log: std::env::var_os("HANDOFF_ACCESS_LOG").map(PathBuf::from),
         };
         // The channel is this process's alone: children it starts do not
         // inherit it. (The environment is left as it is: a C program may

@@ -55,8 +55,8 @@ use serde_json::{json, Value};
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::core::reactor::{Base, Event, Interest};
 use crate::topology::cluster::{
-    control_path, KIND_DRAIN, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_REBALANCE, KIND_SHUTDOWN, KIND_STATS,
-    KIND_TAKEOVER_BEGUN, KIND_TAKEOVER_ENDED,
+    control_path, KIND_DRAIN, KIND_ORPHAN_HELLO, KIND_PING, KIND_PONG, KIND_REBALANCE, KIND_REOPEN_LOGS, KIND_SHUTDOWN,
+    KIND_STATS, KIND_TAKEOVER_BEGUN, KIND_TAKEOVER_ENDED,
 };
 
 /// Longest delay of a counters-only stats message.
@@ -79,13 +79,25 @@ pub struct Handed {
     pub node_link: bool,
     /// It comes from another worker by rebalancing (it should stay a while).
     pub moved: bool,
+    /// What it went through before (it moved here from another worker);
+    /// `None` for a new connection.
+    pub history: Option<wire::History>,
 }
 
 impl Handed {
     /// A connection this worker accepted itself (shared policy), or a node
     /// link it opened (`node_link`): nothing read yet, no master id.
     pub fn accepted(fd: OwnedFd, node_link: bool) -> Handed {
-        Handed { fd, leftover: Vec::new(), state: Vec::new(), master_id: 0, eof: false, node_link, moved: false }
+        Handed {
+            fd,
+            leftover: Vec::new(),
+            state: Vec::new(),
+            master_id: 0,
+            eof: false,
+            node_link,
+            moved: false,
+            history: None,
+        }
     }
 }
 
@@ -112,6 +124,9 @@ pub enum Order {
     Orphaned,
     /// The master is gone for good: close everything and exit.
     Lost,
+    /// Reopen log files (the master got USR1): the access log may have
+    /// been renamed away.
+    ReopenLogs,
 }
 
 /// The master channel of one worker process.
@@ -180,6 +195,7 @@ impl MasterLink {
                     Some(Order::Listener(m.fd.expect("channel checks LISTENER carries a descriptor")))
                 }
                 KIND_SHUTDOWN => Some(Order::Shutdown),
+                KIND_REOPEN_LOGS => Some(Order::ReopenLogs),
                 KIND_DRAIN => Some(Order::Drain),
                 KIND_TAKEOVER_BEGUN => {
                     let v: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
@@ -233,18 +249,31 @@ impl MasterLink {
     /// until the master's ACK, so it survives the master's death. One the
     /// master handed us is marked released, with the master's id for it.
     pub fn release(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: &[u8], master_id: u64, eof: bool) {
-        self.release_flagged(fd, leftover, state, master_id, eof, 0);
+        let h = Handed { state: state.to_vec(), master_id, eof, ..Handed::accepted(fd, false) };
+        self.give_back(Handed { leftover, ..h }, false);
     }
 
-    fn release_flagged(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: &[u8], master_id: u64, eof: bool, extra: u32) {
-        let mut flags = extra | if eof { wire::FLAG_EOF } else { 0 };
-        if master_id != 0 {
+    /// Lets go of a connection as [`MasterLink::release`] does (or as
+    /// [`MasterLink::release_to_rebalance`] with `rebalance`), with its
+    /// history, which travels with it to the next worker (`node_link` and
+    /// `moved` are not used).
+    pub fn give_back(&mut self, h: Handed, rebalance: bool) {
+        let mut flags = if h.eof { wire::FLAG_EOF } else { 0 };
+        if rebalance {
+            flags |= wire::FLAG_REBALANCED;
+        }
+        if h.master_id != 0 {
             flags |= wire::FLAG_RELEASED;
         }
-        if !state.is_empty() {
+        if !h.state.is_empty() {
             flags |= wire::FLAG_STATE;
         }
-        let msg = Msg::conn(fd, wire::join_state(state, leftover), flags).with_master_id(master_id);
+        let mut body = wire::join_state(&h.state, h.leftover);
+        if let Some(past) = &h.history {
+            flags |= wire::FLAG_HISTORY;
+            body = wire::join_history(past, body);
+        }
+        let msg = Msg::conn(h.fd, body, flags).with_master_id(h.master_id);
         if let Err(back) = self.channel.send(msg) {
             // The channel just broke: its Closed event decides (a successor
             // takes it, or it closes with us).
@@ -267,7 +296,8 @@ impl MasterLink {
     /// As [`MasterLink::release`], marked as a rebalancing move: the
     /// master hands the connection to a colder worker.
     pub fn release_to_rebalance(&mut self, fd: OwnedFd, leftover: Vec<u8>, state: &[u8], master_id: u64, eof: bool) {
-        self.release_flagged(fd, leftover, state, master_id, eof, wire::FLAG_REBALANCED);
+        let h = Handed { state: state.to_vec(), master_id, eof, ..Handed::accepted(fd, false) };
+        self.give_back(Handed { leftover, ..h }, true);
     }
 
     /// A connection closed for good (the master drops its copy).
@@ -381,8 +411,8 @@ fn handed(m: Msg, from_master: bool) -> Handed {
         0
     };
     let fd = m.fd.expect("channel checks CONN carries a descriptor");
-    let (state, leftover) =
-        if m.flags & wire::FLAG_STATE != 0 { wire::split_state(m.body) } else { (Vec::new(), m.body) };
+    let (history, body) = wire::split_history(m.flags, m.body);
+    let (state, leftover) = if m.flags & wire::FLAG_STATE != 0 { wire::split_state(body) } else { (Vec::new(), body) };
     Handed {
         fd,
         leftover,
@@ -391,5 +421,6 @@ fn handed(m: Msg, from_master: bool) -> Handed {
         eof: m.flags & wire::FLAG_EOF != 0,
         node_link: m.flags & wire::FLAG_NODE_LINK != 0,
         moved: m.flags & wire::FLAG_REBALANCED != 0,
+        history,
     }
 }

@@ -9,14 +9,17 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
+use crate::core::channel::wire::History;
 use crate::core::reactor::{Base, Conn, ConnEvent, Event, Interest, Listener};
 use crate::core::sock;
 use crate::service::{cx::RelayReq, Cx, Place, RelayAnswer, Service, Session, Ticket};
 
+pub mod access;
 pub mod env;
 pub mod link;
 
 use crate::topology::node::links;
+use access::{AccessLog, End};
 pub use env::WorkerEnv;
 use link::{Handed, MasterLink, Order};
 
@@ -65,6 +68,11 @@ pub(crate) struct Served<T> {
     pub(crate) moved_at: Option<std::time::Instant>,
     /// Requests answered since the last rebalance order: its load.
     pub(crate) recent: u64,
+    /// Its life so far, here and in the workers it came from (the access
+    /// log's counters; it travels with the connection).
+    pub(crate) history: History,
+    /// The client's address (clients, with `--access-log` only).
+    pub(crate) peer: Option<std::net::SocketAddr>,
 }
 
 impl<T> Served<T> {
@@ -94,6 +102,10 @@ pub(crate) struct Worker<S: Service> {
     pub(crate) orphan_timer: Option<Event>,
     /// Draining: offers refused connections again.
     pub(crate) retry_timer: Option<Event>,
+    /// `--idle-timeout`: a client connection idle this long is closed.
+    pub(crate) idle_timeout: Option<Duration>,
+    /// `--access-log`: one line per closed client connection.
+    pub(crate) access: Option<AccessLog>,
 }
 
 pub(crate) fn with<S: Service>(w: &Weak<RefCell<Worker<S>>>, f: impl FnOnce(&mut Worker<S>)) {
@@ -157,10 +169,20 @@ pub fn run<S: Service>(env: WorkerEnv) -> io::Result<()> {
             node,
             orphan_timer: None,
             retry_timer: None,
+            idle_timeout: env.idle_timeout,
+            access: None,
         })
     });
     {
         let mut w = worker.borrow_mut();
+        if let Some(path) = &env.access_log {
+            let wk = Rc::downgrade(&worker);
+            let on_timer = move || with(&wk, |s| s.access.as_mut().map_or((), AccessLog::flush));
+            match AccessLog::open(&base, path, index, env.gen, on_timer) {
+                Ok(l) => w.access = Some(l),
+                Err(e) => log::error!("worker {index}: {e}; no access log"),
+            }
+        }
         // SIGTERM from outside acts like the master's SHUTDOWN; SIGINT (a
         // terminal's ^C reaching the whole group) is left to the master.
         let wk = Rc::downgrade(&worker);
@@ -179,7 +201,10 @@ pub fn run<S: Service>(env: WorkerEnv) -> io::Result<()> {
         }
     }
     log::debug!("worker {index} (pid {}) up", std::process::id());
-    base.dispatch()?;
+    let r = base.dispatch();
+    // The last access-log lines.
+    worker.borrow_mut().access = None;
+    r?;
     log::debug!("worker {index} exits");
     Ok(())
 }
@@ -191,7 +216,11 @@ impl<S: Service> Worker<S> {
                 let kind = if h.node_link { Kind::LinkIn } else { Kind::Client };
                 self.open_conn(h, kind);
             }
-            Order::Refused(h) => {
+            Order::Refused(mut h) => {
+                // It did not move after all.
+                if let Some(past) = h.history.as_mut() {
+                    past.moves = past.moves.saturating_sub(1);
+                }
                 if self.open_conn(h, Kind::Client).is_some() && self.draining {
                     self.retry_release_later();
                 }
@@ -202,8 +231,18 @@ impl<S: Service> Worker<S> {
             Order::Rebalance(k) => self.rebalance(k),
             Order::Orphaned => self.orphaned(),
             Order::Lost => {
+                if let Some(log) = self.access.as_mut() {
+                    for s in self.conns.values().filter(|s| s.kind == Kind::Client) {
+                        log.record(s.peer, &final_history(s), End::MasterLost);
+                    }
+                }
                 self.conns.clear();
                 self.quit();
+            }
+            Order::ReopenLogs => {
+                if let Some(log) = self.access.as_mut() {
+                    log.reopen();
+                }
             }
         }
     }
@@ -230,6 +269,11 @@ impl<S: Service> Worker<S> {
         }
         let id = self.next_id;
         self.next_id += 1;
+        let peer = if kind == Kind::Client && self.access.is_some() {
+            sock::peer_addr(h.fd.as_raw_fd()).map(std::net::SocketAddr::from)
+        } else {
+            None
+        };
         let w = self.me.clone();
         let conn = match Conn::adopt(
             &self.base,
@@ -244,7 +288,13 @@ impl<S: Service> Worker<S> {
                 return None;
             }
         };
+        if let (Kind::Client, Some(d)) = (&kind, self.idle_timeout) {
+            // Counted from its arrival here (a moved connection's clock
+            // starts again), while reading is on.
+            conn.set_read_timeout(Some(d));
+        }
         let session = (kind == Kind::Client).then(|| self.service.open(&h.state));
+        let history = h.history.unwrap_or(History { since_us: access::now_us(), ..History::default() });
         self.conns.insert(
             id,
             Served {
@@ -263,6 +313,8 @@ impl<S: Service> Worker<S> {
                 rebalancing: false,
                 moved_at: h.moved.then(std::time::Instant::now),
                 recent: 0,
+                history,
+                peer,
             },
         );
         self.master.stats_changed();
@@ -302,9 +354,9 @@ impl<S: Service> Worker<S> {
             ConnEvent::Error(errno) => {
                 let e = io::Error::from_raw_os_error(errno);
                 log::debug!("worker {}: connection {id}: {e}", self.index);
-                self.close_because(id, &e.to_string());
+                self.finish(id, &e.to_string(), Some(End::of_errno(errno)));
             }
-            ConnEvent::Timeout => {}
+            ConnEvent::Timeout => self.on_idle(id),
         }
     }
 
@@ -336,9 +388,11 @@ impl<S: Service> Worker<S> {
         let more = cx.more();
         slot.conn.consume(used.min(avail));
         slot.recent += answered as u64;
+        slot.history.requests += answered as u64;
+        slot.history.bytes_in += used.min(avail) as u64;
         self.served += answered as u64;
         if abort {
-            self.close(id);
+            self.close_as(id, End::ProtocolError);
             return;
         }
         slot.next_ticket += relays.len() as u64;
@@ -363,9 +417,10 @@ impl<S: Service> Worker<S> {
             slot.replies.push_back(Some(out[at..].to_vec()));
         }
         if !direct.is_empty() {
+            slot.history.bytes_out += direct.len() as u64;
             if let Err(e) = slot.conn.write_now(&direct) {
                 log::debug!("worker {}: connection {id}: write: {e}", self.index);
-                self.close(id);
+                self.close_as(id, End::of_errno(e.raw_os_error().unwrap_or(0)));
                 return;
             }
         }
@@ -415,9 +470,10 @@ impl<S: Service> Worker<S> {
             slot.reply_head += 1;
         }
         if !out.is_empty() {
+            slot.history.bytes_out += out.len() as u64;
             if let Err(e) = slot.conn.write_now(&out) {
                 log::debug!("worker {}: connection {id}: write: {e}", self.index);
-                self.close(id);
+                self.close_as(id, End::of_errno(e.raw_os_error().unwrap_or(0)));
                 return;
             }
         }
@@ -444,17 +500,41 @@ impl<S: Service> Worker<S> {
         }
     }
 
+    /// Closes a connection whose end its state tells (see [`Worker::finish`]).
     fn close(&mut self, id: u64) {
-        self.close_because(id, "closed");
+        self.finish(id, "closed", None);
+    }
+
+    fn close_as(&mut self, id: u64, end: End) {
+        self.finish(id, end.name(), Some(end));
+    }
+
+    /// Closes a connection for good (see [`Worker::finish`]).
+    pub(crate) fn close_because(&mut self, id: u64, why: &str) {
+        self.finish(id, why, None);
     }
 
     /// Closes a connection for good: shut down first, because the master
     /// still holds a descriptor to it (to rescue it should we die). A
-    /// lost link fails the relays waiting on it with `why`.
-    pub(crate) fn close_because(&mut self, id: u64, why: &str) {
+    /// lost link fails the relays waiting on it with `why`. A client's
+    /// access-log line says `end`, or, when `None`, what its state says
+    /// (the service closed it, its client sent EOF, we are stopping).
+    fn finish(&mut self, id: u64, why: &str, end: Option<End>) {
         if let Some(slot) = self.conns.remove(&id) {
             if let Kind::LinkOut(key) = &slot.kind {
                 self.link_lost(key, why);
+            }
+            if let (Kind::Client, Some(log)) = (&slot.kind, self.access.as_mut()) {
+                let end = end.unwrap_or(if slot.close_after {
+                    End::ServerClose
+                } else if slot.eof {
+                    End::ClientEof
+                } else if self.stopping {
+                    End::Shutdown
+                } else {
+                    End::Error
+                });
+                log.record(slot.peer, &final_history(&slot), end);
             }
             sock::shutdown_both(slot.conn.raw_fd());
             self.master.closed(slot.master_id);
@@ -462,6 +542,19 @@ impl<S: Service> Worker<S> {
         if self.stopping && self.conns.is_empty() {
             self.quit();
         }
+    }
+
+    /// `--idle-timeout`: no byte came for that long. A client connection
+    /// with nothing to answer either (no reply waiting, none unsent) is
+    /// closed; a busy one is left (the timer runs on).
+    fn on_idle(&mut self, id: u64) {
+        let Some(s) = self.conns.get(&id) else { return };
+        let busy = !s.replies.is_empty() || s.conn.output_len() > 0 || s.closing || s.releasing;
+        if s.kind != Kind::Client || busy {
+            return;
+        }
+        log::debug!("worker {}: connection {id} idle for {:?}; closing", self.index, self.idle_timeout);
+        self.close_as(id, End::IdleTimeout);
     }
 
     /// Restart: every connection goes back to the master (which passes it
@@ -506,12 +599,23 @@ impl<S: Service> Worker<S> {
         let Some(slot) = self.conns.remove(&id) else { return };
         let state = slot.session.as_ref().map(Session::export).unwrap_or_default();
         let (fd, leftover) = slot.conn.detach();
+        let history = History { moves: slot.history.moves.saturating_add(1), ..slot.history };
+        let h = Handed {
+            fd,
+            leftover,
+            state,
+            master_id: slot.master_id,
+            eof: slot.eof,
+            node_link: false,
+            moved: false,
+            history: (slot.kind == Kind::Client).then_some(history),
+        };
         if slot.rebalancing && !self.draining {
-            self.master.release_to_rebalance(fd, leftover, &state, slot.master_id, slot.eof);
+            self.master.give_back(h, true);
             self.master.stats_changed();
             return;
         }
-        self.master.release(fd, leftover, &state, slot.master_id, slot.eof);
+        self.master.give_back(h, false);
         if self.draining && self.conns.is_empty() {
             self.quit();
         }
@@ -605,7 +709,7 @@ impl<S: Service> Worker<S> {
                 }
                 let ids: Vec<u64> = s.conns.keys().copied().collect();
                 for id in ids {
-                    s.close(id);
+                    s.close_as(id, End::Cut);
                 }
                 s.quit();
             })
@@ -631,5 +735,16 @@ impl<S: Service> Worker<S> {
             Ok(t) => self.retry_timer = Some(t),
             Err(e) => log::error!("worker {}: retry timer: {e}", self.index),
         }
+    }
+}
+
+/// A closing connection's history with what is still buffered counted:
+/// input received but not consumed, less output never sent.
+fn final_history<T>(s: &Served<T>) -> History {
+    let h = s.history;
+    History {
+        bytes_in: h.bytes_in + s.conn.input_len() as u64,
+        bytes_out: h.bytes_out.saturating_sub(s.conn.output_len() as u64),
+        ..h
     }
 }
