@@ -115,7 +115,8 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
                 },
                 Err(_) => options,
             };
-            let cfg = pair::server::Config { host: a.host, port: a.port, peer_port: a.peer_port, dir: a.dir };
+            let grace = std::time::Duration::from_secs_f64(a.grace);
+            let cfg = pair::server::Config { host: a.host, port: a.port, peer_port: a.peer_port, dir: a.dir, grace };
             pair::server::run::<P>(&cfg, &options)
         }
         Cmd::Pair(With { args: a, options }) => {
@@ -123,8 +124,9 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
                 return fail(&e);
             }
             let options = to_json(&options);
+            let grace = std::time::Duration::from_secs_f64(a.grace);
             std::env::current_exe()
-                .and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args, &options))
+                .and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args, &options, grace))
         }
         Cmd::Cluster(With { args: a, .. }) if !supervisor::supervised() => return supervise(&a.master),
         Cmd::Node(With { args: a, .. }) if !supervisor::supervised() => return supervise(&a.master),
@@ -303,7 +305,8 @@ struct With<A: Args, O: Args> {
 enum Cmd<PO: Args, CO: Args, X: Subcommand> {
     /// One pair-mode server: answers a request, hands the connection to its peer.
     Server(With<ServerArgs, PO>),
-    /// Runs both servers of a pair (two processes) until SIGINT/SIGTERM.
+    /// Runs both servers of a pair (two processes) until SIGINT/SIGTERM/SIGQUIT;
+    /// passes SIGHUP/SIGUSR1/SIGUSR2 on to them.
     Pair(With<PairArgs, PO>),
     /// Cluster master: accepts and hands each connection to a prefork worker.
     Cluster(With<ClusterArgs, CO>),
@@ -342,6 +345,11 @@ struct ServerArgs {
     /// too), or a name (its first IPv4 address, else its first IPv6 one).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Seconds open requests get to finish on SIGTERM/SIGINT/SIGQUIT, and
+    /// connections to settle before an in-place restart on SIGHUP/SIGUSR2
+    /// (0 to 86400).
+    #[arg(long, default_value_t = 5.0, allow_hyphen_values = true, value_parser = parse_secs)]
+    grace: f64,
     /// Settings from this TOML file (`key = value` for each `--key value`;
     /// flags given here override it).
     #[arg(long, value_name = "FILE")]
@@ -359,6 +367,9 @@ struct PairArgs {
     /// too), or a name (its first IPv4 address, else its first IPv6 one).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Each server's --grace (see `server --help`).
+    #[arg(long, default_value_t = 5.0, allow_hyphen_values = true, value_parser = parse_secs)]
+    grace: f64,
     /// Settings from this TOML file (`key = value` for each `--key value`;
     /// flags given here override it).
     #[arg(long, value_name = "FILE")]

@@ -13,6 +13,7 @@ mod ops_config;
 mod ops_master;
 mod ops_net;
 mod pair;
+mod pair_ops;
 mod readme;
 mod rebalance;
 mod rebalance_client;

@@ -180,6 +180,22 @@ impl TestServer {
         }
     }
 
+    /// Waits (10 s at most) for the next stdout line starting with
+    /// `prefix`, skipping the others (e.g. a pair server's `linked` line
+    /// before the `ready` line it prints again after an in-place restart).
+    pub fn wait_line(&mut self, prefix: &str) -> Result<String, String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout_lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return Ok(line),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => return Err(format!("no {prefix:?} line within {READY_TIMEOUT:?}")),
+                Err(RecvTimeoutError::Disconnected) => return Err(format!("stdout closed before a {prefix:?} line")),
+            }
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

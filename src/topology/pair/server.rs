@@ -1,7 +1,8 @@
 //! One pair-mode server of a [`Service`]: answers one request on a
 //! connection, then hands the connection (descriptor, read-ahead, session
 //! state) to its peer over the handoff channel; serves alone while the
-//! peer is away.
+//! peer is away. Its signals (stop, graceful stop, in-place restart, log
+//! reopening) are in `lifecycle`.
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
@@ -12,10 +13,15 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
-use crate::core::reactor::{Base, Conn, ConnEvent, Endpoint, Event, Interest, Listener};
+use crate::core::reactor::{Base, Conn, ConnEvent, Event, Interest, Listener};
 use crate::core::sock;
 use crate::service::{Cx, Place, Service, Session};
+use crate::topology::pair::reexec::{self, Carried, Inherited};
 use crate::topology::pair::reqlog::RequestLog;
+
+mod lifecycle;
+
+use lifecycle::{Leaving, Phase, KIND_NOTICE};
 
 /// Serving alone: pause reading a connection while this much output is
 /// unsent (a client that sends without reading cannot grow our memory).
@@ -41,6 +47,10 @@ pub struct Config {
     /// (`PORT.log`): made 0700 when missing; an existing one must be ours
     /// and closed to other users.
     pub dir: PathBuf,
+    /// `--grace`: how long open requests get to finish on SIGTERM, SIGINT
+    /// or SIGQUIT, and connections get to settle before an in-place
+    /// restart (SIGHUP, SIGUSR2).
+    pub grace: Duration,
 }
 
 struct Served<T> {
@@ -73,27 +83,66 @@ struct Server<P: Service> {
     backoff: Duration,
     retry: Option<Event>,
     inbound: HashMap<u64, Channel>,
-    listeners: Vec<Listener>,
+    /// Clients (TCP) and the peer's channels (`D/P.sock`).
+    tcp: Option<Listener>,
+    unix: Option<Listener>,
     log: RequestLog,
     log_timer: Option<Event>,
     signals: Vec<Event>,
     served: u64,
     handed: u64,
+    grace: Duration,
+    /// Serving, stopping or restarting (see `lifecycle`).
+    phase: Phase,
+    /// `--grace` running out during a stop or a restart.
+    grace_timer: Option<Event>,
+    /// Runs the last step of a stop or a restart from its own callback.
+    step: Option<Event>,
+    /// A settle callback is registered on the channel to the peer.
+    settle_wait: bool,
+    /// The peer said it is leaving (it restarts in place, or stops).
+    peer_leaving: Option<Leaving>,
+    /// Connections the channel to the peer refused because it just broke:
+    /// its Closed event, due next, decides where they go (to the peer's
+    /// next image if it restarts, else here).
+    limbo: Vec<Msg>,
+    /// The path this process was first started from (USR2 executes it).
+    start_exe: PathBuf,
+    /// In-place restarts of this process so far.
+    restarts: u64,
 }
 
-/// Runs a server of service `P` until SIGTERM/SIGINT.
+/// Runs a server of service `P` until SIGTERM/SIGINT/SIGQUIT, restarting
+/// in place on SIGHUP/SIGUSR2 (this function then never returns: the
+/// process runs the binary again, which carries on from the handover).
 pub fn run<P: Service>(cfg: &Config, options: &P::Options) -> io::Result<()> {
     let nofile = sock::raise_nofile()?;
     log::debug!("RLIMIT_NOFILE {nofile}");
     crate::core::signals::ignore_sigpipe();
+    // An image started by an in-place restart takes over its predecessor's
+    // listeners and connections instead of binding.
+    let inherited = Inherited::from_env()?;
     sock::private_dir(&cfg.dir)?;
     let base = Base::new()?;
 
-    let addr = sock::resolve(&cfg.host, cfg.port)?;
-    let tcp_fd = sock::tcp_listen(addr)?;
-    let port = sock::local_addr(tcp_fd.as_raw_fd())?.port();
-    let sock_path = cfg.dir.join(format!("{port}.sock"));
-    sock::claim_unix_path(&sock_path)?;
+    let (tcp_fd, unix_fd, port, sock_path, handover) = match inherited {
+        Some(Inherited { handover, tcp, unix }) => {
+            let port = sock::local_addr(tcp.as_raw_fd())?.port();
+            let sock_path = cfg.dir.join(format!("{port}.sock"));
+            if !sock_path.exists() {
+                log::warn!("{} is gone: the peer cannot reach this server until it starts afresh", sock_path.display());
+            }
+            (tcp, unix, port, sock_path, Some(handover))
+        }
+        None => {
+            let tcp = sock::tcp_listen(sock::resolve(&cfg.host, cfg.port)?)?;
+            let port = sock::local_addr(tcp.as_raw_fd())?.port();
+            let sock_path = cfg.dir.join(format!("{port}.sock"));
+            sock::claim_unix_path(&sock_path)?;
+            (tcp, sock::unix_listen(&sock_path)?, port, sock_path, None)
+        }
+    };
+    let addr = sock::local_addr(tcp_fd.as_raw_fd())?;
     let log = RequestLog::open(&cfg.dir.join(format!("{port}.log")))?;
 
     let service = P::new(options, &Place::Pair { port, pid: std::process::id() })?;
@@ -112,23 +161,37 @@ pub fn run<P: Service>(cfg: &Config, options: &P::Options) -> io::Result<()> {
             backoff: RETRY_MIN,
             retry: None,
             inbound: HashMap::new(),
-            listeners: Vec::new(),
+            tcp: None,
+            unix: None,
             log,
             log_timer: None,
             signals: Vec::new(),
-            served: 0,
-            handed: 0,
+            served: handover.as_ref().map_or(0, |h| h.served),
+            handed: handover.as_ref().map_or(0, |h| h.handed),
+            grace: cfg.grace,
+            phase: Phase::Serving,
+            grace_timer: None,
+            step: None,
+            settle_wait: false,
+            peer_leaving: None,
+            limbo: Vec::new(),
+            start_exe: handover.as_ref().map_or_else(reexec::start_path, |h| h.exe.clone()),
+            restarts: handover.as_ref().map_or(0, |h| h.restarts),
         })
     });
     let w = Rc::downgrade(&server);
     let tcp = Listener::adopt(&base, tcp_fd, move |fd| with(&w, |s| s.accept_client(fd)))?;
     let w = Rc::downgrade(&server);
-    let unix = Listener::bind(&base, &Endpoint::Unix(sock_path.clone()), move |fd| with(&w, |s| s.accept_channel(fd)))?;
+    let unix =
+        Listener::adopt(&base, unix_fd, move |fd| with(&w, |s| s.accept_channel(fd)))?.with_path(sock_path.clone());
     {
         let mut s = server.borrow_mut();
-        s.listeners = vec![tcp, unix];
+        s.tcp = Some(tcp);
+        s.unix = Some(unix);
         let w = Rc::downgrade(&server);
         s.retry = Some(Event::new(&base, -1, Interest::Timer, move || with(&w, |s| s.connect_peer()))?);
+        let w = Rc::downgrade(&server);
+        s.step = Some(Event::new(&base, -1, Interest::Timer, move || with(&w, |s| s.step()))?);
         let w = Rc::downgrade(&server);
         let t = Event::new(&base, -1, Interest::Timer, move || with(&w, |s| s.flush_log()))?;
         t.add(Some(LOG_FLUSH))?;
@@ -141,10 +204,31 @@ pub fn run<P: Service>(cfg: &Config, options: &P::Options) -> io::Result<()> {
             s.signals.push(e);
         }
     }
-    log::info!("serving on {}, handoff socket {}", std::net::SocketAddr::new(addr.ip(), port), sock_path.display());
+    // Our handlers are in place: signals that arrived during an in-place
+    // restart (blocked across the execve) are delivered now.
+    reexec::block_caught_signals(false)?;
+    match &handover {
+        None => log::info!("serving on {addr}, handoff socket {}", sock_path.display()),
+        Some(h) => log::info!(
+            "restarted in place by {} (restart {} of pid {}): took over {addr}, {} and {} connection(s)",
+            crate::core::signals::name(h.signal),
+            h.restarts,
+            std::process::id(),
+            sock_path.display(),
+            h.conns.len()
+        ),
+    }
     crate::core::signals::ready(&format!("ready port={port} sock={}", sock_path.display()));
-    // After the ready line: a `linked peer=...` line follows when the peer is reached.
-    server.borrow_mut().connect_peer();
+    // After the ready line: a `linked peer=...` line follows when the peer
+    // is reached; then the connections carried over are served, the first
+    // request of each handed on as usual.
+    {
+        let mut s = server.borrow_mut();
+        s.connect_peer();
+        if let Some(h) = handover {
+            s.adopt_all(h.conns);
+        }
+    }
     base.dispatch()?;
     let s = server.borrow();
     log::info!("stopped: served {} requests, handed {} connections", s.served, s.handed);
@@ -166,6 +250,11 @@ impl<P: Service> Server<P> {
     }
 
     fn accept_channel(&mut self, fd: OwnedFd) {
+        if !self.phase.serving() {
+            // Closed at once: the peer keeps what it would have sent.
+            log::debug!("handoff channel refused: {}", self.phase.name());
+            return;
+        }
         if let Err(e) = sock::check_same_uid(fd.as_raw_fd()) {
             log::warn!("refused handoff channel: {e}");
             return;
@@ -182,7 +271,7 @@ impl<P: Service> Server<P> {
         }
         // A peer just reached us, so it is up: link back now, not at the
         // next retry.
-        if !self.peer_up() {
+        if self.peer.is_none() {
             if let Some(t) = &self.retry {
                 t.del();
             }
@@ -216,6 +305,7 @@ impl<P: Service> Server<P> {
                 self.take_back(orphans);
             }
         }
+        self.progress();
     }
 
     /// Starts serving a connection, first from `leftover`.
@@ -225,7 +315,7 @@ impl<P: Service> Server<P> {
         let mut session = self.service.open(&state);
         // Fast path: the read-ahead holds a whole request and the peer is
         // up: answer and pass the connection on without a bufferevent.
-        if !leftover.is_empty() && self.peer_up() {
+        if !leftover.is_empty() && self.peer_linked() && self.phase.serving() {
             let mut out = Vec::new();
             let mut cx = Cx::new(&mut out, 0, OUTPUT_LIMIT).with_lengths().with_budget(Some(1)).with_eof(eof);
             let used = session.serve(&leftover, &mut cx).min(leftover.len());
@@ -256,11 +346,23 @@ impl<P: Service> Server<P> {
             session = self.service.open(&state);
         }
         let Some(id) = self.new_slot(fd, session, &leftover, eof, client) else { return };
+        if self.phase.restarting() {
+            // Held as it is (not reading): it goes to the next image.
+            return;
+        }
         self.serve(id);
         if let Some(s) = self.conns.get(&id) {
-            if !(s.eof || s.handing_off || s.closing) {
+            if !(s.eof || s.handing_off || s.closing || s.throttled) {
                 s.conn.resume_reading();
             }
+        }
+    }
+
+    /// Serves the connections carried over an in-place restart (or kept
+    /// when one failed).
+    fn adopt_all(&mut self, conns: Vec<Carried>) {
+        for c in conns {
+            self.open_conn(c.fd, c.leftover, c.state, c.eof, c.client);
         }
     }
 
@@ -298,11 +400,18 @@ impl<P: Service> Server<P> {
         self.served += lengths.len() as u64;
     }
 
-    fn peer_up(&self) -> bool {
-        self.peer.as_ref().is_some_and(Channel::is_open)
+    /// Whether connections are handed on: there is a channel to the peer
+    /// (if it just broke, what is sent waits in `limbo` for its Closed).
+    fn peer_linked(&self) -> bool {
+        self.peer.is_some()
     }
 
     fn on_conn(&mut self, id: u64, ev: ConnEvent) {
+        self.conn_event(id, ev);
+        self.progress();
+    }
+
+    fn conn_event(&mut self, id: u64, ev: ConnEvent) {
         match ev {
             ConnEvent::Read => self.serve(id),
             ConnEvent::Drained => {
@@ -314,9 +423,12 @@ impl<P: Service> Server<P> {
                 } else if slot.closing {
                     self.conns.remove(&id);
                 } else if slot.throttled {
+                    let restarting = self.phase.restarting();
                     if let Some(slot) = self.conns.get_mut(&id) {
                         slot.throttled = false;
-                        slot.conn.resume_reading();
+                        if !restarting {
+                            slot.conn.resume_reading();
+                        }
                     }
                     self.serve(id);
                 }
@@ -339,12 +451,25 @@ impl<P: Service> Server<P> {
     /// off; every request while the peer is away. On EOF, closes once no
     /// complete request is left.
     fn serve(&mut self, id: u64) {
-        let peer_up = self.peer_up();
+        while self.serve_once(id) {}
+    }
+
+    /// One `serve` call of the session. True when it must run again at
+    /// once: it stopped at the output limit, but the socket took all of
+    /// that output (nothing is queued, so no drain would wake it).
+    fn serve_once(&mut self, id: u64) -> bool {
+        // Restarting: nothing more is served here; stopping: nothing is
+        // handed on, and a connection closes once it is answered.
+        if self.phase.restarting() {
+            return false;
+        }
+        let stopping = self.phase.stopping();
+        let peer_up = self.peer_linked() && !stopping;
         let Some(slot) = self.conns.get_mut(&id) else {
-            return;
+            return false;
         };
         if slot.handing_off || slot.closing || slot.throttled {
-            return;
+            return false;
         }
         let avail = slot.conn.input_len();
         let mut out = Vec::new();
@@ -360,25 +485,35 @@ impl<P: Service> Server<P> {
         if abort {
             self.conns.remove(&id);
             self.record(client, &lengths);
-            return;
+            return false;
         }
         // The response must be in the kernel before the descriptor leaves.
         let flushed = if out.is_empty() { Ok(slot.conn.output_len() == 0) } else { slot.conn.write_now(&out) };
         let answered = !lengths.is_empty();
         self.record(client, &lengths);
-        let Some(slot) = self.conns.get_mut(&id) else { return };
+        let Some(slot) = self.conns.get_mut(&id) else { return false };
         match flushed {
             Err(e) => {
                 log::debug!("connection {id}: write: {e}");
                 self.conns.remove(&id);
             }
             Ok(_) if close => self.close_when_flushed(id),
+            Ok(true) if !more && !peer_up && used > 0 => return true,
             Ok(_) if !more && !peer_up => {
                 // Serving alone and over the output limit: wait for the drain.
                 slot.throttled = true;
                 slot.conn.pause_reading();
             }
             Ok(_) if slot.eof && (!answered || !peer_up) => self.close_when_flushed(id),
+            Ok(_) if stopping => {
+                // What was in flight is answered: close, unless a request
+                // is still arriving.
+                if slot.conn.input_len() == 0 && !lifecycle::has_unread(slot.conn.raw_fd()) {
+                    self.close_when_flushed(id);
+                } else {
+                    slot.conn.resume_reading();
+                }
+            }
             Ok(_) if !answered || !peer_up => {}
             Ok(true) => self.hand_off(id),
             Ok(false) => {
@@ -386,6 +521,7 @@ impl<P: Service> Server<P> {
                 slot.conn.pause_reading();
             }
         }
+        false
     }
 
     fn close_when_flushed(&mut self, id: u64) {
@@ -419,8 +555,8 @@ impl<P: Service> Server<P> {
         };
         match peer.send(msg) {
             Ok(_) => self.handed += 1,
-            // The channel broke under us: its Closed event follows; serve here.
-            Err(msg) => self.take_back(vec![msg]),
+            // The channel broke under us: its Closed event follows.
+            Err(msg) => self.limbo.push(msg),
         }
     }
 
@@ -435,10 +571,15 @@ impl<P: Service> Server<P> {
         }
     }
 
+    /// Links to the peer while serving, unless a channel exists (a broken
+    /// one is replaced once its Closed event came).
     fn connect_peer(&mut self) {
-        if self.peer.as_ref().is_some_and(Channel::is_open) {
-            return;
+        if self.peer.is_none() && self.phase.serving() {
+            self.link();
         }
+    }
+
+    fn link(&mut self) {
         let r = sock::unix_connect(&self.peer_path).and_then(|fd| {
             let w = self.me.clone();
             Channel::new(&self.base, fd, move |ev| with(&w, |s| s.on_peer(ev)))
@@ -450,7 +591,7 @@ impl<P: Service> Server<P> {
                     crate::core::signals::ready(&format!("linked peer={}", self.peer_path.display()));
                     self.linked_once = true;
                 } else if self.peer_warned {
-                    log::warn!("peer {} is back; handing off again", self.peer_path.display());
+                    log::info!("peer {} is back; handing off again", self.peer_path.display());
                 }
                 self.peer = Some(ch);
                 self.peer_warned = false;
@@ -474,27 +615,65 @@ impl<P: Service> Server<P> {
 
     fn on_peer(&mut self, ev: ChannelEvent) {
         match ev {
+            ChannelEvent::Msg(m) if m.kind == KIND_NOTICE => match Leaving::parse(&m.body) {
+                Some(why) => {
+                    log::info!("peer {} says it is {}", self.peer_path.display(), why.name());
+                    self.peer_leaving = Some(why);
+                }
+                None => log::warn!("peer channel: unknown notice {:?}", String::from_utf8_lossy(&m.body)),
+            },
             ChannelEvent::Msg(m) => log::warn!("peer channel: unexpected message kind {}", m.kind),
             ChannelEvent::Refused(m) => {
                 log::warn!("peer {} is out of descriptors; serving a connection here", self.peer_path.display());
                 self.take_back(vec![m]);
             }
-            ChannelEvent::Closed { reason, returned, orphans } => {
+            ChannelEvent::Closed { reason, mut returned, orphans } => {
                 drop(orphans); // the peer sends nothing on our outbound channel
-                let why = reason.map_or_else(|| "closed".to_string(), |e| e.to_string());
-                log::warn!(
-                    "lost peer {} ({why}); {} connection(s) come back; serving here, retrying",
-                    self.peer_path.display(),
-                    returned.len()
-                );
                 self.peer = None;
-                self.peer_warned = true;
+                self.settle_wait = false;
+                returned.append(&mut self.limbo);
+                let n = returned.len();
+                let path = self.peer_path.display().to_string();
+                match (self.peer_leaving.take(), reason) {
+                    (Some(Leaving::Restarting), _) if !self.phase.stopping() => {
+                        // Its listener queues while it restarts: link again at
+                        // once and give it back what it had not taken, so no
+                        // connection is served here out of turn. (Restarting
+                        // ourselves, we wait for its next image to take them.)
+                        log::info!("peer {path} restarts in place; {n} connection(s) wait for it");
+                        self.link();
+                        if let Some(peer) = self.peer.clone() {
+                            for m in returned {
+                                // (Counted as handed when first sent.)
+                                if let Err(m) = peer.send(m) {
+                                    self.limbo.push(m);
+                                }
+                            }
+                            self.progress();
+                            return;
+                        }
+                    }
+                    (Some(why), _) => {
+                        log::info!("peer {path} is {}; {n} connection(s) come back; serving here", why.name());
+                        self.peer_warned = true;
+                    }
+                    (None, reason) => {
+                        let why = reason.map_or_else(|| "closed".to_string(), |e| e.to_string());
+                        log::warn!("lost peer {path} ({why}); {n} connection(s) come back; serving here, retrying");
+                        self.peer_warned = true;
+                    }
+                }
                 self.take_back(returned);
-                if let Some(t) = &self.retry {
-                    let _ = t.add(Some(RETRY_MIN));
+                if self.phase.serving() {
+                    if let Some(t) = &self.retry {
+                        if !t.pending() {
+                            let _ = t.add(Some(RETRY_MIN));
+                        }
+                    }
                 }
             }
         }
+        self.progress();
     }
 
     fn flush_log(&mut self) {
@@ -502,42 +681,5 @@ impl<P: Service> Server<P> {
         if let Some(t) = &self.log_timer {
             let _ = t.add(Some(LOG_FLUSH));
         }
-    }
-
-    /// TERM, INT, QUIT stop; USR1 reopens the request log; the rest are
-    /// logged and ignored (a pair server restarts by stopping one server at
-    /// a time: its peer serves alone meanwhile).
-    fn on_signal(&mut self, sig: i32) {
-        let name = crate::core::signals::name(sig);
-        match sig {
-            libc::SIGTERM | libc::SIGINT | libc::SIGQUIT => self.shutdown(sig),
-            libc::SIGUSR1 => match self.log.reopen() {
-                Ok(()) => log::info!("{name}: request log reopened"),
-                Err(e) => log::error!("{name}: cannot reopen the request log: {e}"),
-            },
-            libc::SIGHUP | libc::SIGUSR2 => {
-                log::warn!(
-                    "{name}: a pair server does not restart in place; ignored (stop it, its peer serves meanwhile)"
-                )
-            }
-            _ => log::warn!("{name} has no meaning here; ignored"),
-        }
-    }
-
-    fn shutdown(&mut self, sig: i32) {
-        log::info!("{}: stopping (open connections: {})", crate::core::signals::name(sig), self.conns.len());
-        self.listeners.clear();
-        self.conns.clear();
-        if let Some(p) = self.peer.take() {
-            p.shutdown();
-        }
-        for (_, ch) in self.inbound.drain() {
-            ch.shutdown();
-        }
-        self.retry = None;
-        self.log_timer = None;
-        self.signals.clear();
-        self.log.flush();
-        self.base.exit(None);
     }
 }
