@@ -348,3 +348,29 @@ fn hup_with_a_changed_config_changes_workers_under_load_losing_nothing() {
     let served: Vec<u64> = worker_field(&c.status(), "handed");
     assert_eq!(served.len(), 3);
 }
+
+/// A config file broken before a HUP: the new generation cannot start,
+/// the restart aborts, the old generation serves on with its connections.
+#[test]
+fn hup_with_a_broken_config_keeps_the_running_generation() {
+    let tmp = TempDir::new("hupb");
+    let conf = tmp.path().join("handoff.toml");
+    std::fs::write(&conf, "workers = 2\n").unwrap();
+    let cf = conf.display().to_string();
+    let dir = tmp.path().join("d");
+    let mut cmd = Command::new(bin());
+    cmd.args(["cluster", "--port", "0", "--config", &cf, "--dir"]).arg(&dir);
+    let c = Cluster::adopt("cluster", tmp, dir, 2, TestServer::start_cmd("cluster", cmd));
+    let gen1 = c.master_pid();
+    let mut kept = c.connect();
+    kept.ping(&json!("before"));
+    std::fs::write(&conf, "workers = 2\nno_such_setting = 1\n").unwrap();
+    c.server.signal(libc::SIGHUP);
+    let ok = poll_until(Duration::from_secs(10), || c.server.stderr_text().contains("restart aborted"));
+    assert!(ok, "no abort logged:\n{}", c.server.stderr_text());
+    assert!(c.server.stderr_text().contains("no_such_setting"), "the reason is not logged");
+    let v = c.status();
+    assert_eq!((v["gen"].clone(), v["pid"].clone()), (json!(1), json!(gen1)), "{v}");
+    kept.ping(&json!("after"));
+    assert_eq!(kept.whoami()["gen"], json!(1));
+}
