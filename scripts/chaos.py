@@ -217,7 +217,8 @@ class Cluster:
 
     @staticmethod
     def children(pid, role):
-        """The live children of pid that run `handoff ROLE` (worker, takeover)."""
+        """The live children of pid that run `handoff ROLE` (worker; cluster: a
+        restart's new master, which runs the master's own command line)."""
         out = []
         try:
             for task in os.listdir(f"/proc/{pid}/task"):
@@ -817,7 +818,7 @@ class Faults(threading.Thread):
             return
         old, gen0 = st["pid"], st["gen"]
         e = self.led.event(kind, f"restart nofile={self.o.lowfd}" if kind == "restart-lowfd" else "restart")
-        before = (set(self.cl.children(old, "takeover")), self.ctl_inode())
+        before = (set(self.cl.children(old, "cluster")), self.ctl_inode())
         p = subprocess.Popen([self.o.bin, "restart", "--dir", self.cl.dir] + args,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         note = self.mid_takeover(e, p, old, victim, before) if victim else ""
@@ -855,14 +856,14 @@ class Faults(threading.Thread):
             return None
 
     def mid_takeover(self, e, p, old, victim, before):
-        """Waits for the new master (a `takeover` child of the old one; to
+        """Waits for the new master (a `cluster` child of the old one; to
         kill the old one: until the new one has the listener, i.e. has
         renamed its control socket over the old one's), then a random part
         of a restart's usual time; then SIGKILLs the victim."""
         kids, ino = before
         new, deadline = None, now() + 10
         while now() < deadline and p.poll() is None:
-            new = new or next((q for q in self.cl.children(old, "takeover") if q not in kids), None)
+            new = new or next((q for q in self.cl.children(old, "cluster") if q not in kids), None)
             if new and (victim == "new" or self.ctl_inode() != ino):
                 break
             time.sleep(0.002)
