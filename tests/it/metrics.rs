@@ -213,6 +213,18 @@ fn scrape(addr: &str) -> Exposition {
     Exposition::parse(&r.body)
 }
 
+/// Waits for `handoff_worker_up` to show every worker up (a worker
+/// slow to answer the heartbeat, e.g. under valgrind, shows 0 meanwhile).
+#[track_caller]
+fn assert_all_up(addr: &str, workers: usize) {
+    let mut up = Vec::new();
+    let ok = poll_until(Duration::from_secs(20), || {
+        up = scrape(addr).per_worker("handoff_worker_up", workers);
+        up.iter().all(|&u| u == 1.0)
+    });
+    assert!(ok, "handoff_worker_up never all 1: {up:?}");
+}
+
 /// A cluster of `workers` with `--metrics` on a free port (and `extra`).
 fn cluster(workers: usize, extra: &[&str]) -> (Cluster, String) {
     let addr = format!("127.0.0.1:{}", free_port());
@@ -277,7 +289,7 @@ fn metrics_match_the_traffic() {
     assert!(served.iter().sum::<f64>() >= (CONNS * PINGS) as f64, "served {served:?}");
     assert_eq!(m.per_worker("handoff_worker_open_connections", 2), [0.0, 0.0]);
     assert_eq!(m.per_worker("handoff_worker_respawns_total", 2), [0.0, 0.0]);
-    assert_eq!(m.per_worker("handoff_worker_up", 2), [1.0, 1.0]);
+    assert_all_up(&addr, 2);
 
     // One handover timed per connection handed, every one acknowledged.
     assert_eq!(m.check_histogram("handoff_handover_seconds"), n);
@@ -369,6 +381,50 @@ fn a_restart_counts_restarts_and_moves_and_the_endpoint_moves_too() {
 }
 
 #[test]
+fn rebalancing_moves_are_counted_and_handed_again() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (c, addr) = cluster(2, &["--rebalance"]);
+    // Busy requests on worker 0's connections only: it is hot, worker 1 idle.
+    let mut hot = Vec::new();
+    for _ in 0..16 {
+        let mut r = c.connect();
+        if r.whoami()["worker"] == json!(0) {
+            hot.push(r);
+        }
+    }
+    let stop = AtomicBool::new(false);
+    let moved = std::thread::scope(|s| {
+        for r in &mut hot {
+            let stop = &stop;
+            s.spawn(move || {
+                let req = json!({"in": "work", "params": {"us": 300}});
+                while !stop.load(Ordering::Relaxed) {
+                    assert_eq!(r.call(&req), json!({"out": "work", "result": 300}));
+                }
+            });
+        }
+        let v = c.wait_status("a rebalancing move", Duration::from_secs(20), |v| sum_field(v, "moved_out") > 0);
+        stop.store(true, Ordering::Relaxed);
+        v
+    });
+    let moved_out = sum_field(&moved, "moved_out") as f64;
+    // Each move is one more handover, timed like the others once the
+    // receiving worker has acknowledged it.
+    let mut m = Exposition::default();
+    let settled = poll_until(Duration::from_secs(10), || {
+        m = scrape(&addr);
+        let handed: f64 = m.per_worker("handoff_worker_handed_total", 2).iter().sum();
+        let moves = m.get("handoff_moves_total", &[("reason", "rebalance")]);
+        handed == m.get("handoff_accepted_total", &[]) + moves
+            && m.check_histogram("handoff_handover_seconds") == handed
+    });
+    let moves = m.get("handoff_moves_total", &[("reason", "rebalance")]);
+    assert!(settled, "handed = accepted + moves = handovers timed, never: {:?}", m.samples);
+    assert!(moves >= moved_out && moves > 0.0, "moves {moves}, status said {moved_out}");
+    assert_eq!(m.get("handoff_moves_total", &[("reason", "restart")]), 0.0);
+}
+
+#[test]
 fn a_node_serves_metrics_with_its_name() {
     let addr = format!("127.0.0.1:{}", free_port());
     let n = Node::start("alpha", 0, 2, &[], &["--metrics", &addr]);
@@ -376,7 +432,8 @@ fn a_node_serves_metrics_with_its_name() {
     let m = scrape(&addr);
     assert_eq!(m.get("handoff_info", &[("mode", "node"), ("node", "alpha")]), 1.0);
     assert_eq!(m.get("handoff_accepted_total", &[]), 1.0);
-    assert_eq!(m.per_worker("handoff_worker_up", 2), [1.0, 1.0]);
+    assert_eq!(m.per_worker("handoff_worker_accepted_total", 2).iter().sum::<f64>(), 1.0);
+    assert_all_up(&addr, 2);
 }
 
 #[test]
