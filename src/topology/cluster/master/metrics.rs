@@ -451,6 +451,19 @@ mod tests {
     }
 
     #[test]
+    fn a_restart_keeps_the_socket_only_for_the_same_address() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let old = format!("127.0.0.1:{port}");
+        let fd = || Some(OwnedFd::from(l.try_clone().unwrap()));
+        assert!(inherit(Some(&old), Some(&old), fd()).is_some());
+        assert!(inherit(Some(&format!("localhost:{port}")), Some(&old), fd()).is_some(), "a name for it");
+        assert!(inherit(Some("127.0.0.1:1"), Some(&old), fd()).is_none(), "moved elsewhere");
+        assert!(inherit(None, Some(&old), fd()).is_none(), "metrics turned off");
+        assert!(inherit(Some(&old), None, None).is_none(), "nothing passed on");
+    }
+
+    #[test]
     fn only_get_and_head_of_the_metrics_path() {
         let ok = || Some("x 1\n".to_string());
         let r = |method, path| respond(&HttpRequest { method, path }, ok);
