@@ -460,3 +460,30 @@ fn a_metrics_address_that_cannot_be_used_fails_the_start() {
         assert!(err.contains("--metrics"), "--metrics {bad}: {err}");
     }
 }
+
+#[test]
+fn metrics_from_a_config_file_and_handoff_check() {
+    let tmp = TempDir::new("mcfg");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let d = tmp.path().join("d");
+    let write = |name: &str, metrics: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, format!("port = 0\ndir = \"{}\"\nmetrics = \"{metrics}\"\n", d.display())).unwrap();
+        p
+    };
+    let check = |cfg: &std::path::Path| {
+        let mut cmd = Command::new(bin());
+        cmd.arg("check").arg("--config").arg(cfg);
+        run_cmd(&mut cmd, Duration::from_secs(30))
+    };
+    let good = write("good.toml", &addr);
+    let (st, out, err) = check(&good);
+    assert!(st.success(), "check {}: {out}\n{err}", good.display());
+    let bad = write("bad.toml", "127.0.0.1:http");
+    let (st, _, err) = check(&bad);
+    assert!(!st.success() && err.contains("--metrics") && err.contains("not a port"), "{err}");
+    // A cluster started from the file serves metrics there.
+    let c = Cluster::start(1, &["--config", good.to_str().unwrap()]);
+    c.connect().ping(&json!(1));
+    assert_eq!(scrape(&addr).get("handoff_accepted_total", &[]), 1.0);
+}
