@@ -38,6 +38,7 @@ TESTS=${MEMCHECK_TESTS:-"
     http::http_restart_under_keepalive_load_fails_no_request
     service::shout_cluster_restart_moves_a_partial_line_and_the_session_state
     service::shout_pair_hands_the_count_over_on_every_hop
+    metrics::a_restart_counts_restarts_and_moves_and_the_endpoint_moves_too
 "}
 SUPP=${MEMCHECK_SUPP:-.ci/valgrind.supp}
 # --xml=yes turns leak checking back on; the two leak-kind options keep it off.

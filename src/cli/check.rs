@@ -132,6 +132,13 @@ fn master_checks(m: &MasterArgs) -> Result<(), String> {
     if let Some(p) = &m.access_log {
         writable_file(p)?;
     }
+    if let Some(a) = &m.metrics {
+        match a.to_socket_addrs().map(|mut addrs| addrs.next()) {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(format!("--metrics {a}: no address")),
+            Err(e) => return Err(format!("--metrics {a}: {e}")),
+        }
+    }
     Ok(())
 }
 

@@ -422,6 +422,10 @@ struct MasterArgs {
     /// the user it already runs as.
     #[arg(long, value_name = "NAME")]
     user: Option<String>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (the master's
+    /// own event loop; IPv6 in brackets: [::1]:9100).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    metrics: Option<String>,
 }
 
 impl MasterArgs {
@@ -457,6 +461,7 @@ impl MasterArgs {
             // Workers and a restart's new master may run elsewhere.
             access_log: self.access_log.map(std::path::absolute).transpose()?,
             user: self.user,
+            metrics: self.metrics,
         })
     }
 }
@@ -537,6 +542,20 @@ fn parse_secs(s: &str) -> Result<f64, String> {
         return Err(format!("'{s}' is out of range: give 0 to 86400 seconds"));
     }
     Ok(v)
+}
+
+/// `HOST:PORT`, port 0 to 65535 (the address is resolved and bound at
+/// start, where an error names it).
+fn parse_host_port(s: &str) -> Result<String, String> {
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("'{s}': give HOST:PORT, e.g. 127.0.0.1:9100"))?;
+    port.parse::<u16>().map_err(|_| format!("'{s}': '{port}' is not a port (0 to 65535)"))?;
+    if host.is_empty() {
+        return Err(format!("'{s}': the host is missing (e.g. 127.0.0.1:{port})"));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(format!("'{s}': write an IPv6 address in brackets, e.g. [::1]:{port}"));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_workers(s: &str) -> Result<usize, String> {

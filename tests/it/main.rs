@@ -8,6 +8,7 @@ mod cluster;
 mod cworker;
 mod faults;
 mod http;
+mod metrics;
 mod node;
 mod ops_config;
 mod ops_master;

@@ -83,7 +83,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::rc::{Rc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::core::fdpass;
 use crate::core::reactor::{Base, Event, Interest};
@@ -274,6 +274,11 @@ struct Inner {
     /// The peer closed its end (EOF, EPIPE, ECONNRESET).
     peer_closed: bool,
     stats: Stats,
+    /// [`Channel::time_acks`]: told each CONN's time from send to ACK.
+    ack_timer: Option<Rc<dyn Fn(Duration)>>,
+    /// When each CONN not yet acknowledged was sent, by id (only while
+    /// `ack_timer` is set).
+    sent_at: VecDeque<(u64, Instant)>,
 }
 
 /// A handle to a channel; clones share it.
@@ -312,6 +317,8 @@ impl Channel {
             acked_msgs: Vec::new(),
             peer_closed: false,
             stats: Stats::default(),
+            ack_timer: None,
+            sent_at: VecDeque::new(),
         }));
         let w = Rc::downgrade(&inner);
         let read_ev = Event::new(base, raw, Interest::Read, move || on_readable(&w))?;
@@ -342,12 +349,19 @@ impl Channel {
             i.next_id += 1;
         }
         let id = msg.id;
+        let timed = msg.kind == KIND_CONN && i.ack_timer.is_some();
+        if timed {
+            i.sent_at.push_back((id, Instant::now()));
+        }
         let alone = i.queue.is_empty();
         i.queue.push_back(msg);
         if let Err(e) = i.pump() {
             if alone && i.chunk_off == 0 && i.queue.len() == 1 {
                 // Nothing of it left: give it straight back.
                 let msg = i.queue.pop_back().expect("just pushed");
+                if timed {
+                    i.sent_at.pop_back();
+                }
                 i.fail(Some(e));
                 return Err(msg);
             }
@@ -387,6 +401,14 @@ impl Channel {
     /// over until the new side commits. See [`Channel::take_acked`].
     pub fn set_keep_acked(&self, keep: bool) {
         self.0.borrow_mut().keep_acked = keep;
+    }
+
+    /// Calls `f` with each CONN's time from [`Channel::send`] to the peer's
+    /// ACK (a handover's latency): one clock read per send and per ACK
+    /// while set. `f` runs inside the channel's read path: it must not use
+    /// this channel (count, and return).
+    pub fn time_acks(&self, f: impl Fn(Duration) + 'static) {
+        self.0.borrow_mut().ack_timer = Some(Rc::new(f));
     }
 
     /// The acknowledged CONNs kept so far (`set_keep_acked`).
@@ -651,6 +673,13 @@ impl Inner {
         let body = &self.buf[HEADER_LEN..r.len];
         match h.kind {
             KIND_ACK => {
+                if let (Some(f), false) = (&self.ack_timer, self.sent_at.is_empty()) {
+                    let now = Instant::now();
+                    while let Some(&(_, sent)) = self.sent_at.front().filter(|(id, _)| *id <= h.id) {
+                        self.sent_at.pop_front();
+                        f(now.saturating_duration_since(sent));
+                    }
+                }
                 while self.unacked.front().is_some_and(|m| m.id <= h.id) {
                     let m = self.unacked.pop_front().expect("front exists");
                     self.stats.conns_acked += 1;
@@ -661,6 +690,9 @@ impl Inner {
                 Ok(None)
             }
             KIND_NACK => {
+                if let Some(pos) = self.sent_at.iter().position(|(id, _)| *id == h.id) {
+                    self.sent_at.remove(pos);
+                }
                 if let Some(pos) = self.unacked.iter().position(|m| m.id == h.id) {
                     let m = self.unacked.remove(pos).expect("position is valid");
                     self.stats.conns_refused += 1;

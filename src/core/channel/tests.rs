@@ -277,3 +277,29 @@ fn client_addresses_travel_v4_in_the_tag_v6_after_the_body() {
     assert_eq!((m.body.len(), m.flags), (1, 0));
     assert_eq!(wire::split_state(got[1].body.clone()), (b"state".to_vec(), b"ahead".to_vec()));
 }
+
+#[test]
+fn time_acks_reports_each_connection_once_acknowledged() {
+    let base = Base::new().unwrap();
+    let (a, b) = sock::seqpacket_pair().unwrap();
+    let times: Rc<RefCell<Vec<Duration>>> = Rc::default();
+    let t = times.clone();
+    let tx = Channel::new(&base, a, |_| {}).unwrap();
+    tx.time_acks(move |d| t.borrow_mut().push(d));
+    let _rx = Channel::new(&base, b, |_| {}).unwrap();
+    let started = Instant::now();
+    for _ in 0..3 {
+        let (_client, server) = UnixStream::pair().unwrap();
+        tx.send(Msg::conn(OwnedFd::from(server), Vec::new(), 0)).unwrap();
+    }
+    // Not a CONN: not timed.
+    tx.send(Msg::control(wire::KIND_USER, b"x".to_vec())).unwrap();
+    assert!(times.borrow().is_empty(), "nothing is acknowledged before the loop runs");
+    let bs = base.clone();
+    tx.when_settled(move || bs.exit(None));
+    run(&base);
+    let times = times.borrow();
+    assert_eq!(times.len(), 3, "one time per acknowledged connection: {times:?}");
+    assert!(times.iter().all(|d| *d <= started.elapsed()), "{times:?}");
+    assert_eq!(tx.stats().conns_acked, 3);
+}

@@ -70,6 +70,8 @@ struct State {
     backoff: RefCell<Option<Event>>,
     /// Paused by the owner: the backoff timer must not resume it.
     paused: Cell<bool>,
+    /// Accept errors so far (each one paused accepting).
+    errors: Cell<u64>,
 }
 
 impl Listener {
@@ -90,7 +92,12 @@ impl Listener {
     /// rate-limited log line, instead of spinning on a full backlog.
     pub fn adopt(base: &Base, fd: OwnedFd, on_accept: impl Fn(OwnedFd) + 'static) -> io::Result<Listener> {
         let raw = fd.as_raw_fd();
-        let state = Rc::new(State { event: RefCell::new(None), backoff: RefCell::new(None), paused: Cell::new(false) });
+        let state = Rc::new(State {
+            event: RefCell::new(None),
+            backoff: RefCell::new(None),
+            paused: Cell::new(false),
+            errors: Cell::new(0),
+        });
         let w: Weak<State> = Rc::downgrade(&state);
         let event = Event::new(base, raw, Interest::Read, move || {
             for _ in 0..ACCEPT_BATCH {
@@ -107,6 +114,7 @@ impl Listener {
                     Err(e) => {
                         crate::warn_limited!("{e}; accepting again in {ACCEPT_BACKOFF:?}");
                         if let Some(s) = w.upgrade() {
+                            s.errors.set(s.errors.get() + 1);
                             if let Some(ev) = s.event.borrow().as_ref() {
                                 ev.del();
                             }
@@ -150,6 +158,12 @@ impl Listener {
             Some(e) => e.add(None),
             None => Ok(()),
         }
+    }
+
+    /// How many accepts failed so far (EMFILE, ENFILE, ENOBUFS...; each
+    /// paused accepting for 100 ms).
+    pub fn accept_errors(&self) -> u64 {
+        self.state.errors.get()
     }
 
     /// The IPv4 address a TCP listener is bound to (with the real port

@@ -1,7 +1,8 @@
 //! A small safe layer over libevent: one [`Base`] per process, [`Event`]s
 //! for descriptors, timers and signals, [`Listener`]s for TCP and Unix
 //! endpoints, and [`Conn`], one bufferevent-backed byte stream type for
-//! TCP and Unix sockets alike.
+//! TCP and Unix sockets alike, and [`HttpServer`] (libevent's evhttp) for
+//! side endpoints such as `/metrics`.
 //!
 //! Ownership rules, shared by every type here:
 //! - each wrapper owns exactly one C object and frees it in `Drop`;
@@ -31,11 +32,13 @@
 mod base;
 mod conn;
 mod event;
+mod http;
 mod listener;
 
 pub use base::Base;
 pub use conn::{Conn, ConnEvent};
 pub use event::{Event, Interest};
+pub use http::{HttpRequest, HttpResponse, HttpServer, Method};
 pub use listener::{Endpoint, Listener};
 
 /// libevent's `struct event_base`, for [`Base::from_foreign`].

@@ -145,13 +145,17 @@ impl Master {
     fn hand_client(&mut self, id: u64, flags: u32) {
         let Some(s) = self.sniffing.remove(&id) else { return };
         let (fd, leftover) = s.conn.detach();
-        self.assign_to(None, Msg::conn(fd, leftover, flags));
+        if let Some(i) = self.assign_to(None, Msg::conn(fd, leftover, flags)) {
+            self.metrics.accepted_by(i);
+        }
     }
 
     fn hand_link(&mut self, id: u64, target: usize) {
         let Some(s) = self.sniffing.remove(&id) else { return };
         let (fd, leftover) = s.conn.detach();
-        self.assign_to(Some(target), Msg::conn(fd, leftover, wire::FLAG_NODE_LINK));
+        if let Some(i) = self.assign_to(Some(target), Msg::conn(fd, leftover, wire::FLAG_NODE_LINK)) {
+            self.metrics.accepted_by(i);
+        }
     }
 
     pub(crate) fn node_name(&self) -> &str {

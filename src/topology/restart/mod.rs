@@ -25,7 +25,7 @@ use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::core::reactor::{Event, Interest};
 use crate::topology::cluster::control::Client;
 use crate::topology::cluster::control_path;
-use crate::topology::cluster::master::{with, Config, Master};
+use crate::topology::cluster::master::{metrics, with, Config, Master};
 use crate::topology::cluster::{
     Policy, KIND_DRAIN, KIND_RESTART_PROBED, KIND_RESTART_REPLY, KIND_RESTART_REQ, KIND_TAKEOVER_BEGUN,
     KIND_TAKEOVER_COMMIT, KIND_TAKEOVER_COMMITTED, KIND_TAKEOVER_ENDED, KIND_TAKEOVER_HELLO, KIND_TAKEOVER_READY,
@@ -273,6 +273,7 @@ impl Master {
             return;
         }
         let Some(mut r) = self.restart.take() else { return };
+        self.metrics.error(metrics::Fault::RestartAborted);
         let gen = self.cfg.gen;
         if let Some(c) = r.child.as_mut() {
             let _ = c.kill();
@@ -398,7 +399,19 @@ impl Master {
                 return;
             }
         };
+        // The metrics endpoint's socket moves too (scrapes go on answering).
+        let metrics_fd = match self.metrics.server.as_ref().map(|s| s.try_clone_listener()) {
+            Some(Ok(fd)) => Some(fd),
+            Some(Err(e)) => {
+                log::error!(
+                    "takeover: cannot duplicate the metrics socket ({e}): the new generation serves no metrics"
+                );
+                None
+            }
+            None => None,
+        };
         let cfg = json!({
+            "metrics": metrics_fd.as_ref().and(self.cfg.metrics.as_ref()),
             "host": self.cfg.host,
             "port": self.port,
             "workers": self.cfg.workers,
@@ -425,6 +438,14 @@ impl Master {
         if ch.send(msg).is_err() {
             log::error!("takeover: the new master's channel broke");
             return;
+        }
+        if let Some(fd) = metrics_fd {
+            let msg =
+                Msg { kind: wire::KIND_LISTENER, flags: 0, id: 0, body: b"metrics".to_vec(), fd: Some(fd), tag: 0 };
+            if ch.send(msg).is_err() {
+                log::error!("takeover: the new master's channel broke");
+                return;
+            }
         }
         // The kernel's word for who connected, not the HELLO's.
         let pid = ch.peer_pid().unwrap_or(0);
@@ -477,7 +498,10 @@ impl Master {
             }
             ChannelEvent::Msg(m) => log::warn!("successor: unexpected message kind {}", m.kind),
             // Out of descriptors over there: offered again, until --grace.
-            ChannelEvent::Refused(m) => self.retry_later(m),
+            ChannelEvent::Refused(m) => {
+                self.metrics.error(metrics::Fault::Refused);
+                self.retry_later(m)
+            }
             ChannelEvent::Closed { reason, returned, .. } => {
                 // What it never acknowledged is ours again (the acknowledged
                 // ones the channel kept are taken back by the abort).
@@ -663,6 +687,8 @@ impl Master {
         }
         self.listener = None;
         self.shared_fd = None;
+        // The new generation serves the metrics socket alone from now on.
+        self.metrics.server = None;
         // Our copies of what moved are closed; the new side owns them.
         if let Some(s) = self.successor.take() {
             drop(s.take_acked());
@@ -744,6 +770,7 @@ impl Master {
     /// is in flight here). One carrying bytes waits unread until the old
     /// master is gone, so that its copy of those bytes stays exact.
     pub(crate) fn take_moved(&mut self, mut m: Msg) {
+        self.metrics.moved_by_restart();
         m.flags &= !wire::FLAG_RELEASED;
         m.tag = 0;
         if self.predecessor.is_some() && !wire::past_history(m.flags, &m.body).is_empty() {
@@ -774,15 +801,21 @@ impl Master {
 }
 
 /// Says HELLO to the master serving in `dir`; returns its listening
-/// socket, its settings, and the channel that goes on delivering its
+/// socket, its settings, its metrics endpoint's listening socket (if it
+/// serves `--metrics`), and the channel that goes on delivering its
 /// connections.
-fn hello(dir: &Path) -> io::Result<(OwnedFd, Value, OwnedFd)> {
+fn hello(dir: &Path) -> io::Result<(OwnedFd, Value, Option<OwnedFd>, OwnedFd)> {
     let mut c = Client::connect(dir)?;
     c.send(KIND_TAKEOVER_HELLO, json!({"pid": std::process::id()}).to_string().as_bytes())?;
     let (body, fd) = c.recv(wire::KIND_LISTENER, DEFAULT_TIMEOUT)?;
     let fd = fd.ok_or_else(|| io::Error::other("takeover: no listening socket"))?;
     let v: Value = serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    Ok((fd, v, c.into_fd()))
+    // The metrics socket follows in a message of its own.
+    let metrics_fd = match v["metrics"].is_string() {
+        true => c.recv(wire::KIND_LISTENER, DEFAULT_TIMEOUT)?.1,
+        false => None,
+    };
+    Ok((fd, v, metrics_fd, c.into_fd()))
 }
 
 fn bad(what: &str) -> io::Error {
@@ -793,7 +826,7 @@ fn bad(what: &str) -> io::Error {
 /// master in `dir` for its listening socket and settings, then serves
 /// as the next generation with those settings.
 pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<()> {
-    let (fd, v, channel) = hello(dir)?;
+    let (fd, v, metrics_fd, channel) = hello(dir)?;
     let cfg = Config {
         host: v["host"].as_str().ok_or_else(|| bad("host"))?.to_string(),
         port: v["port"].as_u64().ok_or_else(|| bad("port"))? as u16,
@@ -814,8 +847,9 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
         idle_timeout: v["idle_timeout"].as_f64().map(Duration::from_secs_f64),
         access_log: v["access_log"].as_str().map(PathBuf::from),
         user: v["user"].as_str().map(str::to_string),
+        metrics: v["metrics"].as_str().map(str::to_string),
     };
-    crate::topology::cluster::master::run_on(cfg, fd, Some(channel))
+    crate::topology::cluster::master::run_on_with(cfg, fd, Some(channel), metrics_fd)
 }
 
 /// A master started by a restart (`HANDOFF_TAKEOVER`): its settings come
@@ -823,7 +857,7 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
 /// changes workers, policy, limits and log level); the listening socket
 /// and the generation come from the master serving in `cfg.dir`.
 pub fn takeover_reloaded(mut cfg: Config) -> io::Result<()> {
-    let (fd, v, channel) = hello(&cfg.dir)?;
+    let (fd, v, metrics_fd, channel) = hello(&cfg.dir)?;
     cfg.gen = v["gen"].as_u64().ok_or_else(|| bad("gen"))? + 1;
     let (host, port) = (v["host"].as_str().unwrap_or(""), v["port"].as_u64().unwrap_or(0) as u16);
     if cfg.host != host || cfg.port != 0 && cfg.port != port {
@@ -835,7 +869,9 @@ pub fn takeover_reloaded(mut cfg: Config) -> io::Result<()> {
     }
     cfg.host = host.to_string();
     cfg.port = port;
-    crate::topology::cluster::master::run_on(cfg, fd, Some(channel))
+    // The metrics socket is kept if --metrics still names it.
+    let metrics_fd = metrics::inherit(cfg.metrics.as_deref(), v["metrics"].as_str(), metrics_fd);
+    crate::topology::cluster::master::run_on_with(cfg, fd, Some(channel), metrics_fd)
 }
 
 /// How long `handoff restart` waits for the new generation's workers to

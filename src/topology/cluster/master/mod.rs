@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+pub(crate) mod metrics;
 mod rebalance;
 
 use super::{
@@ -98,6 +99,8 @@ pub struct Config {
     /// user (the master itself stays root). An unknown user, or a master
     /// not root and not already NAME, is an error at start.
     pub user: Option<String>,
+    /// `--metrics HOST:PORT`: serve Prometheus metrics at `/metrics` there.
+    pub metrics: Option<String>,
 }
 
 /// The master's copy of a connection a worker serves: the descriptor it
@@ -249,6 +252,8 @@ pub(crate) struct Master {
     pub(crate) exe_fd: Option<OwnedFd>,
     /// Accepting paused at `--max-conns` open connections.
     pub(crate) at_limit: bool,
+    /// `--metrics`: the counters, and the endpoint serving them.
+    pub(crate) metrics: metrics::Metrics,
 }
 
 pub(crate) fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
@@ -309,6 +314,18 @@ fn activated_listener() -> io::Result<Option<OwnedFd>> {
 /// control channel of the master this one replaces (restart), which
 /// goes on handing it connections.
 pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd>) -> io::Result<()> {
+    run_on_with(cfg, listen_fd, predecessor, None)
+}
+
+/// As [`run_on`], serving `--metrics` on `metrics_fd` if given (the
+/// listening socket the previous generation passed on) instead of binding
+/// `cfg.metrics`.
+pub(crate) fn run_on_with(
+    cfg: Config,
+    listen_fd: OwnedFd,
+    predecessor: Option<OwnedFd>,
+    metrics_fd: Option<OwnedFd>,
+) -> io::Result<()> {
     crate::core::signals::ignore_sigpipe();
     sock::raise_nofile()?;
     let supervised = crate::topology::supervisor::link::adopt_from_env()?;
@@ -360,10 +377,16 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
             supervisor_watch: None,
             exe_fd: crate::topology::restart::open_exe(&cfg.exe),
             at_limit: false,
+            metrics: Default::default(),
         })
     });
     {
         let mut m = master.borrow_mut();
+        if let Some(addr) = &cfg.metrics {
+            // Before any worker starts: a port that cannot be bound fails
+            // the start.
+            m.metrics.serve(&base, addr, metrics_fd, Rc::downgrade(&master))?;
+        }
         let handled =
             [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2, libc::SIGCHLD];
         for sig in handled.into_iter().chain(crate::core::signals::IGNORED) {
@@ -509,6 +532,7 @@ impl Master {
         let w = self.me.clone();
         let channel = Channel::new(&self.base, mine, move |ev| with(&w, |m| m.on_worker(index, inc, ev)))?;
         channel.set_keep_acked(true);
+        channel.time_acks(self.metrics.handover_timer());
         log::info!("worker {index} started, pid {}", child.id());
         slot.child = Some(child);
         slot.channel = Some(channel);
@@ -562,6 +586,7 @@ impl Master {
     }
 
     fn accept(&mut self, fd: OwnedFd) {
+        self.metrics.accepted();
         if self.cfg.node.is_some() {
             self.sniff(fd);
             if self.cfg.max_conns.is_some() {
@@ -570,7 +595,9 @@ impl Master {
             return;
         }
         let _ = sock::set_nodelay(fd.as_raw_fd());
-        self.assign(Msg::conn(fd, Vec::new(), 0));
+        if let Some(i) = self.assign_to(None, Msg::conn(fd, Vec::new(), 0)) {
+            self.metrics.accepted_by(i);
+        }
         if self.cfg.max_conns.is_some() {
             self.update_accepting();
         }
@@ -607,14 +634,16 @@ impl Master {
     /// Hands a connection to a worker, keeping a copy until the worker
     /// closes it; keeps it pending if no worker is live.
     pub(crate) fn assign(&mut self, msg: Msg) {
-        self.assign_to(None, msg)
+        self.assign_to(None, msg);
     }
 
-    /// As `assign`, to worker `target` if given (node links).
-    pub(crate) fn assign_to(&mut self, target: Option<usize>, mut msg: Msg) {
+    /// As `assign`, to worker `target` if given (node links). Returns the
+    /// worker it went to (`None`: waiting, passed to the successor, or
+    /// dropped).
+    pub(crate) fn assign_to(&mut self, target: Option<usize>, mut msg: Msg) -> Option<usize> {
         if self.draining {
             self.forward(msg);
-            return;
+            return None;
         }
         loop {
             let i = match target {
@@ -625,25 +654,25 @@ impl Master {
                     None => break,
                 },
             };
-            if msg.fd.is_none() {
-                return;
-            }
+            msg.fd.as_ref()?;
             let link = msg.flags & wire::FLAG_NODE_LINK != 0;
             let slot = &mut self.slots[i];
             match slot.channel.as_ref().expect("live slot has a channel").send(msg) {
                 Ok(id) => {
                     slot.held.insert(id, Held { fd: None, link });
                     slot.handed += 1;
-                    return;
+                    return Some(i);
                 }
                 Err(back) => msg = back,
             }
         }
         if self.stopping {
-            return; // dropping msg closes the connection
+            return None; // dropping msg closes the connection
         }
         crate::warn_limited!("no live worker; connections wait ({} pending)", self.pending.len() + 1);
+        self.metrics.error(metrics::Fault::NoWorker);
         self.pending.push_back((target, msg));
+        None
     }
 
     fn on_worker(&mut self, index: usize, inc: u64, ev: ChannelEvent) {
@@ -655,6 +684,7 @@ impl Master {
             // The worker is out of descriptors: our copy is the connection
             // again; it goes elsewhere after a pause.
             ChannelEvent::Refused(m) => {
+                self.metrics.error(metrics::Fault::Refused);
                 self.slots[index].held.remove(&m.id);
                 self.retry_later(m);
             }
@@ -667,6 +697,7 @@ impl Master {
                 match reason {
                     // Our own worker sent garbage: it is broken; replace it.
                     Some(e) if e.kind() == io::ErrorKind::InvalidData => {
+                        self.metrics.error(metrics::Fault::Channel);
                         log::error!("worker {index}: bad channel message ({e}); killing pid {}", slot.pid());
                         if let Some(c) = slot.child.as_mut() {
                             let _ = c.kill();
@@ -930,6 +961,7 @@ impl Master {
             if retired && held.is_empty() {
                 log::info!("worker {index} (pid {pid}) drained after the aborted restart; respawning");
             } else {
+                self.metrics.error(metrics::Fault::WorkerCrash);
                 log::warn!(
                     "worker {index} (pid {pid}) exited unexpectedly: {status}; respawning, {} connection(s) go to other workers",
                     held.len()
@@ -970,7 +1002,10 @@ impl Master {
         if delay.is_zero() {
             match self.spawn(index) {
                 Ok(()) => return,
-                Err(e) => log::error!("{e}; trying again in {RESPAWN_MIN:?}"),
+                Err(e) => {
+                    self.metrics.error(metrics::Fault::Spawn);
+                    log::error!("{e}; trying again in {RESPAWN_MIN:?}")
+                }
             }
             self.slots[index].backoff = RESPAWN_MIN * 2;
             return self.respawn_later(index, RESPAWN_MIN);
@@ -988,6 +1023,7 @@ impl Master {
                     return;
                 }
                 if let Err(e) = m.spawn(index) {
+                    m.metrics.error(metrics::Fault::Spawn);
                     let next = m.slots[index].backoff;
                     m.slots[index].backoff = (next * 2).min(RESPAWN_MAX);
                     log::error!("{e}; trying again in {next:?}");
@@ -1064,6 +1100,7 @@ impl Master {
             if silent >= HUNG_AFTER && !slot.hung {
                 slot.hung = true;
                 changed = true;
+                self.metrics.error(metrics::Fault::WorkerHung);
                 log::warn!(
                     "worker {} (pid {}) has not answered for {silent:?}: no new connections go to it",
                     slot.index,

@@ -269,11 +269,7 @@ impl<S: Service> Worker<S> {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let peer = if kind == Kind::Client && self.access.is_some() {
-            sock::peer_addr(h.fd.as_raw_fd()).map(std::net::SocketAddr::from)
-        } else {
-            None
-        };
+        let peer = if kind == Kind::Client && self.access.is_some() { sock::peer_addr(h.fd.as_raw_fd()) } else { None };
         let w = self.me.clone();
         let conn = match Conn::adopt(
             &self.base,
