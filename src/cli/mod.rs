@@ -451,7 +451,7 @@ impl MasterArgs {
                 None => std::env::current_exe()?,
             },
             log_args,
-            gen: 1,
+            gen: supervisor::take_gen(),
             node: None,
             hang_timeout: self.hang_timeout.map(std::time::Duration::from_secs_f64),
             rebalance: false,

@@ -298,6 +298,7 @@ fn a_killed_master_is_replaced_by_the_supervisor() {
         v["pid"].as_i64().is_some_and(|p| p as i32 != first) && v["accepting"] == json!(true)
     });
     assert_eq!(v["supervisor"], json!(c.server.pid()), "{v}");
+    assert_eq!(v["gen"], json!(2), "the replacement is the next generation: {v}");
     assert!(poll_until(EXIT_TIMEOUT, || workers.iter().all(|&p| !pid_alive(p))), "old workers outlive their master");
     let mut r = c.connect();
     r.ping(&json!("after"));

@@ -31,11 +31,23 @@ use pidfile::PidFile;
 /// every master it starts.
 pub const ENV_LISTEN_FD: &str = "HANDOFF_LISTEN_FD";
 
+/// The variable giving a master the supervisor starts its generation (1,
+/// or the one after the last master's).
+pub const ENV_GEN: &str = "HANDOFF_GEN";
+
 /// The variable naming the supervisor's pid, for `handoff status`.
 pub const ENV_PID: &str = "HANDOFF_SUPERVISOR_PID";
 
 /// Signals the supervisor passes on to the serving master.
 const FORWARDED: [i32; 6] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
+
+/// The generation a master starts as: what the supervisor says
+/// ([`ENV_GEN`], taken from the environment), else 1.
+pub fn take_gen() -> u64 {
+    let gen = std::env::var(ENV_GEN).ok().and_then(|v| v.parse().ok()).filter(|&g| g >= 1).unwrap_or(1);
+    std::env::remove_var(ENV_GEN);
+    gen
+}
 
 /// Whether this process is a master started by a supervisor (or by the
 /// master of the previous generation, which passes the link on).
@@ -71,6 +83,9 @@ struct Sup {
     respawn_timer: Option<Event>,
     /// The status to exit with, once decided.
     exit_code: Option<i32>,
+    /// The generation last said serving: a master started after a crash
+    /// is the next one.
+    last_gen: u64,
 }
 
 /// Starting the master again after every master died: at once if the
@@ -122,6 +137,7 @@ pub fn run(pid_file: Option<&Path>, host: &str, port: u16) -> io::Result<i32> {
             backoff: Duration::ZERO,
             respawn_timer: None,
             exit_code: None,
+            last_gen: 0,
         })
     });
     let mut events: Vec<Event> = Vec::new();
@@ -150,14 +166,14 @@ pub fn run(pid_file: Option<&Path>, host: &str, port: u16) -> io::Result<i32> {
 
 /// Starts our own command line again as a master, with the link and the
 /// listening socket inherited.
-fn spawn_master(link_end: &OwnedFd, listener: &(OwnedFd, String)) -> io::Result<u32> {
+fn spawn_master(link_end: &OwnedFd, listener: &(OwnedFd, String), gen: u64) -> io::Result<u32> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(&exe);
     cmd.args(std::env::args_os().skip(1));
     let link_fd = link_end.as_raw_fd();
     cmd.env(link::ENV_FD, link_fd.to_string()).env(ENV_PID, std::process::id().to_string());
     let listen_fd = listener.0.as_raw_fd();
-    cmd.env(ENV_LISTEN_FD, listen_fd.to_string());
+    cmd.env(ENV_LISTEN_FD, listen_fd.to_string()).env(ENV_GEN, gen.to_string());
     // SAFETY: the closure runs in the forked child before exec and only
     // calls fcntl (async-signal-safe) on descriptors it inherited.
     unsafe {
@@ -189,7 +205,7 @@ impl Sup {
     /// Starts a master with a fresh link.
     fn start_master(&mut self) -> io::Result<()> {
         let (mine, theirs) = crate::core::sock::seqpacket_pair()?;
-        let pid = spawn_master(&theirs, &self.listener)?;
+        let pid = spawn_master(&theirs, &self.listener, self.last_gen + 1)?;
         drop(theirs);
         let w = self.me.clone();
         let raw = mine.as_raw_fd();
@@ -330,6 +346,8 @@ impl Sup {
             let pid = |v: &str| v.trim().parse::<u32>().ok();
             if let Some(p) = line.strip_prefix("HANDOFF_MASTER=").and_then(pid) {
                 self.masters.entry(p).or_insert(None);
+            } else if let Some(g) = line.strip_prefix("HANDOFF_GEN=").and_then(|v| v.parse::<u64>().ok()) {
+                self.last_gen = g;
             } else if let Some(p) = line.strip_prefix("HANDOFF_SERVING=").and_then(pid) {
                 if p != self.serving {
                     log::info!("master pid {p} serves now (was pid {})", self.serving);

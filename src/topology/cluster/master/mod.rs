@@ -477,8 +477,9 @@ impl Master {
     /// serves now, with `state` (`READY=1`...) and a one-line status.
     pub(crate) fn notify_serving(&self, state: &str) {
         link::tell(&format!(
-            "HANDOFF_SERVING={}\n{state}\nSTATUS=generation {} serving on port {} with {} worker(s), master pid {}",
+            "HANDOFF_SERVING={}\nHANDOFF_GEN={}\n{state}\nSTATUS=generation {} serving on port {} with {} worker(s), master pid {}",
             std::process::id(),
+            self.cfg.gen,
             self.cfg.gen,
             self.port,
             self.slots.len(),
