@@ -369,10 +369,13 @@ fn a_restart_counts_restarts_and_moves_and_the_endpoint_moves_too() {
     c.connect().ping(&json!("new"));
     c.wait_status("the new connection closed", Duration::from_secs(10), |v| sum_field(v, "open") == LIVE as u64);
     let m = scrape(&addr);
-    assert_eq!(m.get("handoff_accepted_total", &[]), probes + 1.0);
+    // The probe's connection may be accepted only now (it waited in the
+    // backlog after `handoff restart` returned): one more, at most.
+    let accepted = m.get("handoff_accepted_total", &[]);
+    assert!(accepted == probes + 1.0 || probes == 0.0 && accepted == 2.0, "accepted {accepted}, probes {probes}");
     // What this generation handed: what moved, and what it accepted.
     let handed: f64 = m.per_worker("handoff_worker_handed_total", 2).iter().sum();
-    assert_eq!(handed, LIVE as f64 + probes + 1.0);
+    assert_eq!(handed, LIVE as f64 + accepted);
     assert_eq!(m.check_histogram("handoff_handover_seconds"), handed);
     // A second restart: the count goes on across generations.
     c.restart_ok();

@@ -20,6 +20,16 @@ use handoff::client::{self, PingPongOpts, Summary};
 
 /// How long a server may take to print its readiness line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `READY_TIMEOUT`, or 4 times it under `HANDOFF_WRAP` (valgrind runs every
+/// process of a start, the supervisor included, 20-50 times slower).
+pub fn ready_timeout() -> Duration {
+    if std::env::var_os("HANDOFF_WRAP").is_some() {
+        READY_TIMEOUT * 4
+    } else {
+        READY_TIMEOUT
+    }
+}
 /// How long a signalled process may take to exit.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read timeout of the tests' own sockets (a hang fails instead of blocking).
@@ -166,13 +176,13 @@ impl TestServer {
 
     /// Waits (10 s at most) for the readiness line; returns it.
     pub fn wait_ready(&mut self) -> Result<String, String> {
-        match self.stdout_lines.recv_timeout(READY_TIMEOUT) {
+        match self.stdout_lines.recv_timeout(ready_timeout()) {
             Ok(line) if line.starts_with("ready") => {
                 self.ready = line.clone();
                 Ok(line)
             }
             Ok(other) => Err(format!("unexpected first stdout line {other:?}")),
-            Err(RecvTimeoutError::Timeout) => Err(format!("no readiness line within {READY_TIMEOUT:?}")),
+            Err(RecvTimeoutError::Timeout) => Err(format!("no readiness line within {:?}", ready_timeout())),
             Err(RecvTimeoutError::Disconnected) => {
                 let st = self.wait_exit(EXIT_TIMEOUT);
                 Err(format!("exited before it was ready: {st}"))
@@ -184,13 +194,13 @@ impl TestServer {
     /// `prefix`, skipping the others (e.g. a pair server's `linked` line
     /// before the `ready` line it prints again after an in-place restart).
     pub fn wait_line(&mut self, prefix: &str) -> Result<String, String> {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + ready_timeout();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stdout_lines.recv_timeout(left) {
                 Ok(line) if line.starts_with(prefix) => return Ok(line),
                 Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => return Err(format!("no {prefix:?} line within {READY_TIMEOUT:?}")),
+                Err(RecvTimeoutError::Timeout) => return Err(format!("no {prefix:?} line within {:?}", ready_timeout())),
                 Err(RecvTimeoutError::Disconnected) => return Err(format!("stdout closed before a {prefix:?} line")),
             }
         }
