@@ -306,19 +306,23 @@ fn a_killed_master_is_replaced_by_the_supervisor() {
     assert!(c.server.stderr_text().contains("starting a new one"), "{}", c.server.stderr_text());
 }
 
+/// `handoff cluster --port 0 --config F --dir D` with `text` (2 workers) in
+/// F (no `--workers`: the command line would override the file).
+fn cluster_with_config(tag: &str, text: &str) -> (Cluster, std::path::PathBuf) {
+    let tmp = TempDir::new(tag);
+    let conf = tmp.path().join("handoff.toml");
+    std::fs::write(&conf, text).unwrap();
+    let dir = tmp.path().join("d");
+    let mut cmd = Command::new(bin());
+    cmd.args(["cluster", "--port", "0", "--config"]).arg(&conf).arg("--dir").arg(&dir);
+    (Cluster::adopt("cluster", tmp, dir, 2, TestServer::start_cmd("cluster", cmd)), conf)
+}
+
 /// HUP reads the config file again: 2 workers become 3 under load
 /// (keep-alive and short connections), nothing lost.
 #[test]
 fn hup_with_a_changed_config_changes_workers_under_load_losing_nothing() {
-    let tmp = TempDir::new("hupc");
-    let conf = tmp.path().join("handoff.toml");
-    std::fs::write(&conf, "workers = 2\npolicy = \"round-robin\"\n").unwrap();
-    let cf = conf.display().to_string();
-    // --workers from the command line would override the file: give none.
-    let dir = tmp.path().join("d");
-    let mut cmd = Command::new(bin());
-    cmd.args(["cluster", "--port", "0", "--config", &cf, "--dir"]).arg(&dir);
-    let c = Cluster::adopt("cluster", tmp, dir, 2, TestServer::start_cmd("cluster", cmd));
+    let (c, conf) = cluster_with_config("hupc", "workers = 2\npolicy = \"round-robin\"\n");
     assert_eq!(c.status()["workers"].as_array().map(Vec::len), Some(2));
     let mut kept: Vec<Rpc> = (0..50).map(|_| c.connect()).collect();
     for r in kept.iter_mut() {
@@ -354,14 +358,7 @@ fn hup_with_a_changed_config_changes_workers_under_load_losing_nothing() {
 /// the restart aborts, the old generation serves on with its connections.
 #[test]
 fn hup_with_a_broken_config_keeps_the_running_generation() {
-    let tmp = TempDir::new("hupb");
-    let conf = tmp.path().join("handoff.toml");
-    std::fs::write(&conf, "workers = 2\n").unwrap();
-    let cf = conf.display().to_string();
-    let dir = tmp.path().join("d");
-    let mut cmd = Command::new(bin());
-    cmd.args(["cluster", "--port", "0", "--config", &cf, "--dir"]).arg(&dir);
-    let c = Cluster::adopt("cluster", tmp, dir, 2, TestServer::start_cmd("cluster", cmd));
+    let (c, conf) = cluster_with_config("hupb", "workers = 2\n");
     let gen1 = c.master_pid();
     let mut kept = c.connect();
     kept.ping(&json!("before"));

@@ -200,7 +200,9 @@ impl TestServer {
             match self.stdout_lines.recv_timeout(left) {
                 Ok(line) if line.starts_with(prefix) => return Ok(line),
                 Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => return Err(format!("no {prefix:?} line within {:?}", ready_timeout())),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("no {prefix:?} line within {:?}", ready_timeout()))
+                }
                 Err(RecvTimeoutError::Disconnected) => return Err(format!("stdout closed before a {prefix:?} line")),
             }
         }
