@@ -19,6 +19,7 @@ use handoff::service::pingpong::wire as pp;
 use handoff::service::rpc::wire;
 use serde_json::{json, Map, Value};
 
+use crate::cluster_support::Cluster;
 use crate::support::{bin, run_cmd, TempDir};
 
 /// What the in-test server speaks.
@@ -311,4 +312,44 @@ fn unix_fixture_wrong_reply_fails_the_client() {
     h.join().unwrap();
     assert!(!s.passed(), "{s}");
     assert_eq!((s.ok, s.errors), (0, 1), "{s}");
+}
+
+/// The clients against a real cluster listening on TCP and on a Unix
+/// socket (`--listen unix:PATH`): every reply checked over both. Needs
+/// the servers' Unix listeners; a binary without `cluster --listen` skips.
+#[test]
+fn clients_against_a_cluster_on_a_unix_listener() {
+    let (_, help, _) = run_cmd(Command::new(bin()).args(["cluster", "--help"]), Duration::from_secs(30));
+    if !help.contains("--listen") {
+        eprintln!("skipped: this handoff has no `cluster --listen` (Unix listeners)");
+        return;
+    }
+    let tmp = TempDir::new("ucc");
+    let sock = tmp.path().join("c.sock");
+    let c = Cluster::start(2, &["--listen", &format!("unix:{}", sock.display())]);
+    let to = sock.display().to_string();
+    for extra in [&[][..], &["--short"][..]] {
+        let (st, out, err) = run_cmd(
+            Command::new(bin()).args(["client", "rpc", "--unix", &to, "--conns", "4", "--requests", "50"]).args(extra),
+            Duration::from_secs(60),
+        );
+        assert!(st.success(), "client rpc --unix {extra:?}: {st}\n{out}{err}");
+        assert_eq!((field(&out, "ok"), field(&out, "errors")), ("200", "0"), "{out}");
+    }
+    let s = client::work(&WorkOpts {
+        host: String::new(),
+        port: 0,
+        conns: 4,
+        us: 100,
+        secs: 0.5,
+        only_worker: None,
+        trace: None,
+        sample: Duration::from_millis(100),
+        unix: Some(sock.clone()),
+    });
+    assert!(s.passed(), "{s}");
+    assert_eq!(s.start.values().sum::<usize>(), 4, "{s}");
+    // TCP alongside, same cluster.
+    let s = client::rpc(&c.rpc_opts(4, 50, false));
+    assert!(s.passed(), "{s}");
 }
