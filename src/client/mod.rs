@@ -62,7 +62,7 @@ pub enum Target {
 
 impl Target {
     /// `unix` when given (host and port are then not looked at), else
-    /// `host:port` resolved with [`resolve`].
+    /// `host:port` resolved with [`crate::core::sock::resolve`].
     pub fn new(host: &str, port: u16, unix: Option<&Path>) -> io::Result<Target> {
         match unix {
             Some(p) => Ok(Target::Unix(p.into())),
