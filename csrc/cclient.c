@@ -1,9 +1,10 @@
 /*
  * cclient.c - load generator and checker for handoff's pair mode.
  *
- *   cclient unary|stream PORT [CONNS] [REQUESTS]      (defaults: 100 1000)
+ *   cclient unary|stream PORT|unix:PATH [CONNS] [REQUESTS]   (defaults: 100 1000)
  *
- * Opens CONNS TCP connections to 127.0.0.1:PORT, one thread each.
+ * Opens CONNS connections, one thread each: TCP to 127.0.0.1:PORT, or with
+ * unix:PATH to the Unix stream socket PATH (a server's --listen unix:PATH).
  *   unary:  send one request, wait for its response line, send the next;
  *           latency = send -> full response line.
  *   stream: build all REQUESTS requests, write them in one write, then read
@@ -36,6 +37,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,6 +48,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 
 #define DEFAULT_CONNS 100
 #define DEFAULT_REQUESTS 1000
@@ -79,7 +82,9 @@ struct reader {
 enum { LINE_OK = 0, LINE_EOF = -1, LINE_ERR = -2, LINE_TIMEOUT = -3, LINE_LONG = -4 };
 
 static enum mode g_mode;
-static int g_port;
+static int g_port;              /* TCP port, or 0 with g_unix */
+static struct sockaddr_un g_unix; /* unix:PATH (sun_path empty: TCP) */
+static socklen_t g_unix_len;
 static long g_conns = DEFAULT_CONNS;
 static long g_requests = DEFAULT_REQUESTS;
 
@@ -120,16 +125,18 @@ static void diag(int index, const char *fmt, ...)
         fprintf(stderr, "cclient: %s\n", msg);
 }
 
-/* anet-style connect: returns a connected fd, or -1 with `err` filled in. */
-static int tcp_connect(char *err, size_t errlen, int port)
+/* anet-style connect to 127.0.0.1:g_port, or to g_unix when set: returns
+ * a connected fd, or -1 with `err` filled in. */
+static int client_connect(char *err, size_t errlen)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int is_unix = g_unix.sun_path[0] != '\0';
+    int fd = socket(is_unix ? AF_UNIX : AF_INET, SOCK_STREAM, 0);
     if (fd == -1) {
         snprintf(err, errlen, "socket: %s", strerror(errno));
         return -1;
     }
     int one = 1;
-    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) == -1) {
+    if (!is_unix && setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) == -1) {
         snprintf(err, errlen, "setsockopt TCP_NODELAY: %s", strerror(errno));
         goto error;
     }
@@ -142,10 +149,19 @@ static int tcp_connect(char *err, size_t errlen, int port)
         snprintf(err, errlen, "setsockopt SO_SNDTIMEO: %s", strerror(errno));
         goto error;
     }
+    /* With SO_SNDTIMEO set, a Unix connect to a full backlog gives up
+     * after IDLE_TIMEOUT_SEC too. */
+    if (is_unix) {
+        if (connect(fd, (struct sockaddr *)&g_unix, g_unix_len) == -1) {
+            snprintf(err, errlen, "connect unix:%s: %s", g_unix.sun_path, strerror(errno));
+            goto error;
+        }
+        return fd;
+    }
     struct sockaddr_in sa;
     memset(&sa, 0, sizeof(sa));
     sa.sin_family = AF_INET;
-    sa.sin_port = htons((uint16_t)port);
+    sa.sin_port = htons((uint16_t)g_port);
     sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == -1) {
         snprintf(err, errlen, "connect: %s", strerror(errno));
@@ -301,7 +317,7 @@ static void *conn_main(void *arg)
 {
     struct conn *c = arg;
     char err[256];
-    int fd = tcp_connect(err, sizeof(err), g_port);
+    int fd = client_connect(err, sizeof(err));
     if (fd == -1)
         diag(c->index, "%s", err);
 
@@ -350,10 +366,10 @@ static uint64_t percentile_us(const uint64_t *v, size_t n, unsigned pct)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: cclient unary|stream PORT [CONNS] [REQUESTS]\n"
-            "  connects to 127.0.0.1:PORT; CONNS 1..%d (default %d), "
-            "REQUESTS 1..%d (default %d)\n",
-            MAX_CONNS, DEFAULT_CONNS, MAX_REQUESTS, DEFAULT_REQUESTS);
+            "usage: cclient unary|stream PORT|unix:PATH [CONNS] [REQUESTS]\n"
+            "  connects to 127.0.0.1:PORT, or to the Unix stream socket PATH\n"
+            "  (at most %zu bytes); CONNS 1..%d (default %d), REQUESTS 1..%d (default %d)\n",
+            sizeof(g_unix.sun_path) - 1, MAX_CONNS, DEFAULT_CONNS, MAX_REQUESTS, DEFAULT_REQUESTS);
     exit(2);
 }
 
@@ -377,7 +393,17 @@ int main(int argc, char **argv)
         g_mode = STREAM;
     else
         usage();
-    g_port = (int)parse_num(argv[2], 1, 65535);
+    if (strncmp(argv[2], "unix:", 5) == 0) {
+        const char *path = argv[2] + 5;
+        size_t len = strlen(path);
+        if (len == 0 || len >= sizeof(g_unix.sun_path))
+            usage();
+        g_unix.sun_family = AF_UNIX;
+        memcpy(g_unix.sun_path, path, len + 1);
+        g_unix_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len + 1);
+    } else {
+        g_port = (int)parse_num(argv[2], 1, 65535);
+    }
     if (argc > 3)
         g_conns = parse_num(argv[3], 1, MAX_CONNS);
     if (argc > 4)

@@ -9,9 +9,12 @@
 # idle connections opened by bench/idle_conns.py, summed VmRSS of master +
 # workers after minus before, divided by IDLE_CONNS. Prints a Markdown table
 # (each row the median run by throughput: its conn/s or req/s, p50, p99) and
-# the ratios against Node (targets: short >= 2, keep-alive >= 1.3); writes
-# bench/results/bench-cluster.{md,svg,tsv} and exits 1 when a target is
-# missed. Any run with an error fails the script.
+# the ratios against Node (targets: short >= 2, keep-alive >= 1.3). Then
+# TCP against a Unix socket: one round-robin cluster listening on both
+# (--port P --listen unix:PATH), the same keep-alive load over each in turn
+# (rpc --port P / rpc --unix PATH), RUNS times each; target: Unix >= 1.2x TCP
+# req/s. Writes bench/results/bench-cluster.{md,svg,tsv} and exits 1 when a
+# target is missed. Any run with an error fails the script.
 # shellcheck source=SCRIPTDIR/bench-lib.sh
 source "$(dirname "$0")/bench-lib.sh"
 
@@ -128,6 +131,44 @@ for ((run = 1; run <= RUNS; run++)); do
 done
 for impl in "${IMPLS[@]}"; do bg_forget_stop "${MASTER[$impl]}"; done
 
+# ------------------------------------------------------- TCP vs Unix socket
+# One round-robin cluster with a TCP and a Unix listener: the keep-alive
+# load over each, taken in turn (the order swapped every run). Without
+# `cluster --listen` (a binary from before Unix listeners) the rows stay
+# empty and the target counts as missed.
+VIAS=(tcp unix)
+declare -A VIA_NAME=([tcp]="TCP 127.0.0.1" [unix]="Unix socket")
+UNIX_SKIP=""
+if "$BIN" cluster --help 2>/dev/null | grep -q -- '--listen'; then
+    tag=tcp-unix
+    UNIX_SOCK=$BENCH_TMP/rr.sock
+    p=$(free_port)
+    DIR[$tag]=$BENCH_TMP/$tag-dir
+    bg_start "$tag" "$BIN" cluster --port "$p" --listen "unix:$UNIX_SOCK" --workers "$WORKERS" \
+        --dir "${DIR[$tag]}" --policy round-robin
+    wait_ready "$tag" "$BG_PID"
+    [ -S "$UNIX_SOCK" ] || die "handoff cluster --listen unix:$UNIX_SOCK: ready, but no socket at $UNIX_SOCK"
+    say "handoff round-robin: port $p and unix:$UNIX_SOCK ready (master pid $BG_PID)"
+    declare -A TO=([tcp]="--port $p" [unix]="--unix $UNIX_SOCK")
+    for via in "${VIAS[@]}"; do
+        # shellcheck disable=SC2086
+        load "warm-up round-robin over ${VIA_NAME[$via]}" rpc ${TO[$via]} --conns 10 --requests 200
+    done
+    for ((run = 1; run <= RUNS; run++)); do
+        if ((run % 2)); then order=(tcp unix); else order=(unix tcp); fi
+        for via in "${order[@]}"; do
+            # shellcheck disable=SC2086
+            load "run $run round-robin keep-alive over ${VIA_NAME[$via]}" rpc ${TO[$via]} --conns 100 --requests 3000
+            for m in rps p50_us p99_us; do RES[$via,keep,$m]+="$(field "$LOAD_LINE" "$m") "; done
+            plot_point "keep-alive over TCP / Unix socket: req/s" "${VIA_NAME[$via]}" "${NAME[round-robin]}" "$(field "$LOAD_LINE" rps)"
+        done
+    done
+    bg_forget_stop "$BG_PID"
+else
+    UNIX_SKIP="$BIN cluster has no --listen (Unix listeners): no Unix rows"
+    say "bench: WARNING: $UNIX_SKIP"
+fi
+
 # ------------------------------------------------------------ idle memory
 declare -A MEM MEMSPLIT NOTE
 # The worker pid lists are split on purpose; the eval strings are expanded
@@ -184,6 +225,9 @@ declare -A MR   # MR[impl,load]: the median run by throughput
 for impl in "${IMPLS[@]}"; do
     for l in short keep; do MR[$impl,$l]=$(mrun "$impl" "$l"); done
 done
+if [ -z "$UNIX_SKIP" ]; then
+    for via in "${VIAS[@]}"; do MR[$via,keep]=$(mrun "$via" keep); done
+fi
 # mat IMPL LOAD METRIC: METRIC of the median run.
 mat() { at "$1" "$2" "$3" "${MR[$1,$2]}"; }
 
@@ -207,10 +251,30 @@ for impl in round-robin least-conn shared; do
     echo "| ${NAME[$impl]} | $s | ≥ 2 | $(verdict "$s" '>=' 2 "${NAME[$impl]} / Node short conn/s") | $k | ≥ 1.3 | $(verdict "$k" '>=' 1.3 "${NAME[$impl]} / Node keep-alive req/s") |"
 done
 echo
+echo "| handoff round-robin ($WORKERS workers), keep-alive | req/s | p50 µs | p99 µs |"
+echo "| --- | ---: | ---: | ---: |"
+for via in "${VIAS[@]}"; do
+    if [ -z "$UNIX_SKIP" ]; then
+        printf '| over %s | %s | %s | %s |\n' "${VIA_NAME[$via]}" "$(int "$(mat "$via" keep rps)")" \
+            "$(int "$(mat "$via" keep p50_us)")" "$(int "$(mat "$via" keep p99_us)")"
+    else
+        printf '| over %s | — | — | — |\n' "${VIA_NAME[$via]}"
+    fi
+done
+echo
+u=n/a
+[ -n "$UNIX_SKIP" ] || u=$(ratio "$(mat unix keep rps)" "$(mat tcp keep rps)")
+echo "| Unix vs TCP | keep-alive req/s | target | |"
+echo "| --- | ---: | ---: | --- |"
+echo "| ${NAME[round-robin]} | $u | ≥ 1.2 | $(verdict "$u" '>=' 1.2 "${NAME[round-robin]} Unix socket / TCP keep-alive req/s") |"
+[ -z "$UNIX_SKIP" ] || echo "($UNIX_SKIP.)"
+echo
 echo "Each row is the median run by throughput of $RUNS (its conn/s or req/s, p50 and p99), the"
 echo "servers taken in turn; ratios are of those runs. Every run: bench-cluster.svg. Same Rust load"
 echo "client for all (\`handoff client rpc\`): short = \`--short --conns 16 --requests 500\` (one"
 echo "connection per request), keep-alive = \`--conns 100 --requests 3000\`; 0 errors in every run."
+echo "TCP vs Unix: one round-robin cluster started with \`--port P --listen unix:PATH\`, the same"
+echo "keep-alive load over each (\`rpc --port P\` / \`rpc --unix PATH\`), taken in turn."
 echo "Idle B/conn: summed VmRSS of master + workers with $IDLE_CONNS idle connections open, minus"
 echo "the same before, / $IDLE_CONNS (user-space memory only, not kernel socket buffers);"
 echo "of which the master: ${MEMSPLIT[round-robin]} B (round-robin), ${MEMSPLIT[node]} B (Node)."

@@ -36,15 +36,30 @@ enum Client {
 /// Where and how much every load client sends.
 #[derive(Args)]
 struct LoadArgs {
-    #[arg(long)]
-    port: u16,
+    #[command(flatten)]
+    to: Endpoint,
     #[arg(long, default_value_t = 100)]
     conns: usize,
     /// Requests per connection (per connection slot with rpc --short).
     #[arg(long, default_value_t = 1000)]
     requests: usize,
+}
+
+/// Where a load client connects: `--host`/`--port` (TCP) or `--unix`,
+/// exactly one of `--port` and `--unix`.
+#[derive(Args)]
+#[group(skip)]
+#[command(group(clap::ArgGroup::new("endpoint").required(true).args(["port", "unix"])))]
+struct Endpoint {
+    /// The server's TCP port.
+    #[arg(long)]
+    port: Option<u16>,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Connect to the Unix stream socket PATH (a server's `--listen
+    /// unix:PATH`) instead of HOST:PORT.
+    #[arg(long, value_name = "PATH", conflicts_with = "host")]
+    unix: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -70,8 +85,8 @@ struct RpcArgs {
 
 #[derive(Args)]
 struct WorkArgs {
-    #[arg(long)]
-    port: u16,
+    #[command(flatten)]
+    to: Endpoint,
     /// Keep-alive connections opened (each asks whoami first).
     #[arg(long, default_value_t = 40)]
     conns: usize,
@@ -93,8 +108,6 @@ struct WorkArgs {
     /// between two work requests), in milliseconds; the trace's interval.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     sample_ms: u64,
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
 }
 
 fn parse_target(s: &str) -> Result<(String, usize), String> {
@@ -107,23 +120,25 @@ impl Extra for ClientCmd {
     fn run(self) -> ExitCode {
         let ClientCmd::Client(cmd) = self;
         let ping = |a: PingArgs| client::PingPongOpts {
-            host: a.load.host,
-            port: a.load.port,
+            host: a.load.to.host,
+            port: a.load.to.port.unwrap_or(0),
             conns: a.load.conns,
             requests: a.load.requests,
             size: a.size.into(),
+            unix: a.load.to.unix,
         };
         let summary = match cmd {
             Client::Work(a) => {
                 let s = client::work(&client::WorkOpts {
-                    host: a.host,
-                    port: a.port,
+                    host: a.to.host,
+                    port: a.to.port.unwrap_or(0),
                     conns: a.conns,
                     us: a.us,
                     secs: a.secs,
                     only_worker: a.only_worker,
                     trace: a.trace,
                     sample: std::time::Duration::from_millis(a.sample_ms),
+                    unix: a.to.unix,
                 });
                 println!("{s}");
                 return if s.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
@@ -131,12 +146,13 @@ impl Extra for ClientCmd {
             Client::Unary(a) => client::unary(&ping(a)),
             Client::Stream(a) => client::stream(&ping(a)),
             Client::Rpc(a) => client::rpc(&client::RpcOpts {
-                host: a.load.host,
-                port: a.load.port,
+                host: a.load.to.host,
+                port: a.load.to.port.unwrap_or(0),
                 conns: a.load.conns,
                 requests: a.load.requests,
                 short: a.short,
                 relay: a.relay,
+                unix: a.load.to.unix,
             }),
         };
         println!("{summary}");

@@ -3,15 +3,13 @@
 //! more CPU on context switches than the servers it measures spend on the
 //! requests; on a 2-core machine that caps what a load test can show.
 use std::cell::RefCell;
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::rpc::{check_relayed, check_reply, params, ping_frame, relay_frame, RpcError, MAX_REPLY};
 use super::stats::{ErrLog, Latency};
-use super::{CONNECT_TIMEOUT, IO_TIMEOUT};
+use super::{Stream, Target, IO_TIMEOUT};
 use crate::core::reactor::{Base, Conn, ConnEvent};
 use crate::service::rpc::wire::{self, Frame};
 
@@ -135,10 +133,11 @@ impl Run {
     }
 }
 
-/// `conns` keep-alive connections to `addr`, each sending `requests`
+/// `conns` keep-alive connections to `target` (TCP or Unix: past the
+/// connect, a `Conn` is the same for both), each sending `requests`
 /// requests one at a time.
 pub fn keepalive(
-    addr: SocketAddr,
+    target: &Target,
     conns: usize,
     requests: usize,
     relay: Option<(String, usize)>,
@@ -163,31 +162,25 @@ pub fn keepalive(
     }));
     // Connect everything first (the clock starts afterwards).
     for c in 0..conns {
-        let conn = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-            .and_then(|s| {
-                s.set_nodelay(true)?;
-                s.set_nonblocking(true)?;
-                Ok(OwnedFd::from(s))
-            })
-            .and_then(|fd| {
-                let (w, log) = (Rc::downgrade(&run), errlog.clone());
-                Conn::adopt(
-                    &base,
-                    fd,
-                    &[],
-                    MAX_REPLY + 4,
-                    Rc::new(move |ev| {
-                        if let Some(r) = w.upgrade() {
-                            r.borrow_mut().on_event(c, ev, &log);
-                        }
-                    }),
-                )
-            });
+        let conn = Stream::open(target).and_then(Stream::into_nonblocking_fd).and_then(|fd| {
+            let (w, log) = (Rc::downgrade(&run), errlog.clone());
+            Conn::adopt(
+                &base,
+                fd,
+                &[],
+                MAX_REPLY + 4,
+                Rc::new(move |ev| {
+                    if let Some(r) = w.upgrade() {
+                        r.borrow_mut().on_event(c, ev, &log);
+                    }
+                }),
+            )
+        });
         let mut r = run.borrow_mut();
         match conn {
             Ok(conn) => r.clients.push(Client { conn: Some(conn), done: 0, sent_at: Instant::now() }),
             Err(e) => {
-                errlog.report(format_args!("conn {c}: connect {addr}: {e}"));
+                errlog.report(format_args!("conn {c}: connect {target}: {e}"));
                 r.clients.push(Client { conn: None, done: 0, sent_at: Instant::now() });
                 r.errors += requests as u64;
                 r.finished += 1;

@@ -13,20 +13,21 @@
 //! * `ok` — the remaining well-formed responses.
 
 use super::stats::{ErrLog, Latency, Summary};
-use super::{connect, resolve, spawn, Gate};
+use super::{connect, spawn, Gate, ShutdownBoth, Stream, Target};
 use crate::service::pingpong::wire as proto;
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Options for `unary` / `stream`.
+/// Options for `unary` / `stream`. `Default`: 127.0.0.1, no port, 100
+/// connections of 1000 requests of 16 bytes (the command line's defaults).
 #[derive(Debug, Clone)]
 pub struct PingPongOpts {
-    /// The server's host name or address.
+    /// The server's host name or address (not used with `unix`).
     pub host: String,
-    /// The server's TCP port.
+    /// The server's TCP port (not used with `unix`).
     pub port: u16,
     /// Connections, each on its own thread.
     pub conns: usize,
@@ -34,6 +35,15 @@ pub struct PingPongOpts {
     pub requests: usize,
     /// Payload bytes per request (0..=255; larger values are clamped to 255).
     pub size: usize,
+    /// Connect to the Unix stream socket at this path instead of
+    /// `host:port` (`--unix PATH`).
+    pub unix: Option<PathBuf>,
+}
+
+impl Default for PingPongOpts {
+    fn default() -> Self {
+        PingPongOpts { host: "127.0.0.1".into(), port: 0, conns: 100, requests: 1000, size: 16, unix: None }
+    }
 }
 
 /// Longest response line accepted (`rsp from port: 65535\n` is 21 bytes).
@@ -227,19 +237,19 @@ fn run(o: &PingPongOpts, mode: Mode) -> Summary {
     let mut total = ConnResult::default();
     let t0 = Instant::now();
     let mut secs = 0.0;
-    match resolve(&o.host, o.port) {
+    match Target::new(&o.host, o.port, o.unix.as_deref()) {
         Err(e) => {
             errlog.report(format_args!("{}: resolve {}:{}: {e}", mode.name(), o.host, o.port));
             total.errors = o.conns as u64 * o.requests as u64;
         }
-        Ok(addr) => {
+        Ok(target) => {
             let gate = Arc::new(Gate::default());
             let mut handles = Vec::with_capacity(o.conns);
             for c in 0..o.conns {
-                let (gate2, errlog2) = (gate.clone(), errlog.clone());
+                let (gate2, errlog2, target) = (gate.clone(), errlog.clone(), target.clone());
                 let (requests, size) = (o.requests, o.size);
                 let h = spawn(format!("{}-{c}", mode.name()), move || {
-                    conn_main(addr, c, requests, size, mode, &gate2, &errlog2)
+                    conn_main(&target, c, requests, size, mode, &gate2, &errlog2)
                 });
                 match h {
                     Ok(h) => handles.push(h),
@@ -287,7 +297,7 @@ fn run(o: &PingPongOpts, mode: Mode) -> Summary {
 
 /// One connection: connect, wait at the gate, then run the mode.
 fn conn_main(
-    addr: SocketAddr,
+    target: &Target,
     c: usize,
     requests: usize,
     size: usize,
@@ -297,19 +307,22 @@ fn conn_main(
 ) -> ConnResult {
     let mut r = ConnResult::default();
     r.ports.new_conn();
-    let sock = connect(&addr);
+    let sock = connect(target);
     gate.arrive_and_wait();
     let sock = match sock {
         Ok(s) => s,
         Err(e) => {
-            errlog.report(format_args!("conn {c}: connect {addr}: {e}"));
+            errlog.report(format_args!("conn {c}: connect {target}: {e}"));
             r.errors = requests as u64;
             return r;
         }
     };
-    let res = match mode {
-        Mode::Unary => unary_conn(sock, requests, size, &mut r),
-        Mode::Stream => stream_conn(sock, requests, size, &mut r),
+    // One match per connection; each arm runs code made for its stream type.
+    let res = match (mode, sock) {
+        (Mode::Unary, Stream::Tcp(s)) => unary_conn(s, requests, size, &mut r),
+        (Mode::Unary, Stream::Unix(s)) => unary_conn(s, requests, size, &mut r),
+        (Mode::Stream, Stream::Tcp(s)) => stream_conn(s, requests, size, &mut r),
+        (Mode::Stream, Stream::Unix(s)) => stream_conn(s, requests, size, &mut r),
     };
     if let Err(msg) = res {
         errlog.report(format_args!("conn {c}: {msg}"));
@@ -318,7 +331,10 @@ fn conn_main(
     r
 }
 
-fn unary_conn(sock: std::net::TcpStream, requests: usize, size: usize, r: &mut ConnResult) -> Result<(), String> {
+fn unary_conn<S>(sock: S, requests: usize, size: usize, r: &mut ConnResult) -> Result<(), String>
+where
+    for<'a> &'a S: Read + Write,
+{
     let mut w = &sock;
     let mut rd = BufReader::with_capacity(256, &sock);
     let req = build_request(size, 0);
@@ -345,7 +361,10 @@ fn unary_conn(sock: std::net::TcpStream, requests: usize, size: usize, r: &mut C
     Ok(())
 }
 
-fn stream_conn(sock: std::net::TcpStream, requests: usize, size: usize, r: &mut ConnResult) -> Result<(), String> {
+fn stream_conn<S: ShutdownBoth + Sync>(sock: S, requests: usize, size: usize, r: &mut ConnResult) -> Result<(), String>
+where
+    for<'a> &'a S: Read + Write,
+{
     let one = build_request(size, 0);
     let mut all = Vec::with_capacity(one.len() * requests);
     for _ in 0..requests {
@@ -377,7 +396,7 @@ fn stream_conn(sock: std::net::TcpStream, requests: usize, size: usize, r: &mut 
                     r.errors += (requests - i) as u64;
                     result = Err(format!("response {i}/{requests}: {msg}"));
                     // Unblock a writer stuck on a full send buffer.
-                    let _ = sock.shutdown(Shutdown::Both);
+                    sock.shutdown_both();
                     break;
                 }
             }

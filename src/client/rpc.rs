@@ -16,19 +16,20 @@
 //! continues.
 
 use super::stats::{ErrLog, Latency, Summary};
-use super::{connect, resolve, spawn, Gate};
+use super::{connect, spawn, Gate, Stream, Target};
 use serde_json::{json, Value};
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Options for `rpc`.
+/// Options for `rpc`. `Default`: 127.0.0.1, no port, 100 keep-alive
+/// connections of 1000 requests (the command line's defaults).
 #[derive(Debug, Clone)]
 pub struct RpcOpts {
-    /// The server's host name or address.
+    /// The server's host name or address (not used with `unix`).
     pub host: String,
-    /// The server's TCP port.
+    /// The server's TCP port (not used with `unix`).
     pub port: u16,
     /// Keep-alive connections (all on one event loop), or with `short`
     /// connection slots (one thread each).
@@ -39,6 +40,15 @@ pub struct RpcOpts {
     pub short: bool,
     /// Node mode: send relays to (node, worker) instead of pings.
     pub relay: Option<(String, usize)>,
+    /// Connect to the Unix stream socket at this path instead of
+    /// `host:port` (`--unix PATH`).
+    pub unix: Option<PathBuf>,
+}
+
+impl Default for RpcOpts {
+    fn default() -> Self {
+        RpcOpts { host: "127.0.0.1".into(), port: 0, conns: 100, requests: 1000, short: false, relay: None, unix: None }
+    }
 }
 
 /// Reply frames larger than this are an error.
@@ -179,24 +189,24 @@ pub fn rpc(o: &RpcOpts) -> Summary {
     let mut lat = Latency::new();
     let t0 = Instant::now();
     let mut secs = 0.0;
-    match resolve(&o.host, o.port) {
+    match Target::new(&o.host, o.port, o.unix.as_deref()) {
         Err(e) => {
             errlog.report(format_args!("rpc: resolve {}:{}: {e}", o.host, o.port));
             errors = o.conns as u64 * o.requests as u64;
         }
-        Ok(addr) if !o.short => {
-            let r = super::evented::keepalive(addr, o.conns, o.requests, o.relay.clone(), errlog.clone());
+        Ok(target) if !o.short => {
+            let r = super::evented::keepalive(&target, o.conns, o.requests, o.relay.clone(), errlog.clone());
             (ok, errors, lat, secs) = (r.ok, r.errors, r.lat, r.secs);
         }
-        Ok(addr) => {
+        Ok(target) => {
             let gate = Arc::new(Gate::default());
             let mut handles = Vec::with_capacity(o.conns);
             for c in 0..o.conns {
-                let (gate2, errlog2) = (gate.clone(), errlog.clone());
+                let (gate2, errlog2, target) = (gate.clone(), errlog.clone(), target.clone());
                 let (requests, relay) = (o.requests, o.relay.clone());
                 let h = spawn(format!("rpc-{c}"), move || {
                     gate2.arrive_and_wait();
-                    short_slot(addr, c, requests, relay.as_ref(), &errlog2)
+                    short_slot(&target, c, requests, relay.as_ref(), &errlog2)
                 });
                 match h {
                     Ok(h) => handles.push(h),
@@ -231,7 +241,7 @@ pub fn rpc(o: &RpcOpts) -> Summary {
 }
 
 fn short_slot(
-    addr: SocketAddr,
+    target: &Target,
     c: usize,
     requests: usize,
     relay: Option<&(String, usize)>,
@@ -242,11 +252,10 @@ fn short_slot(
     for i in 0..requests {
         let p = params(c, i);
         let t = Instant::now();
-        let res = connect(&addr).map_err(|e| io_err(&format!("connect {addr}"), &e)).and_then(|sock| {
-            let mut w = &sock;
-            let mut rd = &sock;
-            round_trip(&mut w, &mut rd, &mut buf, &p, relay)
-            // sock dropped (closed) here
+        let res = connect(target).map_err(|e| io_err(&format!("connect {target}"), &e)).and_then(|sock| match sock {
+            Stream::Tcp(s) => round_trip(&mut &s, &mut &s, &mut buf, &p, relay),
+            Stream::Unix(s) => round_trip(&mut &s, &mut &s, &mut buf, &p, relay),
+            // the socket is dropped (closed) here
         });
         match res {
             Ok(()) => {

@@ -34,8 +34,6 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
@@ -45,7 +43,7 @@ use serde_json::{json, Value};
 
 use super::rpc::{encode_frame, read_frame, MAX_REPLY};
 use super::stats::{ErrLog, Latency};
-use super::{resolve, CONNECT_TIMEOUT, IO_TIMEOUT};
+use super::{connect, Stream, Target, IO_TIMEOUT};
 use crate::core::reactor::{Base, Conn, ConnEvent, Event, Interest};
 use crate::service::rpc::wire::{self, Frame};
 
@@ -61,9 +59,9 @@ const TIMER_SLACK: Duration = Duration::from_millis(5);
 /// Options for [`work`].
 #[derive(Debug, Clone)]
 pub struct WorkOpts {
-    /// The server's host name or address.
+    /// The server's host name or address (not used with `unix`).
     pub host: String,
-    /// The server's TCP port.
+    /// The server's TCP port (not used with `unix`).
     pub port: u16,
     /// Keep-alive connections opened.
     pub conns: usize,
@@ -78,6 +76,9 @@ pub struct WorkOpts {
     /// How often the driven connections re-learn their worker (and the
     /// trace's row interval).
     pub sample: Duration,
+    /// Connect to the Unix stream socket at this path instead of
+    /// `host:port` (`--unix PATH`).
+    pub unix: Option<PathBuf>,
 }
 
 /// What a [`work`] run produced; `Display` gives the one summary line.
@@ -612,23 +613,19 @@ impl Run {
 /// balancer that hands connections to whichever worker is free, as Node's
 /// round-robin does, sees them one by one), then puts the connection on the
 /// loop. Returns it with the worker and pid its whoami named.
-fn open(run: &Rc<RefCell<Run>>, base: &Base, addr: SocketAddr, c: usize) -> Result<(Conn, u64, Option<u64>), String> {
-    let mut s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))?;
-    let setup = |s: &TcpStream| {
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        s.set_write_timeout(Some(IO_TIMEOUT))
-    };
-    setup(&s).map_err(|e| format!("socket options: {e}"))?;
-    s.write_all(&whoami_frame()).map_err(|e| format!("write whoami: {e}"))?;
+fn open(run: &Rc<RefCell<Run>>, base: &Base, target: &Target, c: usize) -> Result<(Conn, u64, Option<u64>), String> {
+    let s = connect(target).map_err(|e| format!("connect {target}: {e}"))?;
     let mut body = Vec::new();
-    read_frame(&mut s, &mut body).map_err(|e| format!("first whoami: {e}"))?;
+    match &s {
+        Stream::Tcp(s) => whoami(&mut &*s, &mut body),
+        Stream::Unix(s) => whoami(&mut &*s, &mut body),
+    }?;
     let (worker, pid) = parse_whoami(&body).map_err(|e| format!("first whoami: {e}"))?;
-    s.set_nonblocking(true).map_err(|e| format!("socket options: {e}"))?;
+    let fd = s.into_nonblocking_fd().map_err(|e| format!("socket options: {e}"))?;
     let w: Weak<RefCell<Run>> = Rc::downgrade(run);
     let conn = Conn::adopt(
         base,
-        OwnedFd::from(s),
+        fd,
         &[],
         MAX_REPLY + 4,
         Rc::new(move |ev| {
@@ -639,6 +636,12 @@ fn open(run: &Rc<RefCell<Run>>, base: &Base, addr: SocketAddr, c: usize) -> Resu
     )
     .map_err(|e| format!("event loop: {e}"))?;
     Ok((conn, worker, pid))
+}
+
+/// Writes a whoami request and reads its reply's body into `body`.
+fn whoami<S: io::Read + Write>(s: &mut S, body: &mut Vec<u8>) -> Result<(), String> {
+    s.write_all(&whoami_frame()).map_err(|e| format!("write whoami: {e}"))?;
+    read_frame(s, body).map_err(|e| format!("first whoami: {e}"))
 }
 
 /// Runs the work load and returns its summary (with `trace`, the TSV is
@@ -654,7 +657,7 @@ pub fn work(o: &WorkOpts) -> WorkSummary {
     if !(o.secs > 0.0 && o.secs.is_finite()) || o.sample.is_zero() {
         return fail(sum, format_args!("work: --secs must be > 0 and the sample interval > 0"));
     }
-    let addr = match resolve(&o.host, o.port) {
+    let target = match Target::new(&o.host, o.port, o.unix.as_deref()) {
         Ok(a) => a,
         Err(e) => return fail(sum, format_args!("work: resolve {}:{}: {e}", o.host, o.port)),
     };
@@ -697,7 +700,7 @@ pub fn work(o: &WorkOpts) -> WorkSummary {
 
     // 1. Connect, and ask each connection where it is.
     for c in 0..o.conns {
-        let opened = open(&run, &base, addr, c);
+        let opened = open(&run, &base, &target, c);
         let mut r = run.borrow_mut();
         let mut client = Client {
             conn: None,

@@ -231,7 +231,15 @@ impl Cluster {
 
     /// Options of the library load client against this cluster.
     pub fn rpc_opts(&self, conns: usize, requests: usize, short: bool) -> handoff::client::RpcOpts {
-        handoff::client::RpcOpts { host: "127.0.0.1".into(), port: self.port, conns, requests, short, relay: None }
+        handoff::client::RpcOpts {
+            host: "127.0.0.1".into(),
+            port: self.port,
+            conns,
+            requests,
+            short,
+            relay: None,
+            unix: None,
+        }
     }
 
     /// Kills every process of this cluster now (what Drop does).

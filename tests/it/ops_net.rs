@@ -72,6 +72,7 @@ fn cluster_on_ipv6_loopback_serves_and_restarts_with_live_v6_connections() {
         requests: 3000,
         short: false,
         relay: None,
+        unix: None,
     };
     let load = std::thread::spawn(move || handoff::client::rpc(&opts));
     c.wait_status("the load under way", Duration::from_secs(20), |v| sum_field(v, "served") >= 300);
@@ -152,7 +153,8 @@ fn pair_on_ipv6_logs_the_ipv6_client_on_both_servers() {
     });
     assert!(linked, "the servers did not hand the IPv6 connection back and forth: ports {seen:?}");
     // The load client over IPv6 sees strict alternation too.
-    let opts = handoff::client::PingPongOpts { host: "::1".into(), port: p, conns: 4, requests: 50, size: 16 };
+    let opts =
+        handoff::client::PingPongOpts { host: "::1".into(), port: p, conns: 4, requests: 50, size: 16, unix: None };
     let sum = handoff::client::unary(&opts);
     assert!(sum.passed() && sum.errors == 0 && sum.breaks == 0, "{sum}");
     drop(s);

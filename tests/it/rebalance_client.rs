@@ -99,6 +99,7 @@ fn run(f: Fake, conns: usize, only_worker: Option<u64>, trace: Option<std::path:
         only_worker,
         trace,
         sample: Duration::from_millis(100),
+        unix: None,
     });
     done.store(true, Ordering::Relaxed);
     let _ = TcpStream::connect(("127.0.0.1", port)); // wakes the acceptor

@@ -531,7 +531,7 @@ pub fn wait_linked(p: u16, q: u16) -> (u64, u64) {
 // ------------------------------------------------------------------ clients
 
 pub fn opts(port: u16, conns: usize, requests: usize, size: usize) -> PingPongOpts {
-    PingPongOpts { host: "127.0.0.1".into(), port, conns, requests, size }
+    PingPongOpts { host: "127.0.0.1".into(), port, conns, requests, size, unix: None }
 }
 
 pub fn unary(port: u16, conns: usize, requests: usize) -> Summary {
