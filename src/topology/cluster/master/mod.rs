@@ -1203,14 +1203,14 @@ impl Master {
         let l = if replace {
             let tmp = self.cfg.dir.join(format!("control.{}.sock", std::process::id()));
             let _ = std::fs::remove_file(&tmp);
-            let l = Listener::bind(&self.base, &Endpoint::Unix(tmp.clone()), on_ctl)?;
+            let l = Listener::bind(&self.base, &Endpoint::Seqpacket(tmp.clone()), on_ctl)?;
             if let Err(e) = std::fs::rename(&tmp, &ctl) {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
             }
             l.with_path(ctl)
         } else {
-            Listener::bind(&self.base, &Endpoint::Unix(ctl), on_ctl)?
+            Listener::bind(&self.base, &Endpoint::Seqpacket(ctl), on_ctl)?
         };
         if let Some(old) = self.control.replace(l) {
             old.forget_path(); // the path is the new listener's now
