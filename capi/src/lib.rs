@@ -511,7 +511,7 @@ pub unsafe extern "C" fn handoff_worker_free(w: *mut Worker) {
         g.handle = std::ptr::null_mut();
         g.timers.clear();
         g.retry = None;
-        g.listener = None;
+        g.listeners.clear();
         g.link = None;
     }));
 }
