@@ -544,9 +544,7 @@ pub fn claim_unix_path(path: &Path) -> io::Result<()> {
         Err(e) => matches!(e.raw_os_error(), Some(libc::EPROTOTYPE) | Some(libc::EAGAIN)),
     };
     match live(unix_connect(path)) || live(unix_stream_connect(path)) {
-        true => {
-            Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is owned by a live process", path.display())))
-        }
+        true => Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is owned by a live process", path.display()))),
         false => {
             log::info!("removing stale {}", path.display());
             std::fs::remove_file(path).map_err(|e| io::Error::new(e.kind(), format!("remove {}: {e}", path.display())))

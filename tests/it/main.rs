@@ -21,3 +21,4 @@ mod rebalance_client;
 mod restart;
 mod restart_faults;
 mod service;
+mod unix_listen;

@@ -879,12 +879,16 @@ pub fn takeover_reloaded(mut cfg: Config) -> io::Result<()> {
     let (fds, v, metrics_fd, channel) = hello(&cfg.dir)?;
     cfg.gen = v["gen"].as_u64().ok_or_else(|| bad("gen"))? + 1;
     let (host, port) = (v["host"].as_str().unwrap_or(""), v["port"].as_u64().unwrap_or(0) as u16);
-    let kept: Vec<String> =
-        v["listen"].as_array().map(|a| a.iter().filter_map(|e| e.as_str().map(str::to_string)).collect()).unwrap_or_default();
+    let kept: Vec<String> = v["listen"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
     let asked: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
     // A port 0 asked for is whatever port was picked.
     let same = asked.len() == kept.len()
-        && asked.iter().zip(&kept).all(|(a, k)| a == k || a.ends_with(":0") && a.rsplit_once(':').map(|x| x.0) == k.rsplit_once(':').map(|x| x.0));
+        && asked.iter().zip(&kept).all(|(a, k)| {
+            a == k || a.ends_with(":0") && a.rsplit_once(':').map(|x| x.0) == k.rsplit_once(':').map(|x| x.0)
+        });
     if !same {
         log::warn!(
             "a restart keeps the listening sockets {}; --host/--port/--listen {} take effect at the next stop and start",
