@@ -230,10 +230,10 @@ fn node_relays_over_a_unix_link() {
     let a = Node::start("A", 0, 2, &[], &["--peers", &format!("B=unix:{}", sb.display())]);
     let b_pids = b.c.worker_pids();
     let mut ca = a.c.connect();
-    for w in 0..2 {
+    for (w, &pid) in b_pids.iter().enumerate() {
         let msg = json!({"over": "unix", "to": w});
         let r = ca.call(&relay_req("B", w, &msg));
-        assert_eq!(assert_relayed(&r, "B", w, &msg), b_pids[w] as u64, "relay answered by B's worker {w}");
+        assert_eq!(assert_relayed(&r, "B", w, &msg), pid as u64, "relay answered by B's worker {w}");
     }
     // Pipelined relays keep their order over the Unix link.
     let mut bytes = Vec::new();
