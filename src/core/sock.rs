@@ -534,8 +534,14 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
 /// by a dead process; refuses one a live process still listens on
 /// (seqpacket or stream: a connect of either type that is not refused).
 pub fn claim_unix_path(path: &Path) -> io::Result<()> {
-    if std::fs::symlink_metadata(path).is_err() {
-        return Ok(());
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(md) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    if !md.file_type().is_socket() {
+        // Never remove what is not a socket (a mistyped --listen path).
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket: not removing it", path.display()),
+        ));
     }
     let live = |r: io::Result<OwnedFd>| match r {
         Ok(_) => true,

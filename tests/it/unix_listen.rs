@@ -43,6 +43,8 @@ fn unix_listener_serves_ping_whoami_and_pipelining_beside_tcp() {
     assert_eq!(ready_field(&c.server.ready, "listen").as_deref(), Some(listen.as_str()), "{}", c.server.ready);
     let v = c.status();
     assert_eq!(v["listen"], json!(listen.split(',').collect::<Vec<_>>()), "{v}");
+    let text = c.status_cli(false);
+    assert!(text.contains(&format!("listening on {}", listen.replace(',', ", "))), "{text}");
     assert_eq!(mode_of(&sock), 0o600, "a Unix listener is 0600 by default");
 
     let mut u = Rpc::connect_unix(&sock);
@@ -151,6 +153,19 @@ fn a_live_unix_socket_refuses_a_second_server_and_a_stale_one_is_replaced() {
     assert!(log.contains(&format!("removing stale {}", stale.display())), "{log}");
     Rpc::connect_unix(&stale).ping(&json!("on the replaced socket"));
     drop(c2);
+    // A path that is not a socket is never removed.
+    let file = tmp.path().join("notes.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    let (st, _out, err) = run_cmd(
+        Command::new(bin())
+            .args(["cluster", "--workers", "1", "--listen"])
+            .arg(format!("unix:{}", file.display()))
+            .args(["--dir".as_ref(), tmp.path().join("d3").as_os_str()]),
+        EXIT_TIMEOUT,
+    );
+    assert!(!st.success(), "a server started on a regular file: {err}");
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
     drop(c);
 }
 
