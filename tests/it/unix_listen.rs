@@ -388,3 +388,24 @@ fn shared_policy_workers_accept_on_every_listener() {
     assert_eq!(Rpc::connect_unix(&sock).whoami()["gen"], json!(2));
     assert_eq!(c.connect().whoami()["gen"], json!(2));
 }
+
+#[test]
+fn max_conns_pauses_every_listener() {
+    let (c, sock) = unix_cluster(2, &["--max-conns", "2"]);
+    let mut held: Vec<Rpc> = (0..2).map(|_| Rpc::connect_unix(&sock)).collect();
+    for (i, r) in held.iter_mut().enumerate() {
+        r.ping(&json!(i));
+    }
+    c.wait_status("the limit reached", Duration::from_secs(10), |v| v["at_limit"] == json!(true));
+    // Both kinds wait in their backlogs now.
+    let mut tcp = c.connect();
+    tcp.send(&ping_req(&json!("tcp")));
+    let mut unix = Rpc::connect_unix(&sock);
+    unix.send(&ping_req(&json!("unix")));
+    assert!(tcp.nothing_pending(Duration::from_millis(300)), "a TCP client served over --max-conns");
+    assert!(unix.nothing_pending(Duration::from_millis(300)), "a Unix client served over --max-conns");
+    // Closing the held ones lets both in.
+    held.clear();
+    assert_eq!(tcp.recv(), json!({"out": "pong", "result": "tcp"}));
+    assert_eq!(unix.recv(), json!({"out": "pong", "result": "unix"}));
+}
