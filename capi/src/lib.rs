@@ -56,7 +56,8 @@ struct State {
     conns: HashMap<u64, u64>,
     next_id: u64,
     served: u64,
-    listener: Option<Listener>,
+    /// The shared policy's listening sockets (one per endpoint).
+    listeners: Vec<Listener>,
     draining: bool,
     stopping: bool,
     lost: bool,
@@ -156,7 +157,7 @@ impl State {
                         s.adopt(h).into_iter().collect()
                     })
                 }) {
-                    Ok(l) => self.listener = Some(l),
+                    Ok(l) => self.listeners.push(l),
                     Err(e) => log::error!("worker {}: shared listener: {e}", self.index),
                 }
                 Vec::new()
@@ -166,7 +167,7 @@ impl State {
                     return Vec::new();
                 }
                 self.stopping = true;
-                self.listener = None;
+                self.listeners.clear();
                 vec![Call::Shutdown]
             }
             // The C API has no call to move some connections and keep
@@ -180,7 +181,7 @@ impl State {
                     return Vec::new();
                 }
                 self.draining = true;
-                self.listener = None;
+                self.listeners.clear();
                 vec![Call::Drain]
             }
             Order::Orphaned => {
@@ -202,7 +203,7 @@ impl State {
                 self.stopping = false;
                 let first = !self.draining;
                 self.draining = true;
-                self.listener = None;
+                self.listeners.clear();
                 if first {
                     vec![Call::Drain]
                 } else {
@@ -212,7 +213,7 @@ impl State {
             Order::Lost => {
                 self.lost = true;
                 self.conns.clear();
-                self.listener = None;
+                self.listeners.clear();
                 vec![Call::Lost]
             }
         }
@@ -341,7 +342,7 @@ pub unsafe extern "C" fn handoff_worker_new(
             conns: HashMap::new(),
             next_id: 1,
             served: 0,
-            listener: None,
+            listeners: Vec::new(),
             draining: false,
             stopping: false,
             lost: false,
@@ -510,7 +511,7 @@ pub unsafe extern "C" fn handoff_worker_free(w: *mut Worker) {
         g.handle = std::ptr::null_mut();
         g.timers.clear();
         g.retry = None;
-        g.listener = None;
+        g.listeners.clear();
         g.link = None;
     }));
 }

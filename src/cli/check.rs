@@ -127,7 +127,7 @@ fn node_checks(a: &NodeArgs) -> Result<(), String> {
 }
 
 fn master_checks(m: &MasterArgs) -> Result<(), String> {
-    resolves(&m.host, m.port)?;
+    resolves(&m.host, m.port.unwrap_or(0))?;
     usable_dir(&m.dir)?;
     if let Some(p) = &m.access_log {
         writable_file(p)?;

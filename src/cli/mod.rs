@@ -206,7 +206,14 @@ fn to_json<O: serde::Serialize>(o: &O) -> Value {
 /// runs the same command line again as the master (see
 /// [`crate::topology::supervisor`]).
 fn supervise(a: &MasterArgs) -> ExitCode {
-    match supervisor::run(a.pid_file.as_deref(), &a.host, a.port) {
+    let endpoints = match a.endpoints() {
+        Ok(e) => e,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match supervisor::run(a.pid_file.as_deref(), &endpoints, a.listen_mode) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             log::error!("{e}");
@@ -379,9 +386,11 @@ struct PairArgs {
 /// What a cluster master and a node manager both take.
 #[derive(Args)]
 struct MasterArgs {
-    /// TCP port to listen on (0 picks a free one; see the ready line).
-    #[arg(long)]
-    port: u16,
+    /// TCP port to listen on, on --host (0 picks a free one; see the ready
+    /// line): the same as `--listen HOST:PORT`. Needed unless --listen is
+    /// given.
+    #[arg(long, required_unless_present = "listen")]
+    port: Option<u16>,
     /// Number of workers, 1 to 1024 (default: number of CPUs).
     #[arg(long, allow_hyphen_values = true, value_parser = parse_workers)]
     workers: Option<usize>,
@@ -426,6 +435,28 @@ struct MasterArgs {
     /// own event loop; IPv6 in brackets: [::1]:9100).
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
     metrics: Option<String>,
+    /// Also listen here (repeatable): HOST:PORT, [V6]:PORT or unix:PATH (a
+    /// Unix stream socket; a stale file of a dead server is replaced, a
+    /// live one refuses the start). Clients are served the same on all.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    listen: Vec<crate::core::reactor::Endpoint>,
+    /// Mode of the Unix listening sockets' files, in octal (0660 lets the
+    /// socket's group connect).
+    #[arg(long, value_name = "OCTAL", default_value = "0600", value_parser = parse_mode)]
+    listen_mode: u32,
+}
+
+impl MasterArgs {
+    /// Every endpoint to listen on: `--host`:`--port` first, then each
+    /// `--listen` in order.
+    fn endpoints(&self) -> std::io::Result<Vec<crate::core::reactor::Endpoint>> {
+        let mut all = Vec::new();
+        if let Some(port) = self.port {
+            all.push(crate::core::reactor::Endpoint::Tcp(crate::core::sock::resolve(&self.host, port)?));
+        }
+        all.extend(self.listen.iter().cloned());
+        Ok(all)
+    }
 }
 
 impl MasterArgs {
@@ -435,9 +466,12 @@ impl MasterArgs {
         grace: f64,
         log_args: Vec<String>,
     ) -> std::io::Result<cluster::master::Config> {
+        let listen = self.endpoints()?;
         Ok(cluster::master::Config {
+            listen,
+            listen_mode: self.listen_mode,
             host: self.host,
-            port: self.port,
+            port: self.port.unwrap_or(0),
             workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             dir: self.dir,
             policy,
@@ -492,7 +526,8 @@ struct NodeArgs {
     name: String,
     #[command(flatten)]
     master: MasterArgs,
-    /// Other nodes: B=HOST:PORT[,C=HOST:PORT...].
+    /// Other nodes: B=HOST:PORT[,C=unix:PATH...] (`unix:PATH`: a node on
+    /// this host started with `--listen unix:PATH`).
     #[arg(long, default_value = "")]
     peers: String,
     /// Seconds from connect to the end of the link handshake (0 to 86400).
@@ -556,6 +591,20 @@ fn parse_host_port(s: &str) -> Result<String, String> {
         return Err(format!("'{s}': write an IPv6 address in brackets, e.g. [::1]:{port}"));
     }
     Ok(s.to_string())
+}
+
+/// `--listen`: `HOST:PORT`, `[V6]:PORT` or `unix:PATH`.
+fn parse_listen(s: &str) -> Result<crate::core::reactor::Endpoint, String> {
+    crate::core::sock::parse_endpoint(s).map_err(|e| e.to_string())
+}
+
+/// `--listen-mode`: an octal file mode, 0 to 0777.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let v = u32::from_str_radix(s.trim(), 8).map_err(|_| format!("'{s}' is not an octal mode (e.g. 0660)"))?;
+    if v > 0o777 {
+        return Err(format!("'{s}': give a mode from 0 to 0777"));
+    }
+    Ok(v)
 }
 
 fn parse_workers(s: &str) -> Result<usize, String> {

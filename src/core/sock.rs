@@ -8,6 +8,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use crate::core::reactor::Endpoint;
+
 /// -1 becomes `errno` with the syscall's name in front.
 fn cvt(rc: libc::c_int, what: &str) -> io::Result<libc::c_int> {
     if rc < 0 {
@@ -220,6 +222,141 @@ pub fn unix_listen(path: &Path) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A non-blocking SOCK_STREAM listener bound to `path` (a Unix endpoint
+/// clients connect to, `--listen unix:PATH`), its file made `mode`
+/// (`--listen-mode`, 0600 by default) before anyone can connect: the
+/// socket is bound under a private umask, then chmod-ed. Backlog 4096.
+pub fn unix_stream_listen(path: &Path, mode: u32) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM)?;
+    let (sa, len) = sockaddr_un(path)?;
+    // SAFETY: umask only changes this process's file mode mask; it is put
+    // back right after the bind (no other thread creates files meanwhile
+    // in a server that is starting).
+    let old = unsafe { libc::umask(0o177) };
+    // SAFETY: sa is a valid sockaddr_un of length len.
+    let rc = unsafe { libc::bind(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) };
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    cvt(rc, &format!("bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))
+        .map_err(|e| io::Error::new(e.kind(), format!("chmod {:o} {}: {e}", mode & 0o777, path.display())))?;
+    // SAFETY: plain syscall on a descriptor we own.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), 4096) }, "listen")?;
+    Ok(fd)
+}
+
+/// A non-blocking SOCK_STREAM connection to the Unix listener at `path`
+/// (a node link to a manager's `unix:PATH`). A Unix connect completes at
+/// once or fails (EAGAIN: the listener's backlog is full).
+pub fn unix_stream_connect(path: &Path) -> io::Result<OwnedFd> {
+    let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM)?;
+    let (sa, len) = sockaddr_un(path)?;
+    // SAFETY: sa is a valid sockaddr_un of length len.
+    cvt(
+        unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) },
+        &format!("connect {}", path.display()),
+    )?;
+    Ok(fd)
+}
+
+/// A non-blocking connection to `ep`, TCP (TCP_NODELAY set; the handshake
+/// may still be under way) or Unix stream.
+pub fn connect_endpoint(ep: &Endpoint) -> io::Result<OwnedFd> {
+    match ep {
+        Endpoint::Tcp(a) => tcp_connect(*a),
+        Endpoint::Unix(p) => unix_stream_connect(p),
+        Endpoint::Seqpacket(p) => unix_connect(p),
+    }
+}
+
+/// A listening socket on `ep` (a Unix stream socket's file made `mode`).
+/// A Unix path is claimed first ([`claim_unix_path`]).
+pub fn listen_endpoint(ep: &Endpoint, mode: u32) -> io::Result<OwnedFd> {
+    match ep {
+        Endpoint::Tcp(a) => tcp_listen(*a),
+        Endpoint::Unix(p) => {
+            claim_unix_path(p)?;
+            unix_stream_listen(p, mode)
+        }
+        Endpoint::Seqpacket(p) => {
+            claim_unix_path(p)?;
+            unix_listen(p)
+        }
+    }
+}
+
+/// Where a listening socket listens: its TCP address, or its Unix path
+/// (a stream socket as [`Endpoint::Unix`], a seqpacket one as
+/// [`Endpoint::Seqpacket`]).
+pub fn local_endpoint(fd: RawFd) -> io::Result<Endpoint> {
+    // SAFETY: zeroed sockaddr_storage is valid; len matches it.
+    let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut len = mem::size_of_val(&ss) as libc::socklen_t;
+    // SAFETY: ss/len are live out-parameters of the right size.
+    cvt(unsafe { libc::getsockname(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) }, "getsockname")?;
+    if ss.ss_family as libc::c_int == libc::AF_UNIX {
+        // SAFETY: the family says the storage holds a sockaddr_un.
+        let sa = unsafe { &*(&ss as *const libc::sockaddr_storage as *const libc::sockaddr_un) };
+        let n = (len as usize).saturating_sub(mem::size_of::<libc::sa_family_t>()).min(sa.sun_path.len());
+        let bytes: Vec<u8> = sa.sun_path[..n].iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+        if bytes.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "an unnamed Unix socket has no endpoint"));
+        }
+        let path = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&bytes));
+        return Ok(if is_stream_socket(fd) { Endpoint::Unix(path) } else { Endpoint::Seqpacket(path) });
+    }
+    socket_addr_from(&ss)
+        .map(Endpoint::Tcp)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "getsockname: not an IP or Unix socket"))
+}
+
+/// The client at the other end of an accepted connection, as logs show
+/// it: `IP:PORT` over TCP (`[V6]:PORT`), `unix:PID` over a Unix socket
+/// (the peer's pid from SO_PEERCRED); `None` if unknown.
+pub fn peer_name(fd: RawFd) -> Option<String> {
+    if let Some(a) = peer_addr(fd) {
+        return Some(a.to_string());
+    }
+    peer_cred(fd).ok().map(|(pid, _)| format!("unix:{pid}"))
+}
+
+/// Parses a listening or connecting address: `HOST:PORT` (IPv4 or a
+/// name, resolved now), `[V6]:PORT`, or `unix:PATH` (a Unix stream
+/// socket; a relative PATH is made absolute, since servers and their
+/// successors may run elsewhere).
+///
+/// ```
+/// use handoff::core::sock::parse_endpoint;
+///
+/// assert_eq!(parse_endpoint("127.0.0.1:80")?.to_string(), "127.0.0.1:80");
+/// assert_eq!(parse_endpoint("[::1]:80")?.to_string(), "[::1]:80");
+/// assert_eq!(parse_endpoint("unix:/run/h.sock")?.to_string(), "unix:/run/h.sock");
+/// assert!(parse_endpoint("::1:80").is_err());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn parse_endpoint(s: &str) -> io::Result<Endpoint> {
+    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(bad(format!("'{s}': give a path after unix:")));
+        }
+        let path = std::path::absolute(path).map_err(|e| bad(format!("'{s}': {e}")))?;
+        sockaddr_un(&path)?;
+        return Ok(Endpoint::Unix(path));
+    }
+    let (host, port) =
+        s.rsplit_once(':').ok_or_else(|| bad(format!("'{s}': give HOST:PORT, [V6]:PORT or unix:PATH")))?;
+    let port: u16 = port.parse().map_err(|_| bad(format!("'{s}': '{port}' is not a port (0 to 65535)")))?;
+    if host.is_empty() {
+        return Err(bad(format!("'{s}': the host is missing (e.g. 127.0.0.1:{port})")));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(bad(format!("'{s}': write an IPv6 address in brackets, e.g. [::1]:{port}")));
+    }
+    Ok(Endpoint::Tcp(resolve(host, port)?))
+}
+
 /// A non-blocking SOCK_SEQPACKET connection to the listener at `path`.
 pub fn unix_connect(path: &Path) -> io::Result<OwnedFd> {
     let fd = socket(libc::AF_UNIX, libc::SOCK_SEQPACKET)?;
@@ -394,16 +531,27 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Makes `path` free for a Unix listener: removes a stale socket file left
-/// by a dead process; refuses one a live process still listens on.
+/// by a dead process; refuses one a live process still listens on
+/// (seqpacket or stream: a connect of either type that is not refused).
 pub fn claim_unix_path(path: &Path) -> io::Result<()> {
-    if std::fs::symlink_metadata(path).is_err() {
-        return Ok(());
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(md) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    if !md.file_type().is_socket() {
+        // Never remove what is not a socket (a mistyped --listen path).
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket: not removing it", path.display()),
+        ));
     }
-    match unix_connect(path) {
-        Ok(_) => {
-            Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is owned by a live process", path.display())))
-        }
-        Err(_) => {
+    let live = |r: io::Result<OwnedFd>| match r {
+        Ok(_) => true,
+        // A listener of the other type answers EPROTOTYPE; a full backlog
+        // EAGAIN: both are alive.
+        Err(e) => matches!(e.raw_os_error(), Some(libc::EPROTOTYPE) | Some(libc::EAGAIN)),
+    };
+    match live(unix_connect(path)) || live(unix_stream_connect(path)) {
+        true => Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{} is owned by a live process", path.display()))),
+        false => {
             log::info!("removing stale {}", path.display());
             std::fs::remove_file(path).map_err(|e| io::Error::new(e.kind(), format!("remove {}: {e}", path.display())))
         }

@@ -113,8 +113,16 @@ impl Cluster {
         let port: u16 = ready_field(&server.ready, "port")
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("{name}: no port in readiness line {:?}", server.ready));
-        assert_ne!(port, 0, "{name}: readiness line shows port 0");
         let want = format!("ready port={port} workers={workers} dir={} gen=1", dir.display());
+        // Several endpoints, or a Unix one: ` listen=A,B` follows.
+        let listen = ready_field(&server.ready, "listen");
+        if listen.is_none() {
+            assert_ne!(port, 0, "{name}: readiness line shows port 0");
+        }
+        let want = match &listen {
+            Some(l) => format!("{want} listen={l}"),
+            None => want,
+        };
         assert_eq!(server.ready, want, "{name}: readiness line");
         let c = Cluster { dir, port, workers, pids: Mutex::new(vec![server.pid()]), server, _tmp: tmp };
         // Learn the worker pids now, so that Drop kills them even if the
@@ -292,9 +300,108 @@ pub fn sum_field(v: &Value, field: &str) -> u64 {
 
 // ------------------------------------------------------------------ client
 
+/// A client's stream: TCP, or a Unix stream socket (`--listen unix:PATH`).
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Stream {
+    pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(d),
+            Stream::Unix(s) => s.set_read_timeout(d),
+        }
+    }
+
+    pub fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(d),
+            Stream::Unix(s) => s.set_write_timeout(d),
+        }
+    }
+
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
+    pub fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(how),
+            Stream::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// The TCP client's own address (panics on a Unix stream).
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match self {
+            Stream::Tcp(s) => s.local_addr(),
+            Stream::Unix(_) => panic!("local_addr of a Unix stream"),
+        }
+    }
+
+    pub fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.peek(buf),
+            // SAFETY: recv with MSG_PEEK into a live buffer of its length.
+            Stream::Unix(s) => {
+                let n = unsafe {
+                    libc::recv(std::os::fd::AsRawFd::as_raw_fd(s), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK)
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::os::fd::AsRawFd for Stream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
 /// A blocking client of the cluster protocol (u32 LE length + JSON).
 pub struct Rpc {
-    pub s: TcpStream,
+    pub s: Stream,
     buf: Vec<u8>,
 }
 
@@ -308,7 +415,19 @@ impl Rpc {
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
         s.set_write_timeout(Some(IO_TIMEOUT))?;
-        Ok(Rpc { s, buf: Vec::new() })
+        Ok(Rpc { s: Stream::Tcp(s), buf: Vec::new() })
+    }
+
+    /// A connection to a Unix listener (`--listen unix:PATH`).
+    pub fn connect_unix(path: &Path) -> Rpc {
+        Rpc::try_connect_unix(path).unwrap_or_else(|e| panic!("connect unix:{}: {e}", path.display()))
+    }
+
+    pub fn try_connect_unix(path: &Path) -> io::Result<Rpc> {
+        let s = std::os::unix::net::UnixStream::connect(path)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(Rpc { s: Stream::Unix(s), buf: Vec::new() })
     }
 
     /// A connection to any address (an IPv6 one, say).
@@ -317,7 +436,7 @@ impl Rpc {
         s.set_nodelay(true).unwrap();
         s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-        Rpc { s, buf: Vec::new() }
+        Rpc { s: Stream::Tcp(s), buf: Vec::new() }
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
@@ -673,10 +792,23 @@ pub fn pipelined_restarts(
     restarts: u64,
     pause: bool,
 ) -> Vec<PipelinedOutcome> {
+    pipelined_restarts_on(c, || c.connect(), conns, batch, restarts, pause)
+}
+
+/// [`pipelined_restarts`] over the connections `connect` opens (a Unix
+/// listener's, say).
+pub fn pipelined_restarts_on(
+    c: &Cluster,
+    connect: impl Fn() -> Rpc,
+    conns: usize,
+    batch: usize,
+    restarts: u64,
+    pause: bool,
+) -> Vec<PipelinedOutcome> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let rounds = AtomicU64::new(0);
     let (stop, failed) = (AtomicBool::new(false), AtomicBool::new(false));
-    let mut conns: Vec<Rpc> = (0..conns).map(|_| c.connect()).collect();
+    let mut conns: Vec<Rpc> = (0..conns).map(|_| connect()).collect();
     let n = conns.len() as u64;
     let wait = |target: u64| {
         let ok = poll_until(Duration::from_secs(20), || {

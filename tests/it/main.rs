@@ -22,3 +22,4 @@ mod restart;
 mod restart_faults;
 mod service;
 mod unix_clients;
+mod unix_listen;

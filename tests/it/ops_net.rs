@@ -54,7 +54,9 @@ fn cluster_on_ipv6_loopback_serves_and_restarts_with_live_v6_connections() {
     }
     let c = Cluster::start(2, &["--host", "::1"]);
     let logged = format!("on [::1]:{}", c.port);
-    assert!(c.server.stderr_text().contains(&logged), "no '{logged}' in the master's log:\n{}", c.server.stderr_text());
+    // stderr is read by a thread of its own: the line may trail the ready line.
+    let seen = poll_until(Duration::from_secs(5), || c.server.stderr_text().contains(&logged));
+    assert!(seen, "no '{logged}' in the master's log:\n{}", c.server.stderr_text());
     // Four live connections over IPv6, one of them with half a request
     // sent when the restart begins.
     let mut kept: Vec<Rpc> = (0..4).map(|_| Rpc::connect_addr(v6(c.port))).collect();

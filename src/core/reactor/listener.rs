@@ -11,16 +11,39 @@ use std::time::Duration;
 use super::{Base, Event, Interest};
 use crate::core::sock;
 
-/// Where a listener listens.
-#[derive(Clone, Debug)]
+/// Where a listener listens, or a client connects: written `HOST:PORT`,
+/// `[V6]:PORT` or `unix:PATH` (see [`crate::core::sock::parse_endpoint`]
+/// and this type's `Display`, which round-trip).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
     /// A TCP socket on this IPv4 or IPv6 address (SO_REUSEADDR, backlog
     /// 4096; the unspecified `::` takes IPv4 clients too, any other
     /// IPv6 address only IPv6 ones).
     /// Port 0 picks a free port: see [`Listener::local_addr`].
     Tcp(SocketAddr),
-    /// A SOCK_SEQPACKET socket at this path (removed when the listener drops).
+    /// A Unix SOCK_STREAM socket at this path (`unix:PATH`: clients and
+    /// node links; removed when a listener bound here drops), created
+    /// mode 0600 by [`Listener::bind`].
     Unix(PathBuf),
+    /// A Unix SOCK_SEQPACKET socket at this path (handoff channels and
+    /// control sockets; removed when the listener drops).
+    Seqpacket(PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "{a}"),
+            Endpoint::Unix(p) | Endpoint::Seqpacket(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = io::Error;
+    fn from_str(s: &str) -> io::Result<Endpoint> {
+        sock::parse_endpoint(s)
+    }
 }
 
 /// Most connections accepted in one callback, so one busy listener cannot
@@ -79,7 +102,8 @@ impl Listener {
     pub fn bind(base: &Base, ep: &Endpoint, on_accept: impl Fn(OwnedFd) + 'static) -> io::Result<Listener> {
         let (fd, unlink) = match ep {
             Endpoint::Tcp(addr) => (sock::tcp_listen(*addr)?, None),
-            Endpoint::Unix(path) => (sock::unix_listen(path)?, Some(path.clone())),
+            Endpoint::Unix(path) => (sock::unix_stream_listen(path, 0o600)?, Some(path.clone())),
+            Endpoint::Seqpacket(path) => (sock::unix_listen(path)?, Some(path.clone())),
         };
         let mut l = Listener::adopt(base, fd, on_accept)?;
         l.unlink = unlink;

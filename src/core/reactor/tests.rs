@@ -125,7 +125,7 @@ fn listener_accepts_and_removes_its_socket_file() {
     let base = Base::new().unwrap();
     let accepted = Rc::new(Cell::new(0));
     let (a, b) = (accepted.clone(), base.clone());
-    let l = Listener::bind(&base, &Endpoint::Unix(path.clone()), move |_fd| {
+    let l = Listener::bind(&base, &Endpoint::Seqpacket(path.clone()), move |_fd| {
         a.set(a.get() + 1);
         b.exit(None);
     })

@@ -29,6 +29,11 @@ pub fn render(v: &Value) -> String {
         if v["rebalance"] == Value::Bool(true) { " (rebalancing)" } else { "" },
         v["pending"]
     );
+    // More than the port to say: every endpoint.
+    let listen: Vec<&str> = v["listen"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    if listen.len() > 1 || listen.iter().any(|e| e.starts_with("unix:")) {
+        out.push_str(&format!("listening on {}\n", listen.join(", ")));
+    }
     if v["accepting"] == Value::Bool(false) && v["restarting"] != Value::Bool(true) {
         out.push_str("not accepting: no worker can serve (new clients wait in the kernel backlog)\n");
     }

@@ -161,10 +161,10 @@ impl<S: Service> Worker<S> {
     fn open_link(&mut self, key: &Key) -> Result<(), String> {
         let (addr, timeout, me, name) = {
             let n = self.node();
-            (n.cfg.peers[&key.0], n.cfg.connect_timeout, n.me, n.cfg.name.clone())
+            (n.cfg.peers[&key.0].clone(), n.cfg.connect_timeout, n.me, n.cfg.name.clone())
         };
         self.node().counters.entry(key.clone()).or_default().connects += 1;
-        let fd = sock::tcp_connect(addr).map_err(|e| e.to_string())?;
+        let fd = sock::connect_endpoint(&addr).map_err(|e| e.to_string())?;
         let h = Handed::accepted(fd, true);
         let conn = self.open_conn(h, Kind::LinkOut(key.clone())).ok_or("worker is stopping")?;
         // Written once the connect completes (the bufferevent waits for EV_WRITE).

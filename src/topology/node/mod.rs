@@ -5,9 +5,9 @@
 //! links to other nodes (`links.rs`); the wire format is [`wire`].
 use std::collections::BTreeMap;
 use std::io;
-use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::core::reactor::Endpoint;
 use crate::core::sock;
 
 pub(crate) mod links;
@@ -21,9 +21,10 @@ pub mod wire;
 pub struct NodeConfig {
     /// This node's name.
     pub name: String,
-    /// Every node's manager address, this one's included (the master adds
-    /// itself once its port is known).
-    pub peers: BTreeMap<String, SocketAddr>,
+    /// Every node's manager endpoint (TCP, or `unix:PATH` for a node on
+    /// this host), this one's included (the master adds itself once its
+    /// listeners are known).
+    pub peers: BTreeMap<String, Endpoint>,
     /// Time from connect to the end of the tell-worker handshake.
     pub connect_timeout: Duration,
 }
@@ -43,14 +44,23 @@ impl NodeConfig {
     }
 }
 
-/// Parses `B=HOST:PORT[,C=HOST:PORT...]`; an IPv6 HOST is written in
-/// brackets (`B=[::1]:7001`).
-pub fn parse_peers(s: &str) -> io::Result<BTreeMap<String, SocketAddr>> {
+/// Parses `B=ADDR[,C=ADDR...]`, each ADDR `HOST:PORT`, `[V6]:PORT` (an
+/// IPv6 HOST is written in brackets: `B=[::1]:7001`) or `unix:PATH` (a
+/// node on this host listening there, `--listen unix:PATH`).
+pub fn parse_peers(s: &str) -> io::Result<BTreeMap<String, Endpoint>> {
     let bad = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
     let mut peers = BTreeMap::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
         let (name, addr) =
             item.split_once('=').ok_or_else(|| bad(format!("peer {item:?}: expected NAME=HOST:PORT")))?;
+        if name.is_empty() {
+            return Err(bad(format!("peer {item:?}: empty name")));
+        }
+        if addr.starts_with("unix:") {
+            let ep = sock::parse_endpoint(addr).map_err(|e| bad(format!("peer {item:?}: {e}")))?;
+            peers.insert(name.to_string(), ep);
+            continue;
+        }
         let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad(format!("peer {item:?}: expected HOST:PORT")))?;
         let port: u16 = port.parse().map_err(|e| bad(format!("peer {item:?}: port: {e}")))?;
         if name.is_empty() {
@@ -59,7 +69,7 @@ pub fn parse_peers(s: &str) -> io::Result<BTreeMap<String, SocketAddr>> {
         if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
             return Err(bad(format!("peer {item:?}: write an IPv6 address in brackets: {name}=[{host}]:{port}")));
         }
-        peers.insert(name.to_string(), sock::resolve(host, port)?);
+        peers.insert(name.to_string(), Endpoint::Tcp(sock::resolve(host, port)?));
     }
     Ok(peers)
 }
@@ -72,7 +82,7 @@ mod tests {
     fn peers_parse_and_round_trip() {
         let p = parse_peers("B=127.0.0.1:7001, C=127.0.0.1:7002").unwrap();
         assert_eq!(p.len(), 2);
-        assert_eq!(p["C"].port(), 7002);
+        assert_eq!(p["C"].to_string(), "127.0.0.1:7002");
         assert!(parse_peers("B127.0.0.1:7001").is_err());
         assert!(parse_peers("B=127.0.0.1").is_err());
         assert!(parse_peers("=127.0.0.1:1").is_err());
@@ -85,11 +95,21 @@ mod tests {
     #[test]
     fn ipv6_peers_in_brackets() {
         let p = parse_peers("B=[::1]:7001,C=127.0.0.1:7002").unwrap();
-        assert_eq!(p["B"], "[::1]:7001".parse::<SocketAddr>().unwrap());
+        assert_eq!(p["B"], Endpoint::Tcp("[::1]:7001".parse().unwrap()));
         // What a master writes in HANDOFF_NODE_PEERS reads back the same.
         let text: Vec<String> = p.iter().map(|(n, a)| format!("{n}={a}")).collect();
         assert_eq!(parse_peers(&text.join(",")).unwrap(), p);
         let e = parse_peers("B=::1:7001").unwrap_err();
         assert!(e.to_string().contains("B=[::1]:7001"), "{e}");
+    }
+
+    #[test]
+    fn unix_peers_round_trip() {
+        let p = parse_peers("B=unix:/run/b.sock,C=127.0.0.1:7002").unwrap();
+        assert_eq!(p["B"], Endpoint::Unix("/run/b.sock".into()));
+        let text: Vec<String> = p.iter().map(|(n, a)| format!("{n}={a}")).collect();
+        assert_eq!(text.join(","), "B=unix:/run/b.sock,C=127.0.0.1:7002");
+        assert_eq!(parse_peers(&text.join(",")).unwrap(), p);
+        assert!(parse_peers("B=unix:").is_err());
     }
 }

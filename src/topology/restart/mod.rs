@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
-use crate::core::reactor::{Event, Interest};
+use crate::core::reactor::{Endpoint, Event, Interest};
 use crate::topology::cluster::control::Client;
 use crate::topology::cluster::control_path;
 use crate::topology::cluster::master::{metrics, with, Config, Master};
@@ -294,11 +294,7 @@ impl Master {
             // only what it held in flight is lost.
             log::error!("the new generation died right after committing");
         }
-        if let Some(l) = &self.listener {
-            if let Err(e) = l.resume() {
-                log::error!("cannot accept again: {e}");
-            }
-        }
+        self.resume_accepting();
         let moved = back.len();
         self.resume_workers();
         self.tell_workers(KIND_TAKEOVER_ENDED, &[]);
@@ -344,7 +340,8 @@ impl Master {
 
     /// `handoff restart`'s verdict when the new generation committed.
     fn success_reply(&self, pid: u32) -> Value {
-        json!({"ok": true, "pid": pid, "gen": self.cfg.gen + 1, "host": self.cfg.host, "port": self.port})
+        json!({"ok": true, "pid": pid, "gen": self.cfg.gen + 1, "host": self.cfg.host, "port": self.port,
+               "listen": self.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>()})
     }
 
     fn reply_restart(&mut self, to: Option<u64>, v: Value) {
@@ -391,10 +388,10 @@ impl Master {
             ch.shutdown();
             return;
         }
-        let fd = match self.listening_fd() {
-            Ok(fd) => fd,
+        let mut fds = match self.listening_fds() {
+            Ok(fds) => fds.into_iter(),
             Err(e) => {
-                log::error!("takeover: cannot duplicate the listening socket: {e}");
+                log::error!("takeover: cannot duplicate the listening sockets: {e}");
                 ch.shutdown();
                 return;
             }
@@ -414,6 +411,9 @@ impl Master {
             "metrics": metrics_fd.as_ref().and(self.cfg.metrics.as_ref()),
             "host": self.cfg.host,
             "port": self.port,
+            // Every listening socket moves: the first with this message,
+            // the others each in a LISTENER message of its own, in order.
+            "listen": self.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "workers": self.cfg.workers,
             "policy": self.cfg.policy.name(),
             "options": self.cfg.options,
@@ -432,12 +432,20 @@ impl Master {
             flags: 0,
             id: 0,
             body: cfg.to_string().into_bytes(),
-            fd: Some(fd),
+            fd: fds.next(),
             tag: 0,
         };
         if ch.send(msg).is_err() {
             log::error!("takeover: the new master's channel broke");
             return;
+        }
+        for fd in fds {
+            let msg =
+                Msg { kind: wire::KIND_LISTENER, flags: 0, id: 0, body: b"listener".to_vec(), fd: Some(fd), tag: 0 };
+            if ch.send(msg).is_err() {
+                log::error!("takeover: the new master's channel broke");
+                return;
+            }
         }
         if let Some(fd) = metrics_fd {
             let msg =
@@ -476,12 +484,17 @@ impl Master {
         self.successor = Some(ch);
     }
 
-    fn listening_fd(&self) -> io::Result<OwnedFd> {
-        match (&self.listener, &self.shared_fd) {
-            (Some(l), _) => l.as_fd().try_clone_to_owned(),
-            (None, Some(fd)) => fd.try_clone(),
-            _ => Err(io::Error::other("no listening socket")),
+    /// Copies of every listening socket, in endpoint order.
+    fn listening_fds(&self) -> io::Result<Vec<OwnedFd>> {
+        let fds: Vec<OwnedFd> = if self.listeners.is_empty() {
+            self.shared_fds.iter().map(OwnedFd::try_clone).collect::<io::Result<_>>()?
+        } else {
+            self.listeners.iter().map(|l| l.as_fd().try_clone_to_owned()).collect::<io::Result<_>>()?
+        };
+        if fds.is_empty() {
+            return Err(io::Error::other("no listening socket"));
         }
+        Ok(fds)
     }
 
     fn on_successor(&mut self, ev: ChannelEvent) {
@@ -660,9 +673,7 @@ impl Master {
         if reply_to.is_some() && r.phase == Phase::Commit {
             r.phase = Phase::Standby;
             log::info!("restart: generation {} committed; standing by until it answers", self.cfg.gen + 1);
-            if let Some(l) = &self.listener {
-                l.pause();
-            }
+            self.pause_accepting();
             self.reply_restart(reply_to, self.success_reply(pid));
             self.restart_deadline(STANDBY_MAX, "the restart client did not report");
             return;
@@ -685,8 +696,10 @@ impl Master {
             let pid = r.child.as_ref().map_or(r.pid, Child::id);
             self.reply_restart(r.reply_to, self.success_reply(pid));
         }
-        self.listener = None;
-        self.shared_fd = None;
+        // Listeners close here, their files stay: a Unix socket's path is
+        // the new generation's (adopted, never unlinked by a master).
+        self.listeners.clear();
+        self.shared_fds.clear();
         // The new generation serves the metrics socket alone from now on.
         self.metrics.server = None;
         // Our copies of what moved are closed; the new side owns them.
@@ -786,11 +799,7 @@ impl Master {
             return;
         }
         self.takeover_pending = false;
-        if let Some(l) = &self.listener {
-            if let Err(e) = l.resume() {
-                log::error!("takeover: cannot accept: {e}");
-            }
-        }
+        self.resume_accepting();
         self.share_listener_with_all();
         log::info!("takeover {how}: generation {} serves", self.cfg.gen);
         self.notify_serving("READY=1");
@@ -801,21 +810,28 @@ impl Master {
 }
 
 /// Says HELLO to the master serving in `dir`; returns its listening
-/// socket, its settings, its metrics endpoint's listening socket (if it
-/// serves `--metrics`), and the channel that goes on delivering its
-/// connections.
-fn hello(dir: &Path) -> io::Result<(OwnedFd, Value, Option<OwnedFd>, OwnedFd)> {
+/// sockets (in endpoint order), its settings, its metrics endpoint's
+/// listening socket (if it serves `--metrics`), and the channel that goes
+/// on delivering its connections.
+fn hello(dir: &Path) -> io::Result<(Vec<OwnedFd>, Value, Option<OwnedFd>, OwnedFd)> {
     let mut c = Client::connect(dir)?;
     c.send(KIND_TAKEOVER_HELLO, json!({"pid": std::process::id()}).to_string().as_bytes())?;
     let (body, fd) = c.recv(wire::KIND_LISTENER, DEFAULT_TIMEOUT)?;
     let fd = fd.ok_or_else(|| io::Error::other("takeover: no listening socket"))?;
     let v: Value = serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    // The other listening sockets follow, one message each.
+    let mut fds = vec![fd];
+    let more = v["listen"].as_array().map_or(0, Vec::len).saturating_sub(1);
+    for _ in 0..more {
+        let fd = c.recv(wire::KIND_LISTENER, DEFAULT_TIMEOUT)?.1;
+        fds.push(fd.ok_or_else(|| io::Error::other("takeover: a listener message without its socket"))?);
+    }
     // The metrics socket follows in a message of its own.
     let metrics_fd = match v["metrics"].is_string() {
         true => c.recv(wire::KIND_LISTENER, DEFAULT_TIMEOUT)?.1,
         false => None,
     };
-    Ok((fd, v, metrics_fd, c.into_fd()))
+    Ok((fds, v, metrics_fd, c.into_fd()))
 }
 
 fn bad(what: &str) -> io::Error {
@@ -826,8 +842,11 @@ fn bad(what: &str) -> io::Error {
 /// master in `dir` for its listening socket and settings, then serves
 /// as the next generation with those settings.
 pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<()> {
-    let (fd, v, metrics_fd, channel) = hello(dir)?;
+    let (fds, v, metrics_fd, channel) = hello(dir)?;
     let cfg = Config {
+        // Where it listens comes with the sockets themselves.
+        listen: Vec::new(),
+        listen_mode: 0o600,
         host: v["host"].as_str().ok_or_else(|| bad("host"))?.to_string(),
         port: v["port"].as_u64().ok_or_else(|| bad("port"))? as u16,
         workers: v["workers"].as_u64().ok_or_else(|| bad("workers"))? as usize,
@@ -849,7 +868,7 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
         user: v["user"].as_str().map(str::to_string),
         metrics: v["metrics"].as_str().map(str::to_string),
     };
-    crate::topology::cluster::master::run_on_with(cfg, fd, Some(channel), metrics_fd)
+    crate::topology::cluster::master::run_on_with(cfg, fds, Some(channel), metrics_fd)
 }
 
 /// A master started by a restart (`HANDOFF_TAKEOVER`): its settings come
@@ -857,21 +876,31 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
 /// changes workers, policy, limits and log level); the listening socket
 /// and the generation come from the master serving in `cfg.dir`.
 pub fn takeover_reloaded(mut cfg: Config) -> io::Result<()> {
-    let (fd, v, metrics_fd, channel) = hello(&cfg.dir)?;
+    let (fds, v, metrics_fd, channel) = hello(&cfg.dir)?;
     cfg.gen = v["gen"].as_u64().ok_or_else(|| bad("gen"))? + 1;
     let (host, port) = (v["host"].as_str().unwrap_or(""), v["port"].as_u64().unwrap_or(0) as u16);
-    if cfg.host != host || cfg.port != 0 && cfg.port != port {
+    let kept: Vec<String> = v["listen"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let asked: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
+    // A port 0 asked for is whatever port was picked.
+    let same = asked.len() == kept.len()
+        && asked.iter().zip(&kept).all(|(a, k)| {
+            a == k || a.ends_with(":0") && a.rsplit_once(':').map(|x| x.0) == k.rsplit_once(':').map(|x| x.0)
+        });
+    if !same {
         log::warn!(
-            "a restart keeps the listening socket {host}:{port}; --host/--port {}:{} take effect at the next stop and start",
-            cfg.host,
-            cfg.port
+            "a restart keeps the listening sockets {}; --host/--port/--listen {} take effect at the next stop and start",
+            kept.join(","),
+            asked.join(",")
         );
     }
     cfg.host = host.to_string();
     cfg.port = port;
     // The metrics socket is kept if --metrics still names it.
     let metrics_fd = metrics::inherit(cfg.metrics.as_deref(), v["metrics"].as_str(), metrics_fd);
-    crate::topology::cluster::master::run_on_with(cfg, fd, Some(channel), metrics_fd)
+    crate::topology::cluster::master::run_on_with(cfg, fds, Some(channel), metrics_fd)
 }
 
 /// How long `handoff restart` waits for the new generation's workers to
@@ -894,17 +923,23 @@ pub fn request(dir: &Path, binary: Option<&Path>, timeout: Duration, listeners_o
     }
     let (host, port, gen) =
         (v["host"].as_str().unwrap_or("127.0.0.1"), v["port"].as_u64().unwrap_or(0), v["gen"].as_u64());
-    match probe(dir, host, port as u16) {
+    // The first endpoint (TCP or Unix); an older master says host and port.
+    let first = match v["listen"].as_array().and_then(|a| a.first()).and_then(Value::as_str) {
+        Some(e) => crate::core::sock::parse_endpoint(e)?,
+        None => Endpoint::Tcp(crate::core::sock::resolve(host, port as u16)?),
+    };
+    let first = crate::topology::cluster::master::reachable(&first);
+    match probe(dir, &first) {
         Ok(g) if Some(g) == gen => {
             // The old generation stood by until now: it may go.
             let _ = c.send(KIND_RESTART_PROBED, &[]);
             Ok(v)
         }
         Ok(g) => Err(io::Error::other(format!(
-            "restart committed generation {}, but port {port} is answered by generation {g}",
+            "restart committed generation {}, but {first} is answered by generation {g}",
             gen.unwrap_or(0)
         ))),
-        Err(e) => Err(io::Error::other(format!("restart committed, but nothing answers on {host}:{port}: {e}"))),
+        Err(e) => Err(io::Error::other(format!("restart committed, but nothing answers on {first}: {e}"))),
     }
 }
 
@@ -913,7 +948,7 @@ pub fn request(dir: &Path, binary: Option<&Path>, timeout: Duration, listeners_o
 /// a connection. Workers that are slow to answer the heartbeat (a loaded
 /// machine, valgrind) get up to `PROBE_PATIENCE` to be counted. Returns
 /// the generation that answered.
-fn probe(dir: &Path, host: &str, port: u16) -> io::Result<u64> {
+fn probe(dir: &Path, first: &Endpoint) -> io::Result<u64> {
     let deadline = std::time::Instant::now() + PROBE_PATIENCE;
     let gen = loop {
         let v = crate::topology::cluster::status::fetch(dir, Duration::from_secs(5))?;
@@ -927,14 +962,9 @@ fn probe(dir: &Path, host: &str, port: u16) -> io::Result<u64> {
         // Status has no change notification: ask again shortly.
         std::thread::sleep(Duration::from_millis(100));
     };
-    let mut addr = crate::core::sock::resolve(host, port)?;
-    // A master on every address (`0.0.0.0`, `::`) is reached on loopback.
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr.ip() {
-            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
+    match first {
+        Endpoint::Tcp(addr) => drop(TcpStream::connect_timeout(addr, Duration::from_secs(5))?),
+        Endpoint::Unix(p) | Endpoint::Seqpacket(p) => drop(std::os::unix::net::UnixStream::connect(p)?),
     }
-    TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     Ok(gen)
 }

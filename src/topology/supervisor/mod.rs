@@ -23,13 +23,14 @@ pub mod activation;
 pub mod link;
 mod pidfile;
 
-use crate::core::reactor::{Base, Event, Interest};
+use crate::core::reactor::{Base, Endpoint, Event, Interest};
 use crate::core::signals;
 use pidfile::PidFile;
 
-/// The variable naming the listening socket the supervisor passes to
-/// every master it starts.
-pub const ENV_LISTEN_FD: &str = "HANDOFF_LISTEN_FD";
+/// The variable naming the listening sockets the supervisor passes to
+/// every master it starts: descriptor numbers, comma separated
+/// (`3,5,6`), in the order of the endpoints (`--port`, then `--listen`).
+pub const ENV_LISTEN_FDS: &str = "HANDOFF_LISTEN_FDS";
 
 /// The variable giving a master the supervisor starts its generation (1,
 /// or the one after the last master's).
@@ -62,9 +63,9 @@ struct Sup {
     pid: u32,
     /// Our end of the current masters' link, and its read event.
     link: Option<(OwnedFd, Event)>,
-    /// The listening socket (systemd's, or bound here) and its name,
-    /// passed to every master started.
-    listener: (OwnedFd, String),
+    /// The listening sockets (systemd's, or bound here), passed to every
+    /// master started.
+    listeners: Vec<OwnedFd>,
     /// The master signals go to.
     serving: u32,
     /// Masters that said hello, and how each ended once reaped.
@@ -98,23 +99,37 @@ const STABLE: Duration = Duration::from_secs(1);
 /// Runs the supervisor: starts `BIN ARGS...` (our own command line) as
 /// the first master and lives as long as the service. Returns the exit
 /// status.
-pub fn run(pid_file: Option<&Path>, host: &str, port: u16) -> io::Result<i32> {
+pub fn run(pid_file: Option<&Path>, endpoints: &[Endpoint], mode: u32) -> io::Result<i32> {
     let pid = std::process::id();
     signals::ignore_sigpipe();
-    // The listening socket is ours (systemd's, or bound here), passed to
+    // The listening sockets are ours (systemd's, or bound here), passed to
     // every master we start: one started after a crash takes the same
-    // socket, and connects wait in its backlog meanwhile.
-    let listener = match activation::take() {
-        Some(a) => {
-            let at = crate::core::sock::local_addr(a.0.as_raw_fd())?;
-            log::info!("socket activation: serving on the socket systemd passed ({at}, name {:?})", a.1);
-            a
+    // sockets, and connects wait in their backlogs meanwhile. A Unix
+    // socket file we bound is removed when we exit (the service's end),
+    // never by a master: a restart keeps it in place.
+    let mut unix_paths = UnixPaths(Vec::new());
+    let activated = activation::take();
+    let listeners = if activated.is_empty() {
+        let mut fds = Vec::new();
+        for ep in endpoints {
+            fds.push(crate::core::sock::listen_endpoint(ep, mode)?);
+            if let Endpoint::Unix(p) = ep {
+                unix_paths.0.push(p.clone());
+            }
         }
-        None => {
-            let fd = crate::core::sock::tcp_listen(crate::core::sock::resolve(host, port)?)?;
-            (fd, String::new())
+        fds
+    } else {
+        let mut fds = Vec::new();
+        for (fd, name) in activated {
+            let at = crate::core::sock::local_endpoint(fd.as_raw_fd())?;
+            log::info!("socket activation: serving on the socket systemd passed ({at}, name {name:?})");
+            fds.push(fd);
         }
+        fds
     };
+    if listeners.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "nothing to listen on: give --port or --listen"));
+    }
     let pid_file = pid_file.map(|p| PidFile::write(p, pid)).transpose()?;
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only changes this process's
     // attributes: orphaned masters and workers are reparented to us.
@@ -126,7 +141,7 @@ pub fn run(pid_file: Option<&Path>, host: &str, port: u16) -> io::Result<i32> {
             me: me.clone(),
             pid,
             link: None,
-            listener,
+            listeners,
             serving: 0,
             masters: HashMap::new(),
             last_exit: None,
@@ -161,24 +176,38 @@ pub fn run(pid_file: Option<&Path>, host: &str, port: u16) -> io::Result<i32> {
     if let Some(p) = pid_file {
         p.remove();
     }
+    drop(unix_paths);
     result
+}
+
+/// The Unix socket files this supervisor bound: removed when it exits.
+struct UnixPaths(Vec<std::path::PathBuf>);
+
+impl Drop for UnixPaths {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Starts our own command line again as a master, with the link and the
 /// listening socket inherited.
-fn spawn_master(link_end: &OwnedFd, listener: &(OwnedFd, String), gen: u64) -> io::Result<u32> {
+fn spawn_master(link_end: &OwnedFd, listeners: &[OwnedFd], gen: u64) -> io::Result<u32> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(&exe);
     cmd.args(std::env::args_os().skip(1));
     let link_fd = link_end.as_raw_fd();
     cmd.env(link::ENV_FD, link_fd.to_string()).env(ENV_PID, std::process::id().to_string());
-    let listen_fd = listener.0.as_raw_fd();
-    cmd.env(ENV_LISTEN_FD, listen_fd.to_string()).env(ENV_GEN, gen.to_string());
+    let listen_fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+    let names: Vec<String> = listen_fds.iter().map(ToString::to_string).collect();
+    cmd.env(ENV_LISTEN_FDS, names.join(",")).env(ENV_GEN, gen.to_string());
     // SAFETY: the closure runs in the forked child before exec and only
     // calls fcntl (async-signal-safe) on descriptors it inherited.
     unsafe {
         cmd.pre_exec(move || {
-            for fd in [link_fd, listen_fd] {
+            inherit(link_fd)?;
+            for &fd in &listen_fds {
                 inherit(fd)?;
             }
             Ok(())
@@ -205,7 +234,7 @@ impl Sup {
     /// Starts a master with a fresh link.
     fn start_master(&mut self) -> io::Result<()> {
         let (mine, theirs) = crate::core::sock::seqpacket_pair()?;
-        let pid = spawn_master(&theirs, &self.listener, self.last_gen + 1)?;
+        let pid = spawn_master(&theirs, &self.listeners, self.last_gen + 1)?;
         drop(theirs);
         let w = self.me.clone();
         let raw = mine.as_raw_fd();

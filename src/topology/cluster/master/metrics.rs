@@ -218,7 +218,7 @@ pub(crate) fn respond(req: &HttpRequest<'_>, render: impl FnOnce() -> Option<Str
 impl Master {
     /// The `/metrics` text now.
     pub(crate) fn metrics_text(&self) -> String {
-        let accept_errors = self.listener.as_ref().map_or(0, |l| l.accept_errors());
+        let accept_errors: u64 = self.listeners.iter().map(|l| l.accept_errors()).sum();
         render(&self.status(), &self.metrics.counters, accept_errors)
     }
 }

@@ -101,6 +101,11 @@ pub struct Config {
     pub user: Option<String>,
     /// `--metrics HOST:PORT`: serve Prometheus metrics at `/metrics` there.
     pub metrics: Option<String>,
+    /// Every endpoint to listen on (`--port` on `--host` first, then each
+    /// `--listen`); bound by the supervisor, which passes them all on.
+    pub listen: Vec<Endpoint>,
+    /// `--listen-mode`: the mode of Unix listening sockets' files (0600).
+    pub listen_mode: u32,
 }
 
 /// The master's copy of a connection a worker serves: the descriptor it
@@ -196,10 +201,15 @@ pub(crate) struct Master {
     pub(crate) base: Base,
     pub(crate) me: Weak<RefCell<Master>>,
     pub(crate) cfg: Config,
+    /// The first TCP endpoint's port (0 with Unix endpoints only).
     pub(crate) port: u16,
-    pub(crate) listener: Option<Listener>,
-    /// The listening socket itself, for the shared policy's workers.
-    pub(crate) shared_fd: Option<OwnedFd>,
+    /// Every listening endpoint, in order (`--port`, then `--listen`).
+    pub(crate) endpoints: Vec<Endpoint>,
+    /// One listener per endpoint (empty while stopping or with the
+    /// shared policy).
+    pub(crate) listeners: Vec<Listener>,
+    /// The listening sockets themselves, for the shared policy's workers.
+    pub(crate) shared_fds: Vec<OwnedFd>,
     pub(crate) slots: Vec<WorkerSlot>,
     pub(crate) next: usize,
     /// Connections waiting for a live worker (or for that one worker).
@@ -256,6 +266,21 @@ pub(crate) struct Master {
     pub(crate) metrics: metrics::Metrics,
 }
 
+/// An endpoint as a client on this host reaches it: a TCP listener on
+/// every address (`0.0.0.0`, `::`) at loopback.
+pub(crate) fn reachable(ep: &Endpoint) -> Endpoint {
+    match ep {
+        Endpoint::Tcp(a) if a.ip().is_unspecified() => {
+            let ip: std::net::IpAddr = match a.ip() {
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            };
+            Endpoint::Tcp(std::net::SocketAddr::new(ip, a.port()))
+        }
+        other => other.clone(),
+    }
+}
+
 pub(crate) fn with(w: &Weak<RefCell<Master>>, f: impl FnOnce(&mut Master)) {
     if let Some(s) = w.upgrade() {
         f(&mut s.borrow_mut());
@@ -285,36 +310,48 @@ pub fn run(cfg: Config) -> io::Result<()> {
     }
     sock::private_dir(&cfg.dir)?;
     sock::claim_unix_path(&control_path(&cfg.dir))?;
-    let listen_fd = match activated_listener()? {
-        Some(fd) => fd,
-        None => sock::tcp_listen(sock::resolve(&cfg.host, cfg.port)?)?,
-    };
-    run_on(cfg, listen_fd, None)
+    let mut listen_fds = activated_listeners()?;
+    if listen_fds.is_empty() {
+        // Not supervised (a master run on its own): bind here. Its Unix
+        // socket files stay when it exits (a stale file is replaced at
+        // the next start).
+        for ep in &cfg.listen {
+            listen_fds.push(sock::listen_endpoint(ep, cfg.listen_mode)?);
+        }
+    }
+    run_on(cfg, listen_fds, None)
 }
 
-/// The listening socket the supervisor passed (its own, or systemd's), or
-/// the one systemd passed directly (socket activation).
-fn activated_listener() -> io::Result<Option<OwnedFd>> {
-    use crate::topology::supervisor::{activation, ENV_LISTEN_FD};
-    let Some(v) = std::env::var_os(ENV_LISTEN_FD) else { return Ok(activation::take().map(|(fd, _)| fd)) };
-    std::env::remove_var(ENV_LISTEN_FD);
-    let fd: std::os::fd::RawFd = v.to_str().and_then(|s| s.parse().ok()).unwrap_or(-1);
-    if fd < 3 || !sock::is_listening_stream(fd) {
-        return Err(io::Error::other(format!("{ENV_LISTEN_FD}={v:?}: not a listening socket")));
+/// The listening sockets the supervisor passed (its own, or systemd's), or
+/// those systemd passed directly (socket activation).
+fn activated_listeners() -> io::Result<Vec<OwnedFd>> {
+    use crate::topology::supervisor::{activation, ENV_LISTEN_FDS};
+    let Some(v) = std::env::var_os(ENV_LISTEN_FDS) else {
+        return Ok(activation::take().into_iter().map(|(fd, _)| fd).collect());
+    };
+    std::env::remove_var(ENV_LISTEN_FDS);
+    let mut fds = Vec::new();
+    for part in v.to_str().unwrap_or("").split(',') {
+        let fd: std::os::fd::RawFd = part.trim().parse().unwrap_or(-1);
+        if fd < 3 || !sock::is_listening_stream(fd) {
+            return Err(io::Error::other(format!("{ENV_LISTEN_FDS}={v:?}: {part:?} is not a listening socket")));
+        }
+        // SAFETY: the supervisor passed this listening socket to us alone,
+        // and names each descriptor once.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: fcntl on our own descriptor has no memory effects.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        log::debug!("serving on the inherited socket {}", sock::local_endpoint(fd.as_raw_fd())?);
+        fds.push(fd);
     }
-    // SAFETY: the supervisor passed this listening socket to us alone.
-    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // SAFETY: fcntl on our own descriptor has no memory effects.
-    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-    log::debug!("serving on the inherited socket {}", sock::local_addr(fd.as_raw_fd())?);
-    Ok(Some(fd))
+    Ok(fds)
 }
 
 /// Runs a master on an already listening socket. `predecessor` is the
 /// control channel of the master this one replaces (restart), which
 /// goes on handing it connections.
-pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedFd>) -> io::Result<()> {
-    run_on_with(cfg, listen_fd, predecessor, None)
+pub(crate) fn run_on(cfg: Config, listen_fds: Vec<OwnedFd>, predecessor: Option<OwnedFd>) -> io::Result<()> {
+    run_on_with(cfg, listen_fds, predecessor, None)
 }
 
 /// As [`run_on`], serving `--metrics` on `metrics_fd` if given (the
@@ -322,7 +359,7 @@ pub(crate) fn run_on(cfg: Config, listen_fd: OwnedFd, predecessor: Option<OwnedF
 /// `cfg.metrics`.
 pub(crate) fn run_on_with(
     cfg: Config,
-    listen_fd: OwnedFd,
+    listen_fds: Vec<OwnedFd>,
     predecessor: Option<OwnedFd>,
     metrics_fd: Option<OwnedFd>,
 ) -> io::Result<()> {
@@ -331,13 +368,27 @@ pub(crate) fn run_on_with(
     let supervised = crate::topology::supervisor::link::adopt_from_env()?;
     link::tell(&format!("HANDOFF_MASTER={}", std::process::id()));
     let base = Base::new()?;
-    let addr = sock::local_addr(listen_fd.as_raw_fd())?;
-    let port = addr.port();
+    if listen_fds.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "nothing to listen on: give --port or --listen"));
+    }
+    let endpoints =
+        listen_fds.iter().map(|fd| sock::local_endpoint(fd.as_raw_fd())).collect::<io::Result<Vec<Endpoint>>>()?;
+    let port = endpoints
+        .iter()
+        .find_map(|e| match e {
+            Endpoint::Tcp(a) => Some(a.port()),
+            _ => None,
+        })
+        .unwrap_or(0);
     let mut cfg = cfg;
     if let Some(n) = cfg.node.as_mut() {
-        // Workers reach this node's own workers through this manager too.
-        n.peers.insert(n.name.clone(), addr);
+        // Workers reach this node's own workers through this manager too
+        // (at its first endpoint; a listener on every address, `0.0.0.0`
+        // or `::`, is reached on loopback).
+        n.peers.insert(n.name.clone(), reachable(&endpoints[0]));
     }
+    let listed: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
+    let addr = listed.join(",");
 
     let master = Rc::new_cyclic(|me| {
         RefCell::new(Master {
@@ -345,8 +396,9 @@ pub(crate) fn run_on_with(
             me: me.clone(),
             cfg: cfg.clone(),
             port,
-            listener: None,
-            shared_fd: None,
+            endpoints,
+            listeners: Vec::new(),
+            shared_fds: Vec::new(),
             slots: Vec::new(),
             next: 0,
             pending: VecDeque::new(),
@@ -423,15 +475,17 @@ pub(crate) fn run_on_with(
             m.spawn(index)?;
         }
         if cfg.policy == Policy::Shared {
-            m.shared_fd = Some(listen_fd);
+            m.shared_fds = listen_fds;
             m.share_listener_with_all();
         } else {
-            let w = Rc::downgrade(&master);
-            let l = Listener::adopt(&base, listen_fd, move |fd| with(&w, |m| m.accept(fd)))?;
-            if m.takeover_pending {
-                l.pause(); // the old generation accepts until COMMIT
+            for fd in listen_fds {
+                let w = Rc::downgrade(&master);
+                let l = Listener::adopt(&base, fd, move |fd| with(&w, |m| m.accept(fd)))?;
+                if m.takeover_pending {
+                    l.pause(); // the old generation accepts until COMMIT
+                }
+                m.listeners.push(l);
             }
-            m.listener = Some(l);
         }
         m.bind_control(predecessor.is_some())?;
         let w = Rc::downgrade(&master);
@@ -461,8 +515,14 @@ pub(crate) fn run_on_with(
         cfg.workers,
         cfg.policy.name()
     );
+    // `listen=` when there is more than the port to say: several
+    // endpoints, or a Unix one.
+    let listen = match master.borrow().endpoints.as_slice() {
+        [Endpoint::Tcp(_)] => String::new(),
+        _ => format!(" listen={addr}"),
+    };
     crate::core::signals::ready(&format!(
-        "ready port={port} workers={} dir={} gen={}",
+        "ready port={port} workers={} dir={} gen={}{listen}",
         cfg.workers,
         cfg.dir.display(),
         cfg.gen
@@ -477,11 +537,11 @@ impl Master {
     /// serves now, with `state` (`READY=1`...) and a one-line status.
     pub(crate) fn notify_serving(&self, state: &str) {
         link::tell(&format!(
-            "HANDOFF_SERVING={}\nHANDOFF_GEN={}\n{state}\nSTATUS=generation {} serving on port {} with {} worker(s), master pid {}",
+            "HANDOFF_SERVING={}\nHANDOFF_GEN={}\n{state}\nSTATUS=generation {} serving on {} with {} worker(s), master pid {}",
             std::process::id(),
             self.cfg.gen,
             self.cfg.gen,
-            self.port,
+            self.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             self.slots.len(),
             std::process::id()
         ));
@@ -562,24 +622,27 @@ impl Master {
         }
     }
 
-    /// Shared policy: gives worker `index` the listening socket.
+    /// Shared policy: gives worker `index` every listening socket (one
+    /// LISTENER message each).
     fn share_listener(&mut self, index: usize) {
         if self.takeover_pending {
             return;
         }
-        let (Some(fd), Some(ch)) = (&self.shared_fd, &self.slots[index].channel) else { return };
-        match fd.try_clone() {
-            Ok(dup) => {
-                let _ = ch.send(Msg {
-                    kind: wire::KIND_LISTENER,
-                    flags: 0,
-                    id: 0,
-                    body: Vec::new(),
-                    fd: Some(dup),
-                    tag: 0,
-                });
+        let Some(ch) = &self.slots[index].channel else { return };
+        for fd in &self.shared_fds {
+            match fd.try_clone() {
+                Ok(dup) => {
+                    let _ = ch.send(Msg {
+                        kind: wire::KIND_LISTENER,
+                        flags: 0,
+                        id: 0,
+                        body: Vec::new(),
+                        fd: Some(dup),
+                        tag: 0,
+                    });
+                }
+                Err(e) => log::error!("worker {index}: cannot share the listener: {e}"),
             }
-            Err(e) => log::error!("worker {index}: cannot share the listener: {e}"),
         }
     }
 
@@ -1046,7 +1109,9 @@ impl Master {
     /// the master stops accepting: clients wait in the kernel's backlog
     /// instead of in our queue.
     pub(crate) fn update_accepting(&mut self) {
-        let Some(l) = &self.listener else { return };
+        if self.listeners.is_empty() {
+            return;
+        }
         if self.takeover_pending || self.stopping || self.draining {
             return;
         }
@@ -1068,13 +1133,25 @@ impl Master {
         }
         self.at_limit = full;
         match (was_paused, self.accept_paused || self.at_limit) {
-            (false, true) => l.pause(),
-            (true, false) => {
-                if let Err(e) = l.resume() {
-                    log::error!("cannot accept: {e}");
-                }
-            }
+            (false, true) => self.pause_accepting(),
+            (true, false) => self.resume_accepting(),
             _ => {}
+        }
+    }
+
+    /// Stops accepting on every listener (they keep queueing).
+    pub(crate) fn pause_accepting(&self) {
+        for l in &self.listeners {
+            l.pause();
+        }
+    }
+
+    /// Accepts again on every listener.
+    pub(crate) fn resume_accepting(&self) {
+        for l in &self.listeners {
+            if let Err(e) = l.resume() {
+                log::error!("cannot accept: {e}");
+            }
         }
     }
 
@@ -1162,8 +1239,8 @@ impl Master {
         self.stopping = true;
         log::info!("{name}: stopping; workers get {:?} to finish", self.cfg.grace);
         link::tell(&format!("STOPPING=1\nSTATUS=stopping ({name}): workers get {:?} to finish", self.cfg.grace));
-        self.listener = None;
-        self.shared_fd = None;
+        self.listeners.clear();
+        self.shared_fds.clear();
         self.pending.clear();
         for slot in &self.slots {
             if let Some(c) = &slot.channel {
@@ -1206,14 +1283,14 @@ impl Master {
         let l = if replace {
             let tmp = self.cfg.dir.join(format!("control.{}.sock", std::process::id()));
             let _ = std::fs::remove_file(&tmp);
-            let l = Listener::bind(&self.base, &Endpoint::Unix(tmp.clone()), on_ctl)?;
+            let l = Listener::bind(&self.base, &Endpoint::Seqpacket(tmp.clone()), on_ctl)?;
             if let Err(e) = std::fs::rename(&tmp, &ctl) {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
             }
             l.with_path(ctl)
         } else {
-            Listener::bind(&self.base, &Endpoint::Unix(ctl), on_ctl)?
+            Listener::bind(&self.base, &Endpoint::Seqpacket(ctl), on_ctl)?
         };
         if let Some(old) = self.control.replace(l) {
             old.forget_path(); // the path is the new listener's now
@@ -1310,13 +1387,14 @@ impl Master {
             "pid": std::process::id(),
             "supervisor": std::env::var(crate::topology::supervisor::ENV_PID).ok().and_then(|p| p.parse::<u32>().ok()),
             "port": self.port,
+            "listen": self.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "policy": self.cfg.policy.name(),
             "rebalance": self.cfg.rebalance,
             "gen": self.cfg.gen,
             "started": started,
             "restarting": self.restart.is_some(),
             "pending": self.pending.len(),
-            "accepting": self.listener.is_some() && !self.accept_paused && !self.takeover_pending && !self.stopping
+            "accepting": !self.listeners.is_empty() && !self.accept_paused && !self.takeover_pending && !self.stopping
                 || self.cfg.policy == Policy::Shared && !self.stopping,
             "workers": workers,
             "max_conns": self.cfg.max_conns,

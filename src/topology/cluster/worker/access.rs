@@ -7,8 +7,8 @@
 //! 2026-12-02T08:24:01.123456Z client=127.0.0.1:53422 worker=0 gen=1 requests=3 in=57 out=112 duration=0.012345 end=client_eof moves=1
 //! ```
 //!
-//! The time is the close (UTC); `client` the peer address (`-` if
-//! unknown); `worker` and `gen` the closing worker and its generation;
+//! The time is the close (UTC); `client` the peer address (`IP:PORT`,
+//! or `unix:PID` for a client on a Unix listener; `-` if unknown); `worker` and `gen` the closing worker and its generation;
 //! `in` and `out` bytes received and sent; `duration` seconds since the
 //! connection was first served; `end` one of the [`End`] names; `moves`
 //! the times it moved between processes (restart, rebalancing).
@@ -20,7 +20,6 @@
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
-use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -133,7 +132,7 @@ impl AccessLog {
     }
 
     /// Adds the line of a connection that closed now.
-    pub fn record(&mut self, client: Option<SocketAddr>, past: &wire::History, end: End) {
+    pub fn record(&mut self, client: Option<&str>, past: &wire::History, end: End) {
         let now = now_us();
         let mut line = String::with_capacity(160);
         push_time(&mut line, now);
@@ -263,7 +262,7 @@ mod tests {
         let base = Base::new().unwrap();
         let mut log = AccessLog::open(&base, &path, 3, 2, || {}).unwrap();
         let past = wire::History { moves: 1, since_us: now_us() - 1_500_000, requests: 4, bytes_in: 10, bytes_out: 20 };
-        log.record(Some("127.0.0.1:4000".parse().unwrap()), &past, End::IdleTimeout);
+        log.record(Some("127.0.0.1:4000"), &past, End::IdleTimeout);
         log.record(None, &wire::History { since_us: now_us(), ..Default::default() }, End::Reset);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "", "buffered until the timer or a flush");
         drop(log);

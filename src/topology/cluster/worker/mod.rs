@@ -72,7 +72,7 @@ pub(crate) struct Served<T> {
     /// log's counters; it travels with the connection).
     pub(crate) history: History,
     /// The client's address (clients, with `--access-log` only).
-    pub(crate) peer: Option<std::net::SocketAddr>,
+    pub(crate) peer: Option<String>,
 }
 
 impl<T> Served<T> {
@@ -91,7 +91,8 @@ pub(crate) struct Worker<S: Service> {
     pub(crate) master: MasterLink,
     pub(crate) conns: HashMap<u64, Served<S::Session>>,
     pub(crate) next_id: u64,
-    pub(crate) listener: Option<Listener>,
+    /// The shared policy's listening sockets (one per endpoint).
+    pub(crate) listeners: Vec<Listener>,
     pub(crate) stopping: bool,
     /// Restart: hand every connection back between requests, then exit.
     pub(crate) draining: bool,
@@ -161,7 +162,7 @@ pub fn run<S: Service>(env: WorkerEnv) -> io::Result<()> {
             master,
             conns: HashMap::new(),
             next_id: 1,
-            listener: None,
+            listeners: Vec::new(),
             stopping: false,
             draining: false,
             served: 0,
@@ -233,7 +234,7 @@ impl<S: Service> Worker<S> {
             Order::Lost => {
                 if let Some(log) = self.access.as_mut() {
                     for s in self.conns.values().filter(|s| s.kind == Kind::Client) {
-                        log.record(s.peer, &final_history(s), End::MasterLost);
+                        log.record(s.peer.as_deref(), &final_history(s), End::MasterLost);
                     }
                 }
                 self.conns.clear();
@@ -256,7 +257,7 @@ impl<S: Service> Worker<S> {
                 s.open_conn(h, Kind::Client);
             })
         }) {
-            Ok(l) => self.listener = Some(l),
+            Ok(l) => self.listeners.push(l),
             Err(e) => log::error!("worker {}: shared listener: {e}", self.index),
         }
     }
@@ -269,7 +270,7 @@ impl<S: Service> Worker<S> {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let peer = if kind == Kind::Client && self.access.is_some() { sock::peer_addr(h.fd.as_raw_fd()) } else { None };
+        let peer = if kind == Kind::Client && self.access.is_some() { sock::peer_name(h.fd.as_raw_fd()) } else { None };
         let w = self.me.clone();
         let conn = match Conn::adopt(
             &self.base,
@@ -530,7 +531,7 @@ impl<S: Service> Worker<S> {
                 } else {
                     End::Error
                 });
-                log.record(slot.peer, &final_history(&slot), end);
+                log.record(slot.peer.as_deref(), &final_history(&slot), end);
             }
             sock::shutdown_both(slot.conn.raw_fd());
             self.master.closed(slot.master_id);
@@ -561,7 +562,7 @@ impl<S: Service> Worker<S> {
             return;
         }
         self.draining = true;
-        self.listener = None;
+        self.listeners.clear();
         log::debug!("worker {}: draining {} connection(s) to the next generation", self.index, self.conns.len());
         self.release_all();
     }
@@ -663,7 +664,7 @@ impl<S: Service> Worker<S> {
             return;
         }
         self.stopping = true;
-        self.listener = None;
+        self.listeners.clear();
         log::debug!("worker {}: shutting down with {} open connection(s)", self.index, self.conns.len());
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
@@ -683,7 +684,7 @@ impl<S: Service> Worker<S> {
         }
         self.send_stats();
         self.signals.clear();
-        self.listener = None;
+        self.listeners.clear();
         self.retry_timer = None;
         self.master.quit();
     }
@@ -716,7 +717,7 @@ impl<S: Service> Worker<S> {
         }
         self.draining = true;
         self.stopping = false;
-        self.listener = None;
+        self.listeners.clear();
         self.release_all();
     }
 
