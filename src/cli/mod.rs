@@ -116,7 +116,15 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
                 Err(_) => options,
             };
             let grace = std::time::Duration::from_secs_f64(a.grace);
-            let cfg = pair::server::Config { host: a.host, port: a.port, peer_port: a.peer_port, dir: a.dir, grace };
+            let cfg = pair::server::Config {
+                host: a.host,
+                port: a.port,
+                peer_port: a.peer_port,
+                dir: a.dir,
+                grace,
+                listen: a.listen,
+                listen_mode: a.listen_mode,
+            };
             pair::server::run::<P>(&cfg, &options)
         }
         Cmd::Pair(With { args: a, options }) => {
@@ -125,8 +133,20 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
             }
             let options = to_json(&options);
             let grace = std::time::Duration::from_secs_f64(a.grace);
+            if let Some(bad) = a.listen.iter().find(|l| !(l.starts_with("unix:") && l.contains("{port}"))) {
+                return fail(&format!(
+                    "--listen {bad}: the two servers of a pair each need their own socket: give unix:PATH with {{port}} in PATH (each server's TCP port comes from --ports)"
+                ));
+            }
+            // The servers' own flags: the log level, and each --listen with
+            // {port} made the server's port by the launcher.
+            let mut extra = log_args.clone();
+            extra.extend(a.listen.iter().flat_map(|l| ["--listen".to_string(), l.clone()]));
+            if !a.listen.is_empty() {
+                extra.extend(["--listen-mode".to_string(), format!("{:o}", a.listen_mode)]);
+            }
             std::env::current_exe()
-                .and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &log_args, &options, grace))
+                .and_then(|exe| pair::launcher::run(&exe, a.ports, &a.dir, &a.host, &extra, &options, grace))
         }
         Cmd::Cluster(With { args: a, .. }) if !supervisor::supervised() => return supervise(&a.master),
         Cmd::Node(With { args: a, .. }) if !supervisor::supervised() => return supervise(&a.master),
@@ -361,6 +381,14 @@ struct ServerArgs {
     /// flags given here override it).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Also serve clients here (repeatable): HOST:PORT, [V6]:PORT or
+    /// unix:PATH. `--port` stays the server's identity (its handoff socket
+    /// is DIR/PORT.sock).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    listen: Vec<crate::core::reactor::Endpoint>,
+    /// Mode of the Unix listening sockets' files, in octal.
+    #[arg(long, value_name = "OCTAL", default_value = "0600", value_parser = parse_mode)]
+    listen_mode: u32,
 }
 
 #[derive(Args)]
@@ -381,6 +409,13 @@ struct PairArgs {
     /// flags given here override it).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Each server also listens on unix:PATH, `{port}` in PATH replaced
+    /// by the server's port (repeatable): `unix:/run/pp.{port}.sock`.
+    #[arg(long, value_name = "unix:PATH")]
+    listen: Vec<String>,
+    /// Mode of those sockets' files, in octal.
+    #[arg(long, value_name = "OCTAL", default_value = "0600", value_parser = parse_mode)]
+    listen_mode: u32,
 }
 
 /// What a cluster master and a node manager both take.

@@ -409,3 +409,70 @@ fn max_conns_pauses_every_listener() {
     assert_eq!(tcp.recv(), json!({"out": "pong", "result": "tcp"}));
     assert_eq!(unix.recv(), json!({"out": "pong", "result": "unix"}));
 }
+
+/// Pair mode over Unix sockets: `handoff pair --listen unix:D/pp.{port}.sock`
+/// gives each server its own socket beside its TCP port; requests
+/// alternate between the servers over either; the C client and the
+/// Rust client both pass; a HUP restarts a server in place keeping its
+/// socket file (same inode) and a connection held over it.
+#[test]
+fn pair_servers_serve_over_their_own_unix_sockets_and_keep_them_across_hup() {
+    let tmp = TempDir::new("pairux");
+    let dir = tmp.path().join("d");
+    let p = free_pair();
+    let q = p + 1;
+    let template = format!("unix:{}/pp.{{port}}.sock", tmp.path().display());
+    let ports = format!("{p},{q}");
+    let l = TestServer::start(
+        "pair",
+        [
+            "pair",
+            "--ports",
+            &ports,
+            "--dir",
+            &dir.display().to_string(),
+            "--listen",
+            &template,
+            "--listen-mode",
+            "0660",
+        ],
+    );
+    let path = |port: u16| tmp.path().join(format!("pp.{port}.sock"));
+    for port in [p, q] {
+        assert!(poll_until(Duration::from_secs(5), || path(port).exists()), "no {}", path(port).display());
+        assert_eq!(mode_of(&path(port)), 0o660);
+    }
+    let s = handoff::client::unary(&handoff::client::PingPongOpts { unix: Some(path(p)), ..opts(p, 20, 100, 16) });
+    assert!(s.passed() && s.errors == 0 && s.breaks == 0, "unary over unix: {s}");
+    let (st, out, err) = run_cmd(
+        Command::new(env!("CARGO_MANIFEST_DIR").to_string() + "/build/cclient")
+            .arg("stream")
+            .arg(format!("unix:{}", path(q).display()))
+            .args(["10", "100"]),
+        Duration::from_secs(30),
+    );
+    assert!(st.success(), "cclient stream over unix: {st}\n{out}\n{err}");
+    assert!(out.contains("errors=0") && out.contains("breaks=0"), "{out}");
+
+    // A held connection over A's socket, half a request sent, across a HUP of A.
+    let before = inode_of(&path(p));
+    let mut held = std::os::unix::net::UnixStream::connect(path(p)).unwrap();
+    held.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let req = request(16, 7);
+    held.write_all(&req[..5]).unwrap();
+    let a_pid = {
+        let text = l.stderr_text();
+        let line = text.lines().find(|x| x.contains(&format!("server {p} (pid "))).expect("server line").to_string();
+        line.split("(pid ").nth(1).and_then(|r| r.split(')').next()).and_then(|n| n.parse::<i32>().ok()).unwrap()
+    };
+    kill_pid(a_pid, libc::SIGHUP);
+    let restarted = poll_until(Duration::from_secs(10), || l.stderr_text().contains("restarted in place by SIGHUP"));
+    assert!(restarted, "{}", l.stderr_text());
+    assert_eq!(inode_of(&path(p)), before, "the socket file was recreated");
+    held.write_all(&req[5..]).unwrap();
+    let mut resp = [0u8; 2];
+    std::io::Read::read_exact(&mut held, &mut resp).expect("the held connection's reply after the HUP");
+    let s = handoff::client::unary(&handoff::client::PingPongOpts { unix: Some(path(p)), ..opts(p, 5, 20, 16) });
+    assert!(s.passed() && s.errors == 0, "after the HUP: {s}");
+    drop(l);
+}

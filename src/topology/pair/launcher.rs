@@ -44,7 +44,7 @@ impl ServerCmd {
             .arg("--dir")
             .arg(&self.dir)
             .args(["--grace", &self.grace.as_secs_f64().to_string()])
-            .args(&self.log_args)
+            .args(self.log_args.iter().map(|a| a.replace("{port}", &port.to_string())))
             .env("HANDOFF_OPTIONS", &self.options)
             .env_remove(super::reexec::STATE_ENV)
             .stdout(Stdio::piped())

@@ -19,7 +19,8 @@
 //!
 //! ```text
 //! "HOFFPAIR"  u32 version (1)  i32 signal  u64 restarts  u64 served  u64 handed
-//! i32 tcp listener fd  i32 unix listener fd  u32 n + n bytes: the start path
+//! i32 tcp listener fd  i32 unix listener fd  u32 n + n i32: --listen listener fds
+//! u32 n + n bytes: the start path
 //! u32 connections, each:
 //!   i32 fd  u32 flags (1: client sent EOF, 2: client address known)
 //!   16 bytes client IPv6 address (an IPv4 one mapped: ::ffff:a.b.c.d)  u16 client port
@@ -84,6 +85,8 @@ pub struct Handover {
     pub tcp: RawFd,
     /// The Unix listener's (`D/P.sock`) descriptor.
     pub unix: RawFd,
+    /// The `--listen` listeners' descriptors, in `--listen` order.
+    pub extra: Vec<RawFd>,
     /// Every connection held.
     pub conns: Vec<Carried>,
 }
@@ -97,6 +100,8 @@ pub struct Inherited {
     pub tcp: OwnedFd,
     /// The Unix listener, `D/P.sock`.
     pub unix: OwnedFd,
+    /// The `--listen` listeners.
+    pub extra: Vec<OwnedFd>,
 }
 
 /// A handover as written: descriptor numbers, not yet owned.
@@ -109,6 +114,7 @@ struct Parsed {
     exe: PathBuf,
     tcp: RawFd,
     unix: RawFd,
+    extra: Vec<RawFd>,
     conns: Vec<ParsedConn>,
 }
 
@@ -133,6 +139,10 @@ impl Handover {
         }
         b.extend_from_slice(&self.tcp.to_le_bytes());
         b.extend_from_slice(&self.unix.to_le_bytes());
+        b.extend_from_slice(&(self.extra.len() as u32).to_le_bytes());
+        for fd in &self.extra {
+            b.extend_from_slice(&fd.to_le_bytes());
+        }
         put_bytes(&mut b, self.exe.as_os_str().as_bytes());
         b.extend_from_slice(&(self.conns.len() as u32).to_le_bytes());
         for c in &self.conns {
@@ -185,6 +195,7 @@ impl Inherited {
             own_socket(fd).map_err(|e| bad(format!("descriptor {fd}: {e}")))
         };
         let (tcp, unix) = (take(p.tcp)?, take(p.unix)?);
+        let extra = p.extra.iter().map(|&fd| take(fd)).collect::<io::Result<Vec<_>>>()?;
         let mut conns = Vec::with_capacity(p.conns.len());
         for c in p.conns {
             conns.push(Carried { fd: take(c.fd)?, client: c.client, leftover: c.leftover, state: c.state, eof: c.eof });
@@ -197,9 +208,10 @@ impl Inherited {
             exe: p.exe,
             tcp: p.tcp,
             unix: p.unix,
+            extra: p.extra,
             conns,
         };
-        Ok(Some(Inherited { handover, tcp, unix }))
+        Ok(Some(Inherited { handover, tcp, unix, extra }))
     }
 }
 
@@ -256,6 +268,11 @@ fn parse(b: &[u8]) -> io::Result<Parsed> {
     let signal = c.i32()?;
     let (restarts, served, handed) = (c.u64()?, c.u64()?, c.u64()?);
     let (tcp, unix) = (c.i32()?, c.i32()?);
+    let n = c.u32()? as usize;
+    if n > 64 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{n} --listen listeners")));
+    }
+    let extra = (0..n).map(|_| c.i32()).collect::<io::Result<Vec<_>>>()?;
     let exe = PathBuf::from(OsString::from_vec(c.bytes()?));
     let n = c.u32()? as usize;
     if n > MAX_CONNS {
@@ -277,7 +294,7 @@ fn parse(b: &[u8]) -> io::Result<Parsed> {
     if !c.0.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "trailing bytes"));
     }
-    Ok(Parsed { signal, restarts, served, handed, exe, tcp, unix, conns })
+    Ok(Parsed { signal, restarts, served, handed, exe, tcp, unix, extra, conns })
 }
 
 /// Whether `fd` is an open descriptor.
@@ -356,8 +373,11 @@ pub fn exec(exe: &Path, h: &Handover) -> io::Error {
         Ok(p) => p,
         Err(e) => return io::Error::new(io::ErrorKind::InvalidInput, e),
     };
-    let fds: Vec<RawFd> =
-        [h.tcp, h.unix, memfd.as_raw_fd()].into_iter().chain(h.conns.iter().map(|c| c.fd.as_raw_fd())).collect();
+    let fds: Vec<RawFd> = [h.tcp, h.unix, memfd.as_raw_fd()]
+        .into_iter()
+        .chain(h.extra.iter().copied())
+        .chain(h.conns.iter().map(|c| c.fd.as_raw_fd()))
+        .collect();
     let undo = |e: io::Error| -> io::Error {
         for &fd in &fds {
             let _ = set_cloexec(fd, true);
@@ -455,6 +475,7 @@ mod tests {
             exe: PathBuf::from("/opt/handoff/bin/handoff"),
             tcp: 7,
             unix: 8,
+            extra: vec![9, 10],
             conns: vec![
                 Carried {
                     fd: a,
@@ -475,6 +496,7 @@ mod tests {
         let p = parse(&h.encode()).unwrap();
         assert_eq!((p.signal, p.restarts, p.served, p.handed), (libc::SIGHUP, 3, 1234, 567));
         assert_eq!((p.tcp, p.unix, p.exe.as_path()), (7, 8, Path::new("/opt/handoff/bin/handoff")));
+        assert_eq!(p.extra, vec![9, 10]);
         assert_eq!(p.conns.len(), 2);
         let first = ParsedConn {
             fd: raws[0],

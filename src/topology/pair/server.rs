@@ -13,7 +13,7 @@ use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
-use crate::core::reactor::{Base, Conn, ConnEvent, Event, Interest, Listener};
+use crate::core::reactor::{Base, Conn, ConnEvent, Endpoint, Event, Interest, Listener};
 use crate::core::sock;
 use crate::service::{Cx, Place, Service, Session};
 use crate::topology::pair::reexec::{self, Carried, Inherited};
@@ -51,6 +51,11 @@ pub struct Config {
     /// or SIGQUIT, and connections get to settle before an in-place
     /// restart (SIGHUP, SIGUSR2).
     pub grace: Duration,
+    /// `--listen`: more endpoints clients are served on (TCP or Unix),
+    /// beside the TCP port.
+    pub listen: Vec<Endpoint>,
+    /// `--listen-mode`: the mode of Unix listening sockets' files.
+    pub listen_mode: u32,
 }
 
 struct Served<T> {
@@ -85,6 +90,8 @@ struct Server<P: Service> {
     inbound: HashMap<u64, Channel>,
     /// Clients (TCP) and the peer's channels (`D/P.sock`).
     tcp: Option<Listener>,
+    /// `--listen` listeners (clients, like `tcp`).
+    extra: Vec<Listener>,
     unix: Option<Listener>,
     log: RequestLog,
     log_timer: Option<Event>,
@@ -125,21 +132,30 @@ pub fn run<P: Service>(cfg: &Config, options: &P::Options) -> io::Result<()> {
     sock::private_dir(&cfg.dir)?;
     let base = Base::new()?;
 
-    let (tcp_fd, unix_fd, port, sock_path, handover) = match inherited {
-        Some(Inherited { handover, tcp, unix }) => {
+    let (tcp_fd, unix_fd, extra_fds, port, sock_path, handover) = match inherited {
+        Some(Inherited { handover, tcp, unix, extra }) => {
             let port = sock::local_addr(tcp.as_raw_fd())?.port();
             let sock_path = cfg.dir.join(format!("{port}.sock"));
             if !sock_path.exists() {
                 log::warn!("{} is gone: the peer cannot reach this server until it starts afresh", sock_path.display());
             }
-            (tcp, unix, port, sock_path, Some(handover))
+            if extra.len() != cfg.listen.len() {
+                log::warn!(
+                    "{} --listen socket(s) carried over, {} asked: the carried ones are kept until a fresh start",
+                    extra.len(),
+                    cfg.listen.len()
+                );
+            }
+            (tcp, unix, extra, port, sock_path, Some(handover))
         }
         None => {
             let tcp = sock::tcp_listen(sock::resolve(&cfg.host, cfg.port)?)?;
             let port = sock::local_addr(tcp.as_raw_fd())?.port();
             let sock_path = cfg.dir.join(format!("{port}.sock"));
             sock::claim_unix_path(&sock_path)?;
-            (tcp, sock::unix_listen(&sock_path)?, port, sock_path, None)
+            let extra =
+                cfg.listen.iter().map(|ep| sock::listen_endpoint(ep, cfg.listen_mode)).collect::<io::Result<_>>()?;
+            (tcp, sock::unix_listen(&sock_path)?, extra, port, sock_path, None)
         }
     };
     let addr = sock::local_addr(tcp_fd.as_raw_fd())?;
@@ -162,6 +178,7 @@ pub fn run<P: Service>(cfg: &Config, options: &P::Options) -> io::Result<()> {
             retry: None,
             inbound: HashMap::new(),
             tcp: None,
+            extra: Vec::new(),
             unix: None,
             log,
             log_timer: None,
@@ -184,10 +201,25 @@ pub fn run<P: Service>(cfg: &Config, options: &P::Options) -> io::Result<()> {
     let w = Rc::downgrade(&server);
     let unix =
         Listener::adopt(&base, unix_fd, move |fd| with(&w, |s| s.accept_channel(fd)))?.with_path(sock_path.clone());
+    let mut extra = Vec::with_capacity(extra_fds.len());
+    let mut listening = Vec::with_capacity(extra_fds.len());
+    for fd in extra_fds {
+        let ep = sock::local_endpoint(fd.as_raw_fd())?;
+        listening.push(ep.to_string());
+        let w = Rc::downgrade(&server);
+        let l = Listener::adopt(&base, fd, move |fd| with(&w, |s| s.accept_client(fd)))?;
+        // A Unix socket's file goes with the server's final stop (an
+        // in-place restart executes without dropping it).
+        extra.push(match ep {
+            Endpoint::Unix(p) => l.with_path(p),
+            _ => l,
+        });
+    }
     {
         let mut s = server.borrow_mut();
         s.tcp = Some(tcp);
         s.unix = Some(unix);
+        s.extra = extra;
         let w = Rc::downgrade(&server);
         s.retry = Some(Event::new(&base, -1, Interest::Timer, move || with(&w, |s| s.connect_peer()))?);
         let w = Rc::downgrade(&server);
@@ -218,7 +250,8 @@ pub fn run<P: Service>(cfg: &Config, options: &P::Options) -> io::Result<()> {
             h.conns.len()
         ),
     }
-    crate::core::signals::ready(&format!("ready port={port} sock={}", sock_path.display()));
+    let also = if listening.is_empty() { String::new() } else { format!(" listen={}", listening.join(",")) };
+    crate::core::signals::ready(&format!("ready port={port} sock={}{also}", sock_path.display()));
     // After the ready line: a `linked peer=...` line follows when the peer
     // is reached; then the connections carried over are served, the first
     // request of each handed on as usual.
@@ -244,7 +277,7 @@ fn with<P: Service>(w: &Weak<RefCell<Server<P>>>, f: impl FnOnce(&mut Server<P>)
 
 impl<P: Service> Server<P> {
     fn accept_client(&mut self, fd: OwnedFd) {
-        let _ = sock::set_nodelay(fd.as_raw_fd());
+        let _ = sock::set_nodelay(fd.as_raw_fd()); // fails harmlessly on a Unix socket
         let client = sock::peer_addr(fd.as_raw_fd());
         self.open_conn(fd, Vec::new(), Vec::new(), false, client);
     }

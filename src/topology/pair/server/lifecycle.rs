@@ -142,6 +142,7 @@ impl<P: Service> Server<P> {
         self.phase = Phase::Stopping;
         // D/P.sock goes with its listener: the peer finds nobody to link to.
         self.tcp = None;
+        self.extra.clear();
         self.unix = None;
         if let Some(t) = &self.retry {
             t.del();
@@ -177,7 +178,7 @@ impl<P: Service> Server<P> {
             self.grace
         );
         self.phase = Phase::Restarting { sig, exe, cut: false, rounds: 0 };
-        for l in [&self.tcp, &self.unix].into_iter().flatten() {
+        for l in [&self.tcp, &self.unix].into_iter().flatten().chain(&self.extra) {
             l.pause();
         }
         if let Some(t) = &self.retry {
@@ -326,6 +327,7 @@ impl<P: Service> Server<P> {
     /// Closes everything and leaves the loop.
     pub(super) fn finish_stop(&mut self) {
         self.tcp = None;
+        self.extra.clear();
         self.unix = None;
         self.conns.clear();
         self.limbo.clear();
@@ -358,6 +360,7 @@ impl<P: Service> Server<P> {
             return;
         };
         let (tcp, unix) = (tcp.raw_fd(), unix.raw_fd());
+        let extra: Vec<std::os::fd::RawFd> = self.extra.iter().map(|l| l.raw_fd()).collect();
         self.grace_timer = None;
         if cut {
             let stuck: Vec<u64> = self.conns.iter().filter(|(_, s)| !s.settled()).map(|(&id, _)| id).collect();
@@ -405,6 +408,7 @@ impl<P: Service> Server<P> {
             exe: self.start_exe.clone(),
             tcp,
             unix,
+            extra,
             conns,
         };
         log::info!("{name}: executing {} with {n} connection(s)", exe.display());
@@ -412,7 +416,7 @@ impl<P: Service> Server<P> {
         // (exec unblocked the signals.)
         log::error!("{name}: cannot restart: execve {}: {e}; serving on with {n} connection(s)", exe.display());
         self.phase = Phase::Serving;
-        for l in [&self.tcp, &self.unix].into_iter().flatten() {
+        for l in [&self.tcp, &self.unix].into_iter().flatten().chain(&self.extra) {
             if let Err(e) = l.resume() {
                 log::error!("cannot accept again: {e}");
             }
