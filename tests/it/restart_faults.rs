@@ -240,7 +240,7 @@ fn wait_all_read_by_server(port: u16, n: usize) {
 #[track_caller]
 fn assert_serves_now(c: &Cluster, what: &str) -> Value {
     let mut r = Rpc::try_connect(c.port).unwrap_or_else(|e| panic!("{what}: connect to {}: {e}", c.port));
-    r.s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    r.s.set_read_timeout(Some(wrapped_slowly(Duration::from_secs(2)))).unwrap();
     let x = json!({"serves": what});
     r.send(&ping_req(&x));
     match r.try_recv() {

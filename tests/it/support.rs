@@ -21,13 +21,19 @@ use handoff::client::{self, PingPongOpts, Summary};
 /// How long a server may take to print its readiness line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `READY_TIMEOUT`, or 4 times it under `HANDOFF_WRAP` (valgrind runs every
-/// process of a start, the supervisor included, 20-50 times slower).
+/// `READY_TIMEOUT`, stretched under `HANDOFF_WRAP` ([`wrapped_slowly`]).
 pub fn ready_timeout() -> Duration {
+    wrapped_slowly(READY_TIMEOUT)
+}
+
+/// `d`, or 4 times it under `HANDOFF_WRAP`: valgrind runs every process
+/// (the supervisor, masters, workers) 20-50 times slower, two tests at a
+/// time on two CPUs.
+pub fn wrapped_slowly(d: Duration) -> Duration {
     if std::env::var_os("HANDOFF_WRAP").is_some() {
-        READY_TIMEOUT * 4
+        d * 4
     } else {
-        READY_TIMEOUT
+        d
     }
 }
 /// How long a signalled process may take to exit.
