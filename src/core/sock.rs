@@ -250,14 +250,7 @@ pub fn unix_stream_listen(path: &Path, mode: u32) -> io::Result<OwnedFd> {
 /// (a node link to a manager's `unix:PATH`). A Unix connect completes at
 /// once or fails (EAGAIN: the listener's backlog is full).
 pub fn unix_stream_connect(path: &Path) -> io::Result<OwnedFd> {
-    let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM)?;
-    let (sa, len) = sockaddr_un(path)?;
-    // SAFETY: sa is a valid sockaddr_un of length len.
-    cvt(
-        unsafe { libc::connect(fd.as_raw_fd(), &sa as *const _ as *const libc::sockaddr, len) },
-        &format!("connect {}", path.display()),
-    )?;
-    Ok(fd)
+    unix_connect_as(path, libc::SOCK_STREAM)
 }
 
 /// A non-blocking connection to `ep`, TCP (TCP_NODELAY set; the handshake
@@ -359,7 +352,13 @@ pub fn parse_endpoint(s: &str) -> io::Result<Endpoint> {
 
 /// A non-blocking SOCK_SEQPACKET connection to the listener at `path`.
 pub fn unix_connect(path: &Path) -> io::Result<OwnedFd> {
-    let fd = socket(libc::AF_UNIX, libc::SOCK_SEQPACKET)?;
+    unix_connect_as(path, libc::SOCK_SEQPACKET)
+}
+
+/// A non-blocking connection of socket type `ty` to the Unix listener at
+/// `path`.
+fn unix_connect_as(path: &Path, ty: libc::c_int) -> io::Result<OwnedFd> {
+    let fd = socket(libc::AF_UNIX, ty)?;
     let (sa, len) = sockaddr_un(path)?;
     // SAFETY: sa is a valid sockaddr_un of length len.
     cvt(

@@ -937,3 +937,23 @@ pub fn check_ping_echoes(connect: impl Fn() -> Rpc, values: &[Value]) {
         assert_eq!(conn.recv(), json!({"out": "pong", "result": x}), "pipelined");
     }
 }
+
+/// The exit code of a forked test child (a stranger uid's connect probe),
+/// waited for 10 s at most (then killed, and the test fails).
+pub fn wait_stranger(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    let ok = poll_until(Duration::from_secs(10), || {
+        // SAFETY: waitpid on our own child.
+        unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) == pid }
+    });
+    if !ok {
+        // SAFETY: kill and reap our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, &mut status, 0);
+        }
+        panic!("stranger child did not finish");
+    }
+    assert!(libc::WIFEXITED(status), "stranger child: raw status {status}");
+    libc::WEXITSTATUS(status)
+}

@@ -347,21 +347,7 @@ fn stranger_status_request(sock: &Path) -> i32 {
             libc::_exit(if n > 0 { 12 } else { 11 });
         }
     }
-    let mut status = 0;
-    let ok = poll_until(Duration::from_secs(10), || {
-        // SAFETY: waitpid on our own child.
-        unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) == pid }
-    });
-    if !ok {
-        // SAFETY: kill and reap our own child.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, &mut status, 0);
-        }
-        panic!("stranger child did not finish");
-    }
-    assert!(libc::WIFEXITED(status), "stranger child: raw status {status}");
-    libc::WEXITSTATUS(status)
+    wait_stranger(pid)
 }
 
 #[test]
