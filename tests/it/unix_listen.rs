@@ -430,6 +430,15 @@ fn pair_servers_serve_over_their_own_unix_sockets_and_keep_them_across_hup() {
     }
     let s = handoff::client::unary(&handoff::client::PingPongOpts { unix: Some(path(p)), ..opts(p, 20, 100, 16) });
     assert!(s.passed() && s.errors == 0 && s.breaks == 0, "unary over unix: {s}");
+    // Both request logs name this process as the client: unix:PID.
+    let me = format!(" unix:{} ", std::process::id());
+    for port in [p, q] {
+        let log = dir.join(format!("{port}.log"));
+        let named = poll_until(Duration::from_secs(5), || {
+            std::fs::read_to_string(&log).is_ok_and(|t| t.lines().filter(|l| l.contains(&me)).count() >= 1000)
+        });
+        assert!(named, "{} does not name the client{me}(1000 requests each)", log.display());
+    }
     let (st, out, err) = run_cmd(
         Command::new(env!("CARGO_MANIFEST_DIR").to_string() + "/build/cclient")
             .arg("stream")

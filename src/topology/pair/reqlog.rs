@@ -7,6 +7,16 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Who sent a request, as the log names it.
+pub enum Client {
+    /// A TCP client: `IP:PORT` (`[V6]:PORT`).
+    Ip(SocketAddr),
+    /// A Unix-socket client: `unix:PID`.
+    Unix(i32),
+    /// Neither known: `-`.
+    Unknown,
+}
+
 pub struct RequestLog {
     out: BufWriter<File>,
     dirty: bool,
@@ -30,11 +40,12 @@ impl RequestLog {
         Ok(())
     }
 
-    pub fn record(&mut self, client: Option<SocketAddr>, len: usize) {
+    pub fn record(&mut self, client: &Client, len: usize) {
         let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let r = match client {
-            Some(a) => writeln!(self.out, "{}.{:06} {a} {len}", t.as_secs(), t.subsec_micros()),
-            None => writeln!(self.out, "{}.{:06} - {len}", t.as_secs(), t.subsec_micros()),
+            Client::Ip(a) => writeln!(self.out, "{}.{:06} {a} {len}", t.as_secs(), t.subsec_micros()),
+            Client::Unix(pid) => writeln!(self.out, "{}.{:06} unix:{pid} {len}", t.as_secs(), t.subsec_micros()),
+            Client::Unknown => writeln!(self.out, "{}.{:06} - {len}", t.as_secs(), t.subsec_micros()),
         };
         if let Err(e) = r {
             log::warn!("request log: {e}");

@@ -17,7 +17,7 @@ use crate::core::reactor::{Base, Conn, ConnEvent, Endpoint, Event, Interest, Lis
 use crate::core::sock;
 use crate::service::{Cx, Place, Service, Session};
 use crate::topology::pair::reexec::{self, Carried, Inherited};
-use crate::topology::pair::reqlog::RequestLog;
+use crate::topology::pair::reqlog::{Client, RequestLog};
 
 mod lifecycle;
 
@@ -361,7 +361,7 @@ impl<P: Service> Server<P> {
                         return;
                     }
                 };
-                self.record(client, &lengths);
+                self.record(client, fd.as_raw_fd(), &lengths);
                 let rest = leftover[used..].to_vec();
                 if sent == out.len() {
                     let state = session.export();
@@ -426,9 +426,22 @@ impl<P: Service> Server<P> {
         }
     }
 
-    fn record(&mut self, client: Option<SocketAddr>, lengths: &[usize]) {
+    /// Logs each request answered on connection `fd`; a client with no
+    /// address (a Unix socket's) is named by its pid (SO_PEERCRED).
+    fn record(&mut self, client: Option<SocketAddr>, fd: std::os::fd::RawFd, lengths: &[usize]) {
+        if lengths.is_empty() {
+            return;
+        }
+        let who = match client {
+            Some(a) => Client::Ip(a),
+            // (A TCP socket reports pid 0.)
+            None => sock::peer_cred(fd)
+                .ok()
+                .filter(|&(pid, _)| pid > 0)
+                .map_or(Client::Unknown, |(pid, _)| Client::Unix(pid)),
+        };
         for &len in lengths {
-            self.log.record(client, len);
+            self.log.record(&who, len);
         }
         self.served += lengths.len() as u64;
     }
@@ -514,16 +527,16 @@ impl<P: Service> Server<P> {
         let used = slot.session.serve(slot.conn.peek(avail), &mut cx).min(avail);
         let (lengths, close, abort, more) = (std::mem::take(&mut cx.lengths), cx.close, cx.abort, cx.more());
         slot.conn.consume(used);
-        let client = slot.client;
+        let (client, raw) = (slot.client, slot.conn.raw_fd());
         if abort {
+            self.record(client, raw, &lengths);
             self.conns.remove(&id);
-            self.record(client, &lengths);
             return false;
         }
         // The response must be in the kernel before the descriptor leaves.
         let flushed = if out.is_empty() { Ok(slot.conn.output_len() == 0) } else { slot.conn.write_now(&out) };
         let answered = !lengths.is_empty();
-        self.record(client, &lengths);
+        self.record(client, raw, &lengths);
         let Some(slot) = self.conns.get_mut(&id) else { return false };
         match flushed {
             Err(e) => {
