@@ -957,3 +957,18 @@ pub fn wait_stranger(pid: libc::pid_t) -> i32 {
     assert!(libc::WIFEXITED(status), "stranger child: raw status {status}");
     libc::WEXITSTATUS(status)
 }
+
+/// `path` as a `sockaddr_un`, prepared before a fork (the child of a
+/// stranger-uid probe allocates nothing).
+pub fn sockaddr_un_of(path: &std::path::Path) -> libc::sockaddr_un {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain old data.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let p = path.as_os_str().as_bytes();
+    assert!(p.len() < addr.sun_path.len(), "socket path too long");
+    for (d, s) in addr.sun_path.iter_mut().zip(p) {
+        *d = *s as libc::c_char;
+    }
+    addr
+}

@@ -302,16 +302,8 @@ fn sigkill_of_the_old_master_mid_restart_keeps_every_connection() {
 /// with EACCES, 11 closed without a reply, 12 got a reply, 13 no reply
 /// within 3 s, 2x setup errors.
 fn stranger_status_request(sock: &Path) -> i32 {
-    use std::os::unix::ffi::OsStrExt;
     // Everything the child needs is prepared before fork (no allocation after).
-    // SAFETY: sockaddr_un is plain old data.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let p = sock.as_os_str().as_bytes();
-    assert!(p.len() < addr.sun_path.len(), "socket path too long");
-    for (d, s) in addr.sun_path.iter_mut().zip(p) {
-        *d = *s as libc::c_char;
-    }
+    let addr = sockaddr_un_of(sock);
     let mut msg = Vec::with_capacity(24);
     msg.extend_from_slice(b"HOFF");
     msg.extend_from_slice(&1u16.to_le_bytes()); // version

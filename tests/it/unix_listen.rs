@@ -273,15 +273,7 @@ fn node_relays_over_a_unix_link() {
 /// to `path`: its exit code is 10 if refused with EACCES, 12 if
 /// connected, 2x on setup errors or another connect error.
 fn stranger_connect(path: &Path) -> i32 {
-    use std::os::unix::ffi::OsStrExt;
-    // SAFETY: sockaddr_un is plain old data.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let p = path.as_os_str().as_bytes();
-    assert!(p.len() < addr.sun_path.len(), "socket path too long");
-    for (d, s) in addr.sun_path.iter_mut().zip(p) {
-        *d = *s as libc::c_char;
-    }
+    let addr = sockaddr_un_of(path);
     // SAFETY: the child only makes raw syscalls on prepared memory, then _exit.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
