@@ -463,3 +463,37 @@ fn pair_servers_serve_over_their_own_unix_sockets_and_keep_them_across_hup() {
     assert!(s.passed() && s.errors == 0, "after the HUP: {s}");
     drop(l);
 }
+
+/// At scale: 3000 keep-alive clients on the Unix listener, a third of
+/// them holding half a request, across a restart: every one is answered
+/// by the new generation, the half requests completed, none lost.
+#[test]
+fn three_thousand_unix_clients_cross_a_restart() {
+    const N: usize = 3000;
+    let nofile = handoff::core::sock::raise_nofile().expect("raise RLIMIT_NOFILE");
+    assert!(nofile >= 3500, "RLIMIT_NOFILE {nofile} is too low for {N} connections");
+    let (c, sock) = unix_cluster(2, &[]);
+    let mut conns: Vec<Rpc> = (0..N).map(|_| Rpc::connect_unix(&sock)).collect();
+    for (i, r) in conns.iter_mut().enumerate() {
+        r.ping(&json!({"before": i}));
+    }
+    let halves: Vec<Vec<u8>> = (0..N / 3).map(|i| frame(&ping_req(&json!({"half": i})))).collect();
+    for (i, f) in halves.iter().enumerate() {
+        conns[i].send_raw(&f[..f.len() / 2]);
+    }
+    c.wait_status("every connection open", Duration::from_secs(10), |v| sum_field(v, "open") == N as u64);
+    let (gen, _) = c.restart_ok();
+    assert_eq!(gen, 2);
+    for (i, f) in halves.iter().enumerate() {
+        conns[i].send_raw(&f[f.len() / 2..]);
+        assert_eq!(conns[i].recv(), json!({"out": "pong", "result": {"half": i}}), "half request {i}");
+    }
+    for (i, r) in conns.iter_mut().enumerate() {
+        r.ping(&json!({"after": i}));
+    }
+    let v = c.status();
+    assert_eq!(sum_field(&v, "open"), N as u64, "{v}");
+    for i in (0..N).step_by(97) {
+        assert_eq!(conns[i].whoami()["gen"], json!(2), "connection {i}");
+    }
+}
