@@ -164,6 +164,7 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
         }
         Cmd::Node(With { args: a, options }) => {
             crate::topology::node::NodeConfig::new(&a.name, &a.peers, a.connect_timeout).and_then(|node| {
+                let node = node.with_deadlines(a.relay_timeout, a.heartbeat);
                 let mut cfg = a.master.config(cluster::Policy::RoundRobin, 5.0, log_args)?;
                 cfg.options = to_json(&options);
                 cfg.node = Some(node);
@@ -568,6 +569,16 @@ struct NodeArgs {
     /// Seconds from connect to the end of the link handshake (0 to 86400).
     #[arg(long, default_value_t = 1.5, allow_hyphen_values = true, value_parser = parse_secs)]
     connect_timeout: f64,
+    /// Seconds a relay waits for its answer before it fails with a
+    /// "timeout" error (0: no deadline; 0 to 86400).
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::topology::node::RELAY_TIMEOUT_SECS,
+          allow_hyphen_values = true, value_parser = parse_secs)]
+    relay_timeout: f64,
+    /// Seconds of silence after which a link pings its far end; after 3
+    /// silent intervals the link is dead (0: no heartbeats; 0 to 86400).
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::topology::node::HEARTBEAT_SECS,
+          allow_hyphen_values = true, value_parser = parse_secs)]
+    heartbeat: f64,
 }
 
 #[derive(Args)]

@@ -70,13 +70,13 @@ pub fn render(v: &Value) -> String {
         .collect();
     if !links.is_empty() {
         out.push_str(&format!(
-            "links:\n{:>6} {:>10} {:>11} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
-            "worker", "peer", "state", "sent", "acked", "connects", "failures", "setup_us"
+            "links:\n{:>6} {:>10} {:>11} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}\n",
+            "worker", "peer", "state", "sent", "acked", "connects", "failures", "setup_us", "timeouts"
         ));
         for (w, l) in links {
             let peer = format!("{}:{}", l["node"].as_str().unwrap_or("?"), l["worker"]);
             out.push_str(&format!(
-                "{:>6} {:>10} {:>11} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
+                "{:>6} {:>10} {:>11} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}\n",
                 w.to_string(),
                 peer,
                 l["state"].as_str().unwrap_or("?"),
@@ -84,7 +84,8 @@ pub fn render(v: &Value) -> String {
                 l["acked"].to_string(),
                 l["connects"].to_string(),
                 l["failures"].to_string(),
-                l["setup_us"].to_string()
+                l["setup_us"].to_string(),
+                l["timeouts"].as_u64().unwrap_or(0)
             ));
         }
     }

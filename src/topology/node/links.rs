@@ -8,8 +8,24 @@
 //! that fails or times out fails every relay waiting on it; the next relay
 //! builds a new one. Incoming: a link the manager handed us answers
 //! TELL_REQ and acknowledges DATA.
-use std::collections::{BTreeMap, HashMap};
-use std::time::Instant;
+//!
+//! Deadlines (`--relay-timeout`): each relay carries its deadline; one
+//! timer per link waits for the oldest (a link's relays are FIFO, so the
+//! oldest is at the front of `order`, or of the queue before the link is
+//! up). An expired relay is answered with a "timeout" error at once; its
+//! sequence number is remembered, so that a late ACK or ERROR for it is
+//! dropped instead of closing the link.
+//!
+//! Heartbeats (`--heartbeat`): an outgoing link whose far worker said it
+//! answers PING has a read timeout of one interval (libevent common
+//! timeouts); each silent interval sends PING, and after
+//! [`DEAD_AFTER`](crate::topology::node::DEAD_AFTER) of them the link is
+//! closed, which fails its relays with "unreachable". An incoming link
+//! whose opener announced heartbeats is closed after one interval more
+//! of silence. A cut-off peer is so noticed within `--connect-timeout`
+//! (a link being set up) plus 3 x `--heartbeat` (a link that was up).
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -52,6 +68,8 @@ struct Relay {
     ticket: Ticket,
     /// The message, as the client's JSON text (relayed untouched).
     msg: String,
+    /// `--relay-timeout` after it was made; `None`: no deadline.
+    deadline: Option<Instant>,
 }
 
 /// DATA's body, borrowed: the message stays raw JSON text.
@@ -79,6 +97,17 @@ struct Link {
     started: Instant,
     /// DATA written this loop round, sent in one write at its end.
     out: Vec<u8>,
+    /// In-flight sequence numbers with a deadline, oldest first (entries
+    /// of answered relays are dropped when they reach the front).
+    order: VecDeque<(u32, Instant)>,
+    /// Fires at the oldest relay's deadline (armed while relays wait).
+    deadline: Option<Event>,
+    /// Relays answered with a timeout whose ACK/ERROR has not come yet.
+    timed_out: HashSet<u32>,
+    /// The far worker answers PING (it said `"hb":true`).
+    heartbeat: bool,
+    /// Heartbeat intervals since the far end last sent a byte.
+    silent: u32,
 }
 
 /// Counters per far end; they outlive the links themselves.
@@ -89,6 +118,8 @@ struct Counters {
     connects: u64,
     failures: u64,
     setup_us: u64,
+    /// Relays answered with a timeout.
+    timeouts: u64,
 }
 
 pub struct Node {
@@ -115,7 +146,8 @@ impl Node {
             .map(|(k, c)| {
                 let state = self.links.get(k).map_or("down", |l| l.state.name());
                 json!({"node": k.0, "worker": k.1, "state": state, "sent": c.sent, "acked": c.acked,
-                       "connects": c.connects, "failures": c.failures, "setup_us": c.setup_us})
+                       "connects": c.connects, "failures": c.failures, "setup_us": c.setup_us,
+                       "timeouts": c.timeouts})
             })
             .collect();
         Value::Array(rows)
@@ -139,7 +171,8 @@ impl<S: Service> Worker<S> {
         msg: String,
     ) {
         let key: Key = (node, worker);
-        let relay = Relay { client, reply_seq, ticket, msg };
+        let deadline = self.node().cfg.relay_timeout.map(|d| Instant::now() + d);
+        let relay = Relay { client, reply_seq, ticket, msg, deadline };
         if !self.node().cfg.peers.contains_key(&key.0) {
             self.relay_done(client, reply_seq, ticket, Err(&format!("unknown node {}", key.0)));
             return;
@@ -155,6 +188,104 @@ impl<S: Service> Worker<S> {
             self.send_data(&key, relay);
         } else {
             link.queue.push(relay);
+        }
+        if deadline.is_some() {
+            self.arm_deadline(&key);
+        }
+    }
+
+    /// Makes sure the link's deadline timer waits for its oldest relay.
+    /// A pending timer already fires no later than that: relays only get
+    /// younger, and the timer was set for the oldest when it was armed.
+    fn arm_deadline(&mut self, key: &Key) {
+        let w = self.me.clone();
+        let k = key.clone();
+        let base = self.base.clone();
+        let index = self.index;
+        let Some(link) = self.node().links.get_mut(key) else { return };
+        if link.deadline.as_ref().is_some_and(Event::pending) {
+            return;
+        }
+        let Some(first) = link.oldest_deadline() else { return };
+        if link.deadline.is_none() {
+            match Event::new(&base, -1, Interest::Timer, move || with(&w, |s| s.relay_deadline(&k))) {
+                Ok(e) => link.deadline = Some(e),
+                Err(e) => return log::error!("worker {index}: relay deadline timer: {e}"),
+            }
+        }
+        let wait = first.saturating_duration_since(Instant::now());
+        if let Some(Err(e)) = link.deadline.as_ref().map(|t| t.add(Some(wait))) {
+            log::error!("worker {index}: relay deadline timer: {e}");
+        }
+    }
+
+    /// The deadline timer fired: every relay past its deadline is
+    /// answered with a timeout (the client's connection goes on), then
+    /// the timer waits for the next one.
+    fn relay_deadline(&mut self, key: &Key) {
+        let now = Instant::now();
+        let Some(timeout) = self.node().cfg.relay_timeout else { return };
+        let Some(link) = self.node().links.get_mut(key) else { return };
+        let due = link.queue.iter().take_while(|r| r.deadline.is_some_and(|d| d <= now)).count();
+        let mut expired: Vec<Relay> = link.queue.drain(..due).collect();
+        link.drop_answered();
+        while let Some(&(seq, d)) = link.order.front() {
+            if d > now {
+                break;
+            }
+            link.order.pop_front();
+            if let Some(r) = link.inflight.remove(&seq) {
+                link.timed_out.insert(seq);
+                expired.push(r);
+            }
+            link.drop_answered();
+        }
+        if expired.is_empty() {
+            return self.arm_deadline(key);
+        }
+        let n = expired.len();
+        self.node().counters.entry(key.clone()).or_default().timeouts += n as u64;
+        let secs = timeout.as_secs_f64();
+        crate::warn_limited!(
+            "worker {}: {n} relay(s) to {}:{} got no answer in {secs}s; answered with a timeout",
+            self.index,
+            key.0,
+            key.1
+        );
+        let why = format!("node {}: relay timeout: no answer from worker {} in {secs}s", key.0, key.1);
+        for r in expired {
+            self.relay_done(r.client, r.reply_seq, r.ticket, Err(&why));
+        }
+        self.arm_deadline(key);
+        self.master.stats_changed();
+    }
+
+    /// The far end of link connection `id` sent nothing for a heartbeat
+    /// interval (its read timeout). An outgoing link pings, and closes
+    /// after [`DEAD_AFTER`](crate::topology::node::DEAD_AFTER) silent
+    /// intervals; an incoming one (whose opener pings) closes.
+    pub(crate) fn link_silent(&mut self, id: u64) {
+        let Some(kind) = self.conns.get(&id).map(|s| s.kind.clone()) else { return };
+        let Some(hb) = self.node().cfg.heartbeat else { return };
+        match kind {
+            Kind::LinkOut(key) => {
+                let Some(link) = self.node().links.get_mut(&key) else { return };
+                link.silent += 1;
+                if link.silent >= crate::topology::node::DEAD_AFTER {
+                    let dead = (hb * link.silent).as_secs_f64();
+                    log::warn!("worker {}: link to {}:{}: nothing heard for {dead}s", self.index, key.0, key.1);
+                    return self.close_because(id, &format!("no answer to heartbeats for {dead}s"));
+                }
+                let ping = wire::encode(Cmd::Ping, 0, &json!({}));
+                if let Some(Err(e)) = self.conns.get(&id).map(|s| s.conn.write_now(&ping)) {
+                    self.close_because(id, &e.to_string());
+                }
+            }
+            Kind::LinkIn => {
+                log::info!("worker {}: incoming link {id}: its opener went silent; closing", self.index);
+                self.close_because(id, "no heartbeat from the link's opener");
+            }
+            Kind::Client => {}
         }
     }
 
@@ -186,6 +317,11 @@ impl<S: Service> Worker<S> {
             timer: Some(timer),
             started: Instant::now(),
             out: Vec::new(),
+            order: VecDeque::new(),
+            deadline: None,
+            timed_out: HashSet::new(),
+            heartbeat: false,
+            silent: 0,
         };
         log::debug!("worker {}: linking to {}:{} at {addr}", self.index, key.0, key.1);
         self.node().links.insert(key.clone(), link);
@@ -236,6 +372,9 @@ impl<S: Service> Worker<S> {
         link.next_seq = link.next_seq.wrapping_add(1).max(1);
         let first = link.out.is_empty();
         wire::encode_raw_into(Cmd::Data, seq, format!(r#"{{"msg":{}}}"#, relay.msg).as_bytes(), &mut link.out);
+        if let Some(d) = relay.deadline {
+            link.order.push_back((seq, d));
+        }
         link.inflight.insert(seq, relay);
         n.counters.entry(key.clone()).or_default().sent += 1;
         if first {
@@ -284,10 +423,16 @@ impl<S: Service> Worker<S> {
             }
             (slot.kind.clone(), slot.eof)
         };
+        if let (Kind::LinkOut(key), false) = (&kind, msgs.is_empty()) {
+            // The far end is alive: the heartbeat count starts again.
+            if let Some(link) = self.node().links.get_mut(key) {
+                link.silent = 0;
+            }
+        }
         let mut out = Vec::new();
         for (cmd, seq, body) in msgs {
             let r = match &kind {
-                Kind::LinkIn => self.on_link_in(cmd, seq, &body, &mut out),
+                Kind::LinkIn => self.on_link_in(id, cmd, seq, &body, &mut out),
                 Kind::LinkOut(key) => self.on_link_out(key, cmd, seq, &body, &mut out),
                 Kind::Client => Ok(()),
             };
@@ -312,15 +457,25 @@ impl<S: Service> Worker<S> {
     }
 
     /// A link someone opened to us.
-    fn on_link_in(&mut self, cmd: Cmd, seq: u32, body: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+    fn on_link_in(&mut self, id: u64, cmd: Cmd, seq: u32, body: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
         let pid = std::process::id();
         match cmd {
             Cmd::TellReq => {
                 let who: Value = wire::body(cmd, body)?;
                 log::debug!("worker {}: link from {}:{} (pid {})", self.index, who["node"], who["worker"], who["pid"]);
                 let name = self.node().cfg.name.clone();
-                wire::encode_into(Cmd::TellResp, seq, &json!({"node": name, "worker": self.index, "pid": pid}), out);
+                // An opener that pings is dropped after one interval more
+                // than it waits itself before it gives up on us.
+                if let Some(hb) = who["hb"].as_f64().filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0) {
+                    let quiet = Duration::from_secs_f64(hb) * (crate::topology::node::DEAD_AFTER + 1);
+                    if let Some(slot) = self.conns.get(&id) {
+                        slot.conn.set_read_timeout(Some(quiet));
+                    }
+                }
+                let resp = json!({"node": name, "worker": self.index, "pid": pid, "hb": true});
+                wire::encode_into(Cmd::TellResp, seq, &resp, out);
             }
+            Cmd::Ping => wire::encode_into(Cmd::Pong, seq, &json!({}), out),
             Cmd::Data => {
                 let d: Data = wire::body(cmd, body)?;
                 let ack = format!(r#"{{"pid":{pid},"msg":{}}}"#, d.msg.get());
@@ -336,6 +491,8 @@ impl<S: Service> Worker<S> {
     fn on_link_out(&mut self, key: &Key, cmd: Cmd, seq: u32, body: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
         let me = self.index;
         let name = self.node().cfg.name.clone();
+        let hb = self.node().cfg.heartbeat;
+        let conn_id = self.node().links.get(key).map(|l| l.conn);
         let Some(link) = self.node().links.get_mut(key) else { return Ok(()) };
         match (cmd, link.state) {
             (Cmd::ConnectResp, State::Connecting) => {
@@ -344,16 +501,24 @@ impl<S: Service> Worker<S> {
                     return Err(format!("refused: {}", v["reason"].as_str().unwrap_or("no reason")));
                 }
                 link.state = State::Telling;
-                let tell = json!({"node": name, "worker": me, "pid": std::process::id()});
+                let mut tell = json!({"node": name, "worker": me, "pid": std::process::id()});
+                if let Some(hb) = hb {
+                    tell["hb"] = json!(hb.as_secs_f64());
+                }
                 wire::encode_into(Cmd::TellReq, 0, &tell, out);
             }
             (Cmd::TellResp, State::Telling) => {
                 let v: Value = wire::body(cmd, body)?;
                 link.state = State::Up;
                 link.timer = None;
+                link.heartbeat = hb.is_some() && v["hb"] == json!(true);
+                let pings = link.heartbeat;
                 let setup = link.started.elapsed().as_micros() as u64;
                 let queued = std::mem::take(&mut link.queue);
                 self.node().counters.entry(key.clone()).or_default().setup_us = setup;
+                if let (true, Some(slot)) = (pings, conn_id.and_then(|c| self.conns.get(&c))) {
+                    slot.conn.set_read_timeout(hb);
+                }
                 log::debug!("worker {me}: link to {}:{} up in {setup} us (pid {})", key.0, key.1, v["pid"]);
                 for r in queued {
                     self.send_data(key, r);
@@ -361,18 +526,53 @@ impl<S: Service> Worker<S> {
             }
             (Cmd::Ack, State::Up) => {
                 let ack: Ack = wire::body(cmd, body)?;
-                let Some(r) = link.inflight.remove(&seq) else { return Err(format!("ACK for unknown seq {seq}")) };
+                let Some(r) = link.inflight.remove(&seq) else { return link.late(cmd, seq) };
+                link.drop_answered();
                 self.node().counters.entry(key.clone()).or_default().acked += 1;
                 self.relay_done(r.client, r.reply_seq, r.ticket, Ok(RelayAnswer { pid: ack.pid, msg: ack.msg.get() }));
             }
             (Cmd::Error, State::Up) => {
                 let v: Value = wire::body(cmd, body)?;
-                let Some(r) = link.inflight.remove(&seq) else { return Err(format!("ERROR for unknown seq {seq}")) };
+                let Some(r) = link.inflight.remove(&seq) else { return link.late(cmd, seq) };
+                link.drop_answered();
                 let e = format!("node {}: {}", key.0, v["reason"].as_str().unwrap_or("error"));
                 self.relay_done(r.client, r.reply_seq, r.ticket, Err(&e));
             }
+            (Cmd::Pong, State::Up) => {}
+            (Cmd::Ping, State::Up) => wire::encode_into(Cmd::Pong, seq, &json!({}), out),
             (cmd, state) => return Err(format!("unexpected {cmd:?} in state {}", state.name())),
         }
         Ok(())
+    }
+}
+
+impl Link {
+    /// The deadline of the oldest relay still waiting (queued or in
+    /// flight).
+    fn oldest_deadline(&mut self) -> Option<Instant> {
+        self.drop_answered();
+        let queued = self.queue.first().and_then(|r| r.deadline);
+        let sent = self.order.front().map(|&(_, d)| d);
+        match (queued, sent) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Drops answered relays from the front of `order`.
+    fn drop_answered(&mut self) {
+        while self.order.front().is_some_and(|(seq, _)| !self.inflight.contains_key(seq)) {
+            self.order.pop_front();
+        }
+    }
+
+    /// An ACK or ERROR for no relay in flight: fine for one that timed out
+    /// (the answer came late, and is dropped); else a protocol error.
+    fn late(&mut self, cmd: Cmd, seq: u32) -> Result<(), String> {
+        if self.timed_out.remove(&seq) {
+            log::debug!("late {cmd:?} for relay {seq}, which timed out; dropped");
+            return Ok(());
+        }
+        Err(format!("{cmd:?} for unknown seq {seq}"))
     }
 }

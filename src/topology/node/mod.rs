@@ -27,6 +27,26 @@ pub struct NodeConfig {
     pub peers: BTreeMap<String, Endpoint>,
     /// Time from connect to the end of the tell-worker handshake.
     pub connect_timeout: Duration,
+    /// `--relay-timeout`: a relay with no answer this long after it was
+    /// made fails with a "timeout" error; `None`: no deadline.
+    pub relay_timeout: Option<Duration>,
+    /// `--heartbeat`: a link that heard nothing from its far end this long
+    /// pings it, and is declared dead after [`DEAD_AFTER`] such intervals
+    /// of silence; `None`: no heartbeats.
+    pub heartbeat: Option<Duration>,
+}
+
+/// Silent heartbeat intervals after which a link is dead.
+pub const DEAD_AFTER: u32 = 3;
+
+/// `--relay-timeout`'s default, in seconds.
+pub const RELAY_TIMEOUT_SECS: f64 = 5.0;
+/// `--heartbeat`'s default, in seconds.
+pub const HEARTBEAT_SECS: f64 = 1.0;
+
+/// A setting in seconds, 0 meaning off.
+fn secs_or_off(s: f64) -> Option<Duration> {
+    (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s.max(0.001)))
 }
 
 impl NodeConfig {
@@ -40,7 +60,23 @@ impl NodeConfig {
             name: name.to_string(),
             peers: parse_peers(peers)?,
             connect_timeout: Duration::from_secs_f64(connect_timeout.max(0.001)),
+            relay_timeout: secs_or_off(RELAY_TIMEOUT_SECS),
+            heartbeat: secs_or_off(HEARTBEAT_SECS),
         })
+    }
+
+    /// Sets `--relay-timeout` and `--heartbeat` (seconds; 0 turns either
+    /// off).
+    pub fn with_deadlines(mut self, relay_timeout: f64, heartbeat: f64) -> NodeConfig {
+        self.relay_timeout = secs_or_off(relay_timeout);
+        self.heartbeat = secs_or_off(heartbeat);
+        self
+    }
+
+    /// How long a link may hear nothing from its far end before it is
+    /// declared dead (`--heartbeat` times [`DEAD_AFTER`]).
+    pub fn dead_after(&self) -> Option<Duration> {
+        self.heartbeat.map(|h| h * DEAD_AFTER)
     }
 }
 

@@ -19,6 +19,12 @@
 //! B1 answers TELL_RESP `{"node":"B","worker":1,"pid":n}`; then DATA
 //! `{"msg":X}` gets ACK `{"pid":n,"msg":X}` with the same seq, or ERROR
 //! `{"reason":..}`.
+//!
+//! Heartbeats: an opener that sent `"hb":SECONDS` in TELL_REQ and got
+//! `"hb":true` in TELL_RESP sends PING `{}` on the link after each
+//! `--heartbeat` interval in which it heard nothing, and the far worker
+//! answers PONG `{}` (seq 0). Old peers neither send nor announce them
+//! (an opener pings only a worker that said `"hb":true`).
 use serde_json::Value;
 
 /// The first 4 bytes of every message.
@@ -56,6 +62,11 @@ pub enum Cmd {
     /// `{"reason"}` (understood by the opener; this implementation's
     /// workers answer every DATA with ACK).
     Error = 7,
+    /// Link opener -> far worker, on a link silent for a heartbeat
+    /// interval: `{}`; answered by PONG.
+    Ping = 8,
+    /// Far worker -> link opener: `{}`, the answer to PING.
+    Pong = 9,
 }
 
 impl Cmd {
@@ -68,6 +79,8 @@ impl Cmd {
             5 => Cmd::Data,
             6 => Cmd::Ack,
             7 => Cmd::Error,
+            8 => Cmd::Ping,
+            9 => Cmd::Pong,
             _ => return None,
         })
     }

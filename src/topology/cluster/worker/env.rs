@@ -11,6 +11,7 @@
 //! | `HANDOFF_OPTIONS` | the service's options as one JSON object |
 //! | `HANDOFF_OPT_<NAME>` | each option alone (`--max-frame` -> `HANDOFF_OPT_MAX_FRAME`) |
 //! | `HANDOFF_NODE`, `HANDOFF_NODE_PEERS`, `HANDOFF_NODE_CONNECT_TIMEOUT` | node mode only |
+//! | `HANDOFF_NODE_RELAY_TIMEOUT`, `HANDOFF_NODE_HEARTBEAT` | node mode: `--relay-timeout`, `--heartbeat` in seconds (0: off) |
 //! | `HANDOFF_IDLE_TIMEOUT` | `--idle-timeout` in seconds (Rust workers; unset: none) |
 //! | `HANDOFF_ACCESS_LOG` | `--access-log` path (Rust workers; unset: none) |
 use std::io;
@@ -113,6 +114,8 @@ pub fn set(
         cmd.env("HANDOFF_NODE", &n.name)
             .env("HANDOFF_NODE_PEERS", peers.join(","))
             .env("HANDOFF_NODE_CONNECT_TIMEOUT", n.connect_timeout.as_secs_f64().to_string());
+        let secs = |d: Option<std::time::Duration>| d.map_or(0.0, |d| d.as_secs_f64()).to_string();
+        cmd.env("HANDOFF_NODE_RELAY_TIMEOUT", secs(n.relay_timeout)).env("HANDOFF_NODE_HEARTBEAT", secs(n.heartbeat));
     }
 }
 
@@ -159,11 +162,17 @@ impl WorkerEnv {
             return Err(io::Error::other(format!("HANDOFF_CHANNEL_FD={fd} is not an inherited descriptor")));
         }
         let node = match std::env::var("HANDOFF_NODE") {
-            Ok(name) => Some(NodeConfig::new(
-                &name,
-                &std::env::var("HANDOFF_NODE_PEERS").unwrap_or_default(),
-                number("HANDOFF_NODE_CONNECT_TIMEOUT").unwrap_or(1.5),
-            )?),
+            Ok(name) => Some(
+                NodeConfig::new(
+                    &name,
+                    &std::env::var("HANDOFF_NODE_PEERS").unwrap_or_default(),
+                    number("HANDOFF_NODE_CONNECT_TIMEOUT").unwrap_or(1.5),
+                )?
+                .with_deadlines(
+                    number("HANDOFF_NODE_RELAY_TIMEOUT").unwrap_or(crate::topology::node::RELAY_TIMEOUT_SECS),
+                    number("HANDOFF_NODE_HEARTBEAT").unwrap_or(crate::topology::node::HEARTBEAT_SECS),
+                ),
+            ),
             Err(_) => None,
         };
         let options = match std::env::var("HANDOFF_OPTIONS") {

@@ -546,6 +546,10 @@ impl<S: Service> Worker<S> {
     /// closed; a busy one is left (the timer runs on).
     fn on_idle(&mut self, id: u64) {
         let Some(s) = self.conns.get(&id) else { return };
+        if s.kind != Kind::Client && self.node.is_some() {
+            // A link's read timeout is its heartbeat.
+            return self.link_silent(id);
+        }
         let busy = !s.replies.is_empty() || s.conn.output_len() > 0 || s.closing || s.releasing;
         if s.kind != Kind::Client || busy {
             return;
