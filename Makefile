@@ -24,13 +24,13 @@ CHAOS_SECS ?= 300
 # Debian packages the build needs: libevent (linked via pkg-config), libclang
 # (bindgen), a C compiler; curl for the http tests; systemd-socket-activate
 # (package systemd) and unshare (util-linux) for the operations tests.
-DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make curl systemd util-linux
+DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make curl systemd util-linux iproute2
 # What make memcheck needs on top.
 MEMCHECK_PKGS := valgrind
 # What the benchmarks need on top: load generator, yardsticks, plots.
 BENCH_PKGS := nginx wrk gnuplot-nox nodejs
 
-.PHONY: install install-only all deps memcheck-deps bench-deps build run demo demo-nodes test memcheck bench bench-pair bench-cluster bench-nodes bench-restart bench-http bench-rebalance chaos chaos-ci clean
+.PHONY: install install-only all deps memcheck-deps bench-deps build run demo demo-nodes demo-hosts test memcheck bench bench-pair bench-cluster bench-nodes bench-restart bench-http bench-rebalance chaos chaos-ci clean
 
 all: deps build
 
@@ -100,6 +100,11 @@ run demo: build
 
 demo-nodes: build
 	scripts/demo-nodes.sh
+
+# As root: 3 network namespaces as hosts (bridge + veths), etcd, a node on
+# each, relays between every pair of workers, the link tables.
+demo-hosts: build
+	scripts/demo-hosts.sh
 
 # The integration tests run target/release/examples/{http,shout}: `cargo
 # test` alone builds examples only as test harnesses, so build them first.
