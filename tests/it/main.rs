@@ -7,6 +7,7 @@ mod support;
 mod cluster;
 mod cworker;
 mod faults;
+mod hosts;
 mod http;
 mod metrics;
 mod node;
