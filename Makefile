@@ -3,6 +3,8 @@
 #                 (build/libhandoff.{a,so}) and the C example workers
 #                 (installs system packages first)
 #   make run      pair demo: two servers, unary + stream clients, stop
+#   make demo-hosts  (root) 3 network namespaces as hosts, etcd, a node on each,
+#                 relays between every pair of workers, the link tables
 #   make test     cargo test (unit + integration) incl. the C client check
 #                 and the C workers (tests/it/cworker.rs)
 #   make bench    every benchmark (bench-pair, bench-cluster, bench-nodes, bench-restart,
@@ -23,7 +25,8 @@ C_LDLIBS = $(shell pkg-config --libs libevent) -lpthread -ldl -lm
 CHAOS_SECS ?= 300
 # Debian packages the build needs: libevent (linked via pkg-config), libclang
 # (bindgen), a C compiler; curl for the http tests; systemd-socket-activate
-# (package systemd) and unshare (util-linux) for the operations tests.
+# (package systemd) and unshare (util-linux) for the operations tests; ip
+# (iproute2) for make demo-hosts and the namespace test.
 DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make curl systemd util-linux iproute2
 # What make memcheck needs on top.
 MEMCHECK_PKGS := valgrind

@@ -77,6 +77,8 @@ bench_cleanup() {
     for ((i = ${#BENCH_PIDS[@]} - 1; i >= 0; i--)); do
         bg_stop "${BENCH_PIDS[i]}"
     done
+    # A script's own clean-up (network namespaces), after its processes.
+    [ -z "${BENCH_AT_EXIT:-}" ] || eval "$BENCH_AT_EXIT" || true
     rm -rf "$BENCH_TMP"
     exit "$rc"
 }

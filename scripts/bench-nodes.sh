@@ -8,7 +8,11 @@
 # RUNS (3) each; each row is the median run by requests/s (its p50, p99).
 # Setup: ROUNDS (10) fresh node pairs with 4 workers each; every worker of A
 # links to every worker of B (16 links a round); setup_us read from A's
-# status. Targets: relay / direct >= 0.5, link setup p99 < 5000 us; writes
+# status. 3-host namespace run (root only; skipped otherwise): nodes A, B, C
+# on three network namespaces joined by a bridge (scripts/hosts-lib.sh, as
+# make demo-hosts), the clients in the bridge's namespace: relay via A to B
+# against direct to B, RUNS runs each, as above.
+# Targets: relay / direct >= 0.5 (both runs), link setup p99 < 5000 us; writes
 # bench/results/bench-nodes.{md,svg,tsv}, exits 1 when a target is missed.
 # shellcheck source=SCRIPTDIR/bench-lib.sh
 source "$(dirname "$0")/bench-lib.sh"
@@ -31,14 +35,19 @@ start_nodes() { # WORKERS: sets PA PB
 }
 
 # two_clients PORT ARGS0 ARGS1: two client runs at once; prints summed rps,
-# max p50, max p99.
+# max p50, max p99. CLIENT_HOST (default 127.0.0.1) is the server's address,
+# CLIENT_WRAP a command prefix (the hub's `ip netns exec`).
+CLIENT_HOST=127.0.0.1
+CLIENT_WRAP=()
 two_clients() {
     local port=$1 a0=$2 a1=$3 l0 l1 rc=0
     # shellcheck disable=SC2086
-    "$BIN" client rpc --port "$port" --conns "$CONNS" --requests "$REQS" $a0 >"$BENCH_TMP/c0" 2>&1 &
+    "${CLIENT_WRAP[@]}" "$BIN" client rpc --host "$CLIENT_HOST" --port "$port" --conns "$CONNS" --requests "$REQS" $a0 \
+        >"$BENCH_TMP/c0" 2>&1 &
     local p0=$!
     # shellcheck disable=SC2086
-    "$BIN" client rpc --port "$port" --conns "$CONNS" --requests "$REQS" $a1 >"$BENCH_TMP/c1" 2>&1 || rc=$?
+    "${CLIENT_WRAP[@]}" "$BIN" client rpc --host "$CLIENT_HOST" --port "$port" --conns "$CONNS" --requests "$REQS" $a1 \
+        >"$BENCH_TMP/c1" 2>&1 || rc=$?
     wait "$p0" || rc=$?
     l0=$(grep '^rpc' "$BENCH_TMP/c0" || true)
     l1=$(grep '^rpc' "$BENCH_TMP/c1" || true)
@@ -99,6 +108,46 @@ read -r s50 s99 smax < <(printf '%s\n' "${SETUP[@]}" | sort -n | awk '{a[NR] = $
     END { i50 = int(NR * 0.50); if (i50 < 1) i50 = 1; i99 = int(NR * 0.99 + 0.999); if (i99 > NR) i99 = NR
           print a[i50], a[i99], a[NR] }')
 
+# 3-host namespace run: the same two measurements between namespaces.
+# shellcheck source=SCRIPTDIR/hosts-lib.sh
+source "$ROOT/scripts/hosts-lib.sh"
+HOSTS_SKIP=""
+declare -a H_RELAY_RPS H_RELAY_P50 H_RELAY_P99 H_DIRECT_RPS H_DIRECT_P50 H_DIRECT_P99
+if ! HOSTS_SKIP=$(hosts_check 2>&1); then
+    say "3-host namespace run skipped: $HOSTS_SKIP"
+elif ! hosts_up 2>"$BENCH_TMP/hosts.err"; then
+    HOSTS_SKIP="network namespaces not allowed here: $(tail -n 1 "$BENCH_TMP/hosts.err")"
+    say "3-host namespace run skipped: $HOSTS_SKIP"
+else
+    BENCH_AT_EXIT=hosts_down
+    say "3-host namespace run: hosts $(hosts_ns 1) $(hosts_ns 2) $(hosts_ns 3)"
+    HPIDS=()
+    for i in 1 2 3; do
+        hosts_node_cmd "$i" "$BIN" "$BENCH_TMP/host$i" 2
+        bg_start "host$i" "${HOSTS_CMD[@]}"
+        HPIDS+=("$BG_PID")
+        wait_ready "host$i" "$BG_PID"
+    done
+    CLIENT_WRAP=(ip netns exec "$(hosts_ns hub)")
+    for ((r = 0; r < RUNS; r++)); do
+        say "3 hosts, run $((r + 1))/$RUNS: relay A -> B"
+        CLIENT_HOST=$(hosts_addr 1)
+        read -r rps p50 p99 < <(two_clients "$HOSTS_PORT" "--relay B:0" "--relay B:1")
+        H_RELAY_RPS+=("$rps"); H_RELAY_P50+=("$p50"); H_RELAY_P99+=("$p99")
+        plot_point "requests/s (2 clients summed)" "3 hosts: relay A -> B" "relay" "$rps"
+        plot_point "p99 µs" "3 hosts: relay A -> B" "relay" "$p99"
+        say "3 hosts, run $((r + 1))/$RUNS: direct to B"
+        CLIENT_HOST=$(hosts_addr 2)
+        read -r rps p50 p99 < <(two_clients "$HOSTS_PORT" "" "")
+        H_DIRECT_RPS+=("$rps"); H_DIRECT_P50+=("$p50"); H_DIRECT_P99+=("$p99")
+        plot_point "requests/s (2 clients summed)" "3 hosts: direct to B" "direct (yardstick)" "$rps"
+        plot_point "p99 µs" "3 hosts: direct to B" "direct (yardstick)" "$p99"
+    done
+    CLIENT_WRAP=()
+    CLIENT_HOST=127.0.0.1
+    bg_forget_stop "${HPIDS[@]}"
+fi
+
 ri=$(median_idx "${RELAY_RPS[@]}")
 di=$(median_idx "${DIRECT_RPS[@]}")
 rr=${RELAY_RPS[ri]}
@@ -110,11 +159,24 @@ echo "| node mode (2 nodes x 2 workers, $((2 * CONNS)) keep-alive clients) | req
 echo "|---|---:|---:|---:|"
 echo "| relay A -> B (client -> A worker -> B worker -> back) | $(int "$rr") | $(int "${RELAY_P50[ri]}") | $(int "${RELAY_P99[ri]}") |"
 echo "| yardstick: direct to B's workers (one hop less) | $(int "$dr") | $(int "${DIRECT_P50[di]}") | $(int "${DIRECT_P99[di]}") |"
+if [ -z "$HOSTS_SKIP" ]; then
+    hri=$(median_idx "${H_RELAY_RPS[@]}")
+    hdi=$(median_idx "${H_DIRECT_RPS[@]}")
+    echo "| 3-host namespace run: relay A -> B (3 network namespaces, bridge) | $(int "${H_RELAY_RPS[hri]}") | $(int "${H_RELAY_P50[hri]}") | $(int "${H_RELAY_P99[hri]}") |"
+    echo "| 3-host namespace run: direct to B's workers | $(int "${H_DIRECT_RPS[hdi]}") | $(int "${H_DIRECT_P50[hdi]}") | $(int "${H_DIRECT_P99[hdi]}") |"
+fi
 echo
 echo "Each row is the median run by requests/s of $RUNS (its p50 and p99: the median of the two"
 echo "clients'); every run and every link's setup time: bench-nodes.svg."
 echo
 echo "Relay / direct throughput: $(ratio "$rr" "$dr") (target >= 0.5: $(verdict "$(ratio "$rr" "$dr")" '>=' 0.5 "relay / direct requests/s"))."
+if [ -z "$HOSTS_SKIP" ]; then
+    hr=${H_RELAY_RPS[hri]}
+    hd=${H_DIRECT_RPS[hdi]}
+    echo "3-host namespace run, relay / direct throughput: $(ratio "$hr" "$hd") (target >= 0.5: $(verdict "$(ratio "$hr" "$hd")" '>=' 0.5 "3-host relay / direct requests/s"))."
+else
+    echo "3-host namespace run: skipped ($HOSTS_SKIP)."
+fi
 echo "Link setup (connect to TELL_RESP), ${#SETUP[@]} links: p50 ${s50} us, p99 ${s99} us, max ${smax} us (target p99 < 5000 us: $(verdict "$s99" '<=' 5000 "link setup p99 us"))."
 }
 report >"$BENCH_TMP/report.md"

@@ -146,7 +146,13 @@ fn three_hosts_relay_then_one_is_cut_off_and_comes_back() {
                     for (dw, &pid) in pids[j].iter().enumerate() {
                         let m = json!({"from": [NAMES[i], sw], "to": [NAMES[j], dw]});
                         let r = c.call(&relay_req(NAMES[j], dw, &m));
-                        assert_eq!(assert_relayed(&r, NAMES[j], dw, &m), pid as u64, "{}:{sw} -> {}:{dw}", NAMES[i], NAMES[j]);
+                        assert_eq!(
+                            assert_relayed(&r, NAMES[j], dw, &m),
+                            pid as u64,
+                            "{}:{sw} -> {}:{dw}",
+                            NAMES[i],
+                            NAMES[j]
+                        );
                     }
                 }
             }
@@ -178,8 +184,13 @@ fn three_hosts_relay_then_one_is_cut_off_and_comes_back() {
             }
         }
         let took = t.elapsed();
-        assert!(took < bound, "relays to the cut-off host failed after {took:?}: over --connect-timeout + 3 heartbeats ({dead} s) + 2 s");
-        eprintln!("cut-off host noticed in {took:?} (--connect-timeout {CONNECT_TIMEOUT} + 3 x --heartbeat {HEARTBEAT})");
+        assert!(
+            took < bound,
+            "relays to the cut-off host failed after {took:?}: over --connect-timeout + 3 heartbeats ({dead} s) + 2 s"
+        );
+        eprintln!(
+            "cut-off host noticed in {took:?} (--connect-timeout {CONNECT_TIMEOUT} + 3 x --heartbeat {HEARTBEAT})"
+        );
         // And a relay that needs a new link fails within the connect timeout.
         let t = Instant::now();
         let r = conns[0].call(&relay_req("C", 0, &json!("again")));
@@ -197,9 +208,7 @@ fn three_hosts_relay_then_one_is_cut_off_and_comes_back() {
     hosts.cable(3, true);
     hosts.in_hub(|| {
         let mut c = conn_on(0, 0);
-        let ok = poll_until(Duration::from_secs(10), || {
-            c.call(&relay_req("C", 0, &json!("back")))["out"] == "relayed"
-        });
+        let ok = poll_until(Duration::from_secs(10), || c.call(&relay_req("C", 0, &json!("back")))["out"] == "relayed");
         assert!(ok, "relays to C did not come back within 10 s of the cable");
         relay_all(&[0, 1, 2], &[0, 1, 2]);
     });
