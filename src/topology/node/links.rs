@@ -39,6 +39,10 @@ use crate::topology::cluster::worker::{with, Kind, Worker};
 use crate::topology::node::wire::{self as wire, Cmd, Parsed};
 use crate::topology::node::NodeConfig;
 
+/// Timed-out relays a link remembers while their answers may still come;
+/// past that many the far worker is taken for dead and the link closes.
+const MAX_TIMED_OUT: usize = 10_000;
+
 /// A link's far end: (node, worker).
 pub type Key = (String, usize);
 
@@ -243,6 +247,7 @@ impl<S: Service> Worker<S> {
         if expired.is_empty() {
             return self.arm_deadline(key);
         }
+        let overflow = (link.timed_out.len() > MAX_TIMED_OUT).then_some(link.conn);
         let n = expired.len();
         self.node().counters.entry(key.clone()).or_default().timeouts += n as u64;
         let secs = timeout.as_secs_f64();
@@ -255,6 +260,9 @@ impl<S: Service> Worker<S> {
         let why = format!("node {}: relay timeout: no answer from worker {} in {secs}s", key.0, key.1);
         for r in expired {
             self.relay_done(r.client, r.reply_seq, r.ticket, Err(&why));
+        }
+        if let Some(conn) = overflow {
+            self.close_because(conn, &format!("over {MAX_TIMED_OUT} relays timed out unanswered"));
         }
         self.arm_deadline(key);
         self.master.stats_changed();
