@@ -198,6 +198,17 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_parse() {
+        for cmd in [Cmd::Ping, Cmd::Pong] {
+            let m = encode(cmd, 0, &json!({}));
+            assert_eq!(parse(&m), Parsed::Message { cmd, seq: 0, body: b"{}", len: HEADER_LEN + 2 });
+        }
+        let mut v = encode(Cmd::Ping, 0, &json!({}));
+        v[5] = 10;
+        assert!(matches!(parse(&v), Parsed::Bad(r) if r.contains("unknown command 10")));
+    }
+
+    #[test]
     fn malformed() {
         let m = encode(Cmd::Ack, 1, &json!({}));
         let mut v = m.clone();
