@@ -827,6 +827,10 @@ fn out_of_range_seconds_are_refused_not_a_panic() {
             .map(|s| s.to_string())
             .collect(),
     );
+    for (flag, v) in [("--relay-timeout", "-1"), ("--heartbeat", "inf")] {
+        let node = ["node", "--name", "A", "--port", "0", "--workers", "1", "--dir", &d, flag, v];
+        cases.push(node.iter().map(|s| s.to_string()).collect());
+    }
     cases.push(["restart", "--dir", &d, "--timeout", "1e20"].iter().map(|s| s.to_string()).collect());
     for args in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
