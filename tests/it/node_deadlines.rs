@@ -121,3 +121,42 @@ fn an_idle_link_survives_many_heartbeats() {
     assert_eq!(l["failures"], json!(0), "{l}");
     assert_eq!(l["state"], "up", "{l}");
 }
+
+/// Reads one node-protocol message (blocking): its command byte and body.
+fn read_msg(s: &mut std::net::TcpStream) -> (u8, Value) {
+    use std::io::Read;
+    let mut hdr = [0u8; 16];
+    s.read_exact(&mut hdr).expect("a message header");
+    let len = u32::from_le_bytes(hdr[12..16].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("a message body");
+    (hdr[5], serde_json::from_slice(&body).expect("a JSON body"))
+}
+
+#[test]
+fn an_incoming_link_whose_opener_goes_silent_is_closed() {
+    use handoff::topology::node::wire::{encode, Cmd};
+    use std::io::{Read, Write};
+    let b = Node::start("B", free_port(), 2, &[], &[]);
+    // A hand-made opener that announces 0.2 s heartbeats, then never pings.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", b.c.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&encode(Cmd::ConnectReq, 0, &json!({"node": "Z", "worker": 0, "to": 1}))).unwrap();
+    let (cmd, v) = read_msg(&mut s);
+    assert_eq!((cmd, &v["ok"]), (Cmd::ConnectResp as u8, &json!(true)), "{v}");
+    s.write_all(&encode(Cmd::TellReq, 0, &json!({"node": "Z", "worker": 0, "pid": 1, "hb": 0.2}))).unwrap();
+    let (cmd, v) = read_msg(&mut s);
+    assert_eq!(cmd, Cmd::TellResp as u8);
+    assert_eq!(v["hb"], json!(true), "the far worker says it answers PING: {v}");
+    // A PING is answered.
+    s.write_all(&encode(Cmd::Ping, 0, &json!({}))).unwrap();
+    assert_eq!(read_msg(&mut s).0, Cmd::Pong as u8);
+    // Then silence: B closes the link after 4 intervals (0.8 s).
+    let t = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let took = t.elapsed();
+    assert_eq!(n, 0, "EOF, not data");
+    assert!(took >= Duration::from_millis(600), "closed after {took:?}, before 4 x 0.2 s of silence");
+    assert!(took < Duration::from_millis(3000), "closed only after {took:?} (4 x 0.2 s of silence)");
+}
