@@ -10,6 +10,7 @@ mod faults;
 mod http;
 mod metrics;
 mod node;
+mod node_restart;
 mod ops_config;
 mod ops_master;
 mod ops_net;

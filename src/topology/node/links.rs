@@ -201,6 +201,63 @@ impl<S: Service> Worker<S> {
         }
     }
 
+    /// Whether our link to `key` may move now (a restart): `Some(true)`
+    /// when it is up with no relay waiting, `Some(false)` when it is still
+    /// being set up with nothing queued (nothing to keep), `None` while
+    /// relays wait on it.
+    pub(crate) fn link_idle(&mut self, key: &Key) -> Option<bool> {
+        let link = self.node().links.get(key)?;
+        let waiting = !(link.queue.is_empty() && link.inflight.is_empty() && link.out.is_empty());
+        match (link.state, waiting) {
+            (_, true) => None,
+            (State::Up, false) => Some(true),
+            (_, false) => Some(false),
+        }
+    }
+
+    /// Our link to `key` leaves with its connection (a restart): forgets
+    /// it, and returns the sequence number its next DATA takes.
+    pub(crate) fn link_moved(&mut self, key: &Key) -> u32 {
+        let link = self.node().links.remove(key);
+        log::debug!("worker {}: link to {}:{} moves to the next generation", self.index, key.0, key.1);
+        link.map_or(1, |l| l.next_seq)
+    }
+
+    /// A link our predecessor opened to `key`, moved to us by a restart:
+    /// it is up, and its next DATA takes sequence number `seq`. If we have
+    /// built our own link there meanwhile, the moved one closes (the far
+    /// worker just sees it end).
+    pub(crate) fn adopt_link_out(&mut self, h: Handed, key: Key, seq: u32) -> Option<u64> {
+        if self.node().links.contains_key(&key) {
+            log::debug!("worker {}: a moved link to {}:{} duplicates ours; closing it", self.index, key.0, key.1);
+            sock::shutdown_both(std::os::fd::AsRawFd::as_raw_fd(&h.fd));
+            self.master.closed(h.master_id);
+            return None;
+        }
+        let link = Link {
+            // Set below, once the connection has its id.
+            conn: u64::MAX,
+            state: State::Up,
+            queue: Vec::new(),
+            inflight: HashMap::new(),
+            next_seq: seq.max(1),
+            timer: None,
+            started: Instant::now(),
+            out: Vec::new(),
+        };
+        self.node().links.insert(key.clone(), link);
+        self.node().counters.entry(key.clone()).or_default();
+        let Some(id) = self.open_conn(h, Kind::LinkOut(key.clone())) else {
+            self.node().links.remove(&key);
+            return None;
+        };
+        if let Some(l) = self.node().links.get_mut(&key) {
+            l.conn = id;
+        }
+        log::debug!("worker {}: link to {}:{} moved here (next seq {seq})", self.index, key.0, key.1);
+        Some(id)
+    }
+
     /// The link's connection is gone: every relay on it fails.
     pub(crate) fn link_lost(&mut self, key: &Key, why: &str) {
         let Some(link) = self.node().links.remove(key) else { return };
@@ -306,7 +363,14 @@ impl<S: Service> Worker<S> {
             }
             if eof {
                 self.close_because(id, "link closed by the far end");
+                self.master.stats_changed();
+                return;
             }
+        }
+        if self.draining {
+            // A restart: the link moves once it is between messages (and,
+            // ours, once no relay waits on it).
+            self.release_when_flushed(id);
         }
         self.master.stats_changed();
     }
