@@ -103,7 +103,7 @@ read -r s50 s99 smax < <(printf '%s\n' "${SETUP[@]}" | sort -n | awk '{a[NR] = $
 # pause while B (the far node) restarts RESTARTS times, then A does. Every
 # relay must succeed; the row gives the clients' p99 over the whole run.
 RESTARTS=${RESTARTS:-20}
-RESTART_REQS=${RESTART_REQS:-6000}
+RESTART_REQS=${RESTART_REQS:-8000}
 say "restarts under relay load: $RESTARTS of B, then $RESTARTS of A"
 start_nodes 2
 "$BIN" client rpc --port "$PA" --conns "$CONNS" --requests "$RESTART_REQS" --relay B:0 >"$BENCH_TMP/r0" 2>&1 &
