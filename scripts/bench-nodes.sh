@@ -108,6 +108,43 @@ read -r s50 s99 smax < <(printf '%s\n' "${SETUP[@]}" | sort -n | awk '{a[NR] = $
     END { i50 = int(NR * 0.50); if (i50 < 1) i50 = 1; i99 = int(NR * 0.99 + 0.999); if (i99 > NR) i99 = NR
           print a[i50], a[i99], a[NR] }')
 
+# Restarts under relay load: 2 clients relay A -> B:0 and A -> B:1 without
+# pause while B (the far node) restarts RESTARTS times, then A does. Every
+# relay must succeed; the row gives the clients' p99 over the whole run.
+RESTARTS=${RESTARTS:-20}
+RESTART_REQS=${RESTART_REQS:-8000}
+say "restarts under relay load: $RESTARTS of B, then $RESTARTS of A"
+start_nodes 2
+"$BIN" client rpc --port "$PA" --conns "$CONNS" --requests "$RESTART_REQS" --relay B:0 >"$BENCH_TMP/r0" 2>&1 &
+RC0=$!
+"$BIN" client rpc --port "$PA" --conns "$CONNS" --requests "$RESTART_REQS" --relay B:1 >"$BENCH_TMP/r1" 2>&1 &
+RC1=$!
+restart_times=()
+for node in B A; do
+    for ((k = 1; k <= RESTARTS; k++)); do
+        t0=$(date +%s.%N)
+        "$BIN" restart --dir "$BENCH_TMP/$node" >"$BENCH_TMP/restart.out" 2>&1 \
+            || { cat "$BENCH_TMP/restart.out" >&2; die "restart $k of $node failed"; }
+        restart_times+=("$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", (b - a) * 1000 }')")
+        plot_point "restart ms (under relay load)" "restart of $node" "node $node" "${restart_times[-1]}"
+    done
+done
+kill -0 "$RC0" 2>/dev/null && kill -0 "$RC1" 2>/dev/null \
+    || die "the relay clients ended before the $((2 * RESTARTS)) restarts did: raise RESTART_REQS"
+rc=0
+wait "$RC0" || rc=$?
+wait "$RC1" || rc=$?
+l0=$(grep '^rpc' "$BENCH_TMP/r0" || true)
+l1=$(grep '^rpc' "$BENCH_TMP/r1" || true)
+say "  $l0"
+say "  $l1"
+[ -n "$l0" ] && [ -n "$l1" ] || die "relay clients under restarts: no summary (rc $rc)"
+R_FAILED=$(($(field "$l0" errors) + $(field "$l1" errors)))
+R_RELAYS=$(($(field "$l0" ok) + $(field "$l1" ok)))
+R_P99=$(awk -v a="$(field "$l0" p99_us)" -v b="$(field "$l1" p99_us)" 'BEGIN { print (a > b ? a : b) }')
+R_MS=$(printf '%s\n' "${restart_times[@]}" | sort -n | awk '{a[NR] = $1} END { print a[int((NR + 1) / 2)], a[NR] }')
+bg_forget_stop "$NA" "$NB"
+
 # 3-host namespace run: the same two measurements between namespaces.
 # shellcheck source=SCRIPTDIR/hosts-lib.sh
 source "$ROOT/scripts/hosts-lib.sh"
@@ -170,6 +207,7 @@ echo "Each row is the median run by requests/s of $RUNS (its p50 and p99: the me
 echo "clients'); every run and every link's setup time: bench-nodes.svg."
 echo
 echo "Relay / direct throughput: $(ratio "$rr" "$dr") (target >= 0.5: $(verdict "$(ratio "$rr" "$dr")" '>=' 0.5 "relay / direct requests/s"))."
+echo "Relays during $RESTARTS restarts of B (the far node), then $RESTARTS of A: $R_RELAYS relays, $R_FAILED failed (target 0: $(verdict "$R_FAILED" '<=' 0 "failed relays during restarts")), p99 $(int "$R_P99") us; restart time median/max ${R_MS% *}/${R_MS#* } ms."
 if [ -z "$HOSTS_SKIP" ]; then
     hr=${H_RELAY_RPS[hri]}
     hd=${H_DIRECT_RPS[hdi]}

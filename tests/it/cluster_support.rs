@@ -605,6 +605,20 @@ impl Node {
 
 /// Checks a relayed reply: from `node`:`worker`, with `msg` echoed.
 #[track_caller]
+/// Starts nodes `names` (each knowing all the others), `workers` each.
+pub fn start_nodes(names: &[&str], workers: usize, extra: &[&str]) -> Vec<Node> {
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let peers: Vec<(&str, u16)> =
+                names.iter().zip(&ports).filter(|(n, _)| *n != name).map(|(n, p)| (*n, *p)).collect();
+            Node::start(name, ports[i], workers, &peers, extra)
+        })
+        .collect()
+}
+
 pub fn assert_relayed(r: &Value, node: &str, worker: usize, msg: &Value) -> u64 {
     assert_eq!(r["out"], "relayed", "relay to {node}:{worker}: {r}");
     assert_eq!(r["result"]["node"], node, "{r}");

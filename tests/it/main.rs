@@ -12,6 +12,7 @@ mod http;
 mod metrics;
 mod node;
 mod node_deadlines;
+mod node_restart;
 mod ops_config;
 mod ops_master;
 mod ops_net;

@@ -12,20 +12,6 @@ use serde_json::{json, Value};
 use crate::cluster_support::*;
 use crate::support::*;
 
-/// Starts nodes `names` (each knowing all the others), `workers` each.
-fn start_nodes(names: &[&str], workers: usize, extra: &[&str]) -> Vec<Node> {
-    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
-    names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let peers: Vec<(&str, u16)> =
-                names.iter().zip(&ports).filter(|(n, _)| *n != name).map(|(n, p)| (*n, *p)).collect();
-            Node::start(name, ports[i], workers, &peers, extra)
-        })
-        .collect()
-}
-
 #[test]
 fn relay_both_ways_between_two_nodes() {
     let nodes = start_nodes(&["A", "B"], 2, &[]);

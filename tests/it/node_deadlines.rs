@@ -160,3 +160,33 @@ fn an_incoming_link_whose_opener_goes_silent_is_closed() {
     assert!(took >= Duration::from_millis(600), "closed after {took:?}, before 4 x 0.2 s of silence");
     assert!(took < Duration::from_millis(3000), "closed only after {took:?} (4 x 0.2 s of silence)");
 }
+
+/// Restarts of either node move their links; the moved links go on with
+/// heartbeats (an opener that stopped pinging would be dropped by the far
+/// worker after 4 intervals, and one that stopped answering would be
+/// taken for dead after 3).
+#[test]
+fn links_moved_by_restarts_go_on_with_heartbeats() {
+    let (a, b) = two_nodes(&["--heartbeat", "0.2", "--relay-timeout", "60"]);
+    let mut conn = a.c.connect();
+    let w = conn.whoami()["worker"].as_u64().expect("worker index") as usize;
+    assert_relayed(&conn.call(&relay_req("B", 1, &json!(1))), "B", 1, &json!(1));
+    b.c.restart_ok();
+    a.c.restart_ok();
+    // The client moved to A's new worker w, with the link to B:1 (moved
+    // twice: B's end, then A's). Idle for 7 intervals.
+    std::thread::sleep(Duration::from_millis(1400));
+    assert_relayed(&conn.call(&relay_req("B", 1, &json!(2))), "B", 1, &json!(2));
+    conn.ping(&json!("stats"));
+    let l = wait_link(&a, w, "the moved link's relay acked", |l| l["acked"] == json!(1));
+    assert_eq!(l["connects"], json!(0), "the moved link was kept, not rebuilt: {l}");
+    assert_eq!(l["failures"], json!(0), "{l}");
+    assert_eq!(l["state"], "up", "{l}");
+    // And the moved link still notices a silent far worker.
+    let _stopped = Stopped::new(b.c.worker_pids()[1]);
+    let t = Instant::now();
+    let r = conn.call(&relay_req("B", 1, &json!("stuck")));
+    let why = r["result"].as_str().unwrap_or("");
+    assert!(why.contains("unreachable") && why.contains("heartbeat"), "{r}");
+    assert!(t.elapsed() < Duration::from_millis(2000), "noticed only after {:?}", t.elapsed());
+}

@@ -733,32 +733,72 @@ fn a_300_kb_read_ahead_of_a_1_mb_frame_survives_a_restart() {
 
 // ------------------------------------------------------------- 8. a node
 
+/// A node's new master SIGKILLed mid-handover, while node A relays to
+/// it without pause: the restart fails and says so; B's generation 1
+/// serves again, the links it had handed over included (taken back from
+/// its copies); A's clients lose at most the relays that were inside the
+/// killed generation, each answered with an error, never a hang, and
+/// relay on over the same links.
 #[test]
-fn restart_of_a_node_is_refused_and_the_node_keeps_working() {
-    let n = Node::start("A", 0, 2, &[], &[]);
-    let master = n.c.master_pid();
-    let workers = n.c.worker_pids();
-    let mut kept = n.c.connect();
-    assert_eq!(kept.whoami()["node"], "A");
-    let t0 = Instant::now();
-    let (st, out, err) = n.c.restart(&["--timeout", "5"]);
-    eprintln!("restart of a node: {st} in {:?}: {} {}", t0.elapsed(), out.trim(), err.trim());
-    assert!(!st.success(), "handoff restart of a node exited 0: {out}");
-    assert!(err.to_lowercase().contains("node"), "the refusal does not mention node mode: {err:?}");
-    let v = n.c.status();
-    assert_eq!(
-        (v["mode"].as_str(), v["gen"].as_u64(), v["pid"].as_i64()),
-        (Some("node"), Some(1), Some(master as i64)),
-        "{v}"
-    );
-    assert_eq!(n.c.worker_pids(), workers, "{v}");
-    kept.ping(&json!("kept"));
-    let who = kept.whoami();
-    assert_eq!((who["node"].as_str(), who["gen"].as_u64()), (Some("A"), Some(1)), "{who}");
-    let mut fresh = n.c.connect();
-    fresh.ping(&json!("fresh"));
-    let who = fresh.whoami();
-    assert_eq!((who["node"].as_str(), who["gen"].as_u64()), (Some("A"), Some(1)), "{who}");
+fn a_node_whose_new_master_dies_mid_handover_keeps_its_links() {
+    let nodes = start_nodes(&["A", "B"], 2, &[]);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let master = b.c.master_pid();
+    let mut relayer = a.conn_on(0);
+    for w in 0..2 {
+        assert_relayed(&relayer.call(&relay_req("B", w, &json!(w))), "B", w, &json!(w));
+    }
+    // The handover is held by a client with MBs of replies it does not
+    // read yet (before the relay load: its set-up watches B's served count).
+    let served = sum_field(&b.c.status(), "served") as usize;
+    let (mut stuck, writer) = stuck_client_with(&b.c, served, false);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = json!({"n": n});
+                let r = relayer.call(&relay_req("B", n % 2, &m));
+                if r["out"] == "relayed" && r["result"]["msg"] == m {
+                    ok += 1;
+                } else {
+                    failed.push(r.to_string());
+                }
+                n += 1;
+            }
+            (ok, failed, relayer)
+        })
+    };
+    let mut restart = restart_bg(&b.c, &[]);
+    let new_master = wait_new_master(&b.c, master);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(restart.is_running(), "handoff restart ended before the kill although a client holds the handover");
+    kill_pid(new_master, libc::SIGKILL);
+    let (st, out, err) = restart.wait(Duration::from_secs(20));
+    assert_failed_with_reason("restart of a node whose new master was SIGKILLed", st, &out, &err);
+    let v = b.c.wait_status("generation 1 answering again", Duration::from_secs(5), |v| {
+        v["gen"] == json!(1) && v["pid"] == json!(master)
+    });
+    assert_eq!(v["mode"], "node", "{v}");
+    drain_stuck(&mut stuck, "after the aborted node restart");
+    writer.join().unwrap();
+    // Relays go on: let some succeed after the abort.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed, mut relayer) = load.join().unwrap();
+    eprintln!("relays during the aborted restart: {ok} ok, {} failed: {failed:?}", failed.len());
+    assert!(ok > 10, "{ok} relays");
+    for f in &failed {
+        assert!(f.contains("unreachable") || f.contains("timeout"), "a failed relay says why: {f}");
+    }
+    assert!(failed.len() <= 2, "at most the relays inside the killed generation fail: {failed:?}");
+    let b_pids = b.c.worker_pids();
+    for (w, &pid) in b_pids.iter().enumerate() {
+        let m = json!({"after": w});
+        assert_eq!(assert_relayed(&relayer.call(&relay_req("B", w, &m)), "B", w, &m), pid as u64);
+    }
 }
 
 // ------------------------------------------- 9. served at once after exit 0

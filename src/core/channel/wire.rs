@@ -15,7 +15,9 @@
 //!                       bit 4 = released to rebalance (with bit 2),
 //!                       bit 5 = the body starts with the connection's
 //!                       history (40 bytes, see [`History`]),
-//!                       bit 6 = the client address is IPv6 (see tag)
+//!                       bit 6 = the client address is IPv6 (see tag),
+//!                       bit 7 = node mode, not yet told apart: the
+//!                       receiving master reads its first frame (restart)
 //!     12    4 body_len  bytes after the header (<= MAX_BODY)
 //!     16    8 id        CONN: sender's sequence number; ACK: every CONN up to
 //!                       this id is taken; NACK: this CONN is refused (its
@@ -91,6 +93,11 @@ pub const FLAG_REBALANCED: u32 = 16;
 /// (an IPv4 client needs no flag: `tag` holds it whole). See
 /// [`super::Msg::with_client`].
 pub const FLAG_CLIENT_V6: u32 = 64;
+
+/// CONN master -> master, node mode: a connection accepted but not yet
+/// told apart (client or node link) when a restart began; the next
+/// generation's manager reads its first frame (the body is what was read).
+pub const FLAG_SNIFF: u32 = 128;
 
 /// CONN: the body starts with the connection's [`History`]
 /// ([`HISTORY_LEN`] bytes), before any state.

@@ -284,7 +284,7 @@ impl<S: Service> Worker<S> {
                     log::warn!("worker {}: link to {}:{}: nothing heard for {dead}s", self.index, key.0, key.1);
                     return self.close_because(id, &format!("no answer to heartbeats for {dead}s"));
                 }
-                let ping = wire::encode(Cmd::Ping, 0, &json!({}));
+                let ping = wire::encode(Cmd::Ping, 0, &json!({"hb": hb.as_secs_f64()}));
                 if let Some(Err(e)) = self.conns.get(&id).map(|s| s.conn.write_now(&ping)) {
                     self.close_because(id, &e.to_string());
                 }
@@ -343,6 +343,82 @@ impl<S: Service> Worker<S> {
             let t = self.node().cfg.connect_timeout;
             self.close_because(conn, &format!("no handshake within {}s", t.as_secs_f64()));
         }
+    }
+
+    /// Whether our link to `key` may move now (a restart): `Some(true)`
+    /// when it is up with no relay waiting, `Some(false)` when it is still
+    /// being set up with nothing queued (nothing to keep), `None` while
+    /// relays wait on it.
+    pub(crate) fn link_idle(&mut self, key: &Key) -> Option<bool> {
+        let link = self.node().links.get(key)?;
+        let waiting = !(link.queue.is_empty() && link.inflight.is_empty() && link.out.is_empty());
+        match (link.state, waiting) {
+            (_, true) => None,
+            // Answers to timed-out relays may still come, which the next
+            // generation would not expect: close it instead.
+            (_, false) if !link.timed_out.is_empty() => Some(false),
+            (State::Up, false) => Some(true),
+            (_, false) => Some(false),
+        }
+    }
+
+    /// Whether our link to `key` pings its far worker (which then expects
+    /// it to): a moved link goes on doing so.
+    pub(crate) fn link_pings(&mut self, key: &Key) -> bool {
+        self.node().links.get(key).is_some_and(|l| l.heartbeat)
+    }
+
+    /// Our link to `key` leaves with its connection (a restart): forgets
+    /// it, and returns the sequence number its next DATA takes.
+    pub(crate) fn link_moved(&mut self, key: &Key) -> u32 {
+        let link = self.node().links.remove(key);
+        log::debug!("worker {}: link to {}:{} moves to the next generation", self.index, key.0, key.1);
+        link.map_or(1, |l| l.next_seq)
+    }
+
+    /// A link our predecessor opened to `key`, moved to us by a restart:
+    /// it is up, and its next DATA takes sequence number `seq`. If we have
+    /// built our own link there meanwhile, the moved one closes (the far
+    /// worker just sees it end). `pings`: it pinged its far worker (and
+    /// goes on, if heartbeats are on here).
+    pub(crate) fn adopt_link_out(&mut self, h: Handed, key: Key, seq: u32, pings: bool) -> Option<u64> {
+        let hb = self.node().cfg.heartbeat.filter(|_| pings);
+        if self.node().links.contains_key(&key) {
+            log::debug!("worker {}: a moved link to {}:{} duplicates ours; closing it", self.index, key.0, key.1);
+            sock::shutdown_both(std::os::fd::AsRawFd::as_raw_fd(&h.fd));
+            self.master.closed(h.master_id);
+            return None;
+        }
+        let link = Link {
+            // Set below, once the connection has its id.
+            conn: u64::MAX,
+            state: State::Up,
+            queue: Vec::new(),
+            inflight: HashMap::new(),
+            next_seq: seq.max(1),
+            timer: None,
+            started: Instant::now(),
+            out: Vec::new(),
+            order: VecDeque::new(),
+            deadline: None,
+            timed_out: HashSet::new(),
+            heartbeat: hb.is_some(),
+            silent: 0,
+        };
+        self.node().links.insert(key.clone(), link);
+        self.node().counters.entry(key.clone()).or_default();
+        let Some(id) = self.open_conn(h, Kind::LinkOut(key.clone())) else {
+            self.node().links.remove(&key);
+            return None;
+        };
+        if let Some(l) = self.node().links.get_mut(&key) {
+            l.conn = id;
+        }
+        if let (Some(hb), Some(slot)) = (hb, self.conns.get(&id)) {
+            slot.conn.set_read_timeout(Some(hb));
+        }
+        log::debug!("worker {}: link to {}:{} moved here (next seq {seq})", self.index, key.0, key.1);
+        Some(id)
     }
 
     /// The link's connection is gone: every relay on it fails.
@@ -459,9 +535,28 @@ impl<S: Service> Worker<S> {
             }
             if eof {
                 self.close_because(id, "link closed by the far end");
+                self.master.stats_changed();
+                return;
             }
         }
+        if self.draining {
+            // A restart: the link moves once it is between messages (and,
+            // ours, once no relay waits on it).
+            self.release_when_flushed(id);
+        }
         self.master.stats_changed();
+    }
+
+    /// An incoming link whose opener pings every `"hb"` seconds (TELL_REQ,
+    /// PING) is dropped after one interval more than the opener waits
+    /// before it gives up on us.
+    fn expect_pings(&mut self, id: u64, v: &Value) {
+        if let Some(hb) = v["hb"].as_f64().filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0) {
+            let quiet = Duration::from_secs_f64(hb) * (crate::topology::node::DEAD_AFTER + 1);
+            if let Some(slot) = self.conns.get(&id) {
+                slot.conn.set_read_timeout(Some(quiet));
+            }
+        }
     }
 
     /// A link someone opened to us.
@@ -472,18 +567,15 @@ impl<S: Service> Worker<S> {
                 let who: Value = wire::body(cmd, body)?;
                 log::debug!("worker {}: link from {}:{} (pid {})", self.index, who["node"], who["worker"], who["pid"]);
                 let name = self.node().cfg.name.clone();
-                // An opener that pings is dropped after one interval more
-                // than it waits itself before it gives up on us.
-                if let Some(hb) = who["hb"].as_f64().filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0) {
-                    let quiet = Duration::from_secs_f64(hb) * (crate::topology::node::DEAD_AFTER + 1);
-                    if let Some(slot) = self.conns.get(&id) {
-                        slot.conn.set_read_timeout(Some(quiet));
-                    }
-                }
+                self.expect_pings(id, &who);
                 let resp = json!({"node": name, "worker": self.index, "pid": pid, "hb": true});
                 wire::encode_into(Cmd::TellResp, seq, &resp, out);
             }
-            Cmd::Ping => wire::encode_into(Cmd::Pong, seq, &json!({}), out),
+            Cmd::Ping => {
+                // (Again: a link moved here by a restart lost its timeout.)
+                self.expect_pings(id, &wire::body(cmd, body)?);
+                wire::encode_into(Cmd::Pong, seq, &json!({}), out);
+            }
             Cmd::Data => {
                 let d: Data = wire::body(cmd, body)?;
                 let ack = format!(r#"{{"pid":{pid},"msg":{}}}"#, d.msg.get());

@@ -13,6 +13,7 @@ use crate::core::channel::{wire, Msg};
 use crate::core::reactor::{Conn, ConnEvent};
 use crate::core::sock;
 use crate::topology::cluster::master::{with, Master};
+use crate::topology::node::handover::LinkState;
 use crate::topology::node::wire::{self as node, Cmd, Parsed};
 
 /// Bytes a manager reads before deciding: a link's first message
@@ -29,15 +30,42 @@ pub(crate) struct Sniffed {
 impl Master {
     pub(crate) fn sniff(&mut self, fd: OwnedFd) {
         let _ = sock::set_nodelay(fd.as_raw_fd());
+        if self.draining {
+            // A restart runs: the next generation tells it apart.
+            self.forward(Msg::conn(fd, Vec::new(), wire::FLAG_SNIFF));
+            return;
+        }
+        self.sniff_from(fd, &[]);
+    }
+
+    /// Watches a connection until its first frame tells what it is;
+    /// `read` is what an earlier owner read of it.
+    pub(crate) fn sniff_from(&mut self, fd: OwnedFd, read: &[u8]) {
         let id = self.next_client;
         self.next_client += 1;
         let w = self.me.clone();
-        match Conn::adopt(&self.base, fd, &[], SNIFF_LIMIT, Rc::new(move |ev| with(&w, |m| m.on_sniff(id, ev)))) {
+        match Conn::adopt(&self.base, fd, read, SNIFF_LIMIT, Rc::new(move |ev| with(&w, |m| m.on_sniff(id, ev)))) {
             Ok(conn) => {
                 conn.resume_reading();
                 self.sniffing.insert(id, Sniffed { conn, then: None });
+                if !read.is_empty() {
+                    self.examine(id);
+                }
             }
             Err(e) => log::error!("cannot watch a new connection: {e}"),
+        }
+    }
+
+    /// A restart's move begins: connections not yet told apart go to the
+    /// next generation with what was read of them (flagged to be sniffed
+    /// again there); those whose CONNECT_RESP is on its way follow as links
+    /// once it is out.
+    pub(crate) fn forward_undecided(&mut self) {
+        let ids: Vec<u64> = self.sniffing.iter().filter(|(_, s)| s.then.is_none()).map(|(&id, _)| id).collect();
+        for id in ids {
+            let Some(s) = self.sniffing.remove(&id) else { continue };
+            let (fd, read) = s.conn.detach();
+            self.forward(Msg::conn(fd, read, wire::FLAG_SNIFF));
         }
     }
 
@@ -153,7 +181,8 @@ impl Master {
     fn hand_link(&mut self, id: u64, target: usize) {
         let Some(s) = self.sniffing.remove(&id) else { return };
         let (fd, leftover) = s.conn.detach();
-        if let Some(i) = self.assign_to(Some(target), Msg::conn(fd, leftover, wire::FLAG_NODE_LINK)) {
+        let msg = LinkState { worker: target, out: None, pings: false }.conn(fd, leftover);
+        if let Some(i) = self.assign_to(Some(target), msg) {
             self.metrics.accepted_by(i);
         }
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::core::reactor::Endpoint;
 use crate::core::sock;
 
+pub mod handover;
 pub(crate) mod links;
 pub(crate) mod manager;
 pub mod wire;

@@ -21,10 +21,11 @@
 //! `{"reason":..}`.
 //!
 //! Heartbeats: an opener that sent `"hb":SECONDS` in TELL_REQ and got
-//! `"hb":true` in TELL_RESP sends PING `{}` on the link after each
-//! `--heartbeat` interval in which it heard nothing, and the far worker
-//! answers PONG `{}` (seq 0). Old peers neither send nor announce them
-//! (an opener pings only a worker that said `"hb":true`).
+//! `"hb":true` in TELL_RESP sends PING `{"hb":SECONDS}` on the link after
+//! each `--heartbeat` interval in which it heard nothing, and the far
+//! worker answers PONG `{}` (seq 0). The far worker drops a link silent
+//! for 4 of those intervals. Old peers neither send nor announce them (an
+//! opener pings only a worker that said `"hb":true`).
 use serde_json::Value;
 
 /// The first 4 bytes of every message.
@@ -63,7 +64,7 @@ pub enum Cmd {
     /// workers answer every DATA with ACK).
     Error = 7,
     /// Link opener -> far worker, on a link silent for a heartbeat
-    /// interval: `{}`; answered by PONG.
+    /// interval: `{"hb":SECONDS}` (the interval); answered by PONG.
     Ping = 8,
     /// Far worker -> link opener: `{}`, the answer to PING.
     Pong = 9,

@@ -139,9 +139,7 @@ impl Master {
             self.queued_restart = Some((binary, timeout, reply_to, listeners_only));
             return;
         }
-        let refuse = if self.cfg.node.is_some() {
-            Some("restart of a node is not supported yet: it would come back as a plain cluster; stop and start the node instead")
-        } else if self.restart.is_some() {
+        let refuse = if self.restart.is_some() {
             Some("a restart is already in progress")
         } else if self.predecessor.is_some() {
             Some("this generation is still taking over from the previous one; try again once it has committed")
@@ -378,8 +376,6 @@ impl Master {
             Some("another takeover runs")
         } else if self.predecessor.is_some() {
             Some("this generation has not committed its own takeover yet")
-        } else if self.cfg.node.is_some() {
-            Some("node restart is not supported yet")
         } else {
             None
         };
@@ -426,6 +422,13 @@ impl Master {
             "idle_timeout": self.cfg.idle_timeout.map(|d| d.as_secs_f64()),
             "access_log": self.cfg.access_log,
             "user": self.cfg.user,
+            // A node stays a node (`handoff takeover` reads these; a
+            // restart re-reads its own flags).
+            "node": self.cfg.node.as_ref().map(|n| json!({
+                "name": n.name,
+                "peers": n.peers.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+                "connect_timeout": n.connect_timeout.as_secs_f64(),
+            })),
         });
         let msg = Msg {
             kind: wire::KIND_LISTENER,
@@ -540,6 +543,8 @@ impl Master {
         for (_, m) in pending {
             self.forward(m);
         }
+        // Node mode: what is not yet told apart is the next generation's.
+        self.forward_undecided();
         for slot in &mut self.slots {
             if cut {
                 // Listener-only restart: the old connections are cut.
@@ -645,7 +650,8 @@ impl Master {
     /// MOVE is over when every old worker has exited, nothing waits to be
     /// offered again, and the successor ACKed everything: then COMMIT.
     fn check_moved(&mut self) {
-        let workers_gone = self.slots.iter().all(|s| s.child.is_none());
+        // Node links whose CONNECT_RESP is still going out follow soon.
+        let workers_gone = self.slots.iter().all(|s| s.child.is_none()) && self.sniffing.is_empty();
         let delivered = self.successor.as_ref().is_some_and(|s| s.in_flight() == 0) && self.refused.is_empty();
         if !(workers_gone && delivered) {
             if let Some(t) = &self.done_timer {
@@ -786,6 +792,13 @@ impl Master {
         self.metrics.moved_by_restart();
         m.flags &= !wire::FLAG_RELEASED;
         m.tag = 0;
+        if m.flags & wire::FLAG_SNIFF != 0 {
+            // Node mode: accepted by the old manager, not yet told apart.
+            if let Some(fd) = m.fd.take() {
+                self.sniff_from(fd, &m.body);
+            }
+            return;
+        }
         if self.predecessor.is_some() && !wire::past_history(m.flags, &m.body).is_empty() {
             self.moves.push(m);
         } else {
@@ -858,7 +871,17 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
         exe,
         log_args,
         gen: v["gen"].as_u64().ok_or_else(|| bad("gen"))? + 1,
-        node: None,
+        node: match &v["node"] {
+            Value::Null => None,
+            n => Some(
+                crate::topology::node::NodeConfig::new(
+                    n["name"].as_str().ok_or_else(|| bad("node.name"))?,
+                    n["peers"].as_str().unwrap_or(""),
+                    n["connect_timeout"].as_f64().unwrap_or(1.5),
+                )
+                .map_err(|e| bad(&format!("node ({e})")))?,
+            ),
+        },
         hang_timeout: v["hang_timeout"].as_f64().map(Duration::from_secs_f64),
         rebalance: v["rebalance"].as_bool().unwrap_or(false),
         argv: Vec::new(),

@@ -23,6 +23,7 @@ use super::{
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
 use crate::core::reactor::{Base, Endpoint, Event, Interest, Listener};
 use crate::core::sock;
+use crate::topology::node::handover::LinkState;
 use crate::topology::supervisor::link;
 
 /// How soon a connection a receiver refused is offered again.
@@ -710,6 +711,16 @@ impl Master {
     pub(crate) fn assign_to(&mut self, target: Option<usize>, mut msg: Msg) -> Option<usize> {
         if self.draining {
             self.forward(msg);
+            return None;
+        }
+        // A node link goes to the worker it names (moved by a restart).
+        let target = target.or_else(|| LinkState::of(&msg).map(|s| s.worker));
+        if target.is_some_and(|t| t >= self.slots.len()) {
+            log::warn!(
+                "a node link for worker {} arrived; this generation has {}: closing it",
+                target.unwrap_or(0),
+                self.slots.len()
+            );
             return None;
         }
         loop {

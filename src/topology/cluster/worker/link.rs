@@ -265,6 +265,9 @@ impl MasterLink {
         if h.master_id != 0 {
             flags |= wire::FLAG_RELEASED;
         }
+        if h.node_link {
+            flags |= wire::FLAG_NODE_LINK;
+        }
         if !h.state.is_empty() {
             flags |= wire::FLAG_STATE;
         }

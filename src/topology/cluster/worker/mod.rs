@@ -18,6 +18,7 @@ pub mod access;
 pub mod env;
 pub mod link;
 
+use crate::topology::node::handover::LinkState;
 use crate::topology::node::links;
 use access::{AccessLog, End};
 pub use env::WorkerEnv;
@@ -214,15 +215,14 @@ impl<S: Service> Worker<S> {
     fn obey(&mut self, order: Order) {
         match order {
             Order::Conn(h) => {
-                let kind = if h.node_link { Kind::LinkIn } else { Kind::Client };
-                self.open_conn(h, kind);
+                self.open_handed(h);
             }
             Order::Refused(mut h) => {
                 // It did not move after all.
                 if let Some(past) = h.history.as_mut() {
                     past.moves = past.moves.saturating_sub(1);
                 }
-                if self.open_conn(h, Kind::Client).is_some() && self.draining {
+                if self.open_handed(h).is_some() && self.draining {
                     self.retry_release_later();
                 }
             }
@@ -259,6 +259,20 @@ impl<S: Service> Worker<S> {
         }) {
             Ok(l) => self.listeners.push(l),
             Err(e) => log::error!("worker {}: shared listener: {e}", self.index),
+        }
+    }
+
+    /// Serves a connection the master handed us: a client, or a node link
+    /// (one another node opened to us, or, after a restart, one our
+    /// predecessor had opened).
+    fn open_handed(&mut self, h: Handed) -> Option<u64> {
+        if !h.node_link {
+            return self.open_conn(h, Kind::Client);
+        }
+        let (out, pings) = LinkState::decode(&h.state).map_or((None, false), |s| (s.out, s.pings));
+        match out {
+            Some((key, seq)) if self.node.is_some() => self.adopt_link_out(h, key, seq, pings),
+            _ => self.open_conn(h, Kind::LinkIn),
         }
     }
 
@@ -536,7 +550,8 @@ impl<S: Service> Worker<S> {
             sock::shutdown_both(slot.conn.raw_fd());
             self.master.closed(slot.master_id);
         }
-        if self.stopping && self.conns.is_empty() {
+        // Stopping, or draining for a restart: done with the last one.
+        if (self.stopping || self.draining) && self.conns.is_empty() {
             self.quit();
         }
     }
@@ -581,9 +596,22 @@ impl<S: Service> Worker<S> {
         }
     }
 
-    fn release_when_flushed(&mut self, id: u64) {
+    pub(crate) fn release_when_flushed(&mut self, id: u64) {
         let Some(slot) = self.conns.get_mut(&id) else { return };
         if slot.closing {
+            return;
+        }
+        if let Kind::LinkOut(key) = &slot.kind {
+            // Our link moves once no relay waits on it; it keeps reading
+            // meanwhile (the answers come on it).
+            let (key, flushed) = (key.clone(), slot.conn.output_len() == 0);
+            slot.releasing = true;
+            match self.link_idle(&key) {
+                Some(true) if flushed => self.release(id),
+                Some(true) | None => {}
+                // Still being set up with nothing queued: close it.
+                Some(false) => self.close_because(id, "restart"),
+            }
             return;
         }
         if slot.between_requests() {
@@ -598,7 +626,15 @@ impl<S: Service> Worker<S> {
     /// go back to the master.
     fn release(&mut self, id: u64) {
         let Some(slot) = self.conns.remove(&id) else { return };
-        let state = slot.session.as_ref().map(Session::export).unwrap_or_default();
+        let state = match &slot.kind {
+            Kind::Client => slot.session.as_ref().map(Session::export).unwrap_or_default(),
+            Kind::LinkIn => LinkState { worker: self.index, out: None, pings: false }.encode(),
+            Kind::LinkOut(key) => {
+                let pings = self.link_pings(key);
+                let seq = self.link_moved(key);
+                LinkState { worker: self.index, out: Some((key.clone(), seq)), pings }.encode()
+            }
+        };
         let (fd, leftover) = slot.conn.detach();
         let history = History { moves: slot.history.moves.saturating_add(1), ..slot.history };
         let h = Handed {
@@ -607,7 +643,7 @@ impl<S: Service> Worker<S> {
             state,
             master_id: slot.master_id,
             eof: slot.eof,
-            node_link: false,
+            node_link: slot.kind != Kind::Client,
             moved: false,
             history: (slot.kind == Kind::Client).then_some(history),
         };
