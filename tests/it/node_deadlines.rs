@@ -59,6 +59,7 @@ fn relay_to_a_stopped_worker_times_out_and_the_connection_goes_on() {
     assert!(why.contains("timeout"), "the error says timeout: {why:?}");
     assert!(took >= Duration::from_millis(900), "timed out after {took:?}, before the 1 s relay timeout");
     assert!(took < Duration::from_millis(2500), "timed out only after {took:?} with a 1 s relay timeout");
+    eprintln!("relay to a stopped worker answered with a timeout after {took:?} (--relay-timeout 1)");
     // The request behind it is answered, in order, and the connection
     // goes on: a ping, and a relay to B's other worker.
     assert_eq!(conn.recv(), json!({"out": "pong", "result": "behind"}));
@@ -97,6 +98,7 @@ fn heartbeat_notices_a_stopped_peer() {
     // Dead after 3 silent intervals (0.9 s) from the last byte heard.
     assert!(took >= Duration::from_millis(500), "declared dead after {took:?}, before 3 heartbeats of 0.3 s");
     assert!(took < Duration::from_millis(2000), "declared dead only after {took:?} (3 x 0.3 s heartbeats)");
+    eprintln!("stopped peer declared dead after {took:?} (--heartbeat 0.3)");
     conn.ping(&json!("stats"));
     let l = wait_link(&a, w, "the link down", |l| l["state"] == "down");
     assert_eq!(l["failures"], json!(1), "{l}");
