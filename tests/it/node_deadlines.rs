@@ -86,6 +86,8 @@ fn heartbeat_notices_a_stopped_peer() {
     let mut conn = a.c.connect();
     let w = conn.whoami()["worker"].as_u64().expect("worker index") as usize;
     assert_relayed(&conn.call(&relay_req("B", 1, &json!("before"))), "B", 1, &json!("before"));
+    // A's worker heard from B:1 last before this (its ACK, or a PONG since).
+    let heard = Instant::now();
 
     let _stopped = Stopped::new(b.c.worker_pids()[1]);
     let t = Instant::now();
@@ -96,7 +98,8 @@ fn heartbeat_notices_a_stopped_peer() {
     assert!(why.contains("unreachable"), "{why:?}");
     assert!(why.contains("heartbeat"), "the reason names the heartbeat: {why:?}");
     // Dead after 3 silent intervals (0.9 s) from the last byte heard.
-    assert!(took >= Duration::from_millis(500), "declared dead after {took:?}, before 3 heartbeats of 0.3 s");
+    let since = heard.elapsed();
+    assert!(since >= Duration::from_millis(850), "declared dead {since:?} after the last answer: before 3 x 0.3 s");
     assert!(took < Duration::from_millis(2000), "declared dead only after {took:?} (3 x 0.3 s heartbeats)");
     eprintln!("stopped peer declared dead after {took:?} (--heartbeat 0.3)");
     conn.ping(&json!("stats"));
@@ -151,15 +154,15 @@ fn an_incoming_link_whose_opener_goes_silent_is_closed() {
     assert_eq!(cmd, Cmd::TellResp as u8);
     assert_eq!(v["hb"], json!(true), "the far worker says it answers PING: {v}");
     // A PING is answered.
-    s.write_all(&encode(Cmd::Ping, 0, &json!({}))).unwrap();
-    assert_eq!(read_msg(&mut s).0, Cmd::Pong as u8);
-    // Then silence: B closes the link after 4 intervals (0.8 s).
     let t = Instant::now();
+    s.write_all(&encode(Cmd::Ping, 0, &json!({"hb": 0.2}))).unwrap();
+    assert_eq!(read_msg(&mut s).0, Cmd::Pong as u8);
+    // Then silence: B closes the link 4 intervals (0.8 s) after the PING.
     let mut buf = [0u8; 64];
     let n = s.read(&mut buf).unwrap_or(0);
     let took = t.elapsed();
     assert_eq!(n, 0, "EOF, not data");
-    assert!(took >= Duration::from_millis(600), "closed after {took:?}, before 4 x 0.2 s of silence");
+    assert!(took >= Duration::from_millis(750), "closed {took:?} after the PING, before 4 x 0.2 s of silence");
     assert!(took < Duration::from_millis(3000), "closed only after {took:?} (4 x 0.2 s of silence)");
 }
 
