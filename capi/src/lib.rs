@@ -176,6 +176,8 @@ impl State {
             // A C worker keeps no access log (`--access-log` is refused
             // with `--worker-cmd`).
             Order::ReopenLogs => Vec::new(),
+            // A C worker does not relay to other nodes.
+            Order::Peers(_) => Vec::new(),
             Order::Drain => {
                 if self.draining || self.stopping {
                     return Vec::new();

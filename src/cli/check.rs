@@ -122,7 +122,7 @@ fn cluster_checks(a: &ClusterArgs) -> Result<(), String> {
 }
 
 fn node_checks(a: &NodeArgs) -> Result<(), String> {
-    crate::topology::node::NodeConfig::new(&a.name, &a.peers, a.connect_timeout).map_err(|e| e.to_string())?;
+    a.node_config().map_err(|e| e.to_string())?;
     master_checks(&a.master)
 }
 

@@ -163,8 +163,7 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
             })
         }
         Cmd::Node(With { args: a, options }) => {
-            crate::topology::node::NodeConfig::new(&a.name, &a.peers, a.connect_timeout).and_then(|node| {
-                let node = node.with_deadlines(a.relay_timeout, a.heartbeat);
+            a.node_config().and_then(|node| {
                 let mut cfg = a.master.config(cluster::Policy::RoundRobin, 5.0, log_args)?;
                 cfg.options = to_json(&options);
                 cfg.node = Some(node);
@@ -579,6 +578,31 @@ struct NodeArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = crate::topology::node::HEARTBEAT_SECS,
           allow_hyphen_values = true, value_parser = parse_secs)]
     heartbeat: f64,
+    /// Membership through etcd: its client URLs,
+    /// http://HOST:PORT[,http://HOST:PORT...]. The node registers itself
+    /// under --etcd-prefix and watches it; merged with --peers.
+    #[arg(long, value_name = "URLS")]
+    etcd: Option<String>,
+    /// Key prefix of the nodes in etcd (a node's key: prefix + name).
+    #[arg(long, default_value = crate::topology::node::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// Seconds of the node's etcd lease (kept alive; a dead node's key goes
+    /// when it runs out).
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::topology::node::etcd::DEFAULT_TTL)]
+    etcd_ttl: u64,
+    /// The address registered in etcd, HOST:PORT or unix:PATH (default:
+    /// the node's first TCP listener).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
+}
+
+impl NodeArgs {
+    /// The node's name, peers and etcd settings, checked.
+    fn node_config(&self) -> std::io::Result<crate::topology::node::NodeConfig> {
+        crate::topology::node::NodeConfig::new(&self.name, &self.peers, self.connect_timeout)?
+            .with_deadlines(self.relay_timeout, self.heartbeat)
+            .with_etcd(self.etcd.as_deref(), &self.etcd_prefix, self.etcd_ttl, self.advertise.as_deref())
+    }
 }
 
 #[derive(Args)]

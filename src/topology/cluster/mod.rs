@@ -60,6 +60,9 @@ pub const KIND_REBALANCE: u16 = KIND_USER + 18;
 /// master -> worker (the master got USR1): reopen the access log
 /// (`--access-log`), which may have been renamed away; empty body.
 pub const KIND_REOPEN_LOGS: u16 = KIND_USER + 19;
+/// master -> worker (node mode): the whole membership changed (etcd):
+/// `A=ADDR,B=ADDR...` as in `HANDOFF_NODE_PEERS`; replaces the worker's peers.
+pub const KIND_NODE_PEERS: u16 = KIND_USER + 20;
 
 /// How the master picks a worker for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -178,7 +178,8 @@ impl<S: Service> Worker<S> {
         let deadline = self.node().cfg.relay_timeout.map(|d| Instant::now() + d);
         let relay = Relay { client, reply_seq, ticket, msg, deadline };
         if !self.node().cfg.peers.contains_key(&key.0) {
-            self.relay_done(client, reply_seq, ticket, Err(&format!("unknown node {}", key.0)));
+            let why = format!("node {} unreachable: not a member", key.0);
+            self.relay_done(client, reply_seq, ticket, Err(&why));
             return;
         }
         if !self.node().links.contains_key(&key) {
@@ -294,6 +295,29 @@ impl<S: Service> Worker<S> {
                 self.close_because(id, "no heartbeat from the link's opener");
             }
             Kind::Client => {}
+        }
+    }
+
+    /// The membership changed (the master's KIND_NODE_PEERS): new peers;
+    /// links to a node that left, or moved to another address, close (their
+    /// relays fail with "unreachable").
+    pub(crate) fn set_peers(&mut self, text: &str) {
+        let peers = match crate::topology::node::parse_peers(text) {
+            Ok(p) => p,
+            Err(e) => return log::warn!("worker {}: bad membership from the master: {e}", self.index),
+        };
+        let Some(n) = self.node.as_mut() else { return };
+        let gone: Vec<(Key, u64)> = n
+            .links
+            .iter()
+            .filter(|(k, _)| peers.get(&k.0) != n.cfg.peers.get(&k.0))
+            .map(|(k, l)| (k.clone(), l.conn))
+            .collect();
+        n.cfg.peers = peers;
+        log::debug!("worker {}: membership {text}", self.index);
+        for (key, conn) in gone {
+            let why = if self.node().cfg.peers.contains_key(&key.0) { "moved" } else { "not a member" };
+            self.close_because(conn, why);
         }
     }
 

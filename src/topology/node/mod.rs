@@ -10,9 +10,11 @@ use std::time::Duration;
 use crate::core::reactor::Endpoint;
 use crate::core::sock;
 
+pub mod etcd;
 pub mod handover;
 pub(crate) mod links;
 pub(crate) mod manager;
+pub(crate) mod membership;
 pub mod wire;
 
 /// One node's identity and peers (`--name`, `--peers`,
@@ -35,6 +37,12 @@ pub struct NodeConfig {
     /// pings it, and is declared dead after [`DEAD_AFTER`] such intervals
     /// of silence; `None`: no heartbeats.
     pub heartbeat: Option<Duration>,
+    /// `--etcd`, `--etcd-prefix`, `--etcd-ttl`: membership through etcd
+    /// (the manager's; workers get the merged peers).
+    pub etcd: Option<etcd::EtcdConfig>,
+    /// `--advertise`: the address registered in etcd (default: the first
+    /// TCP listener's).
+    pub advertise: Option<Endpoint>,
 }
 
 /// Silent heartbeat intervals after which a link is dead.
@@ -63,6 +71,8 @@ impl NodeConfig {
             connect_timeout: Duration::from_secs_f64(connect_timeout.max(0.001)),
             relay_timeout: secs_or_off(RELAY_TIMEOUT_SECS),
             heartbeat: secs_or_off(HEARTBEAT_SECS),
+            etcd: None,
+            advertise: None,
         })
     }
 
@@ -78,6 +88,30 @@ impl NodeConfig {
     /// declared dead (`--heartbeat` times [`DEAD_AFTER`]).
     pub fn dead_after(&self) -> Option<Duration> {
         self.heartbeat.map(|h| h * DEAD_AFTER)
+    }
+
+    /// Adds `--etcd URLS` (with `--etcd-prefix` and `--etcd-ttl`) and
+    /// `--advertise HOST:PORT|unix:PATH`, checked.
+    pub fn with_etcd(
+        mut self,
+        urls: Option<&str>,
+        prefix: &str,
+        ttl: u64,
+        advertise: Option<&str>,
+    ) -> io::Result<NodeConfig> {
+        if let Some(urls) = urls {
+            self.etcd = Some(etcd::EtcdConfig::parse(urls, prefix, ttl)?);
+        }
+        if let Some(a) = advertise {
+            let ep = sock::parse_endpoint(a)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("--advertise: {e}")))?;
+            if matches!(&ep, Endpoint::Tcp(s) if s.ip().is_unspecified() || s.port() == 0) {
+                let why = format!("--advertise {a}: give an address and port other nodes can dial");
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+            }
+            self.advertise = Some(ep);
+        }
+        Ok(self)
     }
 }
 

@@ -708,6 +708,8 @@ impl Master {
         self.shared_fds.clear();
         // The new generation serves the metrics socket alone from now on.
         self.metrics.server = None;
+        // The successor registered the node in etcd itself: keep the key.
+        self.handover_membership();
         // Our copies of what moved are closed; the new side owns them.
         if let Some(s) = self.successor.take() {
             drop(s.take_acked());

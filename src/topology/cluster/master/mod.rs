@@ -265,6 +265,8 @@ pub(crate) struct Master {
     pub(crate) at_limit: bool,
     /// `--metrics`: the counters, and the endpoint serving them.
     pub(crate) metrics: metrics::Metrics,
+    /// Node mode: `--peers` and etcd's members, merged (`node::membership`).
+    pub(crate) membership: Option<crate::topology::node::membership::Membership>,
 }
 
 /// An endpoint as a client on this host reaches it: a TCP listener on
@@ -431,6 +433,7 @@ pub(crate) fn run_on_with(
             exe_fd: crate::topology::restart::open_exe(&cfg.exe),
             at_limit: false,
             metrics: Default::default(),
+            membership: None,
         })
     });
     {
@@ -509,6 +512,7 @@ pub(crate) fn run_on_with(
             m.notify_serving("READY=1");
         }
     }
+    crate::topology::node::membership::start(&master)?;
     log::info!(
         "cluster master pid {} generation {} on {addr}, {} worker(s), policy {}",
         std::process::id(),
@@ -529,6 +533,7 @@ pub(crate) fn run_on_with(
         cfg.gen
     ));
     base.dispatch()?;
+    crate::topology::node::membership::finish(&master);
     log::info!("cluster master generation {} stopped", cfg.gen);
     Ok(())
 }
@@ -1248,6 +1253,7 @@ impl Master {
             self.abort_restart(format!("{name}: stopping"));
         }
         self.stopping = true;
+        self.leave_membership();
         log::info!("{name}: stopping; workers get {:?} to finish", self.cfg.grace);
         link::tell(&format!("STOPPING=1\nSTATUS=stopping ({name}): workers get {:?} to finish", self.cfg.grace));
         self.listeners.clear();
@@ -1371,6 +1377,12 @@ impl Master {
     }
 
     fn status(&self) -> Value {
+        let mut v = self.status_fields();
+        self.membership_status(&mut v);
+        v
+    }
+
+    fn status_fields(&self) -> Value {
         let started = self.started.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let workers: Vec<Value> = self
             .slots

@@ -127,6 +127,9 @@ pub enum Order {
     /// Reopen log files (the master got USR1): the access log may have
     /// been renamed away.
     ReopenLogs,
+    /// Node mode: the membership changed; these peers (`A=ADDR,B=ADDR`)
+    /// replace the worker's.
+    Peers(String),
 }
 
 /// The master channel of one worker process.
@@ -197,6 +200,9 @@ impl MasterLink {
                 KIND_SHUTDOWN => Some(Order::Shutdown),
                 KIND_REOPEN_LOGS => Some(Order::ReopenLogs),
                 KIND_DRAIN => Some(Order::Drain),
+                crate::topology::cluster::KIND_NODE_PEERS => {
+                    Some(Order::Peers(String::from_utf8_lossy(&m.body).into_owned()))
+                }
                 KIND_TAKEOVER_BEGUN => {
                     let v: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
                     self.orphan_grace = Duration::from_secs_f64(v["grace"].as_f64().unwrap_or(5.0).clamp(0.0, 3600.0));

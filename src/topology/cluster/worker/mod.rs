@@ -245,6 +245,7 @@ impl<S: Service> Worker<S> {
                     log.reopen();
                 }
             }
+            Order::Peers(peers) => self.set_peers(&peers),
         }
     }
 
