@@ -26,8 +26,9 @@ CHAOS_SECS ?= 300
 # Debian packages the build needs: libevent (linked via pkg-config), libclang
 # (bindgen), a C compiler; curl for the http tests; systemd-socket-activate
 # (package systemd) and unshare (util-linux) for the operations tests; ip
-# (iproute2) for make demo-hosts and the namespace test.
-DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make curl systemd util-linux iproute2
+# (iproute2) for make demo-hosts and the namespace test; etcd
+# (etcd-server) for the etcd membership tests.
+DEB_PKGS := libevent-dev libclang-dev clang pkg-config gcc make curl systemd util-linux iproute2 etcd-server
 # What make memcheck needs on top.
 MEMCHECK_PKGS := valgrind
 # What the benchmarks need on top: load generator, yardsticks, plots.

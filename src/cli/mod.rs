@@ -162,14 +162,12 @@ pub fn main_with<P: Service, C: Service, X: Extra>(name: &'static str) -> ExitCo
                 run_master(cfg)
             })
         }
-        Cmd::Node(With { args: a, options }) => {
-            a.node_config().and_then(|node| {
-                let mut cfg = a.master.config(cluster::Policy::RoundRobin, 5.0, log_args)?;
-                cfg.options = to_json(&options);
-                cfg.node = Some(node);
-                run_master(cfg)
-            })
-        }
+        Cmd::Node(With { args: a, options }) => a.node_config().and_then(|node| {
+            let mut cfg = a.master.config(cluster::Policy::RoundRobin, 5.0, log_args)?;
+            cfg.options = to_json(&options);
+            cfg.node = Some(node);
+            run_master(cfg)
+        }),
         Cmd::Restart(a) => {
             let timeout = std::time::Duration::from_secs_f64(a.timeout.max(0.1));
             // A relative --binary means relative to the caller, not to the

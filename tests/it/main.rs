@@ -6,6 +6,7 @@ mod support;
 
 mod cluster;
 mod cworker;
+mod etcd;
 mod faults;
 mod hosts;
 mod http;

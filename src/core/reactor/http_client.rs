@@ -45,7 +45,8 @@ pub struct HttpReply {
 pub type HttpResult = Result<HttpReply, String>;
 
 type Done = Box<dyn FnOnce(HttpResult)>;
-type Chunk = Box<dyn FnMut(&[u8])>;
+/// A streamed request's chunk callback: gets the body's bytes as they come.
+pub type Chunk = Box<dyn FnMut(&[u8])>;
 
 /// One request's Rust side, boxed in the client's table.
 struct Ctx {
@@ -261,7 +262,7 @@ impl HttpClient {
         &mut self,
         path: &str,
         body: &[u8],
-        chunk: Option<Box<dyn FnMut(&[u8])>>,
+        chunk: Option<Chunk>,
         done: impl FnOnce(HttpResult) + 'static,
     ) -> io::Result<()> {
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("NUL in {what}"));
@@ -293,7 +294,9 @@ impl HttpClient {
             }
             let headers = ev::evhttp_request_get_output_headers(req);
             let length = CString::new(body.len().to_string()).expect("digits");
-            for (k, v) in [(c"Host", c_host.as_c_str()), (c"Content-Type", c"application/json"), (c"Content-Length", &length)] {
+            for (k, v) in
+                [(c"Host", c_host.as_c_str()), (c"Content-Type", c"application/json"), (c"Content-Length", &length)]
+            {
                 ev::evhttp_add_header(headers, k.as_ptr(), v.as_ptr());
             }
             ev::evbuffer_add(ev::evhttp_request_get_output_buffer(req), body.as_ptr() as *const c_void, body.len());
@@ -301,14 +304,18 @@ impl HttpClient {
         self.shared.table.borrow_mut().insert(id, ctx);
         self.shared.in_post.set(true);
         // SAFETY: raw and req are live; libevent owns req from here on.
-        let rc = unsafe { ev::evhttp_make_request(self.raw.as_ptr(), req, ev::evhttp_cmd_type_EVHTTP_REQ_POST, c_path.as_ptr()) };
+        let rc = unsafe {
+            ev::evhttp_make_request(self.raw.as_ptr(), req, ev::evhttp_cmd_type_EVHTTP_REQ_POST, c_path.as_ptr())
+        };
         self.shared.in_post.set(false);
         if !self.shared.late.borrow().is_empty() {
             let zero = super::timeval(Duration::ZERO);
             let arg = Box::into_raw(Box::new(Rc::downgrade(&self.shared))) as *mut c_void;
             // SAFETY: the base is live; arg is a leaked box that
             // deliver_late takes back exactly once.
-            let rc = unsafe { ev::event_base_once(self.base.as_ptr(), -1, ev::EV_TIMEOUT as i16, Some(deliver_late), arg, &zero) };
+            let rc = unsafe {
+                ev::event_base_once(self.base.as_ptr(), -1, ev::EV_TIMEOUT as i16, Some(deliver_late), arg, &zero)
+            };
             if rc != 0 {
                 log::error!("http client: cannot schedule a failed request's callback");
             }
@@ -339,7 +346,9 @@ impl Drop for HttpClient {
         let arg = Box::into_raw(Box::new(d)) as *mut c_void;
         // SAFETY: the base is live; arg is a leaked box that deferred_free
         // takes back exactly once.
-        let rc = unsafe { ev::event_base_once(self.base.as_ptr(), -1, ev::EV_TIMEOUT as i16, Some(deferred_free), arg, &zero) };
+        let rc = unsafe {
+            ev::event_base_once(self.base.as_ptr(), -1, ev::EV_TIMEOUT as i16, Some(deferred_free), arg, &zero)
+        };
         if rc != 0 {
             // Leaked rather than freed under libevent's feet.
             log::error!("http client: cannot schedule its free; leaking one connection");

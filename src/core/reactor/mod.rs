@@ -40,7 +40,7 @@ pub use base::Base;
 pub use conn::{Conn, ConnEvent};
 pub use event::{Event, Interest};
 pub use http::{HttpRequest, HttpResponse, HttpServer, Method};
-pub use http_client::{HttpClient, HttpReply, HttpResult};
+pub use http_client::{Chunk, HttpClient, HttpReply, HttpResult};
 pub use listener::{Endpoint, Listener};
 
 /// libevent's `struct event_base`, for [`Base::from_foreign`].

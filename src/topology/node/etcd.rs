@@ -174,7 +174,8 @@ pub fn b64(data: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= c.len() {
                 out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -371,7 +372,8 @@ impl Etcd {
 
     fn put(&mut self) {
         let Some(lease) = self.lease else { return self.grant() };
-        let body = json!({"key": b64(self.key().as_bytes()), "value": b64(self.value.as_bytes()), "lease": lease.to_string()});
+        let body =
+            json!({"key": b64(self.key().as_bytes()), "value": b64(self.value.as_bytes()), "lease": lease.to_string()});
         self.call("/v3/kv/put", body, |e, r| match r {
             Ok(_) => e.range(),
             Err(why) if why.contains("lease not found") => {
@@ -505,7 +507,9 @@ impl Etcd {
                 lost_own = true;
                 continue;
             }
-            let Some(key) = kv["key"].as_str().and_then(unb64).and_then(|k| String::from_utf8(k).ok()) else { continue };
+            let Some(key) = kv["key"].as_str().and_then(unb64).and_then(|k| String::from_utf8(k).ok()) else {
+                continue;
+            };
             let Some(name) = key.strip_prefix(&self.cfg.prefix) else { continue };
             if delete {
                 if members.remove(name).is_some() {
@@ -672,10 +676,10 @@ fn reply_json(path: &str, r: HttpResult) -> Result<Value, String> {
     let rep = r.map_err(|why| format!("{path}: {why}"))?;
     let v: Value = serde_json::from_slice(&rep.body).unwrap_or(Value::Null);
     if rep.status != 200 || !v["error"].is_null() {
-        let msg = v["error"].as_str().or(v["message"].as_str()).map_or_else(
-            || String::from_utf8_lossy(&rep.body[..rep.body.len().min(200)]).into_owned(),
-            str::to_string,
-        );
+        let msg = v["error"]
+            .as_str()
+            .or(v["message"].as_str())
+            .map_or_else(|| String::from_utf8_lossy(&rep.body[..rep.body.len().min(200)]).into_owned(), str::to_string);
         return Err(format!("{path}: HTTP {}: {msg}", rep.status));
     }
     Ok(v)
@@ -728,10 +732,7 @@ mod tests {
     #[test]
     fn urls_parse_with_clear_errors() {
         let c = EtcdConfig::parse("http://127.0.0.1:2379, http://[::1]:23790/,http://etcd", "/p/", 10).unwrap();
-        assert_eq!(
-            c.endpoints,
-            vec![("127.0.0.1".into(), 2379), ("::1".into(), 23790), ("etcd".into(), 2379)]
-        );
+        assert_eq!(c.endpoints, vec![("127.0.0.1".into(), 2379), ("::1".into(), 23790), ("etcd".into(), 2379)]);
         assert_eq!(c.range_end(), b"/p0");
         for (bad, says) in [
             ("https://h:1", "https is not supported"),

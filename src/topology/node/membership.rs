@@ -163,3 +163,35 @@ impl Master {
         v["etcd"] = ms.etcd.as_ref().map_or(Value::Null, |e| e.borrow().status());
     }
 }
+
+/// The status text's membership lines (node mode): one per member, and
+/// etcd's state.
+pub fn render(v: &Value) -> String {
+    let mut out = String::new();
+    if let Some(members) = v["members"].as_array() {
+        out.push_str("members:\n");
+        for m in members {
+            out.push_str(&format!(
+                "  {} {} ({})\n",
+                m["name"].as_str().unwrap_or("?"),
+                m["addr"].as_str().unwrap_or("?"),
+                m["source"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+    let e = &v["etcd"];
+    if e.is_object() {
+        let list =
+            |k: &str| e[k].as_array().into_iter().flatten().filter_map(Value::as_str).collect::<Vec<_>>().join(",");
+        out.push_str(&format!(
+            "etcd {} {}: key {} lease {} ttl {}s{}\n",
+            list("endpoints"),
+            e["state"].as_str().unwrap_or("?"),
+            e["key"].as_str().unwrap_or("?"),
+            e["lease"],
+            e["ttl"],
+            e["error"].as_str().map_or(String::new(), |x| format!(" (last error: {x})"))
+        ));
+    }
+    out
+}
