@@ -369,3 +369,22 @@ fn config_file_and_check_take_the_etcd_flags() {
         assert!(err.contains(want), "{extra:?}: want {want:?} in: {err}");
     }
 }
+
+#[test]
+fn advertise_a_unix_socket() {
+    let Some(etcd) = Etcd::start() else { return };
+    let tmp = TempDir::new("etcd-unix");
+    let sock = tmp.path().join("b.sock");
+    let ep = format!("unix:{}", sock.display());
+    let b = node("B", &etcd, &[], &["--listen", &ep, "--advertise", &ep]);
+    let a = node("A", &etcd, &[], &[]);
+    let v = wait_member(&a, "B", true, Duration::from_secs(5));
+    assert_eq!(member(&v, "B").unwrap()["addr"], ep, "{v}");
+    assert!(etcd.nodes().contains(&("B".to_string(), ep.clone())), "{:?}", etcd.nodes());
+    relays(&a, "B", 0);
+    let links = a.c.wait_status("a link to B", Duration::from_secs(5), |v| {
+        (0..2).any(|w| Node::link(v, w, "B", 0).is_some_and(|l| l["state"] == "up"))
+    });
+    assert!(links["workers"].is_array());
+    drop(b);
+}
