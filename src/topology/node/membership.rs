@@ -127,7 +127,7 @@ impl Master {
         }
     }
 
-    /// A clean stop (TERM, INT, `handoff stop`): the node leaves etcd (its
+    /// A clean stop (TERM, INT, QUIT, the supervisor gone): the node leaves etcd (its
     /// key deleted, its lease revoked).
     pub(crate) fn leave_membership(&mut self) {
         if let Some(e) = self.membership.as_ref().and_then(|ms| ms.etcd.as_ref()) {
