@@ -7,7 +7,8 @@
 #      each exec (--trace-children);
 #   3. two nodes relaying to each other, one remote worker SIGKILLed and
 #      respawned, then a clean stop (scripted: the node tests' 1.5 s link
-#      handshake timeout is too short for processes under valgrind).
+#      handshake timeout is too short for processes under valgrind); then
+#      two nodes through etcd, with an etcd outage (scripts/memcheck-etcd.sh).
 # Errors are counted in valgrind's XML output, one file per process: the
 # tests end their servers with SIGKILL, which leaves no final summary, but
 # valgrind writes each error out as it happens. Fails on any error in any
@@ -125,6 +126,8 @@ done
 load "A -> B:1 after its respawn" rpc --port "$PA" --conns 4 --requests 50 --relay B:1
 bg_forget_stop "$A_PID" "$B_PID"
 report node
+# Nodes finding each other through etcd (skipped without etcd).
+source "$ROOT/scripts/memcheck-etcd.sh"
 
 say "== memcheck 4/4: C workers (build/rpc_worker on libhandoff) under valgrind, with restarts"
 cargo test --release --test it -q -- --ignored --exact cworker::rpc_worker_under_valgrind_has_no_memcheck_error \

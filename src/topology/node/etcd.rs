@@ -375,7 +375,11 @@ impl Etcd {
         let body =
             json!({"key": b64(self.key().as_bytes()), "value": b64(self.value.as_bytes()), "lease": lease.to_string()});
         self.call("/v3/kv/put", body, |e, r| match r {
-            Ok(_) => e.range(),
+            Ok(_) => {
+                // Keepalives from now on, whatever the watch does.
+                e.arm_keepalive();
+                e.range()
+            }
             Err(why) if why.contains("lease not found") => {
                 e.lease = None;
                 e.grant();
@@ -552,18 +556,17 @@ impl Etcd {
         self.state = State::Connected;
         self.backoff = BACKOFF_MIN;
         self.logged = None;
+    }
+
+    /// The next keepalive in a third of the TTL.
+    fn arm_keepalive(&mut self) {
         self.arm(Duration::from_secs_f64((self.cfg.ttl as f64 / 3.0).max(0.3)), |e| e.keepalive());
     }
 
     fn keepalive(&mut self) {
         let Some(id) = self.lease else { return self.begin_round() };
-        let round = self.round;
         self.call("/v3/lease/keepalive", json!({"ID": id.to_string()}), move |e, r| match r {
-            Ok(v) if int(&v["result"]["TTL"]).unwrap_or(0) > 0 => {
-                if e.round == round && e.state == State::Connected {
-                    e.connected();
-                }
-            }
+            Ok(v) if int(&v["result"]["TTL"]).unwrap_or(0) > 0 => e.arm_keepalive(),
             Ok(_) => {
                 log::warn!("etcd {}: lease {id:x} expired; registering again", e.url());
                 e.lease = None;
