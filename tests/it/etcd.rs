@@ -275,7 +275,7 @@ fn peers_and_etcd_merge() {
     // P knows nobody and is not in etcd: only --peers names it.
     let p = Node::start("P", 0, 1, &[], &[]);
     let b = node("B", &etcd, &[], &[]);
-    wait_member(&b, "B", true, Duration::from_secs(5));
+    assert!(poll_until(Duration::from_secs(5), || etcd.has("B")), "B registered");
     let a = node("A", &etcd, &[("P", p.c.port), ("B", b.c.port)], &[]);
     let v = wait_member(&a, "B", true, Duration::from_secs(5));
     let v = if member(&v, "B").unwrap()["source"] == "both" {
