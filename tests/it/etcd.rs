@@ -209,8 +209,12 @@ fn death_by_sigkill_then_the_lease_runs_out() {
     let b = node("B", &etcd, &[], &[]);
     wait_member(&a, "B", true, Duration::from_secs(5));
     relays(&a, "B", 0);
-    // Supervisor, master and workers: the whole process group at once.
-    b.c.kill_all();
+    // Supervisor, master and workers: the whole process group at once (a
+    // master that outlives its supervisor stops cleanly, and leaves).
+    // (kill_pid leaves negative pids alone: kill(2) itself.)
+    // SAFETY: plain kill(2) of the process group our child leads.
+    let rc = unsafe { libc::kill(-b.c.server.pid(), libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill the group: {}", std::io::Error::last_os_error());
     let t = Instant::now();
     // A dead node's relays fail at once (its link, or the connect).
     let e = relay_error(&a, "B");
@@ -326,6 +330,10 @@ fn etcd_outage_keeps_the_last_membership() {
         n.c.wait_status("etcd connected again", Duration::from_secs(10), |v| v["etcd"]["state"] == "connected");
     }
     assert!(poll_until(Duration::from_secs(5), || etcd.has("A") && etcd.has("B")), "{:?}", etcd.nodes());
+    // The new etcd knew neither node for a moment: each may have seen the
+    // other leave and come back.
+    wait_member(&a, "B", true, Duration::from_secs(5));
+    wait_member(&b, "A", true, Duration::from_secs(5));
     relays(&a, "B", 1);
     relays(&b, "A", 1);
 }
@@ -387,4 +395,41 @@ fn advertise_a_unix_socket() {
     });
     assert!(links["workers"].is_array());
     drop(b);
+}
+
+/// The lease the key of `name` is on (0 if none).
+fn lease_of(etcd: &Etcd, name: &str) -> i64 {
+    let v =
+        etcd.try_post("/v3/kv/range", &json!({"key": b64(format!("{PREFIX}{name}").as_bytes())})).expect("etcd range");
+    v["kvs"][0]["lease"].as_str().and_then(|l| l.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn a_restarted_node_keeps_its_key() {
+    let Some(etcd) = Etcd::start() else { return };
+    let a = node("A", &etcd, &[], &[]);
+    let b = node("B", &etcd, &[], &[]);
+    wait_member(&a, "B", true, Duration::from_secs(5));
+    relays(&a, "B", 0);
+    let before = lease_of(&etcd, "B");
+    assert_ne!(before, 0);
+    let (gen, _) = b.c.restart_ok();
+    assert_eq!(gen, 2);
+    // The new generation put the key on its own lease; the old one
+    // neither deleted it nor revoked anything that holds it.
+    let v = b.c.wait_status("gen 2 registered", Duration::from_secs(5), |v| v["etcd"]["state"] == "connected");
+    let after = v["etcd"]["lease"].as_i64().unwrap();
+    assert_ne!(after, before, "{v}");
+    assert!(poll_until(Duration::from_secs(3), || lease_of(&etcd, "B") == after), "the key moved to the new lease");
+    // Past the old lease's 2 s: the key stays, A never lost B.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(2500) {
+        assert!(etcd.has("B"), "B's key vanished after the restart");
+        assert!(member(&a.c.status(), "B").is_some(), "A dropped B during its restart");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for w in 0..2 {
+        relays(&a, "B", w);
+        relays(&b, "A", w);
+    }
 }

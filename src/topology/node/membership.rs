@@ -143,6 +143,20 @@ impl Master {
         }
     }
 
+    /// The peers a successor started by `handoff takeover` gets: `--peers`
+    /// as given (etcd's members it learns itself), this node left out.
+    pub(crate) fn static_peers_text(&self) -> String {
+        match (&self.membership, &self.cfg.node) {
+            (Some(ms), _) => peers_text(&ms.peers),
+            (None, Some(n)) => {
+                let mut p = n.peers.clone();
+                p.remove(&n.name);
+                peers_text(&p)
+            }
+            (None, None) => String::new(),
+        }
+    }
+
     /// Adds `members` and `etcd` to the status JSON.
     pub(crate) fn membership_status(&self, v: &mut Value) {
         let (Some(node), Some(ms)) = (self.cfg.node.as_ref(), self.membership.as_ref()) else { return };

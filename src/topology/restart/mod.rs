@@ -426,8 +426,10 @@ impl Master {
             // restart re-reads its own flags).
             "node": self.cfg.node.as_ref().map(|n| json!({
                 "name": n.name,
-                "peers": n.peers.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+                "peers": self.static_peers_text(),
                 "connect_timeout": n.connect_timeout.as_secs_f64(),
+                "etcd": n.etcd.as_ref().map(|e| json!({"urls": e.urls.join(","), "prefix": e.prefix, "ttl": e.ttl})),
+                "advertise": n.advertise.as_ref().map(ToString::to_string),
             })),
         });
         let msg = Msg {
@@ -881,6 +883,12 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
                     n["peers"].as_str().unwrap_or(""),
                     n["connect_timeout"].as_f64().unwrap_or(1.5),
                 )
+                .and_then(|c| {
+                    let e = &n["etcd"];
+                    let prefix = e["prefix"].as_str().unwrap_or(crate::topology::node::etcd::DEFAULT_PREFIX);
+                    let ttl = e["ttl"].as_u64().unwrap_or(crate::topology::node::etcd::DEFAULT_TTL);
+                    c.with_etcd(e["urls"].as_str(), prefix, ttl, n["advertise"].as_str())
+                })
                 .map_err(|e| bad(&format!("node ({e})")))?,
             ),
         },
