@@ -177,7 +177,8 @@ impl<S: Service> Worker<S> {
         let key: Key = (node, worker);
         let deadline = self.node().cfg.relay_timeout.map(|d| Instant::now() + d);
         let relay = Relay { client, reply_seq, ticket, msg, deadline };
-        if !self.node().cfg.peers.contains_key(&key.0) {
+        // (A link a restart moved here may come before the membership.)
+        if !self.node().cfg.peers.contains_key(&key.0) && !self.node().links.contains_key(&key) {
             let why = format!("node {} unreachable: not a member", key.0);
             self.relay_done(client, reply_seq, ticket, Err(&why));
             return;
@@ -310,7 +311,13 @@ impl<S: Service> Worker<S> {
         let gone: Vec<(Key, u64)> = n
             .links
             .iter()
-            .filter(|(k, _)| peers.get(&k.0) != n.cfg.peers.get(&k.0))
+            // Gone, or moved from a known address (a link a restart moved
+            // here before this worker knew the node stays).
+            .filter(|(k, _)| match (n.cfg.peers.get(&k.0), peers.get(&k.0)) {
+                (_, None) => true,
+                (Some(old), Some(new)) => old != new,
+                (None, Some(_)) => false,
+            })
             .map(|(k, l)| (k.clone(), l.conn))
             .collect();
         n.cfg.peers = peers;
