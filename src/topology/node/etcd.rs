@@ -30,6 +30,8 @@ use crate::core::reactor::{Base, Event, HttpClient, HttpResult, Interest};
 /// Reconnect backoff: from 100 ms, doubling, up to 5 s.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The longest watch message taken (one response of many events).
+const WATCH_BUF_MAX: usize = 16 << 20;
 /// While etcd stays unreachable, one log line per this long.
 const LOG_EVERY: Duration = Duration::from_secs(30);
 
@@ -481,6 +483,9 @@ impl Etcd {
             }
         }
         self.watch_buf = buf[used..].to_vec();
+        if self.watch_buf.len() > WATCH_BUF_MAX {
+            return self.fail(&format!("watch: a message over {WATCH_BUF_MAX} bytes"));
+        }
         for v in msgs {
             self.on_watch_msg(&v);
             if self.state == State::Stopped || self.watch.is_none() {
