@@ -306,7 +306,11 @@ impl Etcd {
             "key": self.key(),
             "ttl": self.cfg.ttl,
             "advertise": self.value,
-            "error": if self.state == State::Connected { Value::Null } else { json!(self.last_error) },
+            "error": if self.state == State::Connected || self.last_error.is_empty() {
+                Value::Null
+            } else {
+                json!(self.last_error)
+            },
         })
     }
 
