@@ -68,12 +68,23 @@ echo "== etcd at $ETCD_URL (in $(hosts_ns hub))"
 
 for i in 1 2 3; do
     n=${HOSTS_NAMES[i - 1]}
-    hosts_node_cmd "$i" "$BIN" "$TMP/$n" 2
+    hosts_node_cmd "$i" "$BIN" "$TMP/$n" 2 etcd
     "${HOSTS_CMD[@]}" --connect-timeout 1 --heartbeat 0.5 >"$TMP/$n.out" 2>"$TMP/$n.err" &
     pids+=($!)
     wait_for "$TMP/$n.out" '^ready' "node $n" "$!"
     echo "== node $n on $(hosts_addr "$i"):$HOSTS_PORT ($(hosts_ns "$i"))"
 done
+
+# Each node learns the others from etcd's watch (within milliseconds).
+for n in "${HOSTS_NAMES[@]}"; do
+    for _ in $(seq 200); do
+        seen=$("$BIN" status --dir "$TMP/$n" --json | grep -o '"source"' | wc -l)
+        [ "$seen" = "${#HOSTS_NAMES[@]}" ] && break
+        sleep 0.05
+    done
+    [ "$seen" = "${#HOSTS_NAMES[@]}" ] || { echo "node $n sees $seen of ${#HOSTS_NAMES[@]} nodes in etcd" >&2; exit 1; }
+done
+echo "== etcd: every node sees the ${#HOSTS_NAMES[@]} nodes"
 
 echo "== relays: from each node's workers (2 client connections land on both) to every worker of every node"
 for i in 1 2 3; do

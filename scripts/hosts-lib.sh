@@ -40,19 +40,23 @@ hosts_ns() { echo "hoff-$HOSTS_TAG-$([ "$1" = hub ] && echo hub || echo "h$1")";
 # hosts_addr I: host I's address (1-based).
 hosts_addr() { echo "$HOSTS_NET.$1"; }
 
-# hosts_node_cmd I BIN DIR WORKERS: sets HOSTS_CMD to the command that runs
-# node ${HOSTS_NAMES[I-1]} on host I, bound to its own address, with every
-# other host as a peer (append flags to it).
+# hosts_node_cmd I BIN DIR WORKERS [etcd]: sets HOSTS_CMD to the command that
+# runs node ${HOSTS_NAMES[I-1]} on host I, bound to its own address (append
+# flags to it). It knows every other host as a peer (--peers); with "etcd",
+# it finds them instead through the etcd at http://$HOSTS_NET.254:2379
+# (which the caller runs), registering its own address (--advertise).
 hosts_node_cmd() {
     local i=$1 bin=$2 dir=$3 workers=$4 j peers=""
     for ((j = 1; j <= ${#HOSTS_NAMES[@]}; j++)); do
         [ "$j" = "$i" ] || peers="$peers${peers:+,}${HOSTS_NAMES[j - 1]}=$(hosts_addr "$j"):$HOSTS_PORT"
     done
-    # TODO(etcd): once `--etcd URL --advertise HOST:PORT` is on main, pass
-    # --etcd http://$HOSTS_NET.254:2379 --advertise $(hosts_addr "$i"):$HOSTS_PORT
-    # here instead of --peers.
     HOSTS_CMD=(ip netns exec "$(hosts_ns "$i")" "$bin" node --name "${HOSTS_NAMES[i - 1]}"
-        --host "$(hosts_addr "$i")" --port "$HOSTS_PORT" --workers "$workers" --dir "$dir" --peers "$peers")
+        --host "$(hosts_addr "$i")" --port "$HOSTS_PORT" --workers "$workers" --dir "$dir")
+    if [ "${5:-}" = etcd ]; then
+        HOSTS_CMD+=(--etcd "http://$HOSTS_NET.254:2379" --advertise "$(hosts_addr "$i"):$HOSTS_PORT")
+    else
+        HOSTS_CMD+=(--peers "$peers")
+    fi
 }
 
 # hosts_in_hub CMD...: runs CMD in the hub (it reaches every host); in the
