@@ -39,9 +39,10 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
-/// SIGKILL to one pid (ignored if it is gone).
+/// `sig` to one pid, or to a process group given as `-pgid` (ignored if
+/// it is gone; 0 and -1, which mean "everyone", are refused).
 pub fn kill_pid(pid: i32, sig: i32) {
-    if pid > 0 {
+    if pid > 0 || pid < -1 {
         // SAFETY: plain kill(2).
         unsafe { libc::kill(pid, sig) };
     }

@@ -430,6 +430,9 @@ impl Master {
                 "connect_timeout": n.connect_timeout.as_secs_f64(),
                 "etcd": n.etcd.as_ref().map(|e| json!({"urls": e.urls.join(","), "prefix": e.prefix, "ttl": e.ttl})),
                 "advertise": n.advertise.as_ref().map(ToString::to_string),
+                // 0: off.
+                "relay_timeout": n.relay_timeout.map_or(0.0, |d| d.as_secs_f64()),
+                "heartbeat": n.heartbeat.map_or(0.0, |d| d.as_secs_f64()),
             })),
         });
         let msg = Msg {
@@ -888,6 +891,13 @@ pub fn takeover(dir: &Path, exe: PathBuf, log_args: Vec<String>) -> io::Result<(
                     let prefix = e["prefix"].as_str().unwrap_or(crate::topology::node::etcd::DEFAULT_PREFIX);
                     let ttl = e["ttl"].as_u64().unwrap_or(crate::topology::node::etcd::DEFAULT_TTL);
                     c.with_etcd(e["urls"].as_str(), prefix, ttl, n["advertise"].as_str())
+                })
+                .map(|c| {
+                    let secs = |k: &str, default: f64| n[k].as_f64().unwrap_or(default);
+                    c.with_deadlines(
+                        secs("relay_timeout", crate::topology::node::RELAY_TIMEOUT_SECS),
+                        secs("heartbeat", crate::topology::node::HEARTBEAT_SECS),
+                    )
                 })
                 .map_err(|e| bad(&format!("node ({e})")))?,
             ),
