@@ -1,7 +1,8 @@
 //! Real hosts: three nodes, each in a network namespace of its own with
 //! its own address (scripts/hosts-net.sh, as `make demo-hosts`), relay
 //! between every pair of workers; one host is cut off (`ip link set eth0
-//! down` in its namespace) and brought back. Needs root and `ip netns`;
+//! down` in its namespace) and brought back. The nodes find each other
+//! through one etcd in the hub. Needs root and `ip netns`;
 //! skipped (with a line on stderr) where namespaces are not allowed.
 use std::fs::File;
 use std::net::SocketAddr;
@@ -105,17 +106,46 @@ fn addr(i: usize) -> SocketAddr {
     format!("{NET}.{}:{PORT}", i + 1).parse().expect("an address")
 }
 
-/// Node `NAMES[i]` on host i+1, bound to its address, every other host a peer.
+/// etcd's client URL, in the hub.
+fn etcd_url() -> String {
+    format!("http://{NET}.254:2379")
+}
+
+/// One etcd in the hub (as `make demo-hosts` runs it), answering
+/// `/health`; `None` (and why, on stderr) without an etcd binary.
+fn start_etcd(h: &Hosts, data: &std::path::Path) -> Option<ChildGuard> {
+    if Command::new("etcd").arg("--version").output().is_err() {
+        eprintln!("hosts test skipped: no etcd binary (make deps installs etcd-server)");
+        return None;
+    }
+    let url = etcd_url();
+    let peer = "http://127.0.0.1:2380";
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &h.ns("hub"), "etcd", "--name", "hosts", "--data-dir", &data.display().to_string()]);
+    cmd.args(["--listen-client-urls", &url, "--advertise-client-urls", &url]);
+    cmd.args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer]);
+    cmd.args(["--initial-cluster", &format!("hosts={peer}")]);
+    let etcd = ChildGuard::spawn(&mut cmd);
+    let health = || {
+        Command::new("ip")
+            .args(["netns", "exec", &h.ns("hub"), "curl", "-sf", "-m", "1", &format!("{url}/health")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(poll_until(Duration::from_secs(15), health), "etcd in {} never answered /health", h.ns("hub"));
+    Some(etcd)
+}
+
+/// Node `NAMES[i]` on host i+1, bound to its address, finding the others
+/// through the hub's etcd.
 fn start_node(h: &Hosts, i: usize) -> Node {
     let name = NAMES[i];
     let tmp = TempDir::new(&format!("h{name}"));
     let dir = tmp.path().join("d");
-    let peers: Vec<String> =
-        (0..NAMES.len()).filter(|&j| j != i).map(|j| format!("{}={}", NAMES[j], addr(j))).collect();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &h.ns(&(i + 1).to_string()), bin(), "node", "--name", name]);
     cmd.args(["--host", &addr(i).ip().to_string(), "--port", &PORT.to_string(), "--workers", "2"]);
-    cmd.args(["--dir", &dir.display().to_string(), "--peers", &peers.join(",")]);
+    cmd.args(["--dir", &dir.display().to_string(), "--etcd", &etcd_url(), "--advertise", &addr(i).to_string()]);
     cmd.args(["--connect-timeout", &CONNECT_TIMEOUT.to_string(), "--heartbeat", &HEARTBEAT.to_string()]);
     let server = TestServer::start_cmd(&format!("node {name}"), cmd);
     Node { name: name.to_string(), c: Cluster::adopt(&format!("node {name}"), tmp, dir, 2, server) }
@@ -135,7 +165,18 @@ fn conn_on(i: usize, w: usize) -> Rpc {
 #[test]
 fn three_hosts_relay_then_one_is_cut_off_and_comes_back() {
     let Some(hosts) = Hosts::up() else { return };
+    let data = TempDir::new("hosts-etcd");
+    let Some(_etcd) = start_etcd(&hosts, &data.path().join("etcd")) else { return };
     let nodes: Vec<Node> = (0..3).map(|i| start_node(&hosts, i)).collect();
+    // Each node sees all three through etcd (no --peers anywhere).
+    for n in &nodes {
+        let v = n.c.wait_status("all 3 members from etcd", Duration::from_secs(10), |v| {
+            v["members"].as_array().is_some_and(|m| m.len() == 3)
+        });
+        for m in v["members"].as_array().into_iter().flatten().filter(|m| m["name"] != n.name.as_str()) {
+            assert_eq!(m["source"], "etcd", "{m}");
+        }
+    }
     let pids: Vec<Vec<i32>> = nodes.iter().map(|n| n.c.worker_pids()).collect();
     let masters: Vec<i32> = nodes.iter().map(|n| n.c.master_pid()).collect();
     let relay_all = |from: &[usize], to: &[usize]| {
