@@ -127,3 +127,106 @@ ssize_t fdpass_recv(int sock, int *fd_out, void *buf, size_t len)
     *fd_out = fd;
     return n;
 }
+
+/* Room for a whole batch of descriptors. */
+union batch_control {
+    struct cmsghdr align;
+    char buf[CMSG_SPACE(sizeof(int) * FDPASS_MAX_FDS)];
+};
+
+ssize_t fdpass_send_many(int sock, const int *fds, size_t nfds, const void *buf, size_t len)
+{
+    struct iovec iov;
+    struct msghdr msg;
+    union batch_control control;
+    ssize_t n;
+
+    if (nfds > FDPASS_MAX_FDS) {
+        errno = EINVAL;
+        return -1;
+    }
+    memset(&msg, 0, sizeof(msg));
+    iov.iov_base = (void *)buf;
+    iov.iov_len = len;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+
+    if (nfds > 0) {
+        struct cmsghdr *cmsg;
+        memset(&control, 0, sizeof(control));
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+        cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+        memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * nfds);
+    }
+
+    do {
+        n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n;
+}
+
+ssize_t fdpass_recv_many(int sock, int *fds_out, size_t max_fds, size_t *nfds_out, int *dropped, void *buf,
+                         size_t len)
+{
+    struct iovec iov;
+    struct msghdr msg;
+    union batch_control control;
+    struct cmsghdr *cmsg;
+    ssize_t n;
+    size_t count = 0;
+
+    *nfds_out = 0;
+    *dropped = 0;
+    if (max_fds > FDPASS_MAX_FDS)
+        max_fds = FDPASS_MAX_FDS;
+    memset(&msg, 0, sizeof(msg));
+    iov.iov_base = buf;
+    iov.iov_len = len;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof(control.buf);
+
+    do {
+        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -1;
+
+    if (msg.msg_flags & MSG_CTRUNC) {
+        close_received(&msg);
+        if (msg.msg_flags & MSG_TRUNC) {
+            errno = EMSGSIZE;
+            return -1;
+        }
+        *dropped = 1;
+        return n;
+    }
+    for (cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+        size_t k;
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS || cmsg->cmsg_len < CMSG_LEN(0)) {
+            close_received(&msg);
+            errno = EBADMSG;
+            return -1;
+        }
+        k = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        if (count + k > max_fds) {
+            close_received(&msg);
+            errno = EBADMSG;
+            return -1;
+        }
+        memcpy(fds_out + count, CMSG_DATA(cmsg), k * sizeof(int));
+        count += k;
+    }
+    if (msg.msg_flags & MSG_TRUNC) {
+        close_received(&msg);
+        errno = EMSGSIZE;
+        return -1;
+    }
+    *nfds_out = count;
+    return n;
+}

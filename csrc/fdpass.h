@@ -39,4 +39,27 @@ ssize_t fdpass_send(int sock, int fd, const void *buf, size_t len);
 
 ssize_t fdpass_recv(int sock, int *fd_out, void *buf, size_t len);
 
+/*
+ * The most descriptors one message may carry (the kernel's SCM_MAX_FD).
+ */
+#define FDPASS_MAX_FDS 253
+
+/*
+ * As fdpass_send, with `nfds` descriptors (0 to FDPASS_MAX_FDS) in one
+ * SCM_RIGHTS control message: the batch travels, and arrives, whole.
+ */
+ssize_t fdpass_send_many(int sock, const int *fds, size_t nfds, const void *buf, size_t len);
+
+/*
+ * As fdpass_recv, for a message carrying up to `max_fds` descriptors
+ * (at most FDPASS_MAX_FDS): they are stored in `fds_out` in the order
+ * sent (close-on-exec set) and `*nfds_out` says how many. When the kernel
+ * could not install all of them (MSG_CTRUNC, e.g. EMFILE) none is kept:
+ * those installed are closed, `*nfds_out` is 0 and `*dropped` is 1 (the
+ * payload is still returned; the sender still holds the descriptors).
+ * Errors as fdpass_recv, plus EBADMSG for more than `max_fds`.
+ */
+ssize_t fdpass_recv_many(int sock, int *fds_out, size_t max_fds, size_t *nfds_out, int *dropped, void *buf,
+                         size_t len);
+
 #endif

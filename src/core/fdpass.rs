@@ -82,6 +82,77 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     Ok(Received { len: n as usize, fd, fd_dropped: dropped })
 }
 
+/// The most descriptors one message carries (the kernel's SCM_MAX_FD).
+pub const MAX_FDS: usize = sys::FDPASS_MAX_FDS as usize;
+
+/// Sends `payload` and duplicate references to every descriptor of `fds`
+/// (at most [`MAX_FDS`]) in one message: they arrive together, in order,
+/// or not at all. The caller keeps its descriptors. `WouldBlock` when the
+/// socket buffer is full.
+pub fn send_many(sock: BorrowedFd<'_>, fds: &[BorrowedFd<'_>], payload: &[u8]) -> io::Result<usize> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} descriptors in one message", fds.len())));
+    }
+    let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: sock and every fd are live for the duration of the call; raw
+    // and payload are live slices of the given lengths.
+    let n = unsafe {
+        sys::fdpass_send_many(
+            sock.as_raw_fd(),
+            raw.as_ptr(),
+            raw.len(),
+            payload.as_ptr() as *const _,
+            payload.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// One received message with any number of descriptors.
+#[derive(Debug)]
+pub struct ReceivedMany {
+    /// Payload length in the caller's buffer; 0 with no descriptors is EOF.
+    pub len: usize,
+    /// The descriptors the message carried, in the order sent, installed
+    /// here (close-on-exec set) and owned by the caller.
+    pub fds: Vec<OwnedFd>,
+    /// The message carried descriptors that the kernel could not all
+    /// install (MSG_CTRUNC, e.g. EMFILE): `fds` is empty (any installed
+    /// were closed), the payload is valid, the sender still holds them.
+    pub fds_dropped: bool,
+}
+
+/// Receives one message into `buf`, with up to [`MAX_FDS`] descriptors.
+/// Errors as [`recv`]. On every error no descriptor is leaked.
+pub fn recv_many(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<ReceivedMany> {
+    let mut raw = [-1 as libc::c_int; MAX_FDS];
+    let mut count: usize = 0;
+    let mut dropped: libc::c_int = 0;
+    // SAFETY: raw holds MAX_FDS ints; count, dropped are live
+    // out-parameters; buf is a live writable slice of the given length.
+    let n = unsafe {
+        sys::fdpass_recv_many(
+            sock.as_raw_fd(),
+            raw.as_mut_ptr(),
+            MAX_FDS,
+            &mut count,
+            &mut dropped,
+            buf.as_mut_ptr() as *mut _,
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the first `count` entries were just installed in our table by
+    // recvmsg and belong to nobody else.
+    let fds = raw[..count.min(MAX_FDS)].iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+    Ok(ReceivedMany { len: n as usize, fds, fds_dropped: dropped != 0 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +212,31 @@ mod tests {
         let bad = unsafe { BorrowedFd::borrow_raw(1_000_000) };
         let e = send(a.as_fd(), Some(bad), b"x").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EBADF));
+    }
+
+    #[test]
+    fn a_full_batch_of_descriptors_travels_in_order() {
+        let (a, b) = sock::seqpacket_pair().unwrap();
+        let pairs: Vec<(UnixStream, UnixStream)> = (0..MAX_FDS).map(|_| UnixStream::pair().unwrap()).collect();
+        let fds: Vec<BorrowedFd<'_>> = pairs.iter().map(|p| p.1.as_fd()).collect();
+        send_many(a.as_fd(), &fds, b"batch").unwrap();
+        let mut buf = [0u8; 16];
+        let r = recv_many(b.as_fd(), &mut buf).unwrap();
+        assert_eq!((&buf[..r.len], r.fds.len(), r.fds_dropped), (&b"batch"[..], MAX_FDS, false));
+        for (i, ((x, _), fd)) in pairs.into_iter().zip(r.fds).enumerate() {
+            let mut x = x;
+            x.write_all(&[i as u8]).unwrap();
+            let mut got = [0u8; 1];
+            UnixStream::from(fd).read_exact(&mut got).unwrap();
+            assert_eq!(got[0], i as u8, "descriptor {i} arrived in its place");
+        }
+        let too_many: Vec<BorrowedFd<'_>> = (0..=MAX_FDS).map(|_| a.as_fd()).collect();
+        assert_eq!(send_many(a.as_fd(), &too_many, b"x").unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        // A single-descriptor message reads the same way.
+        let (_x, y) = UnixStream::pair().unwrap();
+        send(a.as_fd(), Some(y.as_fd()), b"one").unwrap();
+        let r = recv_many(b.as_fd(), &mut buf).unwrap();
+        assert_eq!((r.len, r.fds.len()), (3, 1));
     }
 
     #[test]

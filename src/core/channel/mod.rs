@@ -87,7 +87,10 @@ use std::time::{Duration, Instant};
 
 use crate::core::fdpass;
 use crate::core::reactor::{Base, Event, Interest};
-use wire::{version, Header, HEADER_LEN, KIND_ACK, KIND_CONN, KIND_MORE, KIND_NACK, MAX_BODY, MAX_JOINED};
+use wire::{
+    version, Header, BATCH_ENTRY_LEN, BATCH_ENTRY_MAX, HEADER_LEN, KIND_ACK, KIND_CONN, KIND_CONNS, KIND_MORE, KIND_NACK,
+    MAX_BATCH, MAX_BODY, MAX_JOINED,
+};
 
 /// One channel message.
 #[derive(Debug)]
@@ -279,6 +282,13 @@ struct Inner {
     /// When each CONN not yet acknowledged was sent, by id (only while
     /// `ack_timer` is set).
     sent_at: VecDeque<(u64, Instant)>,
+    /// [`Channel::set_batch`]: CONNs sent in one turn of the event loop
+    /// leave together, as CONNS messages.
+    batch: bool,
+    /// Zero-delay timer that writes the CONNs queued in this turn.
+    flush_ev: Option<Event>,
+    /// CONNs of a received CONNS not yet handed out by `read_one`.
+    unpacked: VecDeque<Msg>,
 }
 
 /// A handle to a channel; clones share it.
@@ -319,6 +329,9 @@ impl Channel {
             stats: Stats::default(),
             ack_timer: None,
             sent_at: VecDeque::new(),
+            batch: false,
+            flush_ev: None,
+            unpacked: VecDeque::new(),
         }));
         let w = Rc::downgrade(&inner);
         let read_ev = Event::new(base, raw, Interest::Read, move || on_readable(&w))?;
@@ -326,12 +339,15 @@ impl Channel {
         let write_ev = Event::new(base, raw, Interest::Write, move || on_writable(&w))?;
         let w = Rc::downgrade(&inner);
         let wake_ev = Event::new(base, -1, Interest::Timer, move || on_wake(&w))?;
+        let w = Rc::downgrade(&inner);
+        let flush_ev = Event::new(base, -1, Interest::Timer, move || on_writable(&w))?;
         read_ev.add(None)?;
         {
             let mut i = inner.borrow_mut();
             i.read_ev = Some(read_ev);
             i.write_ev = Some(write_ev);
             i.wake_ev = Some(wake_ev);
+            i.flush_ev = Some(flush_ev);
         }
         Ok(Channel(inner))
     }
@@ -354,7 +370,16 @@ impl Channel {
             i.sent_at.push_back((id, Instant::now()));
         }
         let alone = i.queue.is_empty();
+        let defer = i.batch && msg.kind == KIND_CONN;
         i.queue.push_back(msg);
+        if defer {
+            // Written at the end of this turn, with every other CONN sent
+            // in it (CONNS messages).
+            if let Some(ev) = i.flush_ev.as_ref().filter(|ev| !ev.pending()) {
+                let _ = ev.add(Some(Duration::ZERO));
+            }
+            return Ok(id);
+        }
         if let Err(e) = i.pump() {
             if alone && i.chunk_off == 0 && i.queue.len() == 1 {
                 // Nothing of it left: give it straight back.
@@ -369,6 +394,20 @@ impl Channel {
         }
         i.wake_if_ready();
         Ok(id)
+    }
+
+    /// The peer reads CONNS (it said so): from now on, the CONNs sent in
+    /// one turn of the event loop are written together at its end, up to
+    /// [`wire::MAX_BATCH`] per message. Each is still acknowledged, refused
+    /// or returned on its own, as a single CONN is. Off by default: a peer
+    /// that does not know CONNS would close the channel.
+    pub fn set_batch(&self, on: bool) {
+        self.0.borrow_mut().batch = on;
+    }
+
+    /// Whether [`Channel::set_batch`] is on.
+    pub fn batching(&self) -> bool {
+        self.0.borrow().batch
     }
 
     /// Whether the channel can still carry messages.
@@ -576,6 +615,13 @@ impl Inner {
             }
         }
         while let Some(msg) = self.queue.front() {
+            if self.batch && self.chunk_off == 0 && msg.kind == KIND_CONN {
+                let n = self.batchable();
+                if n >= 2 {
+                    self.write_batch(n)?;
+                    continue;
+                }
+            }
             let left = msg.body.len() - self.chunk_off;
             if left > MAX_BODY {
                 let chunk = &msg.body[self.chunk_off..self.chunk_off + MAX_BODY];
@@ -593,6 +639,48 @@ impl Inner {
                 self.unacked.push_back(msg);
             }
         }
+        Ok(())
+    }
+
+    /// How many CONNs at the queue's front fit one CONNS message: each
+    /// with a descriptor and at most [`BATCH_ENTRY_MAX`] body bytes, ids
+    /// consecutive, at most [`MAX_BATCH`] and [`MAX_BODY`] bytes in all.
+    fn batchable(&self) -> usize {
+        let (mut n, mut bytes) = (0, 0);
+        let first = self.queue.front().map_or(0, |m| m.id);
+        for m in self.queue.iter().take(MAX_BATCH) {
+            let fits = m.kind == KIND_CONN
+                && m.fd.is_some()
+                && m.id == first + n as u64
+                && m.body.len() <= BATCH_ENTRY_MAX
+                && bytes + BATCH_ENTRY_LEN + m.body.len() <= MAX_BODY;
+            if !fits {
+                break;
+            }
+            bytes += BATCH_ENTRY_LEN + m.body.len();
+            n += 1;
+        }
+        n
+    }
+
+    /// Writes the first `n` queued CONNs as one CONNS message.
+    fn write_batch(&mut self, n: usize) -> io::Result<()> {
+        let sock = self.sock.as_ref().ok_or_else(|| io::Error::from_raw_os_error(libc::EPIPE))?;
+        let msgs = self.queue.range(..n);
+        let mut body = Vec::with_capacity(msgs.clone().map(|m| BATCH_ENTRY_LEN + m.body.len()).sum());
+        let mut fds = Vec::with_capacity(n);
+        for m in msgs {
+            wire::encode_entry(m.flags, m.tag, &m.body, &mut body);
+            fds.push(m.fd.as_ref().expect("batchable checked").as_fd());
+        }
+        let first = self.queue[0].id;
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        Self::header(KIND_CONNS, 0, first, n as u64, body.len()).encode(&mut out);
+        out.extend_from_slice(&body);
+        fdpass::send_many(sock.as_fd(), &fds, &out)?;
+        self.stats.msgs_sent += n as u64;
+        self.stats.conns_sent += n as u64;
+        self.unacked.extend(self.queue.drain(..n));
         Ok(())
     }
 
@@ -620,8 +708,14 @@ impl Inner {
     /// among them is recorded as due for an ACK); `Ok(None)` was handled
     /// here (ACK, NACK, MORE, a refused CONN); `Err` says why to stop.
     fn read_one(&mut self) -> Result<Option<Msg>, Stop> {
+        if let Some(m) = self.unpacked.pop_front() {
+            // One CONN of a batch: due for an ACK once handed out.
+            self.stats.conns_received += 1;
+            self.ack_due = self.ack_due.max(m.id);
+            return Ok(Some(m));
+        }
         let Some(sock) = self.sock.as_ref() else { return Err(Stop::Failed) };
-        let r = match fdpass::recv(sock.as_fd(), &mut self.buf) {
+        let r = match fdpass::recv_many(sock.as_fd(), &mut self.buf) {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(Stop::Empty),
             // The peer closed with our messages unread. Linux reports that
@@ -635,7 +729,7 @@ impl Inner {
                 return Err(Stop::Failed);
             }
         };
-        if r.len == 0 && r.fd.is_none() && !r.fd_dropped {
+        if r.len == 0 && r.fds.is_empty() && !r.fds_dropped {
             self.peer_closed = true;
             return Err(Stop::Eof);
         }
@@ -647,7 +741,19 @@ impl Inner {
             }
         };
         self.stats.msgs_received += 1;
-        if r.fd_dropped && h.kind == KIND_CONN {
+        if r.fds_dropped && h.kind == KIND_CONNS {
+            // EMFILE here: refuse every CONN of the batch; the sender keeps
+            // them and offers each again.
+            crate::warn_limited!(
+                "channel: a batch of {} connections' descriptors could not be received (out of descriptors); refused",
+                h.tag
+            );
+            self.partial.clear();
+            let n = h.tag.min(MAX_BATCH as u64);
+            self.nacks.extend(h.id..h.id + n);
+            return Ok(None);
+        }
+        if r.fds_dropped && h.kind == KIND_CONN {
             // EMFILE here: refuse this one; the sender keeps it.
             crate::warn_limited!(
                 "channel: a connection's descriptor could not be received (out of descriptors); refused"
@@ -656,21 +762,49 @@ impl Inner {
             self.nacks.push_back(h.id);
             return Ok(None);
         }
-        if wire::carries_fd(h.kind) != r.fd.is_some() {
-            let why = if r.fd.is_some() { "unexpected descriptor" } else { "descriptor missing" };
+        let want = match h.kind {
+            KIND_CONNS => h.tag.min(MAX_BATCH as u64 + 1) as usize,
+            k => usize::from(wire::carries_fd(k)),
+        };
+        if r.fds.len() != want {
+            let why = if r.fds.len() > want { "unexpected descriptor" } else { "descriptor missing" };
             self.fail(Some(io::Error::new(io::ErrorKind::InvalidData, why)));
             return Err(Stop::Failed);
         }
         // A connection or listener must be a stream socket: a file, a pipe
         // or a datagram socket is refused (and closed here).
-        if let Some(fd) = &r.fd {
-            if !crate::core::sock::is_stream_socket(fd.as_raw_fd()) {
-                let e = io::Error::new(io::ErrorKind::InvalidData, "the descriptor passed is not a stream socket");
-                self.fail(Some(e));
-                return Err(Stop::Failed);
+        if !r.fds.iter().all(|fd| crate::core::sock::is_stream_socket(fd.as_raw_fd())) {
+            let e = io::Error::new(io::ErrorKind::InvalidData, "the descriptor passed is not a stream socket");
+            self.fail(Some(e));
+            return Err(Stop::Failed);
+        }
+        if h.kind == KIND_CONNS {
+            let entries = match wire::decode_batch(h.tag, &self.buf[HEADER_LEN..r.len]) {
+                Ok(_) if !self.partial.is_empty() => {
+                    self.fail(Some(io::Error::new(io::ErrorKind::InvalidData, "MORE chunks before a batch")));
+                    return Err(Stop::Failed);
+                }
+                Ok(e) => e,
+                Err(e) => {
+                    self.fail(Some(e));
+                    return Err(Stop::Failed);
+                }
+            };
+            let body = &self.buf[HEADER_LEN..r.len];
+            for (k, (e, fd)) in entries.into_iter().zip(r.fds).enumerate() {
+                self.unpacked.push_back(Msg {
+                    kind: KIND_CONN,
+                    flags: e.flags,
+                    id: h.id + k as u64,
+                    body: body[e.body].to_vec(),
+                    fd: Some(fd),
+                    tag: e.tag,
+                });
             }
+            return self.read_one();
         }
         let body = &self.buf[HEADER_LEN..r.len];
+        let fd = r.fds.into_iter().next();
         match h.kind {
             KIND_ACK => {
                 if let (Some(f), false) = (&self.ack_timer, self.sent_at.is_empty()) {
@@ -716,7 +850,7 @@ impl Inner {
                     self.stats.conns_received += 1;
                     self.ack_due = self.ack_due.max(h.id);
                 }
-                Ok(Some(Msg { kind, flags: h.flags, id: h.id, body: full, fd: r.fd, tag: h.tag }))
+                Ok(Some(Msg { kind, flags: h.flags, id: h.id, body: full, fd, tag: h.tag }))
             }
         }
     }
@@ -805,8 +939,11 @@ impl Inner {
         self.read_ev.take();
         self.write_ev.take();
         self.wake_ev.take();
+        self.flush_ev.take();
         self.sock.take();
         self.chunk_off = 0;
+        // Never handed out, never acknowledged: the peer's still.
+        self.unpacked.clear();
         let mut back: Vec<Msg> = self.unacked.drain(..).collect();
         back.extend(self.queue.drain(..).filter(|m| m.kind == KIND_CONN));
         back
@@ -820,6 +957,7 @@ impl Drop for Inner {
         self.read_ev.take();
         self.write_ev.take();
         self.wake_ev.take();
+        self.flush_ev.take();
     }
 }
 
@@ -867,7 +1005,10 @@ fn on_readable(w: &Weak<RefCell<Inner>>) {
             return;
         }
         let mut eof = false;
-        for _ in 0..READ_BATCH {
+        let mut n = 0;
+        // At most READ_BATCH messages, and every CONN of a batch read.
+        while n < READ_BATCH || !i.unpacked.is_empty() {
+            n += 1;
             match i.read_one() {
                 Ok(Some(m)) => {
                     if i.held.is_empty() && m.kind != KIND_CONN {

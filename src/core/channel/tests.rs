@@ -303,3 +303,104 @@ fn time_acks_reports_each_connection_once_acknowledged() {
     assert!(times.iter().all(|d| *d <= started.elapsed()), "{times:?}");
     assert_eq!(tx.stats().conns_acked, 3);
 }
+
+/// A batching sender, `n` CONNs (read-ahead of sizes 0.., one of them too
+/// big for a batch, plus a control message in the middle) sent in one
+/// turn: all arrive in order as the CONNs they are, in few messages, and
+/// every one is acknowledged.
+#[test]
+fn batched_connections_arrive_whole_in_order_and_are_acknowledged() {
+    let base = Base::new().unwrap();
+    let (a, b) = sock::seqpacket_pair().unwrap();
+    let got: Rc<RefCell<Vec<Msg>>> = Rc::default();
+    let g = got.clone();
+    const N: usize = 700;
+    let tx = Channel::new(&base, a, |_| {}).unwrap();
+    tx.set_batch(true);
+    let rx = Channel::new(&base, b, move |ev| {
+        if let ChannelEvent::Msg(m) = ev {
+            g.borrow_mut().push(m);
+        }
+    })
+    .unwrap();
+    let mut clients = Vec::new();
+    let body = |i: usize| if i == 300 { vec![7u8; wire::BATCH_ENTRY_MAX + 1] } else { vec![i as u8; i % 50] };
+    for i in 0..N {
+        let (c, s) = UnixStream::pair().unwrap();
+        clients.push(c);
+        let m = Msg::conn(OwnedFd::from(s), body(i), (i as u32) & wire::FLAG_EOF).with_master_id(i as u64 + 1);
+        assert_eq!(tx.send(m).unwrap(), i as u64 + 1);
+        if i == 400 {
+            tx.send(Msg::control(wire::KIND_USER, b"between".to_vec())).unwrap();
+        }
+    }
+    // The control message wrote the CONNs queued before it (order kept).
+    assert_eq!(tx.in_flight(), N);
+    let bs = base.clone();
+    tx.when_settled(move || bs.exit(None));
+    run(&base);
+    let got = got.borrow();
+    assert_eq!(got.len(), N + 1);
+    let conns: Vec<&Msg> = got.iter().filter(|m| m.kind == KIND_CONN).collect();
+    for (i, m) in conns.iter().enumerate() {
+        assert_eq!((m.id, m.tag, m.flags), (i as u64 + 1, i as u64 + 1, (i as u32) & wire::FLAG_EOF));
+        assert_eq!(m.body, body(i), "read-ahead of connection {i}");
+    }
+    assert_eq!(got[401].kind, wire::KIND_USER, "the control message keeps its place");
+    // Each descriptor is the one sent in its place.
+    for (i, m) in conns.iter().enumerate().step_by(97) {
+        let mut s = UnixStream::from(m.fd.as_ref().unwrap().try_clone().unwrap());
+        s.write_all(&[i as u8]).unwrap();
+        let mut one = [0u8; 1];
+        clients[i].read_exact(&mut one).unwrap();
+        assert_eq!(one[0], i as u8);
+    }
+    let (t, r) = (tx.stats(), rx.stats());
+    assert_eq!((t.conns_sent, t.conns_acked, r.conns_received), (N as u64, N as u64, N as u64));
+    // 700 CONNs in batches of <= 253 (one alone: its read-ahead is too big).
+    assert!(r.msgs_received < 20, "{} messages for {N} connections", r.msgs_received);
+    assert_eq!(tx.in_flight(), 0);
+}
+
+/// A batch in flight when the receiver goes: every CONN of it comes back
+/// to the sender (nothing was acknowledged).
+#[test]
+fn an_unacknowledged_batch_comes_back_whole() {
+    let base = Base::new().unwrap();
+    let (a, b) = sock::seqpacket_pair().unwrap();
+    let back: Rc<RefCell<Option<Vec<Msg>>>> = Rc::default();
+    let k = back.clone();
+    let bs = base.clone();
+    let tx = Channel::new(&base, a, move |ev| {
+        if let ChannelEvent::Closed { returned, .. } = ev {
+            *k.borrow_mut() = Some(returned);
+            bs.exit(None);
+        }
+    })
+    .unwrap();
+    tx.set_batch(true);
+    let mut clients = Vec::new();
+    for i in 0..300u64 {
+        let (c, s) = UnixStream::pair().unwrap();
+        clients.push(c);
+        tx.send(Msg::conn(OwnedFd::from(s), i.to_le_bytes().to_vec(), 0)).unwrap();
+    }
+    // The batches are written at the end of this turn; the peer reads one
+    // message (not acknowledged) and dies.
+    let bt = base.clone();
+    let flushed = Event::new(&base, -1, Interest::Timer, move || bt.exit(None)).unwrap();
+    flushed.add(Some(Duration::from_millis(20))).unwrap();
+    run(&base);
+    assert_eq!(tx.stats().conns_sent, 300, "written in batches");
+    let mut buf = vec![0u8; HEADER_LEN + MAX_BODY];
+    let r = fdpass::recv_many(b.as_fd(), &mut buf).unwrap();
+    assert_eq!(r.fds.len(), wire::MAX_BATCH);
+    drop(r);
+    drop(b);
+    run(&base);
+    let back = back.borrow_mut().take().expect("Closed delivered");
+    let mut ids: Vec<u64> = back.iter().map(|m| u64::from_le_bytes(m.body[..8].try_into().unwrap())).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..300).collect::<Vec<_>>());
+    assert!(back.iter().all(|m| m.fd.is_some()), "each comes back with its descriptor");
+}

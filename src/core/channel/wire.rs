@@ -7,7 +7,8 @@
 //!      6    2 kind      1 = CONN (carries a descriptor), 2 = ACK,
 //!                       3 = LISTENER (carries a descriptor), 4 = MORE (a
 //!                       body chunk of the next message), 5 = NACK,
-//!                       >= 16 mode-defined
+//!                       6 = CONNS (a batch of CONNs, one descriptor
+//!                       each; see below), >= 16 mode-defined
 //!      8    4 flags     CONN: bit 0 = the client already sent EOF,
 //!                       bit 1 = a node link (node mode), bit 2 = released
 //!                       (worker -> master: tag is the master's id for it),
@@ -35,7 +36,17 @@
 //!                       with flag bit 6, last the client's IPv6 address
 //!                       (16 bytes, network order)
 //! ```
-//! One header + body + at most one descriptor = one SOCK_SEQPACKET message.
+//! One header + body + at most one descriptor = one SOCK_SEQPACKET message,
+//! except CONNS: one header + body + `count` descriptors (1 to
+//! [`MAX_BATCH`], 253 = the kernel's SCM_MAX_FD) in one SCM_RIGHTS
+//! control message. A CONNS header has `id` = the id of its first CONN
+//! (the others follow: `id + 1`, ...), `tag` = `count`, `flags` = 0; its
+//! body is `count` entries, each a [`BATCH_ENTRY_LEN`]-byte prefix (u32
+//! flags, u32 len, u64 tag: what a CONN's header would say) and `len`
+//! bytes (what a CONN's body would be), in descriptor order. The receiver
+//! handles each entry as the CONN it stands for (one cumulative ACK covers
+//! them; a NACK names one id). Only a peer that said it reads CONNS gets
+//! them (see [`super::Channel::set_batch`]).
 //! A body longer than [`MAX_BODY`] (a large read-ahead) travels as MORE
 //! messages carrying its first bytes, then the message itself with the
 //! rest; the receiver joins them (at most [`MAX_JOINED`] bytes).
@@ -72,6 +83,9 @@ pub const KIND_LISTENER: u16 = 3;
 pub const KIND_MORE: u16 = 4;
 /// One CONN refused: its descriptor did not arrive (EMFILE).
 pub const KIND_NACK: u16 = 5;
+/// A batch of CONNs in one message (layout in the module docs); each is
+/// acknowledged as the CONN it stands for.
+pub const KIND_CONNS: u16 = 6;
 /// First kind number left to the modes.
 pub const KIND_USER: u16 = 16;
 
@@ -201,9 +215,81 @@ pub fn split_state(mut body: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
     (body, rest)
 }
 
-/// Whether messages of `kind` must carry a descriptor (others must not).
+/// Whether messages of `kind` must carry a descriptor (others must not;
+/// CONNS carries one per entry).
 pub fn carries_fd(kind: u16) -> bool {
-    kind == KIND_CONN || kind == KIND_LISTENER
+    kind == KIND_CONN || kind == KIND_LISTENER || kind == KIND_CONNS
+}
+
+/// Most CONNs in one CONNS message: the kernel's SCM_MAX_FD.
+pub const MAX_BATCH: usize = 253;
+/// Bytes before each entry's body in a CONNS body: u32 flags, u32 len,
+/// u64 tag.
+pub const BATCH_ENTRY_LEN: usize = 16;
+/// Largest entry body the sender puts in a batch; a CONN with more
+/// read-ahead travels alone.
+pub const BATCH_ENTRY_MAX: usize = 16 * 1024;
+
+/// Appends one CONNS entry (a CONN's flags, tag and body) to `out`, the
+/// body of a CONNS message being built.
+///
+/// ```
+/// use handoff::core::channel::wire::{decode_batch, encode_entry, FLAG_EOF};
+///
+/// let mut body = Vec::new();
+/// encode_entry(FLAG_EOF, 7, b"GET /", &mut body);
+/// encode_entry(0, 0, b"", &mut body);
+/// let e = decode_batch(2, &body)?;
+/// assert_eq!((e[0].flags, e[0].tag, &body[e[0].body.clone()]), (FLAG_EOF, 7, &b"GET /"[..]));
+/// assert!(e[1].body.is_empty());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn encode_entry(flags: u32, tag: u64, body: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&flags.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&tag.to_le_bytes());
+    out.extend_from_slice(body);
+}
+
+/// One entry of a CONNS body, decoded: its body is a range of that body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchEntry {
+    /// The CONN's `FLAG_*` bits.
+    pub flags: u32,
+    /// The CONN's tag.
+    pub tag: u64,
+    /// Where the CONN's body lies in the CONNS body.
+    pub body: std::ops::Range<usize>,
+}
+
+/// Splits a CONNS body into its `count` entries ([`encode_entry`]).
+/// Refuses a count of 0 or over [`MAX_BATCH`], an entry running past the
+/// end, and bytes left over.
+pub fn decode_batch(count: u64, body: &[u8]) -> io::Result<Vec<BatchEntry>> {
+    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+    if count == 0 || count > MAX_BATCH as u64 {
+        return Err(bad(format!("a batch of {count} connections")));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    let mut at = 0;
+    for k in 0..count {
+        let Some(p) = body.get(at..at + BATCH_ENTRY_LEN) else {
+            return Err(bad(format!("batch entry {k} of {count} cut short")));
+        };
+        let flags = u32::from_le_bytes(p[0..4].try_into().expect("4 bytes"));
+        let len = u32::from_le_bytes(p[4..8].try_into().expect("4 bytes")) as usize;
+        let tag = u64::from_le_bytes(p[8..16].try_into().expect("8 bytes"));
+        let start = at + BATCH_ENTRY_LEN;
+        if body.len() - start < len {
+            return Err(bad(format!("batch entry {k} of {count} runs past the message")));
+        }
+        out.push(BatchEntry { flags, tag, body: start..start + len });
+        at = start + len;
+    }
+    if at != body.len() {
+        return Err(bad(format!("{} bytes after the last batch entry", body.len() - at)));
+    }
+    Ok(out)
 }
 
 /// The [`HEADER_LEN`]-byte header of every channel message, decoded (the
@@ -311,6 +397,51 @@ mod tests {
         let m = msg(h, b"abc");
         assert_eq!(m.len(), HEADER_LEN + 3);
         assert_eq!(Header::decode(&m).unwrap(), h);
+    }
+
+    #[test]
+    fn batch_round_trip_of_every_size() {
+        // Read-ahead of different sizes, 0 included, up to a full batch.
+        let bodies: Vec<Vec<u8>> = (0..MAX_BATCH).map(|i| vec![i as u8; (i * 37) % 300]).collect();
+        let mut body = Vec::new();
+        for (i, b) in bodies.iter().enumerate() {
+            encode_entry(i as u32 & 0x7f, (i as u64) << 16 | 80, b, &mut body);
+        }
+        let h = Header {
+            version: VERSION,
+            kind: KIND_CONNS,
+            flags: 0,
+            body_len: body.len() as u32,
+            id: 1000,
+            tag: MAX_BATCH as u64,
+        };
+        let m = msg(h, &body);
+        let got = Header::decode(&m).unwrap();
+        assert_eq!(got, h);
+        let e = decode_batch(got.tag, &m[HEADER_LEN..]).unwrap();
+        assert_eq!(e.len(), MAX_BATCH);
+        for (i, (e, b)) in e.iter().zip(&bodies).enumerate() {
+            assert_eq!((e.flags, e.tag), (i as u32 & 0x7f, (i as u64) << 16 | 80));
+            assert_eq!(&m[HEADER_LEN..][e.body.clone()], &b[..], "entry {i}");
+        }
+        assert!(carries_fd(KIND_CONNS));
+    }
+
+    #[test]
+    fn bad_batches_are_refused() {
+        let mut body = Vec::new();
+        encode_entry(0, 0, b"abc", &mut body);
+        assert!(decode_batch(1, &body).is_ok());
+        assert!(decode_batch(0, &[]).is_err());
+        assert!(decode_batch(MAX_BATCH as u64 + 1, &body).is_err());
+        assert!(decode_batch(2, &body).is_err(), "fewer entries than the count");
+        assert!(decode_batch(1, &body[..body.len() - 1]).is_err(), "an entry cut short");
+        let mut extra = body.clone();
+        extra.push(0);
+        assert!(decode_batch(1, &extra).is_err(), "bytes left over");
+        let mut huge = body.clone();
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_batch(1, &huge).is_err(), "a length past the end");
     }
 
     #[test]

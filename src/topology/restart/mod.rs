@@ -53,6 +53,14 @@ pub(super) enum Phase {
 /// past which the old master stops reading its workers until it catches up.
 const FORWARD_WINDOW: usize = 256;
 
+/// The same, when the successor reads CONNS batches: a window of whole
+/// batches (each up to 253 connections), so that the move is not one
+/// round trip per batch.
+const FORWARD_WINDOW_BATCHED: usize = 16 * wire::MAX_BATCH;
+
+/// DRAIN's body: this master reads CONNS batches from its workers.
+const DRAIN_BATCH: &[u8] = br#"{"batch":true}"#;
+
 /// Longest standby after COMMITTED (a restart client that never reports).
 const STANDBY_MAX: Duration = Duration::from_secs(15);
 
@@ -484,6 +492,11 @@ impl Master {
         }
         // Until COMMIT, what the new master ACKs stays ours too.
         ch.set_keep_acked(true);
+        // A new master that reads CONNS batches says so in its HELLO (an
+        // older one gets single CONNs).
+        if serde_json::from_slice::<Value>(body).is_ok_and(|v| v["batch"] == json!(true)) {
+            ch.set_batch(true);
+        }
         // Should we die now, our workers hand their connections to it.
         let begun = json!({"grace": self.cfg.grace.as_secs_f64()}).to_string().into_bytes();
         self.tell_workers(KIND_TAKEOVER_BEGUN, &begun);
@@ -558,7 +571,8 @@ impl Master {
                     let _ = c.kill();
                 }
             } else if let Some(c) = &slot.channel {
-                let _ = c.send(Msg::control(KIND_DRAIN, Vec::new()));
+                // We read CONNS batches: the worker may send them.
+                let _ = c.send(Msg::control(KIND_DRAIN, DRAIN_BATCH.to_vec()));
             }
         }
         let w = self.me.clone();
@@ -621,7 +635,8 @@ impl Master {
                 // Backpressure: what we acknowledged to a worker and have
                 // not yet handed on dies with us; keep that window small by
                 // not reading the workers until the successor has caught up.
-                if s.in_flight() >= FORWARD_WINDOW && !self.workers_paused && !s.is_settled() {
+                let window = if s.batching() { FORWARD_WINDOW_BATCHED } else { FORWARD_WINDOW };
+                if s.in_flight() >= window && !self.workers_paused && !s.is_settled() {
                     self.workers_paused = true;
                     for slot in &self.slots {
                         if let Some(c) = &slot.channel {
@@ -835,7 +850,8 @@ impl Master {
 /// on delivering its connections.
 fn hello(dir: &Path) -> io::Result<(Vec<OwnedFd>, Value, Option<OwnedFd>, OwnedFd)> {
     let mut c = Client::connect(dir)?;
-    c.send(KIND_TAKEOVER_HELLO, json!({"pid": std::process::id()}).to_string().as_bytes())?;
+    // "batch": we read CONNS (connections in batches of up to 253).
+    c.send(KIND_TAKEOVER_HELLO, json!({"pid": std::process::id(), "batch": true}).to_string().as_bytes())?;
     let (body, fd) = c.recv(wire::KIND_LISTENER, DEFAULT_TIMEOUT)?;
     let fd = fd.ok_or_else(|| io::Error::other("takeover: no listening socket"))?;
     let v: Value = serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;

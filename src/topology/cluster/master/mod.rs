@@ -599,6 +599,9 @@ impl Master {
         let w = self.me.clone();
         let channel = Channel::new(&self.base, mine, move |ev| with(&w, |m| m.on_worker(index, inc, ev)))?;
         channel.set_keep_acked(true);
+        // Our own worker binary reads CONNS batches; another program
+        // (--worker-cmd) may not.
+        channel.set_batch(self.cfg.worker_cmd.is_none());
         if self.cfg.metrics.is_some() {
             // Two clock reads per handover, only when someone scrapes them.
             channel.time_acks(self.metrics.handover_timer());

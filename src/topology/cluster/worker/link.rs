@@ -199,7 +199,15 @@ impl MasterLink {
                 }
                 KIND_SHUTDOWN => Some(Order::Shutdown),
                 KIND_REOPEN_LOGS => Some(Order::ReopenLogs),
-                KIND_DRAIN => Some(Order::Drain),
+                KIND_DRAIN => {
+                    // A master that reads CONNS batches says so: the
+                    // connections go back in batches of up to 253.
+                    let v: Value = serde_json::from_slice(&m.body).unwrap_or(Value::Null);
+                    if v["batch"] == Value::Bool(true) {
+                        self.channel.set_batch(true);
+                    }
+                    Some(Order::Drain)
+                }
                 crate::topology::cluster::KIND_NODE_PEERS => {
                     Some(Order::Peers(String::from_utf8_lossy(&m.body).into_owned()))
                 }
