@@ -197,15 +197,15 @@ ssize_t fdpass_recv_many(int sock, int *fds_out, size_t max_fds, size_t *nfds_ou
     if (n < 0)
         return -1;
 
-    if (msg.msg_flags & MSG_CTRUNC) {
+    if (msg.msg_flags & MSG_TRUNC) {
         close_received(&msg);
-        if (msg.msg_flags & MSG_TRUNC) {
-            errno = EMSGSIZE;
-            return -1;
-        }
-        *dropped = 1;
-        return n;
+        errno = EMSGSIZE;
+        return -1;
     }
+    /* MSG_CTRUNC (EMFILE): the kernel installed the first descriptors, in
+     * order, and dropped the rest; keep those it installed. */
+    if (msg.msg_flags & MSG_CTRUNC)
+        *dropped = 1;
     for (cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
         size_t k;
         if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS || cmsg->cmsg_len < CMSG_LEN(0)) {
@@ -221,11 +221,6 @@ ssize_t fdpass_recv_many(int sock, int *fds_out, size_t max_fds, size_t *nfds_ou
         }
         memcpy(fds_out + count, CMSG_DATA(cmsg), k * sizeof(int));
         count += k;
-    }
-    if (msg.msg_flags & MSG_TRUNC) {
-        close_received(&msg);
-        errno = EMSGSIZE;
-        return -1;
     }
     *nfds_out = count;
     return n;

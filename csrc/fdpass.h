@@ -54,9 +54,9 @@ ssize_t fdpass_send_many(int sock, const int *fds, size_t nfds, const void *buf,
  * As fdpass_recv, for a message carrying up to `max_fds` descriptors
  * (at most FDPASS_MAX_FDS): they are stored in `fds_out` in the order
  * sent (close-on-exec set) and `*nfds_out` says how many. When the kernel
- * could not install all of them (MSG_CTRUNC, e.g. EMFILE) none is kept:
- * those installed are closed, `*nfds_out` is 0 and `*dropped` is 1 (the
- * payload is still returned; the sender still holds the descriptors).
+ * could not install all of them (MSG_CTRUNC, e.g. EMFILE) `*dropped` is 1
+ * and `fds_out` holds the first `*nfds_out` ones, those it installed (the
+ * payload is still returned; the sender still holds every descriptor).
  * Errors as fdpass_recv, plus EBADMSG for more than `max_fds`.
  */
 ssize_t fdpass_recv_many(int sock, int *fds_out, size_t max_fds, size_t *nfds_out, int *dropped, void *buf,

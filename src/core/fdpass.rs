@@ -97,13 +97,7 @@ pub fn send_many(sock: BorrowedFd<'_>, fds: &[BorrowedFd<'_>], payload: &[u8]) -
     // SAFETY: sock and every fd are live for the duration of the call; raw
     // and payload are live slices of the given lengths.
     let n = unsafe {
-        sys::fdpass_send_many(
-            sock.as_raw_fd(),
-            raw.as_ptr(),
-            raw.len(),
-            payload.as_ptr() as *const _,
-            payload.len(),
-        )
+        sys::fdpass_send_many(sock.as_raw_fd(), raw.as_ptr(), raw.len(), payload.as_ptr() as *const _, payload.len())
     };
     if n < 0 {
         return Err(io::Error::last_os_error());
@@ -120,8 +114,8 @@ pub struct ReceivedMany {
     /// here (close-on-exec set) and owned by the caller.
     pub fds: Vec<OwnedFd>,
     /// The message carried descriptors that the kernel could not all
-    /// install (MSG_CTRUNC, e.g. EMFILE): `fds` is empty (any installed
-    /// were closed), the payload is valid, the sender still holds them.
+    /// install (MSG_CTRUNC, e.g. EMFILE): `fds` holds the first ones, those
+    /// it installed; the payload is valid; the sender still holds them all.
     pub fds_dropped: bool,
 }
 

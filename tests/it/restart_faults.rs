@@ -824,3 +824,92 @@ fn after_every_successful_restart_the_port_serves_at_once() {
     }
     eprintln!("12 restarts, each checked at once: {:?}", t0.elapsed());
 }
+
+// ------------------------------------------------ 7. connections in batches
+
+/// Every tenth of `n` connections sends the first 7 bytes of a ping and
+/// the workers read them (read-ahead a restart must carry exactly); the
+/// others have been served once. Returns the connections.
+fn idle_with_a_tenth_half_sent(c: &Cluster, n: usize) -> Many {
+    let conns = Many::open(c.port, n);
+    let t = conns.ping_all("before", Some(1), Duration::from_secs(20));
+    assert!(t.failed.is_empty(), "before the restart: {}", t.summary());
+    for (i, mut s) in conns.socks.iter().enumerate().step_by(10) {
+        // 7 bytes always fit an empty socket buffer: no WouldBlock.
+        s.write_all(&half_ping(i)[..7]).unwrap_or_else(|e| panic!("half request on connection {i}: {e}"));
+    }
+    wait_all_read_by_server(c.port, n);
+    conns
+}
+
+fn half_ping(i: usize) -> Vec<u8> {
+    frame(&ping_req(&json!({"i": i, "tag": "batch"})))
+}
+
+/// After a restart (or its abort): each half-sent ping is completed, each
+/// other connection pings anew; all must get exactly their pong, then a
+/// whoami naming generation `gen`.
+fn all_answer_exactly(conns: &Many, gen: u64, what: &str) {
+    let t = conns.exchange(
+        Duration::from_secs(20),
+        |i| {
+            let mut b = if i % 10 == 0 { half_ping(i)[7..].to_vec() } else { half_ping(i) };
+            b.extend(frame(&json!({"in": "whoami"})));
+            b
+        },
+        2,
+        |i, k, v| check_ping_then_gen(i, k, v, "batch", Some(gen)),
+    );
+    assert!(t.failed.is_empty(), "{what}: {} connections: {}", conns.len(), t.summary());
+}
+
+/// 3000 connections, 300 of them holding half a request, cross one
+/// restart in CONNS batches (worker -> old master -> new master -> new
+/// workers): none closed, every one answered exactly by generation 2.
+#[test]
+fn batched_restart_of_3000_connections_a_tenth_half_sent_answers_all_exactly() {
+    const N: usize = 3000;
+    raise_nofile(N + 200);
+    let c = Cluster::start(2, &[]);
+    let conns = idle_with_a_tenth_half_sent(&c, N);
+    let t0 = Instant::now();
+    let (gen, _) = c.restart_ok();
+    let took = t0.elapsed();
+    assert_eq!(gen, 2);
+    let v = c.wait_status("all moved into generation 2's workers", Duration::from_secs(10), |v| {
+        sum_field(v, "open") == N as u64
+    });
+    assert_eq!(v["gen"], json!(2));
+    eprintln!("batched restart x{N}: {took:?}");
+    all_answer_exactly(&conns, 2, "after a batched restart");
+}
+
+/// The new master SIGKILLed while the batches are on their way (the move
+/// is held open by a client that does not read its replies, and the kill
+/// comes as soon as the new master shows): the restart aborts and
+/// generation 1 serves every one of the 3000 connections again, each
+/// half-sent request completed exactly from the old master's copy.
+#[test]
+fn new_master_sigkilled_mid_batch_every_connection_served_again_by_generation_1() {
+    const N: usize = 3000;
+    raise_nofile(N + 200);
+    let mut c = Cluster::start(2, &[]);
+    let master = c.master_pid();
+    let conns = idle_with_a_tenth_half_sent(&c, N);
+    // (2 * N requests served so far: a ping and a whoami each.)
+    let (mut stuck, writer) = stuck_client_with(&c, 2 * N, false);
+    let mut restart = restart_bg(&c, &[]);
+    let new_master = wait_new_master(&c, master);
+    assert!(restart.is_running(), "handoff restart ended before the kill although a client holds the handover");
+    kill_pid(new_master, libc::SIGKILL);
+    let (st, out, err) = restart.wait(Duration::from_secs(20));
+    assert_failed_with_reason("restart whose new master was SIGKILLed mid-batch", st, &out, &err);
+    let v = c.wait_status("generation 1 answering status again", Duration::from_secs(10), |v| {
+        v["gen"] == json!(1) && v["pid"] == json!(master)
+    });
+    assert_eq!(v["restarting"], json!(false), "{v}");
+    all_answer_exactly(&conns, 1, "after the aborted batched restart");
+    drain_stuck(&mut stuck, "after the aborted batched restart");
+    writer.join().unwrap();
+    assert!(c.server.is_running(), "the old master exited");
+}

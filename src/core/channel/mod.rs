@@ -88,8 +88,8 @@ use std::time::{Duration, Instant};
 use crate::core::fdpass;
 use crate::core::reactor::{Base, Event, Interest};
 use wire::{
-    version, Header, BATCH_ENTRY_LEN, BATCH_ENTRY_MAX, HEADER_LEN, KIND_ACK, KIND_CONN, KIND_CONNS, KIND_MORE, KIND_NACK,
-    MAX_BATCH, MAX_BODY, MAX_JOINED,
+    version, Header, BATCH_ENTRY_LEN, BATCH_ENTRY_MAX, HEADER_LEN, KIND_ACK, KIND_CONN, KIND_CONNS, KIND_MORE,
+    KIND_NACK, MAX_BATCH, MAX_BODY, MAX_JOINED,
 };
 
 /// One channel message.
@@ -741,17 +741,29 @@ impl Inner {
             }
         };
         self.stats.msgs_received += 1;
-        if r.fds_dropped && h.kind == KIND_CONNS {
-            // EMFILE here: refuse every CONN of the batch; the sender keeps
-            // them and offers each again.
+        let mut r = r;
+        let mut short = false;
+        if r.fds_dropped
+            && h.kind == KIND_CONNS
+            && (1..=MAX_BATCH as u64).contains(&h.tag)
+            && r.fds.len() < h.tag as usize
+        {
+            // EMFILE here: the CONNs whose descriptors came are taken (the
+            // kernel installs in order), the others refused; the sender
+            // keeps those and offers each again.
+            let got = r.fds.len() as u64;
             crate::warn_limited!(
-                "channel: a batch of {} connections' descriptors could not be received (out of descriptors); refused",
+                "channel: {} of a batch of {} connections' descriptors could not be received (out of descriptors); refused",
+                h.tag - got,
                 h.tag
             );
-            self.partial.clear();
-            let n = h.tag.min(MAX_BATCH as u64);
-            self.nacks.extend(h.id..h.id + n);
-            return Ok(None);
+            self.nacks.extend(h.id + got..h.id + h.tag);
+            if got == 0 {
+                self.partial.clear();
+                return Ok(None);
+            }
+            r.fds_dropped = false;
+            short = true;
         }
         if r.fds_dropped && h.kind == KIND_CONN {
             // EMFILE here: refuse this one; the sender keeps it.
@@ -763,6 +775,7 @@ impl Inner {
             return Ok(None);
         }
         let want = match h.kind {
+            KIND_CONNS if short => r.fds.len(),
             KIND_CONNS => h.tag.min(MAX_BATCH as u64 + 1) as usize,
             k => usize::from(wire::carries_fd(k)),
         };
@@ -791,6 +804,7 @@ impl Inner {
                 }
             };
             let body = &self.buf[HEADER_LEN..r.len];
+            // (Fewer descriptors than entries: the rest were refused above.)
             for (k, (e, fd)) in entries.into_iter().zip(r.fds).enumerate() {
                 self.unpacked.push_back(Msg {
                     kind: KIND_CONN,

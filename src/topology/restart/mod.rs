@@ -790,9 +790,12 @@ impl Master {
                 // that carried read-ahead, from its exact copies: only now
                 // are they read here.
                 let moves = std::mem::take(&mut self.moves);
+                let st = self.predecessor.as_ref().map(Channel::stats).unwrap_or_default();
                 log::info!(
-                    "takeover complete: generation {} is gone; serving {} moved connection(s) that carried read-ahead",
+                    "takeover complete: generation {} is gone; {} connection(s) came in {} message(s); serving {} moved connection(s) that carried read-ahead",
                     self.cfg.gen - 1,
+                    st.conns_received,
+                    st.msgs_received,
                     moves.len()
                 );
                 self.predecessor = None;
