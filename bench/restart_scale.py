@@ -29,6 +29,10 @@ import tempfile
 import time
 
 PER_SRC = 25000
+# A command the restart runs under (--wrap "perf record -a -g --").
+WRAP = []
+# More arguments for `cluster` (--cluster-args "-v").
+EXTRA = []
 
 
 def frame(i):
@@ -126,7 +130,7 @@ def closed_now(socks, idx):
 def run(bin_, n, share, log):
     port = free_port()
     d = tempfile.mkdtemp(prefix="restart-scale-")
-    proc = subprocess.Popen([bin_, "cluster", "--port", str(port), "--workers", "2", "--dir", d],
+    proc = subprocess.Popen([bin_, "cluster", "--port", str(port), "--workers", "2", "--dir", d] + EXTRA,
                             stdout=log, stderr=log)
     socks = []
     try:
@@ -151,7 +155,7 @@ def run(bin_, n, share, log):
             socks[i].sendall(f[:len(f) // 2])
             socks[i].setblocking(False)
         t0 = time.monotonic()
-        r = subprocess.run([bin_, "restart", "--dir", d], capture_output=True, timeout=120)
+        r = subprocess.run(WRAP + [bin_, "restart", "--dir", d], capture_output=True, timeout=120)
         took = time.monotonic() - t0
         if r.returncode != 0:
             print(f"n={n}: restart failed: {r.stderr.decode(errors='replace').strip()}", flush=True)
@@ -188,7 +192,11 @@ def main():
     ap.add_argument("n", type=int, nargs="+")
     ap.add_argument("--partial-share", type=float, default=0.1)
     ap.add_argument("--log", default="/dev/null")
+    ap.add_argument("--wrap", default="", help="a command to run `restart` under, e.g. 'perf record -a -g --'")
+    ap.add_argument("--cluster-args", default="", help="more arguments for `cluster`, e.g. '-v'")
     a = ap.parse_args()
+    WRAP.extend(a.wrap.split())
+    EXTRA.extend(a.cluster_args.split())
     # The holder needs N descriptors, and so does each master (one copy
     # per connection): raise the limit where allowed (root with
     # CAP_SYS_RESOURCE), else run only the N that fit.

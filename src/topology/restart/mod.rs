@@ -56,7 +56,7 @@ const FORWARD_WINDOW: usize = 256;
 /// The same, when the successor reads CONNS batches: a window of whole
 /// batches (each up to 253 connections), so that the move is not one
 /// round trip per batch.
-const FORWARD_WINDOW_BATCHED: usize = 16 * wire::MAX_BATCH;
+const FORWARD_WINDOW_BATCHED: usize = 64 * wire::MAX_BATCH;
 
 /// DRAIN's body: this master reads CONNS batches from its workers.
 const DRAIN_BATCH: &[u8] = br#"{"batch":true}"#;
