@@ -33,6 +33,8 @@ PER_SRC = 25000
 WRAP = []
 # More arguments for `cluster` (--cluster-args "-v").
 EXTRA = []
+# `restart --binary B` (--next-bin B): a restart into another version.
+NEXT = []
 
 
 def frame(i):
@@ -155,7 +157,7 @@ def run(bin_, n, share, log):
             socks[i].sendall(f[:len(f) // 2])
             socks[i].setblocking(False)
         t0 = time.monotonic()
-        r = subprocess.run(WRAP + [bin_, "restart", "--dir", d], capture_output=True, timeout=120)
+        r = subprocess.run(WRAP + [bin_, "restart", "--dir", d] + NEXT, capture_output=True, timeout=120)
         took = time.monotonic() - t0
         if r.returncode != 0:
             print(f"n={n}: restart failed: {r.stderr.decode(errors='replace').strip()}", flush=True)
@@ -194,7 +196,10 @@ def main():
     ap.add_argument("--log", default="/dev/null")
     ap.add_argument("--wrap", default="", help="a command to run `restart` under, e.g. 'perf record -a -g --'")
     ap.add_argument("--cluster-args", default="", help="more arguments for `cluster`, e.g. '-v'")
+    ap.add_argument("--next-bin", help="restart into this binary (`restart --binary`): a version change")
     a = ap.parse_args()
+    if a.next_bin:
+        NEXT.extend(["--binary", a.next_bin])
     WRAP.extend(a.wrap.split())
     EXTRA.extend(a.cluster_args.split())
     # The holder needs N descriptors, and so does each master (one copy
