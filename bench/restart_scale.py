@@ -13,8 +13,14 @@ checks that each gets exactly its own reply. Prints one line per N:
 
     n=100000 restart_s=0.81 ok=100000 bad=0 lost=0 closed_before=0
 
-As root it raises RLIMIT_NOFILE (soft and hard) for itself and the cluster
-it starts. Stops the cluster it started, even on failure.
+It raises RLIMIT_NOFILE for itself and the cluster it starts as far as it
+may (the hard limit too, given CAP_SYS_RESOURCE); an N that does not fit
+(each master holds one descriptor per connection) is skipped with a line
+saying so. Stops the cluster it started, even on failure.
+
+    --log FILE          the cluster's log (add --cluster-args=-v for debug)
+    --wrap CMD          run `restart` under CMD ("perf record -a -g --")
+    --next-bin B        `restart --binary B`: a restart into another version
 """
 import argparse
 import json
