@@ -42,7 +42,7 @@ pub fn pid_alive(pid: i32) -> bool {
 /// `sig` to one pid, or to a process group given as `-pgid` (ignored if
 /// it is gone; 0 and -1, which mean "everyone", are refused).
 pub fn kill_pid(pid: i32, sig: i32) {
-    if pid > 0 || pid < -1 {
+    if !(-1..=0).contains(&pid) {
         // SAFETY: plain kill(2).
         unsafe { libc::kill(pid, sig) };
     }
