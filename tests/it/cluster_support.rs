@@ -673,17 +673,27 @@ impl Drop for ChildGuard {
 
 /// Sets SO_RCVBUF (the kernel caps it at net.core.rmem_max).
 pub fn set_rcvbuf(r: &Rpc, bytes: libc::c_int) {
+    set_buf(r, libc::SO_RCVBUF, bytes);
+}
+
+/// Sets SO_SNDBUF (the kernel caps it at net.core.wmem_max); a fixed size
+/// also stops the kernel from growing it.
+pub fn set_sndbuf(r: &Rpc, bytes: libc::c_int) {
+    set_buf(r, libc::SO_SNDBUF, bytes);
+}
+
+fn set_buf(r: &Rpc, opt: libc::c_int, bytes: libc::c_int) {
     // SAFETY: setsockopt on our socket with an int of the right size.
     let rc = unsafe {
         libc::setsockopt(
             std::os::fd::AsRawFd::as_raw_fd(&r.s),
             libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
+            opt,
             &bytes as *const _ as *const libc::c_void,
             std::mem::size_of_val(&bytes) as libc::socklen_t,
         )
     };
-    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    assert_eq!(rc, 0, "setsockopt {opt}: {}", std::io::Error::last_os_error());
 }
 
 /// Established connections to local port `port` (server ends) and the

@@ -193,6 +193,10 @@ pub(crate) fn stuck_client_with(c: &Cluster, idle: usize, small_rcvbuf: bool) ->
     if small_rcvbuf {
         set_rcvbuf(&stuck, 4096);
     }
+    // A small, fixed send buffer: the kernel's two buffers (ours grown by
+    // autotuning, and the worker's) must not hold all 10 MB of requests,
+    // or the writer finishes although the worker stopped reading.
+    set_sndbuf(&stuck, 64 * 1024);
     let mut w = stuck.s.try_clone().unwrap();
     let big = json!("s".repeat(100_000));
     let writer = std::thread::spawn(move || {
