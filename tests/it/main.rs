@@ -8,6 +8,7 @@ mod cluster;
 mod cworker;
 mod faults;
 mod http;
+mod limits;
 mod metrics;
 mod node;
 mod ops_config;

@@ -42,6 +42,9 @@ pub fn render(v: &Value) -> String {
             if v["at_limit"] == Value::Bool(true) { ": full, new clients wait in the kernel backlog" } else { "" };
         out.push_str(&format!("open connections {} of --max-conns {max}{full}\n", v["open"]));
     }
+    if let Some(cap) = v["capacity"].as_u64() {
+        out.push_str(&format!("capacity {cap} connections (descriptor limit {})\n", v["nofile"]));
+    }
     out.push_str(&format!(
         "{:>6} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8} {:>6} {:>8} {:>9}\n",
         "worker", "pid", "handed", "open", "served", "respawns", "state", "busy%", "moved in", "moved out"
