@@ -5,7 +5,7 @@
 #   before   the memory of master + workers (Pss, /proc/PID/smaps_rollup),
 #            the kernel's (socket slab caches, /proc/slabinfo; TCP buffer
 #            pages, /proc/net/sockstat), the accept rate (rpc --short
-#            --conns 16 --requests 500: conn/s) and the keep-alive p99 of
+#            --conns 16 --requests 500: conn/s, median of RUNS) and the keep-alive p99 of
 #            100 active clients (rpc --conns 100 --requests 1000)
 #   hold N   bench/scale_hold.py opens N idle connections (several
 #            processes when one's descriptor limit is lower; source
@@ -99,11 +99,16 @@ snapshot() {
 # per_conn AFTER BEFORE N [SCALE]: (AFTER - BEFORE) * SCALE / N, rounded.
 per_conn() { awk -v a="$1" -v b="$2" -v n="$3" -v k="${4:-1}" 'BEGIN { printf "%.0f\n", (a - b) * k / n }'; }
 
-# rates TAG: accept rate and keep-alive p99 now, as R[TAG,...].
+# rates TAG: accept rate (the median of RUNS runs) and keep-alive p99 now,
+# as R[TAG,...].
 declare -A R
 rates() {
-    load "$1: accept rate" rpc --port "$PORT" --conns 16 --requests 500 --short
-    R[$1,accept]=$(field "$LOAD_LINE" rps)
+    local i a=()
+    for ((i = 1; i <= RUNS; i++)); do
+        load "$1: accept rate, run $i" rpc --port "$PORT" --conns 16 --requests 500 --short
+        a+=("$(field "$LOAD_LINE" rps)")
+    done
+    R[$1,accept]=$(median "${a[@]}")
     load "$1: 100 keep-alive clients" rpc --port "$PORT" --conns 100 --requests 1000
     R[$1,p99]=$(field "$LOAD_LINE" p99_us)
 }
@@ -246,7 +251,7 @@ echo "workers with N open minus before, / N. Kernel: the slab caches a TCP conne
 echo "sock_inode_cache, filp, dentry, eventpoll_*, skbuff_*; /proc/slabinfo), both ends of each"
 echo "loopback connection (the holder's too), and TCP buffer pages (/proc/net/sockstat mem), each"
 echo "after minus before, / N. Accept rate: \`handoff client rpc --short --conns 16 --requests 500\`"
-echo "(conn/s); p99: \`handoff client rpc --conns 100 --requests 1000\`; \"none\" is the same cluster"
+echo "(conn/s, the median of $RUNS runs); p99: \`handoff client rpc --conns 100 --requests 1000\`; \"none\" is the same cluster"
 echo "before the idle connections opened. Master capacity here: $CAPACITY connections (descriptor"
 echo "limit $NOFILE). Plot: bench-scale.svg, each cost against N, log-log (a slope steeper than the"
 echo "dashed line grows worse than linearly)."
