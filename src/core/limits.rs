@@ -42,11 +42,11 @@ pub fn get() -> io::Result<Nofile> {
         let e = io::Error::last_os_error();
         return Err(io::Error::new(e.kind(), format!("getrlimit(RLIMIT_NOFILE): {e}")));
     }
-    Ok(Nofile { soft: lim.rlim_cur as u64, hard: lim.rlim_max as u64 })
+    Ok(Nofile { soft: lim.rlim_cur, hard: lim.rlim_max })
 }
 
 fn set(soft: u64, hard: u64) -> io::Result<()> {
-    let lim = libc::rlimit { rlim_cur: soft as libc::rlim_t, rlim_max: hard as libc::rlim_t };
+    let lim = libc::rlimit { rlim_cur: soft, rlim_max: hard };
     // SAFETY: lim is a valid rlimit; setrlimit only reads it.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } < 0 {
         return Err(io::Error::last_os_error());

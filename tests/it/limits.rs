@@ -36,7 +36,7 @@ fn own_hard() -> u64 {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: lim is a live out-parameter of the right type.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-    lim.rlim_max as u64
+    lim.rlim_max
 }
 
 fn nr_open() -> u64 {
