@@ -233,6 +233,7 @@ done
 echo
 echo "| target (issue 16) | judged at N | figure | target | |"
 echo "| --- | ---: | ---: | ---: | --- |"
+echo "| idle connections held by one master | $LAST | $LAST | 100000 | $(verdict "$LAST" '>=' 100000 "largest N this machine held") |"
 echo "| restart time | $LAST | ${M[$LAST,restart]} ms | < 1000 ms at 100000 | $(verdict "${M[$LAST,restart]}" '<=' 999 "restart ms at N=$LAST") |"
 for n in "${RUN_SIZES[@]}"; do
     echo "| connections closed, lost or wrong across the restart | $n | ${M[$n,closed]} | 0 | $(verdict "${M[$n,closed]}" '==' 0 "connections closed/lost at N=$n") |"
