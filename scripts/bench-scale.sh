@@ -5,7 +5,8 @@
 #   before   the memory of master + workers (Pss, /proc/PID/smaps_rollup),
 #            the kernel's (socket slab caches, /proc/slabinfo; TCP buffer
 #            pages, /proc/net/sockstat), the accept rate (rpc --short
-#            --conns 16 --requests 500: conn/s, median of RUNS) and the keep-alive p99 of
+#            --conns 16 --requests 500: conn/s, median of RUNS) and the
+#            keep-alive p99 of
 #            100 active clients (rpc --conns 100 --requests 1000)
 #   hold N   bench/scale_hold.py opens N idle connections (several
 #            processes when one's descriptor limit is lower; source
@@ -51,8 +52,10 @@ pss_kb() {
     echo "$sum"
 }
 # slab_bytes: bytes in the slab caches a TCP connection's two ends use.
+# The socket's dentry (192 B) is left out: the dentry cache is shared with
+# every filesystem user and shrinks or grows with others' work.
 slab_bytes() {
-    awk '$1 ~ /^(TCP|sock_inode_cache|filp|dentry|eventpoll_epi|eventpoll_pwq|skbuff_head_cache|skbuff_small_head)$/ { s += $2 * $4 }
+    awk '$1 ~ /^(TCP|sock_inode_cache|filp|eventpoll_epi|eventpoll_pwq|skbuff_head_cache|skbuff_small_head)$/ { s += $2 * $4 }
          END { printf "%.0f\n", s }' /proc/slabinfo
 }
 # sockbuf_bytes: TCP buffer memory (/proc/net/sockstat "mem", pages).
@@ -249,7 +252,8 @@ echo "the first 7 bytes of a ping across the restart; after it every connection 
 echo "its own reply (closed / lost counts those that did not, and any closed before). Restart: wall"
 echo "time of \`handoff restart --dir D\`. User memory: Pss (/proc/PID/smaps_rollup) of master +"
 echo "workers with N open minus before, / N. Kernel: the slab caches a TCP connection uses (TCP,"
-echo "sock_inode_cache, filp, dentry, eventpoll_*, skbuff_*; /proc/slabinfo), both ends of each"
+echo "sock_inode_cache, filp, eventpoll_*, skbuff_*; /proc/slabinfo; not the socket's 192 B dentry,"
+echo "whose cache others' file work moves), both ends of each"
 echo "loopback connection (the holder's too), and TCP buffer pages (/proc/net/sockstat mem), each"
 echo "after minus before, / N. Accept rate: \`handoff client rpc --short --conns 16 --requests 500\`"
 echo "(conn/s, the median of $RUNS runs); p99: \`handoff client rpc --conns 100 --requests 1000\`; \"none\" is the same cluster"
