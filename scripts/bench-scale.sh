@@ -6,8 +6,8 @@
 #            the kernel's (socket slab caches, /proc/slabinfo; TCP buffer
 #            pages, /proc/net/sockstat), the accept rate (rpc --short
 #            --conns 16 --requests 500: conn/s, median of RUNS) and the
-#            keep-alive p99 of
-#            100 active clients (rpc --conns 100 --requests 1000)
+#            keep-alive p99 of 100 active clients (rpc --conns 100
+#            --requests 1000)
 #   hold N   bench/scale_hold.py opens N idle connections (several
 #            processes when one's descriptor limit is lower; source
 #            addresses 127.0.0.2-9), every 10th holding the first 7 bytes
