@@ -64,8 +64,10 @@ END {
             c = col[(s - 1) % 8 + 1]
             plot = plot (plot == "" ? "" : ", ") sprintf("%s using 1:2 with linespoints pt 7 ps 0.8 lw 2 lc rgb \"%s\" title %s", name, c, q(S[s]))
         }
-        if (P[p] ~ /dashed/ && first)
-            plot = plot sprintf(", %.10g * x / %.10g with lines dt 2 lw 1 lc rgb \"#555555\" title \"linear in N\"", y0, x0)
+        if (P[p] ~ /dashed/ && first) {
+            printf "$ref%d << EOD\n%.10g %.10g\n%.10g %.10g\nEOD\n", p, xlo[p] / 1.5, y0 * xlo[p] / 1.5 / x0, xhi[p] * 1.5, y0 * xhi[p] * 1.5 / x0
+            plot = plot sprintf(", $ref%d using 1:2 with lines dt 2 lw 1 lc rgb \"#555555\" title \"linear in N\"", p)
+        }
         print "plot " plot
     }
     print "unset multiplot"

@@ -206,11 +206,11 @@ run_size() {
     plot_point "user memory, total: MiB (dashed: linear in N)" "$n" "master + workers (Pss)" \
         "$(awk -v a="${SNAP[$n,n,all]}" -v b="${SNAP[$n,0,all]}" -v k=$kib 'BEGIN { printf "%.3f", (a - b) / k }')"
     plot_point "user memory, total: MiB (dashed: linear in N)" "$n" "master alone (Pss)" \
-        "$(awk -v a="${SNAP[$n,n,master]}" -v b="${SNAP[$n,0,master]}" -v k=$kib 'BEGIN { d = (a - b) / k; printf "%.3f", d > 0.001 ? d : 0.001 }')"
+        "$(awk -v a="${SNAP[$n,n,master]}" -v b="${SNAP[$n,0,master]}" -v k=$kib 'BEGIN { d = (a - b) / k; printf "%.3f", (d > 0.001 ? d : 0.001) }')"
     plot_point "kernel memory, total: MiB (dashed: linear in N)" "$n" "socket slab caches (both ends)" \
-        "$(awk -v a="${SNAP[$n,n,slab]}" -v b="${SNAP[$n,0,slab]}" 'BEGIN { d = (a - b) / 1048576; printf "%.3f", d > 0.001 ? d : 0.001 }')"
+        "$(awk -v a="${SNAP[$n,n,slab]}" -v b="${SNAP[$n,0,slab]}" 'BEGIN { d = (a - b) / 1048576; printf "%.3f", (d > 0.001 ? d : 0.001) }')"
     plot_point "kernel memory, total: MiB (dashed: linear in N)" "$n" "TCP buffers (sockstat)" \
-        "$(awk -v a="${SNAP[$n,n,sockbuf]}" -v b="${SNAP[$n,0,sockbuf]}" 'BEGIN { d = (a - b) / 1048576; printf "%.3f", d > 0.001 ? d : 0.001 }')"
+        "$(awk -v a="${SNAP[$n,n,sockbuf]}" -v b="${SNAP[$n,0,sockbuf]}" 'BEGIN { d = (a - b) / 1048576; printf "%.3f", (d > 0.001 ? d : 0.001) }')"
     plot_point "accept rate: conn/s" "$n" "with N open" "${M[$n,accept]}"
     plot_point "accept rate: conn/s" "$n" "none open (same cluster, before)" "${M[$n,accept0]}"
     plot_point "keep-alive p99 of 100 clients: µs" "$n" "with N open" "${M[$n,p99]}"
