@@ -18,8 +18,13 @@ pub fn fetch(dir: &Path, timeout: Duration) -> io::Result<Value> {
 
 /// The human-readable table.
 pub fn render(v: &Value) -> String {
+    // The descriptor budget, when the master tells it (see core::limits).
+    let capacity = match v["capacity"].as_u64() {
+        Some(cap) => format!("  capacity {cap} connections (descriptor limit {})", v["nofile"]),
+        None => String::new(),
+    };
     let mut out = format!(
-        "{} master pid {}  generation {}  started {}  port {}  policy {}{}  pending {}\n",
+        "{} master pid {}  generation {}  started {}  port {}  policy {}{}  pending {}{capacity}\n",
         v["mode"].as_str().unwrap_or("?"),
         v["pid"],
         v["gen"],
@@ -41,9 +46,6 @@ pub fn render(v: &Value) -> String {
         let full =
             if v["at_limit"] == Value::Bool(true) { ": full, new clients wait in the kernel backlog" } else { "" };
         out.push_str(&format!("open connections {} of --max-conns {max}{full}\n", v["open"]));
-    }
-    if let Some(cap) = v["capacity"].as_u64() {
-        out.push_str(&format!("capacity {cap} connections (descriptor limit {})\n", v["nofile"]));
     }
     out.push_str(&format!(
         "{:>6} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8} {:>6} {:>8} {:>9}\n",
