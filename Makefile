@@ -8,7 +8,7 @@
 #   make test     cargo test (unit + integration) incl. the C client check
 #                 and the C workers (tests/it/cworker.rs)
 #   make bench    every benchmark (bench-pair, bench-cluster, bench-nodes, bench-restart,
-#                 bench-http, bench-rebalance); each writes bench/results/NAME.md and NAME.svg
+#                 bench-http, bench-rebalance, bench-scale); each writes bench/results/NAME.md and NAME.svg
 #                 and exits non-zero when a target is missed
 #   make memcheck unit tests, some integration tests and two nodes under valgrind
 #   make chaos    soak: load + restarts + kills, every request accounted for
@@ -34,7 +34,7 @@ MEMCHECK_PKGS := valgrind
 # What the benchmarks need on top: load generator, yardsticks, plots.
 BENCH_PKGS := nginx wrk gnuplot-nox nodejs
 
-.PHONY: install install-only all deps memcheck-deps bench-deps build run demo demo-nodes demo-hosts test memcheck bench bench-pair bench-cluster bench-nodes bench-restart bench-http bench-rebalance chaos chaos-ci clean
+.PHONY: install install-only all deps memcheck-deps bench-deps build run demo demo-nodes demo-hosts test memcheck bench bench-pair bench-cluster bench-nodes bench-restart bench-http bench-rebalance bench-scale chaos chaos-ci clean
 
 all: deps build
 
@@ -99,6 +99,11 @@ build/pair_epoll: bench/pair_epoll.c
 	@mkdir -p build
 	$(CC) $(CFLAGS) -o $@ $<
 
+# The C yardstick for cluster mode: 2 forked epoll workers, SO_REUSEPORT.
+build/cluster_epoll: bench/cluster_epoll.c
+	@mkdir -p build
+	$(CC) $(CFLAGS) -o $@ $<
+
 run demo: build
 	scripts/demo-pair.sh
 
@@ -121,12 +126,12 @@ test: deps build/cclient $(C_ARTIFACTS)
 memcheck: deps memcheck-deps $(C_ARTIFACTS)
 	scripts/memcheck.sh
 
-bench: bench-pair bench-cluster bench-nodes bench-restart bench-http bench-rebalance
+bench: bench-pair bench-cluster bench-nodes bench-restart bench-http bench-rebalance bench-scale
 
 bench-pair: bench-deps build build/pair_epoll
 	scripts/bench-pair.sh
 
-bench-cluster: bench-deps build
+bench-cluster: bench-deps build build/cluster_epoll
 	scripts/bench-cluster.sh
 
 bench-nodes: bench-deps build
@@ -134,6 +139,13 @@ bench-nodes: bench-deps build
 
 bench-restart: bench-deps build
 	scripts/bench-restart.sh
+
+# Cost against N idle connections (1k, 10k, 50k, 100k; the sizes the
+# descriptor limits allow): restart time, memory per connection (user and
+# kernel), accept rate, keep-alive p99; also bench/results/bench-scale.svg
+# (log-log, each cost against N).
+bench-scale: bench-deps build
+	scripts/bench-scale.sh
 
 # The http example vs nginx vs Node's http + cluster (BENCH_SECS per run).
 bench-http: bench-deps build

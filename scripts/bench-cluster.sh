@@ -14,13 +14,18 @@
 # (--port P --listen unix:PATH), the same keep-alive load over each in turn
 # (rpc --port P / rpc --unix PATH), RUNS times each; target: Unix >= 1.2x TCP
 # req/s. Writes bench/results/bench-cluster.{md,svg,tsv} and exits 1 when a
-# target is missed. Any run with an error fails the script.
+# target is missed. Any run with an error fails the script. Then handoff
+# round-robin against the C yardstick (bench/cluster_epoll.c, build/
+# cluster_epoll): keep-alive rpc --conns 100 --requests 1000, RUNS times
+# each, taken in turn; target: handoff >= 1.0x the C req/s.
 # shellcheck source=SCRIPTDIR/bench-lib.sh
 source "$(dirname "$0")/bench-lib.sh"
 
 IDLE_CONNS=${IDLE_CONNS:-10000}
 WORKERS=2
-need_bin "$BIN"
+CBIN=$ROOT/build/cluster_epoll
+need_bin "$BIN" "$CBIN"
+declare -A YARD_PID
 need_plot
 
 need_node
@@ -169,6 +174,37 @@ else
     say "bench: WARNING: $UNIX_SKIP"
 fi
 
+# ------------------------------------------------- against the C yardstick
+# handoff round-robin against bench/cluster_epoll.c (2 forked epoll workers
+# on SO_REUSEPORT listeners, the rpc ping answered as text), both up at
+# once, the keep-alive load taken in turn (the order swapped every run).
+# Target: handoff >= 1.0x the C req/s.
+YARD=(handoff c)
+declare -A YARD_NAME=([handoff]="handoff round-robin" [c]="C epoll cluster (bench/cluster_epoll.c)") YARD_PORT
+for y in "${YARD[@]}"; do
+    p=$(free_port)
+    if [ "$y" = c ]; then
+        bg_start yard-c "$CBIN" "$p" "$WORKERS"
+    else
+        DIR[yard-handoff]=$BENCH_TMP/yard-handoff-dir
+        bg_start yard-handoff "$BIN" cluster --port "$p" --workers "$WORKERS" --dir "${DIR[yard-handoff]}" --policy round-robin
+    fi
+    wait_ready "yard-$y" "$BG_PID"
+    YARD_PORT[$y]=$p
+    YARD_PID[$y]=$BG_PID
+    say "${YARD_NAME[$y]}: port $p ready (pid $BG_PID)"
+    load "warm-up ${YARD_NAME[$y]}" rpc --port "$p" --conns 10 --requests 200
+done
+for ((run = 1; run <= RUNS; run++)); do
+    if ((run % 2)); then order=(handoff c); else order=(c handoff); fi
+    for y in "${order[@]}"; do
+        load "run $run ${YARD_NAME[$y]} keep-alive 100x1000" rpc --port "${YARD_PORT[$y]}" --conns 100 --requests 1000
+        for m in rps p50_us p99_us; do RES[yard-$y,keep,$m]+="$(field "$LOAD_LINE" "$m") "; done
+        plot_point "keep-alive 100x1000 vs C yardstick: req/s" "100 x 1000" "${YARD_NAME[$y]}" "$(field "$LOAD_LINE" rps)"
+    done
+done
+for y in "${YARD[@]}"; do bg_forget_stop "${YARD_PID[$y]}"; done
+
 # ------------------------------------------------------------ idle memory
 declare -A MEM MEMSPLIT NOTE
 # The worker pid lists are split on purpose; the eval strings are expanded
@@ -228,6 +264,7 @@ done
 if [ -z "$UNIX_SKIP" ]; then
     for via in "${VIAS[@]}"; do MR[$via,keep]=$(mrun "$via" keep); done
 fi
+for y in handoff c; do MR[yard-$y,keep]=$(mrun "yard-$y" keep); done
 # mat IMPL LOAD METRIC: METRIC of the median run.
 mat() { at "$1" "$2" "$3" "${MR[$1,$2]}"; }
 
@@ -268,6 +305,18 @@ echo "| Unix vs TCP | keep-alive req/s | target | |"
 echo "| --- | ---: | ---: | --- |"
 echo "| ${NAME[round-robin]} | $u | ≥ 1.2 | $(verdict "$u" '>=' 1.2 "${NAME[round-robin]} Unix socket / TCP keep-alive req/s") |"
 [ -z "$UNIX_SKIP" ] || echo "($UNIX_SKIP.)"
+echo
+echo "| keep-alive 100 conns × 1000 requests ($WORKERS workers) | req/s | p50 µs | p99 µs |"
+echo "| --- | ---: | ---: | ---: |"
+for y in handoff c; do
+    printf '| %s | %s | %s | %s |\n' "${YARD_NAME[$y]}" "$(int "$(mat "yard-$y" keep rps)")" \
+        "$(int "$(mat "yard-$y" keep p50_us)")" "$(int "$(mat "yard-$y" keep p99_us)")"
+done
+echo
+y=$(ratio "$(mat yard-handoff keep rps)" "$(mat yard-c keep rps)")
+echo "| vs the C yardstick | keep-alive req/s | target | |"
+echo "| --- | ---: | ---: | --- |"
+echo "| ${YARD_NAME[handoff]} / C epoll cluster | $y | ≥ 1.0 | $(verdict "$y" '>=' 1.0 "${YARD_NAME[handoff]} / C epoll cluster keep-alive req/s") |"
 echo
 echo "Each row is the median run by throughput of $RUNS (its conn/s or req/s, p50 and p99), the"
 echo "servers taken in turn; ratios are of those runs. Every run: bench-cluster.svg. Same Rust load"

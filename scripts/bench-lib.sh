@@ -6,7 +6,8 @@
 # process group when started through bg_start_group. Progress goes to
 # stderr, the result table to stdout and to bench/results/NAME.md, every run
 # as a point to bench/results/NAME.svg (scripts/bench-plot.sh) with its data
-# in NAME.tsv; a missed target makes the script exit 1 (bench_publish).
+# in NAME.tsv (another plotter: BENCH_PLOTTER=SCRIPT, same arguments); a
+# missed target makes the script exit 1 (bench_publish).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -323,7 +324,7 @@ bench_publish() {
     cp "$BENCH_TMP/report.md" "$RESULTS_DIR/$name.md"
     { printf '# panel\tcategory\tseries\tvalue\n'; cat "$RUNS_TSV"; } >"$RESULTS_DIR/$name.tsv"
     if [ -s "$RUNS_TSV" ]; then
-        "$ROOT/scripts/bench-plot.sh" "$RESULTS_DIR/$name.tsv" "$RESULTS_DIR/$name.svg" "$title" \
+        "${BENCH_PLOTTER:-$ROOT/scripts/bench-plot.sh}" "$RESULTS_DIR/$name.tsv" "$RESULTS_DIR/$name.svg" "$title" \
             || die "plotting $RESULTS_DIR/$name.svg failed"
     fi
     say "bench: wrote $RESULTS_DIR/$name.md, $name.svg, $name.tsv"

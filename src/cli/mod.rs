@@ -231,6 +231,13 @@ fn supervise(a: &MasterArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before anything is bound: the master's descriptor budget must hold
+    // --max-conns (the limit raised here is what the master inherits).
+    let workers = a.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    if let Err(e) = crate::core::limits::budget(a.max_conns, workers, endpoints.len()) {
+        log::error!("{e}");
+        return ExitCode::FAILURE;
+    }
     match supervisor::run(a.pid_file.as_deref(), &endpoints, a.listen_mode) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {

@@ -31,11 +31,17 @@ fn real_bin() -> &'static str {
 }
 
 /// The child gets RLIMIT_NOFILE `n` (soft and hard: raising the soft
-/// limit to the hard one at start changes nothing).
+/// limit to the hard one at start changes nothing), and cannot raise the
+/// hard one: CAP_SYS_RESOURCE leaves its bounding set (a root child would
+/// otherwise raise it to fs.nr_open; without CAP_SETPCAP the drop fails
+/// and the child had no such privilege anyway).
 fn limit_nofile(cmd: &mut Command, n: u64) {
-    // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+    // SAFETY: setrlimit and prctl are async-signal-safe; the closure
+    // touches nothing else.
     unsafe {
         cmd.pre_exec(move || {
+            // CAP_SYS_RESOURCE (linux/capability.h).
+            libc::prctl(libc::PR_CAPBSET_DROP, 24, 0, 0, 0);
             let r = libc::rlimit { rlim_cur: n as libc::rlim_t, rlim_max: n as libc::rlim_t };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
                 return Err(io::Error::last_os_error());

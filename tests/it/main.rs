@@ -10,6 +10,7 @@ mod etcd;
 mod faults;
 mod hosts;
 mod http;
+mod limits;
 mod metrics;
 mod node;
 mod node_deadlines;

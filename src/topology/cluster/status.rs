@@ -18,8 +18,13 @@ pub fn fetch(dir: &Path, timeout: Duration) -> io::Result<Value> {
 
 /// The human-readable table.
 pub fn render(v: &Value) -> String {
+    // The descriptor budget, when the master tells it (see core::limits).
+    let capacity = match v["capacity"].as_u64() {
+        Some(cap) => format!("  capacity {cap} connections (descriptor limit {})", v["nofile"]),
+        None => String::new(),
+    };
     let mut out = format!(
-        "{} master pid {}  generation {}  started {}  port {}  policy {}{}  pending {}\n",
+        "{} master pid {}  generation {}  started {}  port {}  policy {}{}  pending {}{capacity}\n",
         v["mode"].as_str().unwrap_or("?"),
         v["pid"],
         v["gen"],

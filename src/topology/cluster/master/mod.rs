@@ -267,6 +267,9 @@ pub(crate) struct Master {
     pub(crate) metrics: metrics::Metrics,
     /// Node mode: `--peers` and etcd's members, merged (`node::membership`).
     pub(crate) membership: Option<crate::topology::node::membership::Membership>,
+    /// How many connections the descriptor limit lets this master hold
+    /// (one rescue copy each; see [`crate::core::limits`]).
+    pub(crate) capacity: u64,
 }
 
 /// An endpoint as a client on this host reaches it: a TCP listener on
@@ -303,6 +306,9 @@ pub fn run(cfg: Config) -> io::Result<()> {
     if let (Some(_), Policy::Shared) = (cfg.max_conns, cfg.policy) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, SHARED_MAX_CONNS));
     }
+    // Before anything is bound: a --max-conns the descriptor limit cannot
+    // hold refuses the start.
+    crate::core::limits::budget(cfg.max_conns, cfg.workers, cfg.listen.len())?;
     if let Some(p) = &cfg.access_log {
         // Workers open it; a path they cannot write is an error now.
         crate::topology::cluster::worker::access::open_append(p)?;
@@ -367,7 +373,7 @@ pub(crate) fn run_on_with(
     metrics_fd: Option<OwnedFd>,
 ) -> io::Result<()> {
     crate::core::signals::ignore_sigpipe();
-    sock::raise_nofile()?;
+    let capacity = crate::core::limits::budget(cfg.max_conns, cfg.workers, listen_fds.len())?;
     let supervised = crate::topology::supervisor::link::adopt_from_env()?;
     link::tell(&format!("HANDOFF_MASTER={}", std::process::id()));
     let base = Base::new()?;
@@ -434,6 +440,7 @@ pub(crate) fn run_on_with(
             at_limit: false,
             metrics: Default::default(),
             membership: None,
+            capacity,
         })
     });
     {
@@ -1426,6 +1433,8 @@ impl Master {
             "max_conns": self.cfg.max_conns,
             "open": self.open_conns(),
             "at_limit": self.at_limit,
+            "capacity": self.capacity,
+            "nofile": crate::core::limits::get().map_or(0, |l| l.soft),
         })
     }
 }

@@ -122,7 +122,7 @@ pub(crate) fn with<S: Service>(w: &Weak<RefCell<Worker<S>>>, f: impl FnOnce(&mut
 pub fn prepare_process() -> io::Result<()> {
     crate::core::signals::ignore_sigpipe();
     crate::core::signals::die_with_parent(true)?;
-    sock::raise_nofile()?;
+    crate::core::limits::raise()?;
     Ok(())
 }
 
