@@ -33,6 +33,49 @@ def frame(i):
     return len(body).to_bytes(4, "little") + body, b'{"out":"pong","result":' + param + b"}"
 
 
+def hold(sel, stop):
+    """Idles until `stop` is non-empty (a signal handler appends to it),
+    reporting each connection the server closes meanwhile as "closed K"."""
+    closed = 0
+    while not stop:
+        for key, _ in sel.select(0.2):
+            try:
+                data = key.fileobj.recv(4096)
+            except OSError:
+                data = b""
+            if not data:  # the server closed (or reset) this one
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+                closed += 1
+                print(f"closed {closed}", flush=True)
+
+
+def replies(sel, bufs, secs):
+    """Reads one reply on every connection in `bufs` (its id -> bytes so
+    far; the selector's data is the id) for up to `secs`: returns (ok, bad),
+    a reply being ok when it is exactly the connection's own pong."""
+    ok = bad = 0
+    deadline = time.monotonic() + secs
+    while bufs and time.monotonic() < deadline:
+        for key, _ in sel.select(0.2):
+            i = key.data
+            try:
+                data = key.fileobj.recv(65536)
+            except OSError:
+                data = b""
+            buf = bufs.get(i, b"") + data
+            n = int.from_bytes(buf[:4], "little") if len(buf) >= 4 else -1
+            if not data or (n >= 0 and len(buf) >= 4 + n):
+                if data:
+                    good = buf[4:4 + n] == frame(i)[1]
+                    ok, bad = ok + good, bad + (not good)
+                sel.unregister(key.fileobj)
+                bufs.pop(i, None)
+            else:
+                bufs[i] = buf
+    return ok, bad
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(usage=__doc__.strip().splitlines()[2].strip())
     ap.add_argument("port", type=int)
@@ -62,22 +105,12 @@ def main() -> int:
         socks.append(s)
     print(f"open {a.n}", flush=True)
 
-    closed = 0
-    while not complete:
-        for key, _ in sel.select(0.2):
-            try:
-                data = key.fileobj.recv(4096)
-            except OSError:
-                data = b""
-            if not data:  # the server closed (or reset) this one
-                sel.unregister(key.fileobj)
-                closed += 1
-                print(f"closed {closed}", flush=True)
+    hold(sel, complete)
     if not a.partial:
         return 0
 
     # Complete every held request, then check each connection's one reply.
-    bufs, ok, bad = {}, 0, 0
+    bufs = {}
     for key in list(sel.get_map().values()):
         key.fileobj.setblocking(True)
         try:
@@ -86,24 +119,7 @@ def main() -> int:
         except OSError:
             sel.unregister(key.fileobj)
         key.fileobj.setblocking(False)
-    deadline = time.monotonic() + 30
-    while bufs and time.monotonic() < deadline:
-        for key, _ in sel.select(0.2):
-            i = key.data
-            try:
-                data = key.fileobj.recv(65536)
-            except OSError:
-                data = b""
-            buf = bufs.get(i, b"") + data
-            n = int.from_bytes(buf[:4], "little") if len(buf) >= 4 else -1
-            if not data or (n >= 0 and len(buf) >= 4 + n):
-                if data:
-                    good = buf[4:4 + n] == frame(i)[1]
-                    ok, bad = ok + good, bad + (not good)
-                sel.unregister(key.fileobj)
-                bufs.pop(i, None)
-            else:
-                bufs[i] = buf
+    ok, bad = replies(sel, bufs, 30)
     print(f"replies ok={ok} bad={bad} lost={a.n - ok - bad}", flush=True)
     while True:
         signal.pause()

@@ -27,17 +27,12 @@ import selectors
 import signal
 import socket
 import sys
-import time
+
+from idle_conns import frame, hold, replies  # same directory
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 PARTIAL = 7
 
-
-def frame(i):
-    """The ping of connection i, and the exact reply it must get."""
-    param = b'"i%d"' % i
-    body = b'{"in":"ping","params":' + param + b"}"
-    return len(body).to_bytes(4, "little") + body, b'{"out":"pong","result":' + param + b"}"
 
 
 def main() -> int:
@@ -73,22 +68,11 @@ def main() -> int:
         sel.register(s, selectors.EVENT_READ, i)
     print(f"open {a.count}", flush=True)
 
-    closed = 0
-    while not check:
-        for key, _ in sel.select(0.2):
-            try:
-                data = key.fileobj.recv(4096)
-            except OSError:
-                data = b""
-            if not data:  # the server closed (or reset) this one
-                sel.unregister(key.fileobj)
-                key.fileobj.close()
-                closed += 1
-                print(f"closed {closed}", flush=True)
+    hold(sel, check)
 
     # Every connection pings (the held ones complete theirs); each must get
     # exactly its own reply.
-    bufs, ok, bad = {}, 0, 0
+    bufs = {}
     for key in list(sel.get_map().values()):
         i = key.data
         f = frame(i)[0]
@@ -99,24 +83,7 @@ def main() -> int:
             bufs[i] = b""
         except OSError:
             sel.unregister(key.fileobj)
-    deadline = time.monotonic() + 60
-    while bufs and time.monotonic() < deadline:
-        for key, _ in sel.select(0.2):
-            i = key.data
-            try:
-                data = key.fileobj.recv(65536)
-            except OSError:
-                data = b""
-            buf = bufs.get(i, b"") + data
-            n = int.from_bytes(buf[:4], "little") if len(buf) >= 4 else -1
-            if not data or (n >= 0 and len(buf) >= 4 + n):
-                if data:
-                    good = buf[4:4 + n] == frame(i)[1]
-                    ok, bad = ok + good, bad + (not good)
-                sel.unregister(key.fileobj)
-                bufs.pop(i, None)
-            else:
-                bufs[i] = buf
+    ok, bad = replies(sel, bufs, 60)
     print(f"check ok={ok} bad={bad} lost={a.count - ok - bad}", flush=True)
     while True:
         signal.pause()
