@@ -579,6 +579,15 @@ impl Node {
         args.extend(["--workers".into(), workers.to_string(), "--dir".into(), dir.display().to_string()]);
         args.extend(["--peers".into(), peers.join(",")]);
         args.extend(extra.iter().map(|s| s.to_string()));
+        // Under valgrind (HANDOFF_WRAP) a link takes seconds to set up and a
+        // busy worker misses heartbeats: stretch the node's deadlines the
+        // test does not set itself.
+        for (flag, secs) in [("--connect-timeout", 1.5), ("--heartbeat", 1.0), ("--relay-timeout", 5.0)] {
+            let stretched = crate::support::wrapped_slowly(Duration::from_secs_f64(secs)).as_secs_f64();
+            if stretched > secs && !extra.contains(&flag) {
+                args.extend([flag.to_string(), (stretched * 2.0).to_string()]);
+            }
+        }
         let c = Cluster::launch(&format!("node {name}"), tmp, dir, workers, args);
         if port != 0 {
             assert_eq!(c.port, port, "node {name}: port");
