@@ -28,7 +28,6 @@ TESTS=${MEMCHECK_TESTS:-"
     cluster::shared_policy_serves
     restart::sigkill_of_the_old_master_mid_restart_keeps_every_connection
     restart::a_connection_that_cannot_move_is_cut_after_the_grace
-    restart_faults::a_node_whose_new_master_dies_mid_handover_keeps_its_links
     node_restart::a_restarted_node_stays_a_node_and_its_links_move
     restart_faults::a_300_kb_read_ahead_of_a_1_mb_frame_survives_a_restart
     restart_faults::after_every_successful_restart_the_port_serves_at_once
