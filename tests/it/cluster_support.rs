@@ -992,6 +992,51 @@ pub fn wait_stranger(pid: libc::pid_t) -> i32 {
     libc::WEXITSTATUS(status)
 }
 
+/// Forks a child that becomes uid/gid 65534, connects a Unix socket of
+/// `sock_type` to `path` and, if `request` is not empty, sends it and
+/// waits up to 3 s for a reply. Its exit code: 10 connect refused with
+/// EACCES, 12 connected (with a request: got a reply), 11 closed without a
+/// reply, 13 no reply in time, 2x setup or other connect errors.
+pub fn stranger_probe(path: &std::path::Path, sock_type: libc::c_int, request: &[u8]) -> i32 {
+    // Everything the child needs is prepared before fork (no allocation after).
+    let addr = sockaddr_un_of(path);
+    // SAFETY: the child only makes raw syscalls on prepared memory, then _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: as above: raw syscalls only, in the forked child.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                libc::_exit(20);
+            }
+            let fd = libc::socket(libc::AF_UNIX, sock_type | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                libc::_exit(21);
+            }
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            if libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len) != 0 {
+                let e = *libc::__errno_location();
+                libc::_exit(if e == libc::EACCES { 10 } else { 22 });
+            }
+            if request.is_empty() {
+                libc::_exit(12);
+            }
+            if libc::send(fd, request.as_ptr() as *const libc::c_void, request.len(), libc::MSG_NOSIGNAL) < 0 {
+                libc::_exit(11);
+            }
+            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            if libc::poll(&mut pfd, 1, 3000) == 0 {
+                libc::_exit(13);
+            }
+            let mut buf = [0u8; 1024];
+            let n = libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0);
+            libc::_exit(if n > 0 { 12 } else { 11 });
+        }
+    }
+    wait_stranger(pid)
+}
+
 /// `path` as a `sockaddr_un`, prepared before a fork (the child of a
 /// stranger-uid probe allocates nothing).
 pub fn sockaddr_un_of(path: &std::path::Path) -> libc::sockaddr_un {

@@ -306,44 +306,12 @@ fn sigkill_of_the_old_master_mid_restart_keeps_every_connection() {
 /// with EACCES, 11 closed without a reply, 12 got a reply, 13 no reply
 /// within 3 s, 2x setup errors.
 fn stranger_status_request(sock: &Path) -> i32 {
-    // Everything the child needs is prepared before fork (no allocation after).
-    let addr = sockaddr_un_of(sock);
     let mut msg = Vec::with_capacity(24);
     msg.extend_from_slice(b"HOFF");
     msg.extend_from_slice(&1u16.to_le_bytes()); // version
     msg.extend_from_slice(&18u16.to_le_bytes()); // STATUS request
     msg.extend_from_slice(&[0; 16]); // flags, body_len, id
-                                     // SAFETY: the child only makes raw syscalls on prepared memory, then _exit.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
-    if pid == 0 {
-        unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                libc::_exit(20);
-            }
-            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);
-            if fd < 0 {
-                libc::_exit(21);
-            }
-            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-            if libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len) != 0 {
-                let e = *libc::__errno_location();
-                libc::_exit(if e == libc::EACCES { 10 } else { 22 });
-            }
-            if libc::send(fd, msg.as_ptr() as *const libc::c_void, msg.len(), libc::MSG_NOSIGNAL) < 0 {
-                libc::_exit(11);
-            }
-            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-            if libc::poll(&mut pfd, 1, 3000) == 0 {
-                libc::_exit(13);
-            }
-            let mut buf = [0u8; 1024];
-            let n = libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0);
-            libc::_exit(if n > 0 { 12 } else { 11 });
-        }
-    }
-    wait_stranger(pid)
+    stranger_probe(sock, libc::SOCK_SEQPACKET, &msg)
 }
 
 #[test]

@@ -273,30 +273,7 @@ fn node_relays_over_a_unix_link() {
 /// to `path`: its exit code is 10 if refused with EACCES, 12 if
 /// connected, 2x on setup errors or another connect error.
 fn stranger_connect(path: &Path) -> i32 {
-    let addr = sockaddr_un_of(path);
-    // SAFETY: the child only makes raw syscalls on prepared memory, then _exit.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
-    if pid == 0 {
-        // SAFETY: as above: raw syscalls only, in the forked child.
-        unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                libc::_exit(20);
-            }
-            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            if fd < 0 {
-                libc::_exit(21);
-            }
-            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-            if libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len) != 0 {
-                let e = *libc::__errno_location();
-                libc::_exit(if e == libc::EACCES { 10 } else { 22 });
-            }
-            libc::_exit(12);
-        }
-    }
-    wait_stranger(pid)
+    stranger_probe(path, libc::SOCK_STREAM, &[])
 }
 
 #[test]
