@@ -67,6 +67,27 @@ static void close_received(struct msghdr *msg)
     }
 }
 
+/* One recvmsg into buf (len bytes) with room for ancillary data in
+ * control (controllen bytes), descriptors close-on-exec, retried on EINTR;
+ * msg and iov are the caller's, filled here. */
+static ssize_t recv_with_control(int sock, struct msghdr *msg, struct iovec *iov, void *buf, size_t len,
+                                 void *control, size_t controllen)
+{
+    ssize_t n;
+
+    memset(msg, 0, sizeof(*msg));
+    iov->iov_base = buf;
+    iov->iov_len = len;
+    msg->msg_iov = iov;
+    msg->msg_iovlen = 1;
+    msg->msg_control = control;
+    msg->msg_controllen = controllen;
+    do {
+        n = recvmsg(sock, msg, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    return n;
+}
+
 ssize_t fdpass_recv(int sock, int *fd_out, void *buf, size_t len)
 {
     struct iovec iov;
@@ -78,17 +99,7 @@ ssize_t fdpass_recv(int sock, int *fd_out, void *buf, size_t len)
     int count = 0;
 
     *fd_out = -1;
-    memset(&msg, 0, sizeof(msg));
-    iov.iov_base = buf;
-    iov.iov_len = len;
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.buf;
-    msg.msg_controllen = sizeof(control.buf);
-
-    do {
-        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
-    } while (n < 0 && errno == EINTR);
+    n = recv_with_control(sock, &msg, &iov, buf, len, control.buf, sizeof(control.buf));
     if (n < 0)
         return -1;
 
@@ -183,17 +194,7 @@ ssize_t fdpass_recv_many(int sock, int *fds_out, size_t max_fds, size_t *nfds_ou
     *dropped = 0;
     if (max_fds > FDPASS_MAX_FDS)
         max_fds = FDPASS_MAX_FDS;
-    memset(&msg, 0, sizeof(msg));
-    iov.iov_base = buf;
-    iov.iov_len = len;
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.buf;
-    msg.msg_controllen = sizeof(control.buf);
-
-    do {
-        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
-    } while (n < 0 && errno == EINTR);
+    n = recv_with_control(sock, &msg, &iov, buf, len, control.buf, sizeof(control.buf));
     if (n < 0)
         return -1;
 
