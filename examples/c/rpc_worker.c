@@ -78,6 +78,7 @@ struct server {
     struct conn *conns;
     int draining; /* a restart: give every connection back */
     int stopping; /* finish and close */
+    struct evbuffer *replies; /* one serve()'s answers, before they are written */
 };
 
 static int g_index = -1;
@@ -561,15 +562,27 @@ static int settle(struct conn *c) {
     return 0;
 }
 
+/* Writes `replies` at once when nothing is queued before them (one send,
+ * no write event: a request is answered in the callback that read it),
+ * and queues what the kernel did not take on the bufferevent. */
+static void write_through(struct conn *c, struct evbuffer *replies) {
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    if (evbuffer_get_length(out) == 0)
+        (void)evbuffer_write(replies, c->fd); /* EAGAIN or an error: the bufferevent retries and reports */
+    if (evbuffer_get_length(replies) > 0)
+        evbuffer_add_buffer(out, replies);
+}
+
 /* Answers every complete request buffered, in order, then settles.
  * Returns -1 if the connection is gone. */
 static int serve(struct conn *c) {
     struct server *srv = c->srv;
     struct evbuffer *in = bufferevent_get_input(c->bev), *out = bufferevent_get_output(c->bev);
+    struct evbuffer *replies = srv->replies;
     uint64_t served = 0;
     int gone = 0;
     while (!c->closing && !c->releasing) {
-        if (evbuffer_get_length(out) >= OUTPUT_LIMIT) {
+        if (evbuffer_get_length(out) + evbuffer_get_length(replies) >= OUTPUT_LIMIT) {
             c->throttled = 1;
             bufferevent_disable(c->bev, EV_READ);
             break;
@@ -588,7 +601,7 @@ static int serve(struct conn *c) {
         if (avail - 4 < n)
             break;
         unsigned char *frame = evbuffer_pullup(in, (ev_ssize_t)(4 + n));
-        if (!frame || answer(srv, frame + 4, n, out) < 0) {
+        if (!frame || answer(srv, frame + 4, n, replies) < 0) {
             note("out of memory; closing connection %llu", (unsigned long long)c->id);
             gone = 1;
             break;
@@ -599,9 +612,12 @@ static int serve(struct conn *c) {
     if (served)
         handoff_served(srv->w, served);
     if (gone) {
+        write_through(c, replies); /* the answers before the bad frame, as far as the kernel takes them */
         close_conn(c, 1);
         return -1;
     }
+    if (evbuffer_get_length(replies) > 0)
+        write_through(c, replies);
     return settle(c);
 }
 
@@ -761,7 +777,8 @@ int main(int argc, char **argv) {
         signal(group[i], SIG_IGN);
 
     srv.base = event_base_new();
-    if (!srv.base) {
+    srv.replies = evbuffer_new();
+    if (!srv.base || !srv.replies) {
         fprintf(stderr, "rpc_worker: event_base_new failed\n");
         return 1;
     }
@@ -769,6 +786,7 @@ int main(int argc, char **argv) {
     int rc = handoff_worker_new(srv.base, &cb, &srv, &srv.w);
     if (rc < 0) {
         fprintf(stderr, "rpc_worker: %s\n", handoff_strerror(rc));
+        evbuffer_free(srv.replies);
         event_base_free(srv.base);
         return rc == HANDOFF_ENOENV ? 2 : 1;
     }
@@ -791,6 +809,7 @@ int main(int argc, char **argv) {
         free(c);
     }
     handoff_worker_free(srv.w);
+    evbuffer_free(srv.replies);
     event_base_free(srv.base);
     return 0;
 }

@@ -185,7 +185,7 @@ fn oversized_frame_closes_only_that_connection() {
 }
 
 #[test]
-fn sigkill_of_a_worker_under_short_connection_load_loses_nothing() {
+fn sigkill_of_a_worker_under_short_connection_load_loses_at_most_the_request_in_its_hands() {
     let c = Cluster::start(2, &[]);
     let before = c.worker_pids();
     let opts = c.rpc_opts(4, 1500, true);
@@ -201,7 +201,7 @@ fn sigkill_of_a_worker_under_short_connection_load_loses_nothing() {
     let respawned_after = killed_at.elapsed();
     assert!(!load.is_finished(), "the load ended before the kill took effect; make it longer");
     let s = load.join().expect("load thread");
-    assert!(s.passed() && s.errors == 0, "requests failed around the kill of worker 0: {s}");
+    assert_worker_kill_lost_at_most_one(&s, "worker 0");
     assert!(!pid_alive(before[0]), "killed worker {} still alive", before[0]);
     let new0 = v["workers"][0]["pid"].as_i64().unwrap() as i32;
     assert!(pid_alive(new0));

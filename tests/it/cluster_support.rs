@@ -1051,3 +1051,19 @@ pub fn sockaddr_un_of(path: &std::path::Path) -> libc::sockaddr_un {
     }
     addr
 }
+
+/// Checks a short-connection load run across a SIGKILL of one worker.
+/// Every request is answered except, at most, the one the killed worker
+/// was serving at the instant of the kill: a worker answers in the
+/// callback that read the request, so no more than one can be between
+/// read and reply, and bytes a dead process read are gone (README,
+/// "Limits"). Its client sees no reply (a timeout), never a wrong one:
+/// a wrong or duplicated reply would fail the checks as an error too,
+/// so two errors fail the test.
+pub fn assert_worker_kill_lost_at_most_one(s: &handoff::client::Summary, what: &str) {
+    assert_eq!(s.ok + s.errors, s.expected(), "{what}: every request was tried: {s}");
+    assert!(s.errors <= 1, "requests failed around the kill of {what}: {s}");
+    if s.errors == 1 {
+        eprintln!("{what}: 1 request was in the killed worker's hands (the documented loss): {s}");
+    }
+}
