@@ -1,11 +1,18 @@
-//! `Conn`: a byte stream (TCP or Unix) on a bufferevent.
+//! `Conn`: a byte stream (TCP or Unix) on two libevent events of its own.
 //!
-//! The descriptor is owned by the `Conn` (an `OwnedFd`), never by the
-//! bufferevent (`BEV_OPT_CLOSE_ON_FREE` is not used), so it can be taken
-//! back with [`Conn::detach`] and passed to another process. Detaching
-//! disables the bufferevent (which removes its events from epoll at once),
-//! drains the input buffer into the returned leftover, and frees it.
-use std::cell::Cell;
+//! The descriptor is owned by the `Conn` (an `OwnedFd`), so it can be
+//! taken back with [`Conn::detach`] and passed to another process.
+//! Detaching frees the events (which removes them from epoll at once) and
+//! returns the unread input as the leftover.
+//!
+//! Memory: an idle connection costs its read event and two small structs,
+//! no buffer. Input and output are plain `Vec`s that hold heap memory only
+//! while they hold bytes; a read lands in a per-thread scratch buffer and
+//! only the bytes received are kept; the write event is made the first
+//! time output has to wait. (A libevent bufferevent, which this replaced,
+//! cost about 1 KiB per connection: itself, two evbuffers and a callback
+//! entry, plus a 64 KiB chain for a partial request.)
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::raw::{c_int, c_short, c_void};
@@ -34,11 +41,11 @@ pub enum ConnEvent {
 
 type Handler = Rc<dyn Fn(ConnEvent)>;
 
-/// A connected byte stream (TCP or Unix stream socket) on a libevent
-/// bufferevent: input buffered up to a limit, output queued, and every
+/// A connected byte stream (TCP or Unix stream socket) on libevent
+/// events: input buffered up to a limit, output queued, and every
 /// [`ConnEvent`] to one handler. Made by [`Conn::adopt`].
 ///
-/// The `Conn` owns its descriptor: dropping it frees the bufferevent, then
+/// The `Conn` owns its descriptor: dropping it frees its events, then
 /// closes the descriptor (unsent output is lost); [`Conn::detach`] gives
 /// the descriptor back with the unread input instead, e.g. to pass the
 /// connection to another process.
@@ -76,23 +83,20 @@ type Handler = Rc<dyn Fn(ConnEvent)>;
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub struct Conn {
-    bev: Option<NonNull<ev::bufferevent>>,
-    /// Our own read event on the descriptor (see [`Reader`]).
+    /// Our read event on the descriptor (see [`Reader`]).
     read_ev: Option<NonNull<ev::event>>,
-    /// The read state and the handler; every libevent callback of this
-    /// Conn gets a pointer to it as its argument.
+    /// The buffers, the read state and the handler; every libevent
+    /// callback of this Conn gets a pointer to it as its argument.
     reading: Rc<Reader>,
     fd: Option<OwnedFd>,
     _base: Base,
 }
 
-/// The read side. A bufferevent reads with `evbuffer_read`, which asks
-/// the kernel `ioctl(FIONREAD)` before every `readv`: one syscall in three
-/// on a request/response connection. So a `Conn` reads itself, with one
-/// `recv` into the bufferevent's input buffer, and the bufferevent only
-/// buffers input and writes output.
+/// Everything the callbacks need. The `Conn` reads itself with one `recv`
+/// per readable event (libevent's `evbuffer_read` asks `ioctl(FIONREAD)`
+/// first: one syscall in three on a request/response connection), and
+/// writes queued output itself when the socket is writable.
 struct Reader {
-    bev: *mut ev::bufferevent,
     fd: RawFd,
     limit: usize,
     /// The owner wants input ([`Conn::resume_reading`]).
@@ -103,8 +107,44 @@ struct Reader {
     timeout: Cell<Option<ev::timeval>>,
     /// The read event itself (set once made; freed with the Conn).
     event: Cell<*mut ev::event>,
+    /// The write event: null until output first has to wait; freed with
+    /// the Conn.
+    write_ev: Cell<*mut ev::event>,
+    /// Bytes received and not consumed (no heap while empty).
+    input: RefCell<Vec<u8>>,
+    /// Bytes queued and not yet in the kernel (no heap while empty).
+    output: RefCell<Output>,
     /// Every [`ConnEvent`] goes here.
     handler: Handler,
+}
+
+/// Queued output: `buf[sent..]` waits for the kernel.
+#[derive(Default)]
+struct Output {
+    buf: Vec<u8>,
+    sent: usize,
+}
+
+impl Output {
+    fn len(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        if self.sent > 0 && self.sent >= self.buf.len() / 2 {
+            self.buf.drain(..self.sent);
+            self.sent = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Marks `n` more bytes as sent; an empty queue gives its heap back.
+    fn advance(&mut self, n: usize) {
+        self.sent += n;
+        if self.sent >= self.buf.len() {
+            *self = Output::default();
+        }
+    }
 }
 
 /// The Reader behind a callback's `arg`, kept alive for the call (the
@@ -141,74 +181,82 @@ unsafe extern "C" fn read_cb(_fd: c_int, what: c_short, arg: *mut c_void) {
     });
 }
 
+unsafe extern "C" fn write_cb(_fd: c_int, _what: c_short, arg: *mut c_void) {
+    // SAFETY: arg is the Conn's Reader (set in `arm_writer`).
+    let r = unsafe { reader_of(arg) };
+    super::guard(|| {
+        let e = {
+            let mut out = r.output.borrow_mut();
+            match crate::core::sock::send_now(r.fd, &out.buf[out.sent..]) {
+                Ok(n) => {
+                    out.advance(n);
+                    (out.len() == 0).then_some(ConnEvent::Drained)
+                }
+                Err(e) => Some(ConnEvent::Error(e.raw_os_error().unwrap_or(0))),
+            }
+        };
+        let Some(e) = e else { return };
+        // Drained, or failed: no more writing until the next `write`.
+        // SAFETY: the event is live (we run inside its callback).
+        unsafe { ev::event_del(r.write_ev.get()) };
+        (r.handler)(e)
+    });
+}
+
 /// Largest single read.
 const READ_CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    /// Where a read lands when the input has no room: only the bytes
+    /// received are then copied into the input, so an idle connection
+    /// holding part of a request keeps a few bytes, not a read chunk.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_CHUNK].into_boxed_slice());
+}
 
 impl Reader {
     /// Reads once. Returns the event for the handler, if any.
     fn read(&self) -> Option<ConnEvent> {
-        // SAFETY: the Reader lives in the Conn that owns bev and fd, and its
-        // event is freed before either goes; the input buffer's end is
-        // frozen by the bufferevent (only its reads append), so it is
-        // unfrozen for the append and frozen again.
-        unsafe {
-            let input = ev::bufferevent_get_input(self.bev);
-            let have = ev::evbuffer_get_length(input);
-            if have >= self.limit {
-                return None;
+        let mut input = self.input.borrow_mut();
+        let have = input.len();
+        if have >= self.limit {
+            return None;
+        }
+        let want = (self.limit - have).min(READ_CHUNK);
+        let n = if input.capacity() - have >= want {
+            // A large request under way: straight into its buffer.
+            // SAFETY: the spare capacity holds `want` writable bytes; only
+            // the `n` the kernel wrote are then counted as initialised.
+            unsafe {
+                let n = libc::recv(self.fd, input.as_mut_ptr().add(have) as *mut c_void, want, 0);
+                if n > 0 {
+                    input.set_len(have + n as usize);
+                }
+                n
             }
-            let want = (self.limit - have).min(READ_CHUNK);
-            let mut vec = ev::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
-            ev::evbuffer_unfreeze(input, 0);
-            let n = if ev::evbuffer_reserve_space(input, want as isize, &mut vec, 1) < 1 {
-                -1
-            } else {
-                libc::recv(self.fd, vec.iov_base, want.min(vec.iov_len), 0)
-            };
-            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
-            if n > 0 {
-                vec.iov_len = n as usize;
-                ev::evbuffer_commit_space(input, &mut vec, 1);
-            }
-            ev::evbuffer_freeze(input, 0);
-            match n {
-                n if n > 0 => Some(ConnEvent::Read),
-                0 => Some(ConnEvent::Eof),
-                _ if errno == libc::EAGAIN || errno == libc::EINTR => None,
-                _ => Some(ConnEvent::Error(errno)),
-            }
+        } else {
+            SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                // SAFETY: the scratch buffer holds READ_CHUNK >= want bytes.
+                let n = unsafe { libc::recv(self.fd, s.as_mut_ptr() as *mut c_void, want, 0) };
+                if n > 0 {
+                    input.extend_from_slice(&s[..n as usize]);
+                }
+                n
+            })
+        };
+        let errno = if n < 0 { io::Error::last_os_error().raw_os_error().unwrap_or(0) } else { 0 };
+        match n {
+            n if n > 0 => Some(ConnEvent::Read),
+            0 => Some(ConnEvent::Eof),
+            _ if errno == libc::EAGAIN || errno == libc::EINTR => None,
+            _ => Some(ConnEvent::Error(errno)),
         }
     }
 
     /// Whether the read event should be in the loop now.
     fn should_wait(&self) -> bool {
-        // SAFETY: as in `read`.
-        let have = unsafe { ev::evbuffer_get_length(ev::bufferevent_get_input(self.bev)) };
-        self.wanted.get() && !self.done.get() && have < self.limit
+        self.wanted.get() && !self.done.get() && self.input.borrow().len() < self.limit
     }
-}
-
-unsafe extern "C" fn write_cb(_bev: *mut ev::bufferevent, arg: *mut c_void) {
-    // SAFETY: arg is the Conn's Reader, alive while callbacks are set; the
-    // Rc clone keeps it alive if the handler drops the Conn.
-    let r = unsafe { reader_of(arg) };
-    super::guard(|| (r.handler)(ConnEvent::Drained));
-}
-
-unsafe extern "C" fn event_cb(_bev: *mut ev::bufferevent, what: c_short, arg: *mut c_void) {
-    let what = what as u32;
-    let e = if what & ev::BEV_EVENT_TIMEOUT != 0 {
-        ConnEvent::Timeout
-    } else if what & ev::BEV_EVENT_ERROR != 0 {
-        ConnEvent::Error(io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    } else if what & ev::BEV_EVENT_EOF != 0 {
-        ConnEvent::Eof
-    } else {
-        return;
-    };
-    // SAFETY: as in write_cb.
-    let r = unsafe { reader_of(arg) };
-    super::guard(|| (r.handler)(e));
 }
 
 impl Conn {
@@ -217,9 +265,8 @@ impl Conn {
     /// the caller processes it (no `Read` event is raised for it), then
     /// calls [`Conn::resume_reading`] if it keeps the connection: one that
     /// is served from its leftover and passed on never enters epoll.
-    /// Reading buffers at most `read_limit` bytes. Writing is enabled by the
-    /// first buffered write (enabling it on an empty output costs an
-    /// EPOLLOUT wake-up per connection).
+    /// Reading buffers at most `read_limit` bytes. Writing waits for the
+    /// socket only when the kernel does not take a write at once.
     pub fn adopt(
         base: &Base,
         fd: OwnedFd,
@@ -227,18 +274,16 @@ impl Conn {
         read_limit: usize,
         handler: Rc<dyn Fn(ConnEvent)>,
     ) -> io::Result<Conn> {
-        // SAFETY: base is live; fd is a valid socket that we keep owning
-        // (no BEV_OPT_CLOSE_ON_FREE).
-        let raw = unsafe { ev::bufferevent_socket_new(base.as_ptr(), fd.as_raw_fd(), 0) };
-        let bev = NonNull::new(raw).ok_or_else(|| io::Error::other("bufferevent_socket_new failed"))?;
         let reading = Rc::new(Reader {
-            bev: raw,
             fd: fd.as_raw_fd(),
             limit: read_limit.max(1),
             wanted: Cell::new(false),
             done: Cell::new(false),
             timeout: Cell::new(None),
             event: Cell::new(std::ptr::null_mut()),
+            write_ev: Cell::new(std::ptr::null_mut()),
+            input: RefCell::new(leftover.to_vec()),
+            output: RefCell::new(Output::default()),
             handler,
         });
         let arg = Rc::as_ptr(&reading) as *mut c_void;
@@ -247,41 +292,9 @@ impl Conn {
         let read_ev = unsafe {
             ev::event_new(base.as_ptr(), fd.as_raw_fd(), (ev::EV_READ | ev::EV_PERSIST) as c_short, Some(read_cb), arg)
         };
-        let Some(read_ev) = NonNull::new(read_ev) else {
-            // SAFETY: bev is live and has no callbacks yet.
-            unsafe { ev::bufferevent_free(raw) };
-            return Err(io::Error::other("event_new failed"));
-        };
+        let read_ev = NonNull::new(read_ev).ok_or_else(|| io::Error::other("event_new failed"))?;
         reading.event.set(read_ev.as_ptr());
-        let conn = Conn { bev: Some(bev), read_ev: Some(read_ev), reading, fd: Some(fd), _base: base.clone() };
-        if !leftover.is_empty() {
-            // The input buffer's end is frozen (only bufferevent reads append;
-            // ours unfreeze it), its start is not: prepend into the empty buffer.
-            // SAFETY: bev is live; leftover is a live slice, copied by libevent.
-            let rc = unsafe {
-                ev::evbuffer_prepend(ev::bufferevent_get_input(raw), leftover.as_ptr() as *const c_void, leftover.len())
-            };
-            super::check(rc, "evbuffer_prepend")?;
-        }
-        // SAFETY: bev is live; arg (the Reader) outlives the callbacks: they
-        // are cleared by bufferevent_free in Drop/detach before the Conn's
-        // Rc<Reader> goes.
-        unsafe { ev::bufferevent_setcb(raw, None, Some(write_cb), Some(event_cb), arg) };
-        Ok(conn)
-    }
-
-    fn bev(&self) -> *mut ev::bufferevent {
-        self.bev.expect("a Conn keeps its bufferevent until detached").as_ptr()
-    }
-
-    fn input(&self) -> *mut ev::evbuffer {
-        // SAFETY: bev is live.
-        unsafe { ev::bufferevent_get_input(self.bev()) }
-    }
-
-    fn output(&self) -> *mut ev::evbuffer {
-        // SAFETY: bev is live.
-        unsafe { ev::bufferevent_get_output(self.bev()) }
+        Ok(Conn { read_ev: Some(read_ev), reading, fd: Some(fd), _base: base.clone() })
     }
 
     /// The descriptor's number, for syscalls that only look at it
@@ -293,48 +306,51 @@ impl Conn {
 
     /// Bytes waiting in the input buffer.
     pub fn input_len(&self) -> usize {
-        // SAFETY: the input evbuffer belongs to a live bev.
-        unsafe { ev::evbuffer_get_length(self.input()) }
+        self.reading.input.borrow().len()
     }
 
     /// Bytes not yet written to the kernel.
     pub fn output_len(&self) -> usize {
-        // SAFETY: the output evbuffer belongs to a live bev.
-        unsafe { ev::evbuffer_get_length(self.output()) }
+        self.reading.output.borrow().len()
     }
 
-    /// The first `n` input bytes, made contiguous (`n` <= `input_len`).
-    /// The slice borrows the `Conn`; [`Conn::consume`] takes `&mut self`,
-    /// so no slice can outlive the bytes it points at.
+    /// The first `n` input bytes (`n` <= `input_len`). The slice borrows
+    /// the `Conn`; [`Conn::consume`] takes `&mut self`, so no slice can
+    /// outlive the bytes it points at.
     pub fn peek(&self, n: usize) -> &[u8] {
-        let n = n.min(self.input_len());
-        if n == 0 {
-            return &[];
-        }
-        // SAFETY: pullup makes n bytes contiguous and returns a pointer into
-        // the buffer, valid until the buffer is next modified. Only
-        // `consume` (&mut self), `detach` (self) and the read event's appends
-        // (which run from the loop, never while a Rust borrow is live)
-        // modify the input buffer, so the shared borrow of self outlives
-        // every use of the slice.
-        unsafe {
-            let p = ev::evbuffer_pullup(self.input(), n as isize);
-            std::slice::from_raw_parts(p, n)
-        }
+        let input = self.reading.input.borrow();
+        let n = n.min(input.len());
+        // SAFETY: the slice points into the input Vec's heap, valid until
+        // the Vec is next modified. Only `consume` (&mut self), `detach`
+        // (self) and the read event's appends (which run from the loop,
+        // never while a Rust borrow is live) modify it, so the shared
+        // borrow of self outlives every use of the slice.
+        unsafe { std::slice::from_raw_parts(input.as_ptr(), n) }
     }
 
     /// Copies up to `buf.len()` input bytes without removing them.
     pub fn copy_out(&self, buf: &mut [u8]) -> usize {
-        // SAFETY: buf is a live, writable slice of the given length.
-        let n = unsafe { ev::evbuffer_copyout(self.input(), buf.as_mut_ptr() as *mut c_void, buf.len()) };
-        n.max(0) as usize
+        let input = self.reading.input.borrow();
+        let n = buf.len().min(input.len());
+        buf[..n].copy_from_slice(&input[..n]);
+        n
     }
 
     /// Removes `n` bytes from the front of the input. Takes `&mut self` so
     /// that no slice from [`Conn::peek`] can be used afterwards.
     pub fn consume(&mut self, n: usize) {
-        // SAFETY: the input evbuffer belongs to a live bev.
-        unsafe { ev::evbuffer_drain(self.input(), n) };
+        {
+            let mut input = self.reading.input.borrow_mut();
+            if n >= input.len() {
+                // Idle again: no heap held.
+                *input = Vec::new();
+            } else if n > 0 {
+                input.drain(..n);
+                if input.capacity() > 4096 && input.len() * 4 < input.capacity() {
+                    input.shrink_to_fit();
+                }
+            }
+        }
         // Below the read limit again: reading goes on.
         self.arm_reader();
     }
@@ -348,23 +364,38 @@ impl Conn {
                 add_read(e, self.reading.timeout.get());
             }
         } else {
-            // SAFETY: the event is live until free_bev.
+            // SAFETY: the event is live until free_events.
             unsafe { ev::event_del(e.as_ptr()) };
         }
     }
 
     /// Queues bytes for writing (a `Drained` event follows when they are out).
     pub fn write(&self, data: &[u8]) {
-        // SAFETY: bev is live; data is a live slice, copied by libevent.
-        unsafe {
-            ev::bufferevent_enable(self.bev(), ev::EV_WRITE as c_short);
-            ev::bufferevent_write(self.bev(), data.as_ptr() as *const c_void, data.len());
+        if self.read_ev.is_none() {
+            return; // detached (never: detach takes self)
         }
+        self.reading.output.borrow_mut().push(data);
+        let mut e = self.reading.write_ev.get();
+        if e.is_null() {
+            let arg = Rc::as_ptr(&self.reading) as *mut c_void;
+            // SAFETY: the base is live; arg stays valid while the event
+            // exists (the Conn frees it before its Rc<Reader>).
+            e = unsafe {
+                ev::event_new(self._base.as_ptr(), self.raw_fd(), (ev::EV_WRITE | ev::EV_PERSIST) as c_short, Some(write_cb), arg)
+            };
+            if e.is_null() {
+                log::error!("connection {}: event_new for writing failed; output dropped", self.raw_fd());
+                return;
+            }
+            self.reading.write_ev.set(e);
+        }
+        // SAFETY: the event is live until free_events; no timeout.
+        unsafe { ev::event_add(e, std::ptr::null()) };
     }
 
     /// Writes `data` to the kernel at once when nothing is queued before
-    /// it (saving the bufferevent's EV_WRITE round trip); queues what the
-    /// socket does not take. Returns true when everything is in the kernel.
+    /// it (saving the EV_WRITE round trip); queues what the socket does
+    /// not take. Returns true when everything is in the kernel.
     pub fn write_now(&self, data: &[u8]) -> io::Result<bool> {
         let mut sent = 0;
         if self.output_len() == 0 {
@@ -407,39 +438,35 @@ impl Conn {
         }
     }
 
-    /// Takes the descriptor and the unread input back, freeing the
-    /// bufferevent first (its events leave epoll before the fd can move).
-    /// Output not yet flushed is lost: call when `output_len() == 0`.
+    /// Takes the descriptor and the unread input back, freeing the events
+    /// first (they leave epoll before the fd can move). Output not yet
+    /// flushed is lost: call when `output_len() == 0`.
     pub fn detach(mut self) -> (OwnedFd, Vec<u8>) {
-        let mut leftover = vec![0u8; self.input_len()];
-        let n = self.copy_out(&mut leftover);
-        leftover.truncate(n);
-        self.free_bev();
+        self.free_events();
+        let leftover = std::mem::take(&mut *self.reading.input.borrow_mut());
         (self.fd.take().expect("fd present until detach"), leftover)
     }
 
-    fn free_bev(&mut self) {
-        // Our read event leaves epoll first (changelist off: at once).
+    fn free_events(&mut self) {
+        // The events leave epoll at once (changelist off); nothing calls
+        // back afterwards, so the Reader their argument points to may be
+        // dropped.
         if let Some(e) = self.read_ev.take() {
             // SAFETY: the event is live and ours; nothing uses it afterwards.
             unsafe { ev::event_free(e.as_ptr()) };
         }
-        if let Some(bev) = self.bev.take() {
-            // SAFETY: bev is live; disabling deletes its events from the
-            // backend now (changelist off); free clears the callbacks, so the
-            // Reader their argument points to may be dropped afterwards.
-            unsafe {
-                ev::bufferevent_disable(bev.as_ptr(), (ev::EV_READ | ev::EV_WRITE) as c_short);
-                ev::bufferevent_free(bev.as_ptr());
-            }
+        let w = self.reading.write_ev.replace(std::ptr::null_mut());
+        if !w.is_null() {
+            // SAFETY: as above.
+            unsafe { ev::event_free(w) };
         }
     }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.free_bev();
-        // self.fd closes after the bufferevent is gone.
+        self.free_events();
+        // self.fd closes after the events are gone.
     }
 }
 
