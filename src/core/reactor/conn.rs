@@ -381,7 +381,13 @@ impl Conn {
             // SAFETY: the base is live; arg stays valid while the event
             // exists (the Conn frees it before its Rc<Reader>).
             e = unsafe {
-                ev::event_new(self._base.as_ptr(), self.raw_fd(), (ev::EV_WRITE | ev::EV_PERSIST) as c_short, Some(write_cb), arg)
+                ev::event_new(
+                    self._base.as_ptr(),
+                    self.raw_fd(),
+                    (ev::EV_WRITE | ev::EV_PERSIST) as c_short,
+                    Some(write_cb),
+                    arg,
+                )
             };
             if e.is_null() {
                 log::error!("connection {}: event_new for writing failed; output dropped", self.raw_fd());
@@ -445,6 +451,13 @@ impl Conn {
         self.free_events();
         let leftover = std::mem::take(&mut *self.reading.input.borrow_mut());
         (self.fd.take().expect("fd present until detach"), leftover)
+    }
+
+    /// Heap bytes the input and output buffers hold (tests: an idle
+    /// connection holds none, a partial request only its own bytes).
+    #[cfg(test)]
+    pub(super) fn buffer_capacity(&self) -> usize {
+        self.reading.input.borrow().capacity() + self.reading.output.borrow().buf.capacity()
     }
 
     fn free_events(&mut self) {

@@ -118,6 +118,50 @@ fn conn_reports_drained_then_eof() {
 }
 
 #[test]
+fn conn_keeps_only_the_bytes_it_holds_and_frees_buffers_when_idle() {
+    let base = Base::new().unwrap();
+    let (mut peer, fd) = nonblocking_pair();
+    let events: Rc<RefCell<Vec<ConnEvent>>> = Rc::default();
+    let (ev, b) = (events.clone(), base.clone());
+    let mut conn = Conn::adopt(
+        &base,
+        fd,
+        b"",
+        1 << 20,
+        Rc::new(move |e| {
+            ev.borrow_mut().push(e);
+            b.exit(None);
+        }),
+    )
+    .unwrap();
+    assert_eq!(conn.buffer_capacity(), 0);
+    conn.resume_reading();
+    // Part of a request: kept as its own 7 bytes, not a 64 KiB read chunk.
+    peer.write_all(b"partial").unwrap();
+    let _dog = watchdog(&base);
+    base.dispatch().unwrap();
+    assert_eq!(conn.peek(7), b"partial");
+    assert!(conn.buffer_capacity() < 64, "holds {} bytes", conn.buffer_capacity());
+    conn.consume(7);
+    assert_eq!((conn.input_len(), conn.buffer_capacity()), (0, 0));
+    // Output the socket does not take at once waits, then leaves; the
+    // buffer is given back once drained.
+    let big = vec![7u8; 4 << 20];
+    assert!(!conn.write_now(&big).unwrap());
+    assert!(conn.output_len() > 0);
+    let reader = std::thread::spawn(move || {
+        let mut got = vec![0u8; 4 << 20];
+        peer.read_exact(&mut got).unwrap();
+        got.iter().all(|&b| b == 7)
+    });
+    events.borrow_mut().clear();
+    base.dispatch().unwrap();
+    assert_eq!(*events.borrow(), [ConnEvent::Drained]);
+    assert!(reader.join().unwrap());
+    assert_eq!((conn.output_len(), conn.buffer_capacity()), (0, 0));
+}
+
+#[test]
 fn listener_accepts_and_removes_its_socket_file() {
     let dir = std::env::temp_dir().join(format!("handoff-reactor-{}", std::process::id()));
     sock::private_dir(&dir).unwrap();
