@@ -1,17 +1,18 @@
-//! `Conn`: a byte stream (TCP or Unix) on two libevent events of its own.
+//! `Conn`: a byte stream (TCP or Unix) on a bufferevent.
 //!
-//! The descriptor is owned by the `Conn` (an `OwnedFd`), so it can be
-//! taken back with [`Conn::detach`] and passed to another process.
-//! Detaching frees the events (which removes them from epoll at once) and
-//! returns the unread input as the leftover.
+//! The descriptor is owned by the `Conn` (an `OwnedFd`), never by the
+//! bufferevent (`BEV_OPT_CLOSE_ON_FREE` is not used), so it can be taken
+//! back with [`Conn::detach`] and passed to another process. Detaching
+//! frees the bufferevent and the read event (which removes them from epoll
+//! at once) and returns the unread input as the leftover.
 //!
-//! Memory: an idle connection costs its read event and two small structs,
-//! no buffer. Input and output are plain `Vec`s that hold heap memory only
-//! while they hold bytes; a read lands in a per-thread scratch buffer and
-//! only the bytes received are kept; the write event is made the first
-//! time output has to wait. (A libevent bufferevent, which this replaced,
-//! cost about 1 KiB per connection: itself, two evbuffers and a callback
-//! entry, plus a 64 KiB chain for a partial request.)
+//! Memory: the bufferevent (with its two evbuffers, about 1 KiB) exists
+//! only while the connection holds bytes: input not yet consumed, or
+//! output the kernel has not taken yet. An idle connection between
+//! requests has only its read event; a read lands in a per-thread scratch
+//! buffer and only the bytes received are added to the input, so a
+//! connection holding part of a request keeps those bytes, not a 64 KiB
+//! reserved chain.
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -41,11 +42,11 @@ pub enum ConnEvent {
 
 type Handler = Rc<dyn Fn(ConnEvent)>;
 
-/// A connected byte stream (TCP or Unix stream socket) on libevent
-/// events: input buffered up to a limit, output queued, and every
+/// A connected byte stream (TCP or Unix stream socket) on a libevent
+/// bufferevent: input buffered up to a limit, output queued, and every
 /// [`ConnEvent`] to one handler. Made by [`Conn::adopt`].
 ///
-/// The `Conn` owns its descriptor: dropping it frees its events, then
+/// The `Conn` owns its descriptor: dropping it frees the bufferevent, then
 /// closes the descriptor (unsent output is lost); [`Conn::detach`] gives
 /// the descriptor back with the unread input instead, e.g. to pass the
 /// connection to another process.
@@ -83,68 +84,41 @@ type Handler = Rc<dyn Fn(ConnEvent)>;
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub struct Conn {
-    /// Our read event on the descriptor (see [`Reader`]).
+    /// Our own read event on the descriptor (see [`Reader`]).
     read_ev: Option<NonNull<ev::event>>,
-    /// The buffers, the read state and the handler; every libevent
-    /// callback of this Conn gets a pointer to it as its argument.
+    /// The bufferevent (made when needed), the read state and the
+    /// handler; every libevent callback of this Conn gets a pointer to it
+    /// as its argument.
     reading: Rc<Reader>,
     fd: Option<OwnedFd>,
     _base: Base,
 }
 
-/// Everything the callbacks need. The `Conn` reads itself with one `recv`
-/// per readable event (libevent's `evbuffer_read` asks `ioctl(FIONREAD)`
-/// first: one syscall in three on a request/response connection), and
-/// writes queued output itself when the socket is writable.
+/// The read side, and the bufferevent. A bufferevent reads with
+/// `evbuffer_read`, which asks the kernel `ioctl(FIONREAD)` before every
+/// `readv`: one syscall in three on a request/response connection. So a
+/// `Conn` reads itself, with one `recv`, and the bufferevent only buffers
+/// input and writes output; it is made when bytes must be kept and freed
+/// once both of its buffers are empty again.
 struct Reader {
+    /// The bufferevent, or null while the connection holds no bytes.
+    bev: Cell<*mut ev::bufferevent>,
+    /// The Conn's base (it holds a clone: live while the Conn is).
+    base: *mut ev::event_base,
     fd: RawFd,
     limit: usize,
     /// The owner wants input ([`Conn::resume_reading`]).
     wanted: Cell<bool>,
     /// EOF or an error was seen: nothing more will be read.
     done: Cell<bool>,
+    /// A write was queued and its `Drained` (or error) has not come yet.
+    writing: Cell<bool>,
     /// The read timeout, as libevent takes it ([`Base::common_timeval`]).
     timeout: Cell<Option<ev::timeval>>,
     /// The read event itself (set once made; freed with the Conn).
     event: Cell<*mut ev::event>,
-    /// The write event: null until output first has to wait; freed with
-    /// the Conn.
-    write_ev: Cell<*mut ev::event>,
-    /// Bytes received and not consumed (no heap while empty).
-    input: RefCell<Vec<u8>>,
-    /// Bytes queued and not yet in the kernel (no heap while empty).
-    output: RefCell<Output>,
     /// Every [`ConnEvent`] goes here.
     handler: Handler,
-}
-
-/// Queued output: `buf[sent..]` waits for the kernel.
-#[derive(Default)]
-struct Output {
-    buf: Vec<u8>,
-    sent: usize,
-}
-
-impl Output {
-    fn len(&self) -> usize {
-        self.buf.len() - self.sent
-    }
-
-    fn push(&mut self, data: &[u8]) {
-        if self.sent > 0 && self.sent >= self.buf.len() / 2 {
-            self.buf.drain(..self.sent);
-            self.sent = 0;
-        }
-        self.buf.extend_from_slice(data);
-    }
-
-    /// Marks `n` more bytes as sent; an empty queue gives its heap back.
-    fn advance(&mut self, n: usize) {
-        self.sent += n;
-        if self.sent >= self.buf.len() {
-            *self = Output::default();
-        }
-    }
 }
 
 /// The Reader behind a callback's `arg`, kept alive for the call (the
@@ -181,82 +155,166 @@ unsafe extern "C" fn read_cb(_fd: c_int, what: c_short, arg: *mut c_void) {
     });
 }
 
-unsafe extern "C" fn write_cb(_fd: c_int, _what: c_short, arg: *mut c_void) {
-    // SAFETY: arg is the Conn's Reader (set in `arm_writer`).
-    let r = unsafe { reader_of(arg) };
-    super::guard(|| {
-        let e = {
-            let mut out = r.output.borrow_mut();
-            match crate::core::sock::send_now(r.fd, &out.buf[out.sent..]) {
-                Ok(n) => {
-                    out.advance(n);
-                    (out.len() == 0).then_some(ConnEvent::Drained)
-                }
-                Err(e) => Some(ConnEvent::Error(e.raw_os_error().unwrap_or(0))),
-            }
-        };
-        let Some(e) = e else { return };
-        // Drained, or failed: no more writing until the next `write`.
-        // SAFETY: the event is live (we run inside its callback).
-        unsafe { ev::event_del(r.write_ev.get()) };
-        (r.handler)(e)
-    });
-}
-
 /// Largest single read.
 const READ_CHUNK: usize = 64 * 1024;
 
 thread_local! {
-    /// Where a read lands when the input has no room: only the bytes
-    /// received are then copied into the input, so an idle connection
-    /// holding part of a request keeps a few bytes, not a read chunk.
+    /// Where every read lands first: only the bytes received go into the
+    /// input buffer (no 64 KiB chain reserved per connection).
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_CHUNK].into_boxed_slice());
 }
 
 impl Reader {
+    /// The bufferevent, made now if there is none (its callbacks set).
+    fn bev(&self) -> io::Result<*mut ev::bufferevent> {
+        let bev = self.bev.get();
+        if !bev.is_null() {
+            return Ok(bev);
+        }
+        // SAFETY: base is live while the Conn is (it holds a clone); fd is
+        // a valid socket that the Conn keeps owning (no BEV_OPT_CLOSE_ON_FREE).
+        let bev = unsafe { ev::bufferevent_socket_new(self.base, self.fd, 0) };
+        if bev.is_null() {
+            return Err(io::Error::other("bufferevent_socket_new failed"));
+        }
+        let arg = self as *const Reader as *mut c_void;
+        // SAFETY: bev is live; arg (this Reader, in the Conn's Rc) outlives
+        // the callbacks: they are cleared by bufferevent_free (`free_bev`,
+        // at the latest in the Conn's Drop/detach) before the Rc goes.
+        unsafe { ev::bufferevent_setcb(bev, None, Some(write_cb), Some(event_cb), arg) };
+        self.bev.set(bev);
+        Ok(bev)
+    }
+
+    /// Frees the bufferevent (unsent output is lost).
+    fn free_bev(&self) {
+        let bev = self.bev.replace(std::ptr::null_mut());
+        if !bev.is_null() {
+            // SAFETY: bev is live and ours; disabling deletes its events
+            // from the backend now (changelist off); free clears the
+            // callbacks. Inside one of its own callbacks libevent defers
+            // the release until that callback returns.
+            unsafe {
+                ev::bufferevent_disable(bev, (ev::EV_READ | ev::EV_WRITE) as c_short);
+                ev::bufferevent_free(bev);
+            }
+        }
+    }
+
+    /// Frees the bufferevent once it holds nothing and owes no event.
+    fn release_if_idle(&self) {
+        if !self.bev.get().is_null() && !self.writing.get() && self.input_len() == 0 && self.output_len() == 0 {
+            self.free_bev();
+        }
+    }
+
+    fn input(&self) -> *mut ev::evbuffer {
+        let bev = self.bev.get();
+        // SAFETY: bev, when not null, is live.
+        if bev.is_null() {
+            std::ptr::null_mut()
+        } else {
+            unsafe { ev::bufferevent_get_input(bev) }
+        }
+    }
+
+    fn input_len(&self) -> usize {
+        let input = self.input();
+        // SAFETY: a live bufferevent's input evbuffer.
+        if input.is_null() {
+            0
+        } else {
+            unsafe { ev::evbuffer_get_length(input) }
+        }
+    }
+
+    fn output_len(&self) -> usize {
+        let bev = self.bev.get();
+        // SAFETY: bev, when not null, is live.
+        if bev.is_null() {
+            0
+        } else {
+            unsafe { ev::evbuffer_get_length(ev::bufferevent_get_output(bev)) }
+        }
+    }
+
     /// Reads once. Returns the event for the handler, if any.
     fn read(&self) -> Option<ConnEvent> {
-        let mut input = self.input.borrow_mut();
-        let have = input.len();
+        let have = self.input_len();
         if have >= self.limit {
             return None;
         }
         let want = (self.limit - have).min(READ_CHUNK);
-        let n = if input.capacity() - have >= want {
-            // A large request under way: straight into its buffer.
-            // SAFETY: the spare capacity holds `want` writable bytes; only
-            // the `n` the kernel wrote are then counted as initialised.
-            unsafe {
-                let n = libc::recv(self.fd, input.as_mut_ptr().add(have) as *mut c_void, want, 0);
-                if n > 0 {
-                    input.set_len(have + n as usize);
-                }
-                n
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            // SAFETY: the scratch buffer holds READ_CHUNK >= want bytes.
+            let n = unsafe { libc::recv(self.fd, s.as_mut_ptr() as *mut c_void, want, 0) };
+            let errno = if n < 0 { io::Error::last_os_error().raw_os_error().unwrap_or(0) } else { 0 };
+            match n {
+                n if n > 0 => Some(match self.append(&s[..n as usize]) {
+                    Ok(()) => ConnEvent::Read,
+                    Err(e) => ConnEvent::Error(e.raw_os_error().unwrap_or(libc::ENOMEM)),
+                }),
+                0 => Some(ConnEvent::Eof),
+                _ if errno == libc::EAGAIN || errno == libc::EINTR => None,
+                _ => Some(ConnEvent::Error(errno)),
             }
-        } else {
-            SCRATCH.with(|s| {
-                let mut s = s.borrow_mut();
-                // SAFETY: the scratch buffer holds READ_CHUNK >= want bytes.
-                let n = unsafe { libc::recv(self.fd, s.as_mut_ptr() as *mut c_void, want, 0) };
-                if n > 0 {
-                    input.extend_from_slice(&s[..n as usize]);
-                }
-                n
-            })
+        })
+    }
+
+    /// Adds received bytes at the end of the input.
+    fn append(&self, data: &[u8]) -> io::Result<()> {
+        let bev = self.bev()?;
+        // SAFETY: bev is live; data is a live slice, copied by libevent.
+        // The input's end is frozen by the bufferevent (only its reads
+        // append), so it is unfrozen for the append and frozen again.
+        let rc = unsafe {
+            let input = ev::bufferevent_get_input(bev);
+            ev::evbuffer_unfreeze(input, 0);
+            let rc = ev::evbuffer_add(input, data.as_ptr() as *const c_void, data.len());
+            ev::evbuffer_freeze(input, 0);
+            rc
         };
-        let errno = if n < 0 { io::Error::last_os_error().raw_os_error().unwrap_or(0) } else { 0 };
-        match n {
-            n if n > 0 => Some(ConnEvent::Read),
-            0 => Some(ConnEvent::Eof),
-            _ if errno == libc::EAGAIN || errno == libc::EINTR => None,
-            _ => Some(ConnEvent::Error(errno)),
-        }
+        super::check(rc, "evbuffer_add")
     }
 
     /// Whether the read event should be in the loop now.
     fn should_wait(&self) -> bool {
-        self.wanted.get() && !self.done.get() && self.input.borrow().len() < self.limit
+        self.wanted.get() && !self.done.get() && self.input_len() < self.limit
     }
+}
+
+unsafe extern "C" fn write_cb(_bev: *mut ev::bufferevent, arg: *mut c_void) {
+    // SAFETY: arg is the Conn's Reader, alive while callbacks are set; the
+    // Rc clone keeps it alive if the handler drops the Conn.
+    let r = unsafe { reader_of(arg) };
+    super::guard(|| {
+        r.writing.set(false);
+        (r.handler)(ConnEvent::Drained);
+        // Nothing left to hold (a dropped Conn has freed it already).
+        r.release_if_idle();
+    });
+}
+
+unsafe extern "C" fn event_cb(_bev: *mut ev::bufferevent, what: c_short, arg: *mut c_void) {
+    let what = what as u32;
+    let e = if what & ev::BEV_EVENT_TIMEOUT != 0 {
+        ConnEvent::Timeout
+    } else if what & ev::BEV_EVENT_ERROR != 0 {
+        ConnEvent::Error(io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else if what & ev::BEV_EVENT_EOF != 0 {
+        ConnEvent::Eof
+    } else {
+        return;
+    };
+    // SAFETY: as in write_cb.
+    let r = unsafe { reader_of(arg) };
+    super::guard(|| {
+        if what & ev::BEV_EVENT_WRITING != 0 {
+            r.writing.set(false);
+        }
+        (r.handler)(e)
+    });
 }
 
 impl Conn {
@@ -265,8 +323,9 @@ impl Conn {
     /// the caller processes it (no `Read` event is raised for it), then
     /// calls [`Conn::resume_reading`] if it keeps the connection: one that
     /// is served from its leftover and passed on never enters epoll.
-    /// Reading buffers at most `read_limit` bytes. Writing waits for the
-    /// socket only when the kernel does not take a write at once.
+    /// Reading buffers at most `read_limit` bytes. Writing is enabled by the
+    /// first buffered write (enabling it on an empty output costs an
+    /// EPOLLOUT wake-up per connection).
     pub fn adopt(
         base: &Base,
         fd: OwnedFd,
@@ -275,15 +334,15 @@ impl Conn {
         handler: Rc<dyn Fn(ConnEvent)>,
     ) -> io::Result<Conn> {
         let reading = Rc::new(Reader {
+            bev: Cell::new(std::ptr::null_mut()),
+            base: base.as_ptr(),
             fd: fd.as_raw_fd(),
             limit: read_limit.max(1),
             wanted: Cell::new(false),
             done: Cell::new(false),
+            writing: Cell::new(false),
             timeout: Cell::new(None),
             event: Cell::new(std::ptr::null_mut()),
-            write_ev: Cell::new(std::ptr::null_mut()),
-            input: RefCell::new(leftover.to_vec()),
-            output: RefCell::new(Output::default()),
             handler,
         });
         let arg = Rc::as_ptr(&reading) as *mut c_void;
@@ -294,7 +353,20 @@ impl Conn {
         };
         let read_ev = NonNull::new(read_ev).ok_or_else(|| io::Error::other("event_new failed"))?;
         reading.event.set(read_ev.as_ptr());
-        Ok(Conn { read_ev: Some(read_ev), reading, fd: Some(fd), _base: base.clone() })
+        // From here the Conn frees what it holds on any error.
+        let conn = Conn { read_ev: Some(read_ev), reading, fd: Some(fd), _base: base.clone() };
+        if !leftover.is_empty() {
+            conn.reading.append(leftover)?;
+        }
+        Ok(conn)
+    }
+
+    /// The bufferevent, made now if there is none.
+    fn bev(&self) -> io::Result<*mut ev::bufferevent> {
+        if self.read_ev.is_none() {
+            return Err(io::Error::other("connection detached"));
+        }
+        self.reading.bev()
     }
 
     /// The descriptor's number, for syscalls that only look at it
@@ -306,51 +378,56 @@ impl Conn {
 
     /// Bytes waiting in the input buffer.
     pub fn input_len(&self) -> usize {
-        self.reading.input.borrow().len()
+        self.reading.input_len()
     }
 
     /// Bytes not yet written to the kernel.
     pub fn output_len(&self) -> usize {
-        self.reading.output.borrow().len()
+        self.reading.output_len()
     }
 
-    /// The first `n` input bytes (`n` <= `input_len`). The slice borrows
-    /// the `Conn`; [`Conn::consume`] takes `&mut self`, so no slice can
-    /// outlive the bytes it points at.
+    /// The first `n` input bytes, made contiguous (`n` <= `input_len`).
+    /// The slice borrows the `Conn`; [`Conn::consume`] takes `&mut self`,
+    /// so no slice can outlive the bytes it points at.
     pub fn peek(&self, n: usize) -> &[u8] {
-        let input = self.reading.input.borrow();
-        let n = n.min(input.len());
-        // SAFETY: the slice points into the input Vec's heap, valid until
-        // the Vec is next modified. Only `consume` (&mut self), `detach`
+        let n = n.min(self.input_len());
+        if n == 0 {
+            return &[];
+        }
+        // SAFETY: n > 0, so the bufferevent exists; pullup makes n bytes
+        // contiguous and returns a pointer into the buffer, valid until the
+        // buffer is next modified. Only `consume` (&mut self), `detach`
         // (self) and the read event's appends (which run from the loop,
-        // never while a Rust borrow is live) modify it, so the shared
-        // borrow of self outlives every use of the slice.
-        unsafe { std::slice::from_raw_parts(input.as_ptr(), n) }
+        // never while a Rust borrow is live) modify the input buffer, or
+        // free the bufferevent, so the shared borrow of self outlives every
+        // use of the slice.
+        unsafe {
+            let p = ev::evbuffer_pullup(self.reading.input(), n as isize);
+            std::slice::from_raw_parts(p, n)
+        }
     }
 
     /// Copies up to `buf.len()` input bytes without removing them.
     pub fn copy_out(&self, buf: &mut [u8]) -> usize {
-        let input = self.reading.input.borrow();
-        let n = buf.len().min(input.len());
-        buf[..n].copy_from_slice(&input[..n]);
-        n
+        let input = self.reading.input();
+        if input.is_null() {
+            return 0;
+        }
+        // SAFETY: input is live; buf is a live, writable slice of the given length.
+        let n = unsafe { ev::evbuffer_copyout(input, buf.as_mut_ptr() as *mut c_void, buf.len()) };
+        n.max(0) as usize
     }
 
     /// Removes `n` bytes from the front of the input. Takes `&mut self` so
-    /// that no slice from [`Conn::peek`] can be used afterwards.
+    /// that no slice from [`Conn::peek`] can be used afterwards. Once
+    /// nothing is held, the bufferevent is freed.
     pub fn consume(&mut self, n: usize) {
-        {
-            let mut input = self.reading.input.borrow_mut();
-            if n >= input.len() {
-                // Idle again: no heap held.
-                *input = Vec::new();
-            } else if n > 0 {
-                input.drain(..n);
-                if input.capacity() > 4096 && input.len() * 4 < input.capacity() {
-                    input.shrink_to_fit();
-                }
-            }
+        let input = self.reading.input();
+        if !input.is_null() && n > 0 {
+            // SAFETY: the input evbuffer belongs to a live bev.
+            unsafe { ev::evbuffer_drain(input, n) };
         }
+        self.reading.release_if_idle();
         // Below the read limit again: reading goes on.
         self.arm_reader();
     }
@@ -371,37 +448,24 @@ impl Conn {
 
     /// Queues bytes for writing (a `Drained` event follows when they are out).
     pub fn write(&self, data: &[u8]) {
-        if self.read_ev.is_none() {
-            return; // detached (never: detach takes self)
-        }
-        self.reading.output.borrow_mut().push(data);
-        let mut e = self.reading.write_ev.get();
-        if e.is_null() {
-            let arg = Rc::as_ptr(&self.reading) as *mut c_void;
-            // SAFETY: the base is live; arg stays valid while the event
-            // exists (the Conn frees it before its Rc<Reader>).
-            e = unsafe {
-                ev::event_new(
-                    self._base.as_ptr(),
-                    self.raw_fd(),
-                    (ev::EV_WRITE | ev::EV_PERSIST) as c_short,
-                    Some(write_cb),
-                    arg,
-                )
-            };
-            if e.is_null() {
-                log::error!("connection {}: event_new for writing failed; output dropped", self.raw_fd());
+        let bev = match self.bev() {
+            Ok(b) => b,
+            Err(e) => {
+                log::error!("connection {}: {e}; output dropped", self.raw_fd());
                 return;
             }
-            self.reading.write_ev.set(e);
+        };
+        self.reading.writing.set(true);
+        // SAFETY: bev is live; data is a live slice, copied by libevent.
+        unsafe {
+            ev::bufferevent_enable(bev, ev::EV_WRITE as c_short);
+            ev::bufferevent_write(bev, data.as_ptr() as *const c_void, data.len());
         }
-        // SAFETY: the event is live until free_events; no timeout.
-        unsafe { ev::event_add(e, std::ptr::null()) };
     }
 
     /// Writes `data` to the kernel at once when nothing is queued before
-    /// it (saving the EV_WRITE round trip); queues what the socket does
-    /// not take. Returns true when everything is in the kernel.
+    /// it (saving the bufferevent's EV_WRITE round trip); queues what the
+    /// socket does not take. Returns true when everything is in the kernel.
     pub fn write_now(&self, data: &[u8]) -> io::Result<bool> {
         let mut sent = 0;
         if self.output_len() == 0 {
@@ -444,42 +508,37 @@ impl Conn {
         }
     }
 
-    /// Takes the descriptor and the unread input back, freeing the events
-    /// first (they leave epoll before the fd can move). Output not yet
-    /// flushed is lost: call when `output_len() == 0`.
+    /// Takes the descriptor and the unread input back, freeing the
+    /// bufferevent first (its events leave epoll before the fd can move).
+    /// Output not yet flushed is lost: call when `output_len() == 0`.
     pub fn detach(mut self) -> (OwnedFd, Vec<u8>) {
+        let mut leftover = vec![0u8; self.input_len()];
+        let n = self.copy_out(&mut leftover);
+        leftover.truncate(n);
         self.free_events();
-        let leftover = std::mem::take(&mut *self.reading.input.borrow_mut());
         (self.fd.take().expect("fd present until detach"), leftover)
     }
 
-    /// Heap bytes the input and output buffers hold (tests: an idle
-    /// connection holds none, a partial request only its own bytes).
+    /// Whether the bufferevent exists now (tests: an idle connection has none).
     #[cfg(test)]
-    pub(super) fn buffer_capacity(&self) -> usize {
-        self.reading.input.borrow().capacity() + self.reading.output.borrow().buf.capacity()
+    pub(super) fn has_bufferevent(&self) -> bool {
+        !self.reading.bev.get().is_null()
     }
 
     fn free_events(&mut self) {
-        // The events leave epoll at once (changelist off); nothing calls
-        // back afterwards, so the Reader their argument points to may be
-        // dropped.
+        // Our read event leaves epoll first (changelist off: at once).
         if let Some(e) = self.read_ev.take() {
             // SAFETY: the event is live and ours; nothing uses it afterwards.
             unsafe { ev::event_free(e.as_ptr()) };
         }
-        let w = self.reading.write_ev.replace(std::ptr::null_mut());
-        if !w.is_null() {
-            // SAFETY: as above.
-            unsafe { ev::event_free(w) };
-        }
+        self.reading.free_bev();
     }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
         self.free_events();
-        // self.fd closes after the events are gone.
+        // self.fd closes after the bufferevent is gone.
     }
 }
 

@@ -1,6 +1,6 @@
 //! A small safe layer over libevent: one [`Base`] per process, [`Event`]s
 //! for descriptors, timers and signals, [`Listener`]s for TCP and Unix
-//! endpoints, and [`Conn`], one byte stream type (its own read and write events) for
+//! endpoints, and [`Conn`], one bufferevent-backed byte stream type for
 //! TCP and Unix sockets alike, and [`HttpServer`] (libevent's evhttp) for
 //! side endpoints such as `/metrics`.
 //!
