@@ -1,4 +1,5 @@
 //! `Base`: the process's one `event_base`.
+use std::cell::RefCell;
 use std::io;
 use std::ptr::NonNull;
 use std::rc::Rc;
@@ -6,11 +7,25 @@ use std::time::Duration;
 
 use libevent_sys as ev;
 
-/// The base, and whether it is ours to free.
-struct Inner(NonNull<ev::event_base>, bool);
+/// The base, whether it is ours to free, and spare bufferevents.
+struct Inner(NonNull<ev::event_base>, bool, SpareBevs);
+
+/// Idle connections' bufferevents kept for reuse (see `Conn`): a
+/// connection has one only while it holds bytes, and making and freeing
+/// one per request costs more than keeping a few.
+#[derive(Default)]
+struct SpareBevs(RefCell<Vec<NonNull<ev::bufferevent>>>);
+
+/// Most spare bufferevents a base keeps.
+const SPARE_BEVS: usize = 64;
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        for bev in self.2 .0.get_mut().drain(..) {
+            // SAFETY: a spare bufferevent is live, has no callbacks, no
+            // descriptor and no events pending; nothing else points at it.
+            unsafe { ev::bufferevent_free(bev.as_ptr()) };
+        }
         if self.1 {
             // SAFETY: every Event/Conn/Listener holds a Base clone, so when
             // the last clone goes nothing is registered on the base any more.
@@ -41,7 +56,7 @@ impl Base {
             b
         };
         NonNull::new(raw)
-            .map(|p| Base(Rc::new(Inner(p, true))))
+            .map(|p| Base(Rc::new(Inner(p, true, SpareBevs::default()))))
             .ok_or_else(|| io::Error::other("event_base_new_with_config failed"))
     }
 
@@ -52,11 +67,28 @@ impl Base {
     /// `raw` must be a live `event_base` that outlives every clone of the
     /// returned `Base` and everything registered through it.
     pub unsafe fn from_foreign(raw: *mut ev::event_base) -> Option<Base> {
-        NonNull::new(raw).map(|p| Base(Rc::new(Inner(p, false))))
+        NonNull::new(raw).map(|p| Base(Rc::new(Inner(p, false, SpareBevs::default()))))
     }
 
     pub(crate) fn as_ptr(&self) -> *mut ev::event_base {
         self.0 .0.as_ptr()
+    }
+
+    /// A spare bufferevent of this base, if one is kept (no descriptor, no
+    /// callbacks, empty buffers, nothing enabled).
+    pub(super) fn take_spare_bev(&self) -> Option<NonNull<ev::bufferevent>> {
+        self.0 .2 .0.borrow_mut().pop()
+    }
+
+    /// Keeps `bev` (made on this base, in the state `take_spare_bev`
+    /// promises) for reuse; gives it back when enough are kept.
+    pub(super) fn keep_spare_bev(&self, bev: NonNull<ev::bufferevent>) -> Option<NonNull<ev::bufferevent>> {
+        let mut spare = self.0 .2 .0.borrow_mut();
+        if spare.len() >= SPARE_BEVS {
+            return Some(bev);
+        }
+        spare.push(bev);
+        None
     }
 
     /// Runs the loop until no events remain or [`Base::exit`] is called.

@@ -103,8 +103,8 @@ pub struct Conn {
 struct Reader {
     /// The bufferevent, or null while the connection holds no bytes.
     bev: Cell<*mut ev::bufferevent>,
-    /// The Conn's base (it holds a clone: live while the Conn is).
-    base: *mut ev::event_base,
+    /// The base (the bufferevent is made on it, or taken from its spares).
+    base: Base,
     fd: RawFd,
     limit: usize,
     /// The owner wants input ([`Conn::resume_reading`]).
@@ -171,9 +171,18 @@ impl Reader {
         if !bev.is_null() {
             return Ok(bev);
         }
-        // SAFETY: base is live while the Conn is (it holds a clone); fd is
-        // a valid socket that the Conn keeps owning (no BEV_OPT_CLOSE_ON_FREE).
-        let bev = unsafe { ev::bufferevent_socket_new(self.base, self.fd, 0) };
+        let bev = match self.base.take_spare_bev() {
+            Some(spare) => {
+                // SAFETY: a spare is a live socket bufferevent of this base
+                // with no descriptor; fd is a valid socket that the Conn keeps
+                // owning (no BEV_OPT_CLOSE_ON_FREE). Nothing is enabled, so
+                // setting the descriptor adds no event.
+                unsafe { ev::bufferevent_setfd(spare.as_ptr(), self.fd) };
+                spare.as_ptr()
+            }
+            // SAFETY: base is live (we hold a clone); fd as above.
+            None => unsafe { ev::bufferevent_socket_new(self.base.as_ptr(), self.fd, 0) },
+        };
         if bev.is_null() {
             return Err(io::Error::other("bufferevent_socket_new failed"));
         }
@@ -186,18 +195,36 @@ impl Reader {
         Ok(bev)
     }
 
-    /// Frees the bufferevent (unsent output is lost).
+    /// Lets the bufferevent go (unsent output is lost): kept as a spare
+    /// of the base when it is empty, freed otherwise.
     fn free_bev(&self) {
         let bev = self.bev.replace(std::ptr::null_mut());
-        if !bev.is_null() {
-            // SAFETY: bev is live and ours; disabling deletes its events
-            // from the backend now (changelist off); free clears the
-            // callbacks. Inside one of its own callbacks libevent defers
-            // the release until that callback returns.
+        let Some(bev) = NonNull::new(bev) else { return };
+        let empty = self.writing.replace(false);
+        // SAFETY: bev is live and ours; disabling deletes its events from
+        // the backend now (changelist off) and enables nothing again.
+        let empty = unsafe {
+            ev::bufferevent_disable(bev.as_ptr(), (ev::EV_READ | ev::EV_WRITE) as c_short);
+            !empty
+                && ev::evbuffer_get_length(ev::bufferevent_get_input(bev.as_ptr())) == 0
+                && ev::evbuffer_get_length(ev::bufferevent_get_output(bev.as_ptr())) == 0
+        };
+        let spare = if empty {
+            // SAFETY: bev is live; without callbacks nothing reaches this
+            // Reader any more, without a descriptor no event can fire.
             unsafe {
-                ev::bufferevent_disable(bev, (ev::EV_READ | ev::EV_WRITE) as c_short);
-                ev::bufferevent_free(bev);
+                ev::bufferevent_setcb(bev.as_ptr(), None, None, None, std::ptr::null_mut());
+                ev::bufferevent_setfd(bev.as_ptr(), -1);
             }
+            self.base.keep_spare_bev(bev)
+        } else {
+            Some(bev)
+        };
+        if let Some(bev) = spare {
+            // SAFETY: bev is live and ours; free clears the callbacks. Inside
+            // one of its own callbacks libevent defers the release until that
+            // callback returns.
+            unsafe { ev::bufferevent_free(bev.as_ptr()) };
         }
     }
 
@@ -335,7 +362,7 @@ impl Conn {
     ) -> io::Result<Conn> {
         let reading = Rc::new(Reader {
             bev: Cell::new(std::ptr::null_mut()),
-            base: base.as_ptr(),
+            base: base.clone(),
             fd: fd.as_raw_fd(),
             limit: read_limit.max(1),
             wanted: Cell::new(false),
