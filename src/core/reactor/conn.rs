@@ -200,12 +200,13 @@ impl Reader {
     fn free_bev(&self) {
         let bev = self.bev.replace(std::ptr::null_mut());
         let Some(bev) = NonNull::new(bev) else { return };
-        let empty = self.writing.replace(false);
+        // A write that owes its Drained leaves this bufferevent unfit for reuse.
+        let owed = self.writing.replace(false);
         // SAFETY: bev is live and ours; disabling deletes its events from
         // the backend now (changelist off) and enables nothing again.
         let empty = unsafe {
             ev::bufferevent_disable(bev.as_ptr(), (ev::EV_READ | ev::EV_WRITE) as c_short);
-            !empty
+            !owed
                 && ev::evbuffer_get_length(ev::bufferevent_get_input(bev.as_ptr())) == 0
                 && ev::evbuffer_get_length(ev::bufferevent_get_output(bev.as_ptr())) == 0
         };
