@@ -237,13 +237,24 @@ echo
 echo "| target (issue 16) | judged at N | figure | target | |"
 echo "| --- | ---: | ---: | ---: | --- |"
 echo "| idle connections held by one master | $LAST | $LAST | 100000 | $(verdict "$LAST" '>=' 100000 "largest N this machine held") |"
-echo "| restart time | $LAST | ${M[$LAST,restart]} ms | < 1000 ms at 100000 | $(verdict "${M[$LAST,restart]}" '<=' 999 "restart ms at N=$LAST") |"
+if ((LAST >= 100000)) || ((${#RUN_SIZES[@]} < 2)); then
+    echo "| restart time | $LAST | ${M[$LAST,restart]} ms | < 1000 ms at 100000 | $(verdict "${M[$LAST,restart]}" '<=' 999 "restart ms at N=$LAST") |"
+else
+    # 100k not run: extrapolate linearly from the two largest N run.
+    PREV=${RUN_SIZES[-2]}
+    EST=$(awk -v a="${M[$PREV,restart]}" -v b="${M[$LAST,restart]}" -v n0="$PREV" -v n1="$LAST" \
+        'BEGIN { printf "%d", b + (b - a) / (n1 - n0) * (100000 - n1) }')
+    echo "| restart time | $LAST | ${M[$LAST,restart]} ms | | |"
+    echo "| restart time, 100000 extrapolated from $PREV-$LAST | 100000 | ~$EST ms | < 1000 ms at 100000 | $(verdict "$EST" '<=' 999 "restart ms at N=100000, extrapolated from N=$PREV-$LAST") |"
+fi
 for n in "${RUN_SIZES[@]}"; do
     echo "| connections closed, lost or wrong across the restart | $n | ${M[$n,closed]} | 0 | $(verdict "${M[$n,closed]}" '==' 0 "connections closed/lost at N=$n") |"
 done
 echo "| user memory per connection | $LAST | ${M[$LAST,user]} B | ≤ 1024 B | $(verdict "${M[$LAST,user]}" '<=' 1024 "user B/conn at N=$LAST") |"
 echo "| master's memory per connection | $LAST | ${M[$LAST,master]} B | ≤ 64 B | $(verdict "${M[$LAST,master]}" '<=' 64 "master B/conn at N=$LAST") |"
-echo "| accept rate with N open / none | $ACC | ${M[$ACC,ratio]} | ≥ 0.9 at 50000 | $(verdict "${M[$ACC,ratio]}" '>=' 0.9 "accept rate ratio at N=$ACC") |"
+ACC_NOTE=""
+((ACC >= 50000)) || ACC_NOTE=" (50000 not run: judged at $ACC)"
+echo "| accept rate with N open / none | $ACC | ${M[$ACC,ratio]} | ≥ 0.9 at 50000 | $(verdict "${M[$ACC,ratio]}" '>=' 0.9 "accept rate ratio at N=$ACC")$ACC_NOTE |"
 echo
 [ -z "${CANNOT:-}" ] || { echo "Not run: $CANNOT."; echo; }
 echo "One run per N, each on a fresh \`handoff cluster --workers $WORKERS\` (release build). Idle connections:"

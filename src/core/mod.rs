@@ -4,6 +4,7 @@
 //! ([`channel`]). [`user`] starts child processes as another user.
 pub mod channel;
 pub mod fdpass;
+pub mod idmap;
 pub mod limits;
 pub mod logging;
 pub mod notify;

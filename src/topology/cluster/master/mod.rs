@@ -21,6 +21,7 @@ use super::{
     KIND_TAKEOVER_HELLO,
 };
 use crate::core::channel::{wire, Channel, ChannelEvent, Msg};
+use crate::core::idmap::IdMap;
 use crate::core::reactor::{Base, Endpoint, Event, Interest, Listener};
 use crate::core::sock;
 use crate::topology::node::handover::LinkState;
@@ -130,7 +131,7 @@ pub(crate) struct WorkerSlot {
     /// A copy of every connection this incarnation holds, by channel id,
     /// until the worker reports it closed: if the worker dies, these go
     /// to another worker instead of being lost.
-    pub(crate) held: HashMap<u64, Held>,
+    pub(crate) held: IdMap<Held>,
     /// Served by this incarnation, as the worker reports.
     pub(crate) served: u64,
     /// Served by earlier incarnations.
@@ -465,7 +466,7 @@ pub(crate) fn run_on_with(
                 channel: None,
                 incarnation: 0,
                 handed: 0,
-                held: HashMap::new(),
+                held: IdMap::default(),
                 served: 0,
                 served_before: 0,
                 links: Value::Array(Vec::new()),

@@ -3,13 +3,14 @@
 //! session on each, releases them between requests when the master asks
 //! (restart), and reports closes so the master drops its rescue copies.
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use crate::core::channel::wire::History;
+use crate::core::idmap::IdMap;
 use crate::core::reactor::{Base, Conn, ConnEvent, Event, Interest, Listener};
 use crate::core::sock;
 use crate::service::{cx::RelayReq, Cx, Place, RelayAnswer, Service, Session, Ticket};
@@ -92,7 +93,7 @@ pub(crate) struct Worker<S: Service> {
     pub(crate) master: MasterLink,
     /// Boxed: an idle connection's table slot is then 16 bytes, not a
     /// whole `Served` (the table runs 45-88 % full).
-    pub(crate) conns: HashMap<u64, Box<Served<S::Session>>>,
+    pub(crate) conns: IdMap<Box<Served<S::Session>>>,
     pub(crate) next_id: u64,
     /// The shared policy's listening sockets (one per endpoint).
     pub(crate) listeners: Vec<Listener>,
@@ -110,7 +111,13 @@ pub(crate) struct Worker<S: Service> {
     pub(crate) idle_timeout: Option<Duration>,
     /// `--access-log`: one line per closed client connection.
     pub(crate) access: Option<AccessLog>,
+    /// The replies of one `serve_client` call, reused (see [`SCRATCH_KEEP`]).
+    pub(crate) scratch: Vec<u8>,
 }
+
+/// The largest scratch buffer a worker keeps between requests; a bigger
+/// one (a large reply) is freed after use.
+const SCRATCH_KEEP: usize = 64 * 1024;
 
 pub(crate) fn with<S: Service>(w: &Weak<RefCell<Worker<S>>>, f: impl FnOnce(&mut Worker<S>)) {
     if let Some(s) = w.upgrade() {
@@ -163,7 +170,7 @@ pub fn run<S: Service>(env: WorkerEnv) -> io::Result<()> {
             read_limit: service.read_limit(),
             service,
             master,
-            conns: HashMap::new(),
+            conns: IdMap::default(),
             next_id: 1,
             listeners: Vec::new(),
             stopping: false,
@@ -175,6 +182,7 @@ pub fn run<S: Service>(env: WorkerEnv) -> io::Result<()> {
             retry_timer: None,
             idle_timeout: env.idle_timeout,
             access: None,
+            scratch: Vec::new(),
         })
     });
     {
@@ -391,7 +399,9 @@ impl<S: Service> Worker<S> {
             return;
         }
         let Some(session) = slot.session.as_mut() else { return };
-        let mut out = Vec::new();
+        // The replies go into the worker's scratch buffer, kept between
+        // calls so that a request costs no allocation (given back below).
+        let mut out = std::mem::take(&mut self.scratch);
         let avail = slot.conn.input_len();
         let mut cx = Cx::new(&mut out, slot.conn.output_len(), OUTPUT_LIMIT).with_eof(slot.eof);
         if node_mode {
@@ -407,6 +417,24 @@ impl<S: Service> Worker<S> {
         self.served += answered as u64;
         if abort {
             self.close_as(id, End::ProtocolError);
+            return;
+        }
+        if relays.is_empty() && slot.replies.is_empty() {
+            // Every reply is ready and none waits before them: they go
+            // out from the scratch buffer, in one write.
+            let wrote = if out.is_empty() { Ok(true) } else { slot.conn.write_now(&out) };
+            slot.history.bytes_out += out.len() as u64;
+            if out.capacity() <= SCRATCH_KEEP {
+                out.clear();
+                self.scratch = out;
+            }
+            if let Err(e) = wrote {
+                log::debug!("worker {}: connection {id}: write: {e}", self.index);
+                self.close_as(id, End::of_errno(e.raw_os_error().unwrap_or(0)));
+                return;
+            }
+            self.settle_served(id, more, close);
+            self.master.stats_changed();
             return;
         }
         slot.next_ticket += relays.len() as u64;
@@ -438,6 +466,17 @@ impl<S: Service> Worker<S> {
                 return;
             }
         }
+        self.settle_served(id, more, close);
+        for (seq, ticket, node, worker, msg) in pending {
+            self.relay(id, seq, ticket, node, worker, msg);
+        }
+        self.master.stats_changed();
+    }
+
+    /// After serving: throttle a client that does not read, and close or
+    /// release the connection once its replies are out, as asked.
+    fn settle_served(&mut self, id: u64, more: bool, close: bool) {
+        let Some(slot) = self.conns.get_mut(&id) else { return };
         if !more && !close && slot.conn.output_len() > 0 {
             // Over the output limit (the client does not read): serve the
             // rest once the output drains.
@@ -454,10 +493,6 @@ impl<S: Service> Worker<S> {
         } else if (slot.eof || self.stopping || close) && !waiting {
             self.close_when_flushed(id);
         }
-        for (seq, ticket, node, worker, msg) in pending {
-            self.relay(id, seq, ticket, node, worker, msg);
-        }
-        self.master.stats_changed();
     }
 
     /// A relay's answer came (or it failed): the session writes its
