@@ -6,6 +6,13 @@
 //! - Sends never block: on EAGAIN the message is queued and the channel
 //!   waits for EV_WRITE, so two processes handing connections to each other
 //!   cannot deadlock. Bodies of any size travel (split into MORE chunks).
+//! - Reads take every waiting message (up to 8) with one `recvmmsg`
+//!   ([`fdpass::recv_batch`]); a call that comes back short says the
+//!   socket is empty, so no second call is made only to hear EAGAIN.
+//! - A channel that mostly sends CONNs can read its ACKs lazily
+//!   ([`Channel::set_lazy_acks`]): they wake nobody, and are read by a
+//!   later send or a short timer. The copy is still kept until its ACK is
+//!   read.
 //!
 //! ## One owner per connection
 //! A CONN moves in three steps: the sender writes it (and keeps its
@@ -315,8 +322,8 @@ pub struct Channel(Rc<RefCell<Inner>>);
 
 /// Most messages read in one callback.
 const READ_BATCH: usize = 64;
-/// [`Channel::set_lazy_acks`]: a send reads the socket once this many
-/// CONNs wait for their ACK.
+/// [`Channel::set_lazy_acks`]: a send reads the socket once more than this
+/// many CONNs wait for their ACK.
 pub const LAZY_DRAIN: usize = 4;
 /// [`Channel::set_lazy_acks`]: the socket is read this long after the last
 /// send at the latest.
@@ -418,20 +425,6 @@ impl Channel {
             return Ok(id);
         }
         let lazy_conn = i.lazy && i.queue.back().is_some_and(|m| m.kind == KIND_CONN);
-        if lazy_conn && i.lazy_reading && i.unacked.len() >= LAZY_DRAIN {
-            // One receive takes the ACKs (and anything else) waiting.
-            if i.read_some(false) {
-                i.fail(None);
-            }
-            if i.failure.is_some() {
-                // The channel just failed: nothing of this message left.
-                let msg = i.queue.pop_back().expect("just pushed");
-                if timed {
-                    i.sent_at.pop_back();
-                }
-                return Err(msg);
-            }
-        }
         if let Err(e) = i.pump() {
             if alone && i.chunk_off == 0 && i.queue.len() == 1 {
                 // Nothing of it left: give it straight back.
@@ -444,7 +437,18 @@ impl Channel {
             }
             i.fail(Some(e));
         }
-        if lazy_conn {
+        if lazy_conn && i.failure.is_none() {
+            if i.lazy_reading && i.unacked.len() > LAZY_DRAIN {
+                // After the write (the peer is on its way already): one
+                // receive takes the ACKs (and anything else) waiting.
+                let eof = i.read_some(false);
+                if let Err(e) = i.pump() {
+                    i.fail(Some(e));
+                }
+                if eof {
+                    i.fail(None);
+                }
+            }
             i.go_lazy();
         }
         i.wake_if_ready();
@@ -454,7 +458,7 @@ impl Channel {
     /// Reads the peer's ACKs without a wake-up of their own (for a channel
     /// that mostly sends CONNs, as a pair server's link to its peer):
     /// while CONNs are unacknowledged, the socket is not watched; ACKs are
-    /// read when a later CONN is sent (once [`LAZY_DRAIN`] wait), or at
+    /// read when a later CONN is sent (once over [`LAZY_DRAIN`] wait), or at
     /// the latest [`LAZY_POLL`] after the last send. Each sent CONN is
     /// still kept until its ACK is read, and a peer that dies is noticed
     /// by the next send, or within [`LAZY_POLL`]. An idle channel (nothing
