@@ -5,6 +5,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 /* Room for one descriptor; a union keeps the buffer aligned for cmsghdr. */
@@ -224,5 +225,73 @@ ssize_t fdpass_recv_many(int sock, int *fds_out, size_t max_fds, size_t *nfds_ou
         count += k;
     }
     *nfds_out = count;
+    return n;
+}
+
+/* Reads the control messages of one received message into `slot` (its
+ * descriptors, or its error with every descriptor closed). */
+static void take_slot(struct msghdr *msg, size_t n, struct fdpass_slot *slot)
+{
+    struct cmsghdr *cmsg;
+    size_t count = 0;
+
+    slot->len = n;
+    slot->nfds = 0;
+    slot->dropped = 0;
+    slot->error = 0;
+    if (msg->msg_flags & MSG_TRUNC) {
+        close_received(msg);
+        slot->error = EMSGSIZE;
+        return;
+    }
+    if (msg->msg_flags & MSG_CTRUNC)
+        slot->dropped = 1;
+    for (cmsg = CMSG_FIRSTHDR(msg); cmsg != NULL; cmsg = CMSG_NXTHDR(msg, cmsg)) {
+        size_t k;
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS || cmsg->cmsg_len < CMSG_LEN(0)) {
+            close_received(msg);
+            slot->error = EBADMSG;
+            return;
+        }
+        k = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        if (count + k > FDPASS_MAX_FDS) {
+            close_received(msg);
+            slot->error = EBADMSG;
+            return;
+        }
+        memcpy(slot->fds + count, CMSG_DATA(cmsg), k * sizeof(int));
+        count += k;
+    }
+    slot->nfds = count;
+}
+
+ssize_t fdpass_recv_batch(int sock, struct fdpass_slot *slots, size_t nslots)
+{
+    struct mmsghdr msgs[FDPASS_MAX_SLOTS];
+    struct iovec iovs[FDPASS_MAX_SLOTS];
+    union batch_control controls[FDPASS_MAX_SLOTS];
+    size_t i;
+    int n;
+
+    if (nslots == 0 || nslots > FDPASS_MAX_SLOTS) {
+        errno = EINVAL;
+        return -1;
+    }
+    memset(msgs, 0, sizeof(msgs[0]) * nslots);
+    for (i = 0; i < nslots; i++) {
+        iovs[i].iov_base = slots[i].buf;
+        iovs[i].iov_len = slots[i].len;
+        msgs[i].msg_hdr.msg_iov = &iovs[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_control = controls[i].buf;
+        msgs[i].msg_hdr.msg_controllen = sizeof(controls[i].buf);
+    }
+    do {
+        n = recvmmsg(sock, msgs, (unsigned int)nslots, MSG_DONTWAIT | MSG_CMSG_CLOEXEC, NULL);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -1;
+    for (i = 0; i < (size_t)n; i++)
+        take_slot(&msgs[i].msg_hdr, msgs[i].msg_len, &slots[i]);
     return n;
 }

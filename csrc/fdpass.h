@@ -62,4 +62,32 @@ ssize_t fdpass_send_many(int sock, const int *fds, size_t nfds, const void *buf,
 ssize_t fdpass_recv_many(int sock, int *fds_out, size_t max_fds, size_t *nfds_out, int *dropped, void *buf,
                          size_t len);
 
+/*
+ * One message slot of fdpass_recv_batch: `buf`/`len` say where its payload
+ * goes (in); the rest is filled in for each message received (out).
+ */
+struct fdpass_slot {
+    void *buf;
+    size_t len;                /* in: room in buf; out: payload length */
+    int fds[FDPASS_MAX_FDS];   /* out: descriptors, in the order sent */
+    size_t nfds;               /* out: how many of fds are set */
+    int dropped;               /* out: 1 on MSG_CTRUNC, as fdpass_recv_many */
+    int error;                 /* out: 0, or EMSGSIZE / EBADMSG for this
+                                  message (its descriptors closed) */
+};
+
+/* The most slots fdpass_recv_batch fills in one call. */
+#define FDPASS_MAX_SLOTS 16
+
+/*
+ * Receives every message waiting on `sock`, up to `nslots` (at most
+ * FDPASS_MAX_SLOTS), with one recvmmsg(MSG_DONTWAIT) call: message i goes
+ * to slots[i], read as fdpass_recv_many reads one (descriptors
+ * close-on-exec; a message that fails to read sets its slot's `error`
+ * instead of failing the call). Returns how many slots were filled (fewer
+ * than `nslots`: no more message was waiting), or -1 with errno (EAGAIN:
+ * none). A message of length 0 with no descriptor is the end of stream.
+ */
+ssize_t fdpass_recv_batch(int sock, struct fdpass_slot *slots, size_t nslots);
+
 #endif

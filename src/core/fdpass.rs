@@ -147,6 +147,79 @@ pub fn recv_many(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<ReceivedMan
     Ok(ReceivedMany { len: n as usize, fds, fds_dropped: dropped != 0 })
 }
 
+/// The most messages one [`recv_batch`] call reads.
+pub const MAX_SLOTS: usize = sys::FDPASS_MAX_SLOTS as usize;
+
+/// The room [`recv_batch`] needs for one message's descriptors (reused
+/// from call to call).
+#[repr(transparent)]
+pub struct RecvSlot(sys::fdpass_slot);
+
+impl RecvSlot {
+    /// An empty slot.
+    pub fn new() -> RecvSlot {
+        RecvSlot(sys::fdpass_slot {
+            buf: std::ptr::null_mut(),
+            len: 0,
+            fds: [-1; MAX_FDS],
+            nfds: 0,
+            dropped: 0,
+            error: 0,
+        })
+    }
+}
+
+impl Default for RecvSlot {
+    fn default() -> RecvSlot {
+        RecvSlot::new()
+    }
+}
+
+/// Receives every message waiting on `sock`, up to `slots.len()` (at most
+/// [`MAX_SLOTS`]), with one `recvmmsg` call that never blocks: message `i`
+/// goes to `buf[i * slot_len..(i + 1) * slot_len]`, and its result (as
+/// [`recv_many`] would give it; an error is that one message's) is the
+/// `i`-th of the returned list. Fewer results than slots: nothing more was
+/// waiting. `WouldBlock` when nothing was. No descriptor is ever leaked.
+pub fn recv_batch(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    slot_len: usize,
+    slots: &mut [RecvSlot],
+) -> io::Result<Vec<io::Result<ReceivedMany>>> {
+    if slots.is_empty() || slots.len() > MAX_SLOTS || slot_len.checked_mul(slots.len()).is_none_or(|n| n > buf.len()) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "recv_batch: bad slots"));
+    }
+    for (i, s) in slots.iter_mut().enumerate() {
+        s.0.buf = buf[i * slot_len..].as_mut_ptr() as *mut _;
+        s.0.len = slot_len;
+        s.0.nfds = 0;
+    }
+    // SAFETY: RecvSlot is repr(transparent) over fdpass_slot, so the
+    // slice is laid out as a C fdpass_slot[slots.len()]; each
+    // slot's buf points at slot_len writable bytes of `buf`, which
+    // outlives the call.
+    let n =
+        unsafe { sys::fdpass_recv_batch(sock.as_raw_fd(), slots.as_mut_ptr() as *mut sys::fdpass_slot, slots.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let out = slots[..n as usize]
+        .iter()
+        .map(|s| {
+            let s = &s.0;
+            if s.error != 0 {
+                return Err(io::Error::from_raw_os_error(s.error));
+            }
+            // SAFETY: the first `nfds` entries were just installed in our
+            // table by recvmmsg and belong to nobody else.
+            let fds = s.fds[..s.nfds.min(MAX_FDS)].iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+            Ok(ReceivedMany { len: s.len, fds, fds_dropped: s.dropped != 0 })
+        })
+        .collect();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +312,40 @@ mod tests {
         let mut buf = [0u8; 4];
         let e = recv(b.as_fd(), &mut buf).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn recv_batch_reads_every_waiting_message_in_one_call() {
+        let (a, b) = sock::seqpacket_pair().unwrap();
+        let (mut x1, y1) = UnixStream::pair().unwrap();
+        let (_x2, y2) = UnixStream::pair().unwrap();
+        send_many(a.as_fd(), &[y1.as_fd(), y2.as_fd()], b"two").unwrap();
+        send(a.as_fd(), None, b"none").unwrap();
+        send(a.as_fd(), Some(y1.as_fd()), &[9u8; 40]).unwrap(); // too long for its slot
+        send(a.as_fd(), None, b"last").unwrap();
+        const SLOT: usize = 16;
+        let mut buf = vec![0u8; 8 * SLOT];
+        let mut slots: Vec<RecvSlot> = (0..8).map(|_| RecvSlot::new()).collect();
+        let got = recv_batch(b.as_fd(), &mut buf, SLOT, &mut slots).unwrap();
+        assert_eq!(got.len(), 4, "fewer than the slots: all that waited");
+        let mut got = got.into_iter();
+        let r = got.next().unwrap().unwrap();
+        assert_eq!((&buf[..r.len], r.fds.len(), r.fds_dropped), (&b"two"[..], 2, false));
+        let mut moved = UnixStream::from(r.fds.into_iter().next().unwrap());
+        moved.write_all(b"k").unwrap();
+        let mut one = [0u8; 1];
+        x1.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"k");
+        let r = got.next().unwrap().unwrap();
+        assert_eq!((&buf[SLOT..SLOT + r.len], r.fds.len()), (&b"none"[..], 0));
+        assert_eq!(got.next().unwrap().unwrap_err().raw_os_error(), Some(libc::EMSGSIZE));
+        let r = got.next().unwrap().unwrap();
+        assert_eq!(&buf[3 * SLOT..3 * SLOT + r.len], b"last");
+        let e = recv_batch(b.as_fd(), &mut buf, SLOT, &mut slots).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(
+            recv_batch(b.as_fd(), &mut buf, SLOT * 2, &mut slots).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
     }
 }

@@ -6,6 +6,13 @@
 //! - Sends never block: on EAGAIN the message is queued and the channel
 //!   waits for EV_WRITE, so two processes handing connections to each other
 //!   cannot deadlock. Bodies of any size travel (split into MORE chunks).
+//! - Reads take every waiting message (up to 8) with one `recvmmsg`
+//!   ([`fdpass::recv_batch`]); a call that comes back short says the
+//!   socket is empty, so no second call is made only to hear EAGAIN.
+//! - A channel that mostly sends CONNs can read its ACKs lazily
+//!   ([`Channel::set_lazy_acks`]): they wake nobody, and are read by a
+//!   later send or a short timer. The copy is still kept until its ACK is
+//!   read.
 //!
 //! ## One owner per connection
 //! A CONN moves in three steps: the sender writes it (and keeps its
@@ -252,7 +259,18 @@ struct Inner {
     /// CONNs written, waiting for the peer's ACK (descriptor kept).
     unacked: VecDeque<Msg>,
     next_id: u64,
+    /// [`RX_SLOTS`] receive buffers of [`SLOT_LEN`] bytes, filled by one
+    /// `recvmmsg` (pages the kernel never wrote stay unallocated).
     buf: Vec<u8>,
+    /// Room for the descriptors of each slot.
+    rx_slots: Vec<fdpass::RecvSlot>,
+    /// Messages received but not yet read by `read_one`: (slot, result).
+    rx: VecDeque<(usize, io::Result<fdpass::ReceivedMany>)>,
+    /// The last receive filled fewer slots than it had: the socket was
+    /// empty then, so `read_one` reports `Empty` once `rx` is read, without
+    /// a system call that would only say EAGAIN (level-triggered epoll
+    /// calls us again for anything that arrives later).
+    rx_short: bool,
     /// Body chunks (MORE) of the message still arriving.
     partial: Vec<u8>,
     /// NACKs to write (before anything else).
@@ -289,6 +307,13 @@ struct Inner {
     flush_ev: Option<Event>,
     /// CONNs of a received CONNS not yet handed out by `read_one`.
     unpacked: VecDeque<Msg>,
+    /// [`Channel::set_lazy_acks`].
+    lazy: bool,
+    /// Lazy, with CONNs unacknowledged: `read_ev` is off (ACKs wake
+    /// nobody); `lazy_ev` reads them if no send does first.
+    lazy_reading: bool,
+    /// Timer that reads the socket while `lazy_reading`.
+    lazy_ev: Option<Event>,
 }
 
 /// A handle to a channel; clones share it.
@@ -297,6 +322,16 @@ pub struct Channel(Rc<RefCell<Inner>>);
 
 /// Most messages read in one callback.
 const READ_BATCH: usize = 64;
+/// [`Channel::set_lazy_acks`]: a send reads the socket once more than this
+/// many CONNs wait for their ACK.
+pub const LAZY_DRAIN: usize = 4;
+/// [`Channel::set_lazy_acks`]: the socket is read this long after the last
+/// send at the latest.
+pub const LAZY_POLL: Duration = Duration::from_millis(2);
+/// Messages one `recvmmsg` reads at most.
+const RX_SLOTS: usize = 8;
+/// One message's room: the largest message.
+const SLOT_LEN: usize = HEADER_LEN + MAX_BODY;
 
 impl Channel {
     /// Drives `sock` (a connected, non-blocking SOCK_SEQPACKET socket).
@@ -312,7 +347,10 @@ impl Channel {
             chunk_off: 0,
             unacked: VecDeque::new(),
             next_id: 1,
-            buf: vec![0; HEADER_LEN + MAX_BODY],
+            buf: vec![0; RX_SLOTS * SLOT_LEN],
+            rx_slots: (0..RX_SLOTS).map(|_| fdpass::RecvSlot::new()).collect(),
+            rx: VecDeque::new(),
+            rx_short: false,
             partial: Vec::new(),
             nacks: VecDeque::new(),
             ack_due: 0,
@@ -332,6 +370,9 @@ impl Channel {
             batch: false,
             flush_ev: None,
             unpacked: VecDeque::new(),
+            lazy: false,
+            lazy_reading: false,
+            lazy_ev: None,
         }));
         let w = Rc::downgrade(&inner);
         let read_ev = Event::new(base, raw, Interest::Read, move || on_readable(&w))?;
@@ -341,6 +382,8 @@ impl Channel {
         let wake_ev = Event::new(base, -1, Interest::Timer, move || on_wake(&w))?;
         let w = Rc::downgrade(&inner);
         let flush_ev = Event::new(base, -1, Interest::Timer, move || on_writable(&w))?;
+        let w = Rc::downgrade(&inner);
+        let lazy_ev = Event::new(base, -1, Interest::Timer, move || on_lazy(&w))?;
         read_ev.add(None)?;
         {
             let mut i = inner.borrow_mut();
@@ -348,6 +391,7 @@ impl Channel {
             i.write_ev = Some(write_ev);
             i.wake_ev = Some(wake_ev);
             i.flush_ev = Some(flush_ev);
+            i.lazy_ev = Some(lazy_ev);
         }
         Ok(Channel(inner))
     }
@@ -380,6 +424,7 @@ impl Channel {
             }
             return Ok(id);
         }
+        let lazy_conn = i.lazy && i.queue.back().is_some_and(|m| m.kind == KIND_CONN);
         if let Err(e) = i.pump() {
             if alone && i.chunk_off == 0 && i.queue.len() == 1 {
                 // Nothing of it left: give it straight back.
@@ -392,8 +437,38 @@ impl Channel {
             }
             i.fail(Some(e));
         }
+        if lazy_conn && i.failure.is_none() {
+            if i.lazy_reading && i.unacked.len() > LAZY_DRAIN {
+                // After the write (the peer is on its way already): one
+                // receive takes the ACKs (and anything else) waiting.
+                let eof = i.read_some(false);
+                if let Err(e) = i.pump() {
+                    i.fail(Some(e));
+                }
+                if eof {
+                    i.fail(None);
+                }
+            }
+            i.go_lazy();
+        }
         i.wake_if_ready();
         Ok(id)
+    }
+
+    /// Reads the peer's ACKs without a wake-up of their own (for a channel
+    /// that mostly sends CONNs, as a pair server's link to its peer):
+    /// while CONNs are unacknowledged, the socket is not watched; ACKs are
+    /// read when a later CONN is sent (once over [`LAZY_DRAIN`] wait), or at
+    /// the latest [`LAZY_POLL`] after the last send. Each sent CONN is
+    /// still kept until its ACK is read, and a peer that dies is noticed
+    /// by the next send, or within [`LAZY_POLL`]. An idle channel (nothing
+    /// unacknowledged) is watched as usual. Off by default.
+    pub fn set_lazy_acks(&self, on: bool) {
+        let mut i = self.0.borrow_mut();
+        i.lazy = on;
+        if !on {
+            i.stop_lazy();
+        }
     }
 
     /// The peer reads CONNS (it said so): from now on, the CONNs sent in
@@ -532,6 +607,7 @@ impl Channel {
         msgs.extend(i.held.drain(..));
         let mut failures = 0;
         while i.sock.is_some() {
+            i.rx_short = false;
             match i.read_one() {
                 Ok(Some(m)) => msgs.push(m),
                 Ok(None) => take(&mut i, &mut msgs, &mut returned),
@@ -684,6 +760,69 @@ impl Inner {
         Ok(())
     }
 
+    /// Takes one message read by `read_one`: held behind an unwritten ACK,
+    /// or ready for the owner.
+    fn take(&mut self, m: Msg) {
+        if self.held.is_empty() && m.kind != KIND_CONN {
+            self.ready.push_back(ChannelEvent::Msg(m));
+        } else {
+            // Delivered once the ACK covering it is written.
+            self.held.push_back(m);
+        }
+    }
+
+    /// Reads what waits: with `all`, to the socket's end (as a readable
+    /// callback does), else what one receive call returns. Returns whether
+    /// the peer's end of stream was read.
+    fn read_some(&mut self, all: bool) -> bool {
+        if self.failure.is_some() {
+            return false;
+        }
+        self.rx_short = false;
+        let mut n = 0;
+        // At most READ_BATCH messages, and every CONN of a batch and every
+        // message already received read (nothing would call us for those).
+        while (all && n < READ_BATCH) || !self.unpacked.is_empty() || !self.rx.is_empty() || n == 0 {
+            n += 1;
+            match self.read_one() {
+                Ok(Some(m)) => self.take(m),
+                Ok(None) => {}
+                Err(Stop::Empty) | Err(Stop::Failed) => break,
+                Err(Stop::Eof) => return true,
+            }
+        }
+        false
+    }
+
+    /// Lazy ACKs: stops watching the socket while CONNs wait for an ACK.
+    fn go_lazy(&mut self) {
+        if self.unacked.is_empty() || self.sock.is_none() || self.failure.is_some() {
+            return;
+        }
+        if !self.lazy_reading {
+            if let Some(ev) = &self.read_ev {
+                ev.del();
+            }
+            self.lazy_reading = true;
+        }
+        if let Some(ev) = &self.lazy_ev {
+            let _ = ev.add(Some(LAZY_POLL));
+        }
+    }
+
+    /// Watches the socket again.
+    fn stop_lazy(&mut self) {
+        if self.lazy_reading {
+            self.lazy_reading = false;
+            if let Some(ev) = &self.lazy_ev {
+                ev.del();
+            }
+            if let Some(ev) = &self.read_ev {
+                let _ = ev.add(None);
+            }
+        }
+    }
+
     fn release_held(&mut self) {
         while let Some(m) = self.held.front() {
             if m.kind == KIND_CONN && m.id > self.acked {
@@ -715,7 +854,22 @@ impl Inner {
             return Ok(Some(m));
         }
         let Some(sock) = self.sock.as_ref() else { return Err(Stop::Failed) };
-        let r = match fdpass::recv_many(sock.as_fd(), &mut self.buf) {
+        if self.rx.is_empty() {
+            if self.rx_short {
+                self.rx_short = false;
+                return Err(Stop::Empty);
+            }
+            match fdpass::recv_batch(sock.as_fd(), &mut self.buf, SLOT_LEN, &mut self.rx_slots) {
+                Ok(got) => {
+                    self.rx_short = got.len() < RX_SLOTS;
+                    self.rx.extend(got.into_iter().enumerate());
+                }
+                Err(e) => self.rx.push_back((0, Err(e))),
+            }
+        }
+        let (slot, r) = self.rx.pop_front().expect("filled above");
+        let at = slot * SLOT_LEN;
+        let r = match r {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(Stop::Empty),
             // The peer closed with our messages unread. Linux reports that
@@ -731,9 +885,11 @@ impl Inner {
         };
         if r.len == 0 && r.fds.is_empty() && !r.fds_dropped {
             self.peer_closed = true;
+            // (Any other slot filled holds the same end of stream.)
+            self.rx.clear();
             return Err(Stop::Eof);
         }
-        let h = match Header::decode(&self.buf[..r.len]) {
+        let h = match Header::decode(&self.buf[at..at + r.len]) {
             Ok(h) => h,
             Err(e) => {
                 self.fail(Some(e));
@@ -792,7 +948,7 @@ impl Inner {
             return Err(Stop::Failed);
         }
         if h.kind == KIND_CONNS {
-            let entries = match wire::decode_batch(h.tag, &self.buf[HEADER_LEN..r.len]) {
+            let entries = match wire::decode_batch(h.tag, &self.buf[at + HEADER_LEN..at + r.len]) {
                 Ok(_) if !self.partial.is_empty() => {
                     self.fail(Some(io::Error::new(io::ErrorKind::InvalidData, "MORE chunks before a batch")));
                     return Err(Stop::Failed);
@@ -803,7 +959,7 @@ impl Inner {
                     return Err(Stop::Failed);
                 }
             };
-            let body = &self.buf[HEADER_LEN..r.len];
+            let body = &self.buf[at + HEADER_LEN..at + r.len];
             // (Fewer descriptors than entries: the rest were refused above.)
             for (k, (e, fd)) in entries.into_iter().zip(r.fds).enumerate() {
                 self.unpacked.push_back(Msg {
@@ -817,7 +973,7 @@ impl Inner {
             }
             return self.read_one();
         }
-        let body = &self.buf[HEADER_LEN..r.len];
+        let body = &self.buf[at + HEADER_LEN..at + r.len];
         let fd = r.fds.into_iter().next();
         match h.kind {
             KIND_ACK => {
@@ -912,6 +1068,8 @@ impl Inner {
             unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RD) };
             let mut failures = 0;
             loop {
+                // Read to the real end: messages may have come since.
+                self.rx_short = false;
                 match self.read_one() {
                     // The peer is gone: what it sent is for the owner to
                     // judge (CONNs as orphans).
@@ -954,10 +1112,13 @@ impl Inner {
         self.write_ev.take();
         self.wake_ev.take();
         self.flush_ev.take();
+        self.lazy_ev.take();
+        self.lazy_reading = false;
         self.sock.take();
         self.chunk_off = 0;
         // Never handed out, never acknowledged: the peer's still.
         self.unpacked.clear();
+        self.rx.clear();
         let mut back: Vec<Msg> = self.unacked.drain(..).collect();
         back.extend(self.queue.drain(..).filter(|m| m.kind == KIND_CONN));
         back
@@ -972,6 +1133,7 @@ impl Drop for Inner {
         self.write_ev.take();
         self.wake_ev.take();
         self.flush_ev.take();
+        self.lazy_ev.take();
     }
 }
 
@@ -1018,34 +1180,37 @@ fn on_readable(w: &Weak<RefCell<Inner>>) {
         if i.failure.is_some() {
             return;
         }
-        let mut eof = false;
-        let mut n = 0;
-        // At most READ_BATCH messages, and every CONN of a batch read.
-        while n < READ_BATCH || !i.unpacked.is_empty() {
-            n += 1;
-            match i.read_one() {
-                Ok(Some(m)) => {
-                    if i.held.is_empty() && m.kind != KIND_CONN {
-                        i.ready.push_back(ChannelEvent::Msg(m));
-                    } else {
-                        // Delivered once the ACK covering it is written.
-                        i.held.push_back(m);
-                    }
-                }
-                Ok(None) => {}
-                Err(Stop::Empty) | Err(Stop::Failed) => break,
-                Err(Stop::Eof) => {
-                    eof = true;
-                    break;
-                }
-            }
-        }
+        let eof = i.read_some(true);
         // Acknowledge before anything is served: from then on it is ours.
         if let Err(e) = i.pump() {
             i.fail(Some(e));
         }
         if eof {
             i.fail(None);
+        }
+    }
+    deliver(&inner);
+}
+
+/// Lazy ACKs: reads what the peer sent since the last send; watches the
+/// socket again once every CONN is acknowledged.
+fn on_lazy(w: &Weak<RefCell<Inner>>) {
+    let Some(inner) = w.upgrade() else { return };
+    {
+        let mut i = inner.borrow_mut();
+        if i.failure.is_some() || i.sock.is_none() {
+            return;
+        }
+        let eof = i.read_some(true);
+        if let Err(e) = i.pump() {
+            i.fail(Some(e));
+        }
+        if eof {
+            i.fail(None);
+        } else if i.unacked.is_empty() || !i.lazy {
+            i.stop_lazy();
+        } else if let Some(ev) = &i.lazy_ev {
+            let _ = ev.add(Some(LAZY_POLL));
         }
     }
     deliver(&inner);

@@ -404,3 +404,162 @@ fn an_unacknowledged_batch_comes_back_whole() {
     assert_eq!(ids, (0..300).collect::<Vec<_>>());
     assert!(back.iter().all(|m| m.fd.is_some()), "each comes back with its descriptor");
 }
+
+/// More messages wait than one receive call reads (CONNs with their
+/// descriptors, controls between them): every one arrives, in order, each
+/// CONN with a working descriptor and acknowledged.
+#[test]
+fn many_waiting_messages_with_descriptors_arrive_in_order_and_complete() {
+    let base = Base::new().unwrap();
+    let (a, b) = sock::seqpacket_pair().unwrap();
+    let got: Rc<RefCell<Vec<Msg>>> = Rc::default();
+    const N: usize = 3 * RX_SLOTS + 1;
+    let (g, bs) = (got.clone(), base.clone());
+    let tx = Channel::new(&base, a, |_| {}).unwrap();
+    // Everything is written before the receiver exists, so it all waits.
+    let mut clients = Vec::new();
+    for n in 0..N {
+        if n % 3 == 1 {
+            tx.send(Msg::control(wire::KIND_USER, vec![n as u8])).unwrap();
+        } else {
+            let (client, server) = UnixStream::pair().unwrap();
+            clients.push((n, client));
+            tx.send(Msg::conn(OwnedFd::from(server), vec![n as u8], 0)).unwrap();
+        }
+    }
+    let _rx = Channel::new(&base, b, move |ev| {
+        if let ChannelEvent::Msg(m) = ev {
+            g.borrow_mut().push(m);
+            if g.borrow().len() == N {
+                bs.exit(Some(Duration::from_millis(20)));
+            }
+        }
+    })
+    .unwrap();
+    run(&base);
+    let got = std::mem::take(&mut *got.borrow_mut());
+    let order: Vec<u8> = got.iter().map(|m| m.body[0]).collect();
+    assert_eq!(order, (0..N as u8).collect::<Vec<_>>());
+    let mut got: std::collections::HashMap<u8, Msg> = got.into_iter().map(|m| (m.body[0], m)).collect();
+    for (n, mut client) in clients {
+        let m = got.remove(&(n as u8)).unwrap();
+        assert_eq!(m.kind, KIND_CONN);
+        let mut moved = UnixStream::from(m.fd.expect("a CONN carries its descriptor"));
+        moved.write_all(&[n as u8]).unwrap();
+        let mut buf = [0u8; 1];
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(buf[0], n as u8, "CONN {n} carried its own connection");
+    }
+    assert_eq!(tx.stats().conns_acked, (N - N / 3) as u64, "every CONN acknowledged");
+    assert_eq!(tx.in_flight(), 0);
+}
+
+/// A message carrying more descriptors than its kind allows, behind good
+/// ones in the same receive: those before it are delivered, then the
+/// channel closes with the reason, and nothing after it is delivered.
+#[test]
+fn too_many_descriptors_behind_good_messages_closes_after_them() {
+    let base = Base::new().unwrap();
+    let (a, b) = sock::seqpacket_pair().unwrap();
+    let seen: Rc<RefCell<Vec<u64>>> = Rc::default();
+    let reason: Rc<RefCell<Option<String>>> = Rc::default();
+    let (s, r, bs) = (seen.clone(), reason.clone(), base.clone());
+    for id in 1..=3 {
+        let (_c, server) = UnixStream::pair().unwrap();
+        fdpass::send(a.as_fd(), Some(server.as_fd()), &raw(KIND_CONN, id, b"")).unwrap();
+    }
+    let (_c1, s1) = UnixStream::pair().unwrap();
+    let (_c2, s2) = UnixStream::pair().unwrap();
+    fdpass::send_many(a.as_fd(), &[s1.as_fd(), s2.as_fd()], &raw(KIND_CONN, 4, b"")).unwrap();
+    fdpass::send(a.as_fd(), None, &raw(wire::KIND_USER, 5, b"after")).unwrap();
+    let _rx = Channel::new(&base, b, move |ev| match ev {
+        ChannelEvent::Msg(m) => s.borrow_mut().push(m.id),
+        ChannelEvent::Closed { reason, .. } => {
+            *r.borrow_mut() = reason.map(|e| e.to_string());
+            bs.exit(None);
+        }
+        ChannelEvent::Refused(_) => panic!("nothing was sent to be refused"),
+    })
+    .unwrap();
+    run(&base);
+    assert_eq!(*seen.borrow(), vec![1, 2, 3]);
+    assert_eq!(reason.borrow().as_deref(), Some("unexpected descriptor"));
+}
+
+/// Lazy ACKs: a sent CONN is kept until its ACK is read, the ACKs are
+/// read without the owner doing anything (by LAZY_POLL), the socket is
+/// watched again once all are in, and the owner still hears the peer's
+/// messages.
+#[test]
+fn lazy_acks_keep_each_copy_until_read_then_settle() {
+    let base = Base::new().unwrap();
+    let (a, b) = sock::seqpacket_pair().unwrap();
+    let notes: Rc<RefCell<Vec<Vec<u8>>>> = Rc::default();
+    let (nn, bs) = (notes.clone(), base.clone());
+    let tx = Channel::new(&base, a, move |ev| {
+        if let ChannelEvent::Msg(m) = ev {
+            nn.borrow_mut().push(m.body);
+            bs.exit(None);
+        }
+    })
+    .unwrap();
+    tx.set_lazy_acks(true);
+    let rx_got: Rc<RefCell<Vec<Msg>>> = Rc::default();
+    let g = rx_got.clone();
+    let rx = Channel::new(&base, b, move |ev| {
+        if let ChannelEvent::Msg(m) = ev {
+            g.borrow_mut().push(m);
+        }
+    })
+    .unwrap();
+    const N: usize = 10;
+    for n in 0..N {
+        let (_client, server) = UnixStream::pair().unwrap();
+        tx.send(Msg::conn(OwnedFd::from(server), vec![n as u8], 0)).unwrap();
+    }
+    assert_eq!(tx.in_flight(), N, "every copy held until its ACK is read");
+    let (settled, bs) = (Rc::new(RefCell::new(false)), base.clone());
+    let st = settled.clone();
+    tx.when_settled(move || {
+        *st.borrow_mut() = true;
+        bs.exit(None);
+    });
+    run(&base);
+    assert!(*settled.borrow(), "settled once the ACKs were read");
+    assert_eq!((tx.in_flight(), tx.stats().conns_acked, rx_got.borrow().len()), (0, N as u64, N));
+    // Idle again: the socket is watched, the peer's messages arrive.
+    rx.send(Msg::control(wire::KIND_USER, b"note".to_vec())).unwrap();
+    run(&base);
+    assert_eq!(*notes.borrow(), vec![b"note".to_vec()]);
+}
+
+/// Lazy ACKs: a peer that dies while CONNs wait for their ACK is noticed
+/// without another send; what it acknowledged is gone, the rest returned.
+#[test]
+fn lazy_acks_notice_a_dead_peer_and_return_the_unacknowledged() {
+    let base = Base::new().unwrap();
+    let (a, b) = sock::seqpacket_pair().unwrap();
+    let back: Rc<RefCell<Option<Vec<u8>>>> = Rc::default();
+    let (k, bs) = (back.clone(), base.clone());
+    let tx = Channel::new(&base, a, move |ev| {
+        if let ChannelEvent::Closed { returned, .. } = ev {
+            *k.borrow_mut() = Some(returned.iter().map(|m| m.body[0]).collect());
+            bs.exit(None);
+        }
+    })
+    .unwrap();
+    tx.set_lazy_acks(true);
+    for n in 0..3u8 {
+        let (_client, server) = UnixStream::pair().unwrap();
+        tx.send(Msg::conn(OwnedFd::from(server), vec![n], 0)).unwrap();
+    }
+    // The peer takes the first (its ACK written), then dies.
+    let mut buf = vec![0u8; HEADER_LEN + 16];
+    let r = fdpass::recv_many(b.as_fd(), &mut buf).unwrap();
+    let h = Header::decode(&buf[..r.len]).unwrap();
+    fdpass::send(b.as_fd(), None, &raw(KIND_ACK, h.id, b"")).unwrap();
+    drop(b);
+    run(&base);
+    assert_eq!(back.borrow().as_deref(), Some(&[1u8, 2][..]), "the two never acknowledged come back");
+    assert_eq!(tx.stats().conns_acked, 1);
+}

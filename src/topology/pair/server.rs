@@ -628,7 +628,11 @@ impl<P: Service> Server<P> {
     fn link(&mut self) {
         let r = sock::unix_connect(&self.peer_path).and_then(|fd| {
             let w = self.me.clone();
-            Channel::new(&self.base, fd, move |ev| with(&w, |s| s.on_peer(ev)))
+            let ch = Channel::new(&self.base, fd, move |ev| with(&w, |s| s.on_peer(ev)))?;
+            // This link carries CONNs out and only ACKs (and notices) back:
+            // ACKs are read by the next handoff, not by a wake-up of their own.
+            ch.set_lazy_acks(true);
+            Ok(ch)
         });
         match r {
             Ok(ch) => {
