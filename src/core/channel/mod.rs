@@ -260,7 +260,9 @@ struct Inner {
     unacked: VecDeque<Msg>,
     next_id: u64,
     /// [`RX_SLOTS`] receive buffers of [`SLOT_LEN`] bytes, filled by one
-    /// `recvmmsg` (pages the kernel never wrote stay unallocated).
+    /// `recvmmsg`. Two: one call that returns one message says the socket
+    /// is empty (no EAGAIN read), and a channel costs 2 x 128 KiB of
+    /// address space, of which only what messages wrote is touched.
     buf: Vec<u8>,
     /// Room for the descriptors of each slot.
     rx_slots: Vec<fdpass::RecvSlot>,
@@ -329,7 +331,7 @@ pub const LAZY_DRAIN: usize = 4;
 /// send at the latest.
 pub const LAZY_POLL: Duration = Duration::from_millis(2);
 /// Messages one `recvmmsg` reads at most.
-const RX_SLOTS: usize = 8;
+const RX_SLOTS: usize = 2;
 /// One message's room: the largest message.
 const SLOT_LEN: usize = HEADER_LEN + MAX_BODY;
 

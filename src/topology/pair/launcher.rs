@@ -116,7 +116,6 @@ pub fn run(
             return Err(io::Error::other(format!("server on port {port} did not link to its peer")));
         }
     }
-    signals::ready(&format!("ready ports={},{} dir={}", ports.0, ports.1, dir.display()));
 
     let servers: Vec<Managed> = children
         .into_iter()
@@ -158,6 +157,9 @@ pub fn run(
     events.push(chld);
     // A server that died before SIGCHLD was watched is reaped now.
     Launcher::reap(&state);
+    // Ready only once the signals are ours: a HUP that comes on the ready
+    // line restarts the servers instead of killing the launcher.
+    signals::ready(&format!("ready ports={},{} dir={}", ports.0, ports.1, dir.display()));
     base.dispatch()?;
     drop(events);
     for m in state.borrow_mut().servers.iter_mut() {
