@@ -316,6 +316,9 @@ struct Inner {
     lazy_reading: bool,
     /// Timer that reads the socket while `lazy_reading`.
     lazy_ev: Option<Event>,
+    /// [`Channel::trust_descriptors`]: received descriptors are not
+    /// checked for being stream sockets.
+    trusted: bool,
 }
 
 /// A handle to a channel; clones share it.
@@ -375,6 +378,7 @@ impl Channel {
             lazy: false,
             lazy_reading: false,
             lazy_ev: None,
+            trusted: false,
         }));
         let w = Rc::downgrade(&inner);
         let read_ev = Event::new(base, raw, Interest::Read, move || on_readable(&w))?;
@@ -471,6 +475,16 @@ impl Channel {
         if !on {
             i.stop_lazy();
         }
+    }
+
+    /// The peer is this process's own master, over the socket pair it made
+    /// before it started us: no one else can send on it, and what it
+    /// passes it accepted or took back as stream sockets, checked where it
+    /// received them. So descriptors received here are not checked again
+    /// (one `getsockopt` per connection less). Off by default: every other
+    /// channel (a peer that connected to a path) is checked.
+    pub fn trust_descriptors(&self) {
+        self.0.borrow_mut().trusted = true;
     }
 
     /// The peer reads CONNS (it said so): from now on, the CONNs sent in
@@ -944,7 +958,7 @@ impl Inner {
         }
         // A connection or listener must be a stream socket: a file, a pipe
         // or a datagram socket is refused (and closed here).
-        if !r.fds.iter().all(|fd| crate::core::sock::is_stream_socket(fd.as_raw_fd())) {
+        if !self.trusted && !r.fds.iter().all(|fd| crate::core::sock::is_stream_socket(fd.as_raw_fd())) {
             let e = io::Error::new(io::ErrorKind::InvalidData, "the descriptor passed is not a stream socket");
             self.fail(Some(e));
             return Err(Stop::Failed);

@@ -563,3 +563,35 @@ fn lazy_acks_notice_a_dead_peer_and_return_the_unacknowledged() {
     assert_eq!(back.borrow().as_deref(), Some(&[1u8, 2][..]), "the two never acknowledged come back");
     assert_eq!(tx.stats().conns_acked, 1);
 }
+
+/// A pipe passed as a connection: an ordinary channel refuses it and
+/// closes; one that trusts its peer (a worker's link to its own master)
+/// does not spend a `getsockopt` on it and delivers it.
+#[test]
+fn only_a_trusting_channel_skips_the_stream_socket_check() {
+    for trusting in [false, true] {
+        let base = Base::new().unwrap();
+        let (a, b) = sock::seqpacket_pair().unwrap();
+        let seen: Rc<RefCell<Vec<&'static str>>> = Rc::default();
+        let s = seen.clone();
+        let bs = base.clone();
+        let tx = Channel::new(&base, a, |_| {}).unwrap();
+        let rx = Channel::new(&base, b, move |ev| {
+            s.borrow_mut().push(match ev {
+                ChannelEvent::Msg(m) if m.fd.is_some() => "conn",
+                ChannelEvent::Closed { .. } => "closed",
+                _ => "other",
+            });
+            bs.exit(Some(Duration::from_millis(20)));
+        })
+        .unwrap();
+        if trusting {
+            rx.trust_descriptors();
+        }
+        let (pipe_r, _pipe_w) = std::io::pipe().unwrap();
+        tx.send(Msg::conn(OwnedFd::from(pipe_r), Vec::new(), 0)).unwrap();
+        run(&base);
+        let want = if trusting { "conn" } else { "closed" };
+        assert_eq!(seen.borrow().first().copied(), Some(want), "trusting={trusting}: {:?}", seen.borrow());
+    }
+}
