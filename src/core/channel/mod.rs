@@ -787,6 +787,20 @@ impl Inner {
         }
     }
 
+    /// Reads what the socket holds and acknowledges it before anything is
+    /// served (from then on it is ours); a failed write or the peer's EOF
+    /// fails the channel. Whether it is still up.
+    fn take_in(&mut self) -> bool {
+        let eof = self.read_some(true);
+        if let Err(e) = self.pump() {
+            self.fail(Some(e));
+        }
+        if eof {
+            self.fail(None);
+        }
+        !eof && self.failure.is_none()
+    }
+
     /// Reads what waits: with `all`, to the socket's end (as a readable
     /// callback does), else what one receive call returns. Returns whether
     /// the peer's end of stream was read.
@@ -1196,14 +1210,7 @@ fn on_readable(w: &Weak<RefCell<Inner>>) {
         if i.failure.is_some() {
             return;
         }
-        let eof = i.read_some(true);
-        // Acknowledge before anything is served: from then on it is ours.
-        if let Err(e) = i.pump() {
-            i.fail(Some(e));
-        }
-        if eof {
-            i.fail(None);
-        }
+        i.take_in();
     }
     deliver(&inner);
 }
@@ -1217,12 +1224,8 @@ fn on_lazy(w: &Weak<RefCell<Inner>>) {
         if i.failure.is_some() || i.sock.is_none() {
             return;
         }
-        let eof = i.read_some(true);
-        if let Err(e) = i.pump() {
-            i.fail(Some(e));
-        }
-        if eof {
-            i.fail(None);
+        if !i.take_in() {
+            // Failed or closed: nothing to watch any more.
         } else if i.unacked.is_empty() || !i.lazy {
             i.stop_lazy();
         } else if let Some(ev) = &i.lazy_ev {
