@@ -477,12 +477,14 @@ impl Channel {
         }
     }
 
-    /// The peer is this process's own master, over the socket pair it made
-    /// before it started us: no one else can send on it, and what it
-    /// passes it accepted or took back as stream sockets, checked where it
-    /// received them. So descriptors received here are not checked again
-    /// (one `getsockopt` per connection less). Off by default: every other
-    /// channel (a peer that connected to a path) is checked.
+    /// The peer is one of our own processes that passes only descriptors
+    /// checked where they entered (accepted from our listeners, or
+    /// received on a checked channel): a worker's master over the socket
+    /// pair it made, a master's own worker binary (not `--worker-cmd`), a
+    /// new master's predecessor, dialled in the private `--dir`. So
+    /// descriptors received here are not checked again (one `getsockopt`
+    /// per connection less). Off by default: a channel a stranger could
+    /// open (the control socket, a pair peer's socket) is checked.
     pub fn trust_descriptors(&self) {
         self.0.borrow_mut().trusted = true;
     }
