@@ -87,20 +87,6 @@ accepted() {
     fi
 }
 
-# settled_rss PID...: summed VmRSS once two readings 0.5 s apart agree
-# within 0.5 % (at most 5 s).
-settled_rss() {
-    local a b i
-    a=$(rss_kb "$@")
-    for ((i = 0; i < 10; i++)); do
-        sleep 0.5
-        b=$(rss_kb "$@")
-        awk -v a="$a" -v b="$b" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= a * 0.005) }' && break
-        a=$b
-    done
-    echo "$b"
-}
-
 # wait_until SECONDS CMD...: polls CMD until it succeeds (1 if it never does).
 wait_until() {
     local secs=$1 deadline
@@ -221,7 +207,7 @@ idle_memory() {
         wait_until 10 eval '[ "$(accepted "$impl" "$tag")" = 0 ]' \
             || die "${NAME[$impl]}: warm-up connections still open after 10s"
     fi
-    before=$(settled_rss "${MASTER[$tag]}" $workers)
+    before=$(settled rss_kb "${MASTER[$tag]}" $workers)
     master_b=$(rss_kb "${MASTER[$tag]}")
     base=$(accepted "$impl" "$tag" "$workers")
     base_fds=$(socket_fds "${MASTER[$tag]}" $workers)
@@ -231,7 +217,7 @@ idle_memory() {
     wait_line "idle-$impl" "$opener" '^open ' 120
     wait_until 30 eval '(( $(accepted "$impl" "$tag" "$workers") - base >= IDLE_CONNS ))' \
         || die "${NAME[$impl]}: only $(( $(accepted "$impl" "$tag" "$workers") - base )) of $IDLE_CONNS idle connections accepted after 30s"
-    after=$(settled_rss "${MASTER[$tag]}" $workers)
+    after=$(settled rss_kb "${MASTER[$tag]}" $workers)
     master_a=$(rss_kb "${MASTER[$tag]}")
     got=$(grep -c '^closed' "$BENCH_TMP/idle-$impl.out" || true)
     ((got == 0)) || say "bench: WARNING: ${NAME[$impl]} closed $got idle connections while measuring"

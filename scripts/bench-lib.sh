@@ -357,14 +357,33 @@ load() {
     say "  $label: $LOAD_LINE"
 }
 
-# rss_kb PID...: summed VmRSS (kB) of the live ones among PID...
-rss_kb() {
-    local pid sum=0 v
+# proc_kb FILE FIELD PID...: summed FIELD (kB) of /proc/PID/FILE over the
+# live ones among PID...
+proc_kb() {
+    local file=$1 field=$2 pid sum=0 v
+    shift 2
     for pid in "$@"; do
-        v=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)
+        v=$(awk -v f="$field:" '$1 == f { print $2 }' "/proc/$pid/$file" 2>/dev/null || true)
         sum=$((sum + ${v:-0}))
     done
     echo "$sum"
+}
+rss_kb() { proc_kb status VmRSS "$@"; }       # resident
+pss_kb() { proc_kb smaps_rollup Pss "$@"; }   # shared pages split among their users
+
+# settled READER PID...: READER's figure (rss_kb, pss_kb) for PID... once
+# two readings 0.5 s apart agree within 0.5 % (at most 5 s).
+settled() {
+    local reader=$1 a b i
+    shift
+    a=$("$reader" "$@")
+    for ((i = 0; i < 10; i++)); do
+        sleep 0.5
+        b=$("$reader" "$@")
+        awk -v a="$a" -v b="$b" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= a * 0.005) }' && break
+        a=$b
+    done
+    echo "$b"
 }
 
 # socket_fds PID...: how many socket descriptors those processes hold.

@@ -42,15 +42,6 @@ ulimit -n "$hard"
 PER_HOLDER=${PER_HOLDER:-$((hard - 200))}
 
 # ----------------------------------------------------------- measurements
-# pss_kb PID...: summed Pss (kB) of those processes.
-pss_kb() {
-    local pid sum=0 v
-    for pid in "$@"; do
-        v=$(awk '/^Pss:/ { print $2 }' "/proc/$pid/smaps_rollup" 2>/dev/null || true)
-        sum=$((sum + ${v:-0}))
-    done
-    echo "$sum"
-}
 # slab_bytes: bytes in the slab caches a TCP connection's two ends use.
 # The socket's dentry (192 B) is left out: the dentry cache is shared with
 # every filesystem user and shrinks or grows with others' work.
@@ -75,26 +66,13 @@ wait_open() {
     done
 }
 
-# settled_pss PID...: summed Pss once two readings 0.5 s apart agree within 0.5 %.
-settled_pss() {
-    local a b i
-    a=$(pss_kb "$@")
-    for ((i = 0; i < 10; i++)); do
-        sleep 0.5
-        b=$(pss_kb "$@")
-        awk -v a="$a" -v b="$b" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= a * 0.005) }' && break
-        a=$b
-    done
-    echo "$b"
-}
-
 # snapshot TAG: the memory figures now, as SNAP[TAG,...].
 declare -A SNAP
 snapshot() {
     local tag=$1 pids master
     read -r -a pids <<<"$(pids_now)"
     master=${pids[0]}
-    SNAP[$tag,all]=$(settled_pss "${pids[@]}")
+    SNAP[$tag,all]=$(settled pss_kb "${pids[@]}")
     SNAP[$tag,master]=$(pss_kb "$master")
     SNAP[$tag,slab]=$(slab_bytes)
     SNAP[$tag,sockbuf]=$(sockbuf_bytes)
